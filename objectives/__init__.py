@@ -1,1 +1,54 @@
-"""evomerge.objectives"""
+"""evomerge.objectives: calibration sets, metrics, objectives and the scorers that evaluate recipes.
+
+Public API::
+
+    CalibrationSet.load(path, *, name=None, size=None, seed=0, chat_template=False, system_prompt=None)
+    Objective(name, metric, calibration=None, direction=None, extract="strip", pattern=None,
+              normalization="sum", function=None)
+    TransformersScorer(engine, objectives, *, device="cpu", dtype=None, batch_size=32,
+                       max_new_tokens=32, stop=("\\n",), timeout=None, tokenizer=None)
+    VllmScorer(...)  # optional extra `vllm`
+    scorer.evaluate(recipe, *, timeout=None) -> Evaluation
+"""
+
+from ._calibration import CalibrationError, CalibrationItem, CalibrationSet
+from ._costs import COSTS
+from ._evaluation import Evaluation
+from ._metrics import (
+    answer_cross_entropy,
+    choice_score,
+    contains,
+    exact_match,
+    extract_answer,
+    load_custom_metric,
+    perplexity,
+    predict_choice,
+)
+from ._objective import METRICS, Objective
+from ._plan import Generation
+from ._scorer import Deadline, EvaluationTimeout, Scorer, SwapResult
+from ._transformers_scorer import TransformersScorer
+
+__all__ = [
+    "COSTS",
+    "METRICS",
+    "CalibrationError",
+    "CalibrationItem",
+    "CalibrationSet",
+    "Deadline",
+    "Evaluation",
+    "EvaluationTimeout",
+    "Generation",
+    "Objective",
+    "Scorer",
+    "SwapResult",
+    "TransformersScorer",
+    "answer_cross_entropy",
+    "choice_score",
+    "contains",
+    "exact_match",
+    "extract_answer",
+    "load_custom_metric",
+    "perplexity",
+    "predict_choice",
+]

@@ -1,0 +1,189 @@
+"""From objectives to model requests and back: the part both scorer backends share.
+
+At scorer construction every calibration set is tokenized once into the requests its objectives
+need (one generation pass per set however many generation metrics read it; teacher-forced
+(prefix, continuation) pairs for answer losses, choices and perplexity texts). Per candidate the
+backend only runs those requests; turning outputs into objective values is done here with the pure
+metric functions, so transformers and vLLM cannot disagree on arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from ._calibration import CalibrationSet
+from ._costs import COSTS
+from ._metrics import (
+    answer_cross_entropy,
+    choice_score,
+    contains,
+    exact_match,
+    extract_answer,
+    load_custom_metric,
+    mean,
+    perplexity,
+    predict_choice,
+)
+from ._objective import GENERATION_METRICS, Objective
+
+TokenIds = list[int]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One greedy generation: the text up to (excluding) EOS or the first stop string, and the
+    number of generated tokens, counting the one that completed a stop string but not EOS."""
+
+    text: str
+    num_tokens: int
+
+
+GenerateFn = Callable[[Sequence[TokenIds]], list[Generation]]
+"""Backend call: greedy generations for tokenized prompts (stop rules are the backend's)."""
+LogprobFn = Callable[[Sequence[tuple[TokenIds, TokenIds]]], list[list[float]]]
+"""Backend call: log p(continuation token | prefix + earlier continuation) for each pair."""
+
+
+@dataclass
+class _SetRequests:
+    """Everything one calibration set needs from the model, tokenized."""
+
+    calibration: CalibrationSet
+    prompts: list[TokenIds] = field(default_factory=list)
+    needs_generation: bool = False
+    answer_pairs: list[tuple[TokenIds, TokenIds]] = field(default_factory=list)
+    choice_pairs: list[tuple[TokenIds, TokenIds]] = field(default_factory=list)
+    text_pairs: list[tuple[TokenIds, TokenIds]] = field(default_factory=list)
+
+
+class ScoringPlan:
+    """Tokenized requests for a list of objectives, and the reduction of outputs to values."""
+
+    def __init__(self, objectives: Sequence[Objective], tokenizer: Any) -> None:
+        names = [o.name for o in objectives]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"objective names must be unique; repeated: {', '.join(duplicates)}")
+        self.objectives = list(objectives)
+        self._custom = {o.name: load_custom_metric(o.function) for o in objectives if o.metric == "custom"}
+        self._sets: dict[int, _SetRequests] = {}
+        for obj in self.objectives:
+            if obj.calibration is None:
+                continue
+            req = self._sets.get(id(obj.calibration))
+            if req is None:
+                req = self._sets[id(obj.calibration)] = _tokenize(obj.calibration, tokenizer)
+            req.needs_generation |= obj.metric in GENERATION_METRICS
+
+    @property
+    def has_inference(self) -> bool:
+        return any(not o.is_cost for o in self.objectives)
+
+    def run(
+        self, generate: GenerateFn, logprobs: LogprobFn, costs: Any
+    ) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]], int]:
+        """Run the backend calls and reduce them. Returns values, details, sequences scored.
+
+        ``costs`` is the engine's `MergeStats` for this candidate.
+        """
+        values: dict[str, float] = {}
+        details: dict[str, list[dict[str, Any]]] = {}
+        outputs: dict[int, dict[str, Any]] = {}
+        n_sequences = 0
+        for key, req in self._sets.items():
+            out: dict[str, Any] = {}
+            metrics = {o.metric for o in self.objectives if o.calibration is req.calibration}
+            if req.needs_generation:
+                out["generations"] = generate(req.prompts)
+                n_sequences += len(req.prompts)
+            for metric, pairs, slot in (
+                ("answer_loss", req.answer_pairs, "answer_lp"),
+                ("mc_accuracy", req.choice_pairs, "choice_lp"),
+                ("perplexity", req.text_pairs, "text_lp"),
+            ):
+                if metric in metrics:
+                    out[slot] = logprobs(pairs)
+                    n_sequences += len(pairs)
+            outputs[key] = out
+        for obj in self.objectives:
+            if obj.is_cost:
+                values[obj.name] = COSTS[obj.metric](costs)
+                continue
+            values[obj.name], details[obj.name] = self._reduce(obj, outputs[id(obj.calibration)])
+        return values, details, n_sequences
+
+    def _reduce(self, obj: Objective, out: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
+        items = obj.calibration.items  # type: ignore[union-attr]
+        if obj.metric in GENERATION_METRICS:
+            gens: list[Generation] = out["generations"]
+            rows: list[dict[str, Any]] = []
+            for item, gen in zip(items, gens):
+                row: dict[str, Any] = {"prediction": gen.text, "target": item.answer}
+                if obj.metric == "exact_match":
+                    row["extracted"] = extract_answer(gen.text, obj.extract, obj.pattern)
+                    row["correct"] = exact_match(gen.text, item.answer, obj.extract, obj.pattern)
+                elif obj.metric == "contains":
+                    row["correct"] = contains(gen.text, item.answer)
+                elif obj.metric == "custom":
+                    row["score"] = float(self._custom[obj.name](gen.text, item.answer))
+                else:
+                    row["tokens"] = gen.num_tokens
+                rows.append(row)
+            key = {"exact_match": "correct", "contains": "correct", "custom": "score", "response_length": "tokens"}
+            return mean([r[key[obj.metric]] for r in rows]), rows
+        if obj.metric == "answer_loss":
+            lps: list[list[float]] = out["answer_lp"]
+            rows = [{"target": it.answer, "loss": answer_cross_entropy([lp]), "tokens": len(lp)} for it, lp in zip(items, lps)]
+            return answer_cross_entropy(lps), rows
+        if obj.metric == "perplexity":
+            lps = out["text_lp"]
+            rows = [{"target": it.text, "loss": answer_cross_entropy([lp]), "tokens": len(lp)} for it, lp in zip(items, lps)]
+            return perplexity(lps), rows
+        # mc_accuracy: choice log-probs are flat, in item order then choice order.
+        flat: list[list[float]] = out["choice_lp"]
+        rows, pos = [], 0
+        for item in items:
+            n = len(item.choices)  # type: ignore[arg-type]
+            scores = [choice_score(lp, obj.normalization) for lp in flat[pos : pos + n]]
+            pos += n
+            pred = predict_choice(scores)
+            rows.append({"prediction": pred, "target": item.label, "correct": float(pred == item.label), "scores": scores})
+        return mean([r["correct"] for r in rows]), rows
+
+
+def _tokenize(cal: CalibrationSet, tokenizer: Any) -> _SetRequests:
+    req = _SetRequests(cal)
+    # A chat template carries its own BOS/special tokens; plain prompts get the tokenizer's.
+    special = not cal.chat_template
+
+    def encode(text: str, add_special: bool) -> TokenIds:
+        return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+    def split(prefix_text: str, continuation: str) -> tuple[TokenIds, TokenIds]:
+        # Tokenize the whole string and cut at the prefix, so the continuation's tokens are the
+        # ones the model would see in context; fall back to separate tokenization when a token
+        # straddles the boundary.
+        prefix = encode(prefix_text, special)
+        if not prefix:
+            raise ValueError(f"{cal.name}: a prompt tokenizes to nothing and the tokenizer adds no BOS; nothing to condition on")
+        whole = encode(prefix_text + continuation, special)
+        if whole[: len(prefix)] == prefix and len(whole) > len(prefix):
+            return prefix, whole[len(prefix) :]
+        return prefix, encode(continuation, False)
+
+    if cal.kind == "perplexity":
+        for item in cal.items:
+            ids = encode(item.text, True)  # type: ignore[arg-type]
+            if len(ids) < 2:
+                raise ValueError(f"{cal.name}: text {item.text!r} has fewer than 2 tokens; nothing to score")
+            req.text_pairs.append((ids[:1], ids[1:]))  # the first token (BOS) has no context
+        return req
+    for item in cal.items:
+        prompt = cal.render_prompt(item.prompt, tokenizer)  # type: ignore[arg-type]
+        req.prompts.append(encode(prompt, special))
+        if cal.kind == "generation":
+            req.answer_pairs.append(split(prompt, item.answer))  # type: ignore[arg-type]
+        else:
+            req.choice_pairs.extend(split(prompt, choice) for choice in item.choices)  # type: ignore[union-attr]
+    return req

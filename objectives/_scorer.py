@@ -1,0 +1,127 @@
+"""`Scorer`: evaluates a recipe's objectives; the abstract base of the backends.
+
+The template method `Scorer.evaluate` owns what every backend must get right the same way:
+timing (merge, swap, inference), the timeout, and turning any failure (exception, non-finite
+value, timeout) into `Evaluation(failed=True, reason=...)` so that one bad candidate never stops a
+search. Backends implement three primitives: put a recipe's weights in place, greedy generation,
+and teacher-forced log-probabilities.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ._evaluation import Evaluation
+from ._objective import Objective
+from ._plan import Generation, ScoringPlan, TokenIds
+
+
+class EvaluationTimeout(Exception):
+    """Raised inside an evaluation when its deadline has passed."""
+
+
+class Deadline:
+    """A point in time that long-running loops check between model calls.
+
+    Checks are cooperative: a single forward pass (or one vLLM call) is never interrupted, so an
+    evaluation can overrun its timeout by at most one such call. Killing a thread mid-forward
+    would leave the live model half-written, which is worse than a short overrun.
+    """
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self._end = math.inf if timeout is None else time.perf_counter() + timeout
+
+    def check(self) -> None:
+        if time.perf_counter() > self._end:
+            raise EvaluationTimeout(f"timeout: evaluation exceeded {self.timeout:g} s")
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    """What putting a recipe in place cost: the engine's `MergeStats` and the two timings."""
+
+    stats: Any
+    merge_seconds: float
+    swap_seconds: float
+
+
+class Scorer(ABC):
+    """Scores recipes on a fixed list of objectives.
+
+    Subclasses tokenize the calibration sets once in their constructor (via `ScoringPlan`) and
+    implement `_swap_in`, `_generate` and `_logprobs`.
+    """
+
+    def __init__(self, objectives: Sequence[Objective], tokenizer: Any, *, timeout: float | None = None) -> None:
+        if not objectives:
+            raise ValueError("a scorer needs at least one objective")
+        self._plan = ScoringPlan(objectives, tokenizer)
+        self.timeout = timeout
+
+    @property
+    def objectives(self) -> list[Objective]:
+        return list(self._plan.objectives)
+
+    def evaluate(self, recipe: Any, *, timeout: float | None = None) -> Evaluation:
+        """Merge ``recipe`` into the live model and score every objective; never raises.
+
+        ``timeout`` (seconds) overrides the scorer's default for this call.
+        """
+        start = time.perf_counter()
+        timings: dict[str, float] = {"merge": 0.0, "swap": 0.0, "inference": 0.0}
+        self._deadline = Deadline(self.timeout if timeout is None else timeout)
+        try:
+            swapped = self._swap_in(recipe)
+            timings["merge"], timings["swap"] = swapped.merge_seconds, swapped.swap_seconds
+            self._deadline.check()
+            t0 = time.perf_counter()
+            values, details, n_sequences = self._plan.run(self._checked_generate, self._checked_logprobs, swapped.stats)
+            timings["inference"] = time.perf_counter() - t0
+            timings["items_per_s"] = n_sequences / timings["inference"] if timings["inference"] > 0 else 0.0
+            bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
+            if bad:
+                raise FloatingPointError(f"non-finite objective value: {', '.join(bad)}")
+        except EvaluationTimeout as exc:
+            return self._failure(str(exc), timings, start)
+        except Exception as exc:  # noqa: BLE001 - a failed candidate is a result, not a crash
+            return self._failure(f"{type(exc).__name__}: {exc}".splitlines()[0], timings, start)
+        timings["total"] = time.perf_counter() - start
+        return Evaluation(values=values, details=details, timings=timings)
+
+    def close(self) -> None:
+        """Release the backend's resources (model, engine). The scorer is unusable afterwards."""
+
+    def __enter__(self) -> "Scorer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _failure(self, reason: str, timings: dict[str, float], start: float) -> Evaluation:
+        timings["total"] = time.perf_counter() - start
+        return Evaluation.failure(reason, timings)
+
+    def _checked_generate(self, prompts: Sequence[TokenIds]) -> list[Generation]:
+        self._deadline.check()
+        return self._generate(prompts, self._deadline)
+
+    def _checked_logprobs(self, pairs: Sequence[tuple[TokenIds, TokenIds]]) -> list[list[float]]:
+        self._deadline.check()
+        return self._logprobs(pairs, self._deadline)
+
+    @abstractmethod
+    def _swap_in(self, recipe: Any) -> SwapResult:
+        """Make the backend's model use ``recipe``'s merged weights."""
+
+    @abstractmethod
+    def _generate(self, prompts: Sequence[TokenIds], deadline: Deadline) -> list[Generation]:
+        """Greedy generations for ``prompts``, in order, honouring the scorer's stop rules."""
+
+    @abstractmethod
+    def _logprobs(self, pairs: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[list[float]]:
+        """Per-token log-probabilities of each continuation given its prefix, in order."""

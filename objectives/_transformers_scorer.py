@@ -1,0 +1,104 @@
+"""`TransformersScorer`: the default backend; one live transformers model, weights merged in place.
+
+The merge engine writes each candidate's merged weights straight into the parameters of a model
+built once (`engine.new_target_model()`), so a candidate costs one merge plus inference: nothing
+is saved, loaded or re-allocated. Because the engine writes into the live parameters there is no
+separate swap step; the reported ``swap`` time is the device synchronization that makes the
+written weights visible to the next kernel (~0 on CPU), and the writes themselves count as merge.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ._generation import continuation_logprobs, greedy_generate
+from ._objective import Objective
+from ._plan import Generation, TokenIds
+from ._scorer import Deadline, Scorer, SwapResult
+
+
+class TransformersScorer(Scorer):
+    """Scores recipes with a live `transformers` model on CPU or GPU.
+
+    ``tokenizer`` defaults to the one saved with the engine's base model. ``dtype`` casts the live
+    model (None keeps the engine's). ``stop``: strings that end a generation besides EOS.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        objectives: Sequence[Objective],
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        batch_size: int = 32,
+        max_new_tokens: int = 32,
+        stop: Sequence[str] = ("\n",),
+        timeout: float | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        if tokenizer is None:
+            tokenizer = load_tokenizer(engine.base_path)
+        super().__init__(objectives, tokenizer, timeout=timeout)
+        if batch_size < 1 or max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be >= 1")
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.stop = tuple(stop)
+        self.model = engine.new_target_model().to(device=self.device, dtype=dtype).eval()
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._eos_ids = eos_token_ids(tokenizer, self.model)
+
+    def _swap_in(self, recipe: Any) -> SwapResult:
+        t0 = time.perf_counter()
+        stats = self.engine.apply(recipe, self.model)
+        t1 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return SwapResult(stats=stats, merge_seconds=t1 - t0, swap_seconds=time.perf_counter() - t1)
+
+    def _generate(self, prompts: Sequence[TokenIds], deadline: Deadline) -> list[Generation]:
+        return greedy_generate(
+            self.model,
+            prompts,
+            decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+            pad_id=self._pad_id,
+            eos_ids=self._eos_ids,
+            stop=self.stop,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            deadline=deadline,
+        )
+
+    def _logprobs(self, pairs: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[list[float]]:
+        return continuation_logprobs(self.model, pairs, pad_id=self._pad_id, batch_size=self.batch_size, deadline=deadline)
+
+    def close(self) -> None:
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved in a model folder (no remote code: safety default of the project)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+
+def eos_token_ids(tokenizer: Any, model: Any = None) -> frozenset[int]:
+    """Every id that ends a generation: the tokenizer's EOS and the model's generation config's."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if config_eos is not None:
+        ids.update(int(i) for i in (config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]))
+    return frozenset(ids)
