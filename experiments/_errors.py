@@ -1,0 +1,25 @@
+"""Which exceptions mean "bad input" (one line, exit 2) rather than a bug (traceback).
+
+The packages raise their own typed errors (`MergeError`, `CalibrationError`, `ZooBuildError`);
+they are collected here so the CLI has one place that decides what a user error is.
+"""
+
+from __future__ import annotations
+
+from ._spec_io import SpecError
+
+
+class UserError(ValueError):
+    """An experiments-level input problem (bad run folder, unknown trial, ...); one-line message."""
+
+    @staticmethod
+    def message_of(exc: BaseException) -> str:
+        """The one-line message of a user error (file errors name the path)."""
+        if isinstance(exc, FileNotFoundError) and exc.filename:
+            return f"{exc.filename}: no such file or directory"
+        return " ".join(str(exc).split())
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types reported as one line with exit status 2."""
+    return (UserError, SpecError, FileNotFoundError)

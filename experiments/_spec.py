@@ -1,0 +1,403 @@
+"""The experiment spec: one YAML file that says what to merge, how to search, and how to score.
+
+The spec is validated strictly (pydantic v2, unknown keys are errors) *before* anything is loaded or
+written, because an overnight run that dies on a typo after an hour of loading is the failure this
+file exists to prevent. Relative paths resolve against the spec file's folder, so a spec and its
+calibration data travel together. Paths may also point into the toy zoo symbolically
+(``zoo:data/rev/calib.jsonl``), and ``models.zoo`` expands to the zoo's base and experts, so the
+shipped presets run anywhere without a model hub.
+
+See docs/experiments.md for every field with examples.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+ZOO_PREFIX = "zoo:"
+"""Paths starting with this prefix resolve inside the toy zoo named by ``models.zoo``."""
+
+SearchedKind = Literal["weight", "density", "gamma", "epsilon", "t"]
+"""Kinds of merge coefficient a search space can search or fix (`ExpertParams` fields plus `t`)."""
+
+ModuleGroup = Literal["attention", "mlp", "norm", "embedding", "head", "other"]
+
+
+class _Strict(BaseModel):
+    """Every spec section forbids unknown keys: a misspelt option must fail, not be ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve_path(value: Any, info: ValidationInfo) -> Any:
+    """Resolve a relative path against the spec's folder; keep ``zoo:`` paths symbolic.
+
+    Existence is checked here, at load time, so a missing file is a one-line spec error rather
+    than a crash after the models are loaded.
+    """
+    if not isinstance(value, (str, Path)):
+        return value
+    text = str(value)
+    if text.startswith(ZOO_PREFIX):
+        return text
+    root = (info.context or {}).get("root")
+    path = Path(text).expanduser()
+    if not path.is_absolute() and root is not None:
+        path = Path(root) / path
+    path = path.resolve()
+    if (info.context or {}).get("check_paths", True) and not path.exists():
+        raise ValueError(f"{text!r} does not exist (resolved to {path})")
+    return str(path)
+
+
+SpecPath = Annotated[str, BeforeValidator(_resolve_path)]
+"""A file or folder path: absolute after validation, or a symbolic ``zoo:`` path."""
+
+
+def _resolve_out_path(value: Any, info: ValidationInfo) -> Any:
+    """Like `SpecPath` for outputs: resolved against the spec's folder, need not exist yet."""
+    if value is None or not isinstance(value, (str, Path)):
+        return value
+    root = (info.context or {}).get("root")
+    path = Path(str(value)).expanduser()
+    if not path.is_absolute() and root is not None:
+        path = Path(root) / path
+    return str(path.resolve())
+
+
+OutPath = Annotated[str, BeforeValidator(_resolve_out_path)]
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+class ZooRef(_Strict):
+    """The toy zoo as the model source; built on first use and cached."""
+
+    size: Literal["tiny", "small"] = "small"
+    seed: int = 0
+    arch: Literal["llama", "qwen2", "mistral"] = "llama"
+    experts: Literal["full", "lora", "pool"] = "full"
+    """Which zoo models act as experts: full fine-tunes, the LoRA experts, or the LoRA pool."""
+    path: OutPath | None = None
+    """Zoo folder; default: the cache (``$EVOMERGE_CACHE/zoo/<size>-<arch>-seed<N>``)."""
+
+
+class ModelsSpec(_Strict):
+    """The base model and the experts merged into it.
+
+    Either ``zoo`` (symbolic), or ``base`` plus ``experts`` (name -> HF folder or PEFT adapter
+    folder) and/or ``pool`` (a folder whose subfolders are LoRA adapters of the base).
+    """
+
+    zoo: ZooRef | None = None
+    base: SpecPath | None = None
+    experts: dict[str, SpecPath] = Field(default_factory=dict)
+    pool: SpecPath | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    """Load ``.bin`` / ``.pt`` checkpoints (weights-only); off by default: safetensors only."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelsSpec":
+        explicit = self.base is not None or self.experts or self.pool is not None
+        if self.zoo is not None and explicit:
+            raise ValueError("give either 'zoo' or 'base' with 'experts'/'pool', not both")
+        if self.zoo is None:
+            if self.base is None:
+                raise ValueError("missing 'base' (or use 'zoo: {size: small}')")
+            if not self.experts and self.pool is None:
+                raise ValueError("needs 'experts' (name: path) or 'pool' (a folder of LoRA adapters)")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- space
+
+Bounds = tuple[float, float]
+
+
+class RecipeOptions(_Strict):
+    """Global merge options copied into every recipe (mergekit's global parameters)."""
+
+    normalize: bool = True
+    lambda_: float = Field(1.0, alias="lambda")
+    rescale: Literal["mergekit", "paper"] = "mergekit"
+    lora_mode: Literal["materialized", "adapter"] = "materialized"
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SpaceSpec(_Strict):
+    """The search space template: which coefficients are searched, at which granularity, in which bounds."""
+
+    method: str
+    """Merge method (a name in `evomerge.merge.METHODS`, e.g. ties, dare_ties, task_arithmetic)."""
+    search: list[SearchedKind] = Field(default_factory=lambda: ["weight"])
+    """Coefficient kinds the optimizer searches, one parameter per (layer group x expert x kind)."""
+    bounds: dict[SearchedKind, Bounds] = Field(default_factory=dict)
+    """Per kind (low, high); kinds not given use the method's defaults."""
+    granularity: Literal["global", "every-k", "per-layer"] = "global"
+    every_k: int | None = Field(None, ge=1)
+    """Layers per group when granularity is every-k."""
+    split_by_kind: bool | list[ModuleGroup] = False
+    """Separate parameters per module kind: True = attention and MLP, or an explicit list."""
+    smoothing: float = Field(0.0, ge=0.0)
+    """Strength of smoothing across neighbouring layer groups (0 = none)."""
+    fixed: dict[SearchedKind, Union[float, dict[str, float]]] = Field(default_factory=dict)
+    """Values of coefficients not searched: one value, or one per expert."""
+    init: dict[SearchedKind, float] = Field(default_factory=dict)
+    """Starting point per kind (default: the method's)."""
+    options: RecipeOptions = Field(default_factory=RecipeOptions)
+
+    @field_validator("bounds")
+    @classmethod
+    def _ordered(cls, bounds: dict[str, Bounds]) -> dict[str, Bounds]:
+        for kind, (low, high) in bounds.items():
+            if not low < high:
+                raise ValueError(f"{kind}: low {low} must be below high {high}")
+        return bounds
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SpaceSpec":
+        if self.granularity == "every-k" and self.every_k is None:
+            raise ValueError("granularity 'every-k' needs 'every_k' (layers per group)")
+        both = set(self.search) & set(self.fixed)
+        if both:
+            raise ValueError(f"{sorted(both)} both searched and fixed; keep each kind in one place")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ objectives
+
+def _known_metric(name: str) -> str:
+    """Metric names come from `evomerge.objectives` (imported lazily: it pulls in torch)."""
+    from evomerge.objectives import COSTS, METRICS
+
+    if name not in METRICS and name not in COSTS:
+        raise ValueError(f"{name!r} is not one of {', '.join([*METRICS, *COSTS])}")
+    return name
+
+
+class ObjectiveSpec(_Strict):
+    """One objective: a metric over a calibration set, or a cost read from the merge statistics.
+
+    Mirrors `evomerge.objectives.Objective`; costs (kept_fraction, l1_distance, changed_params)
+    need no data and no inference.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    metric: Annotated[str, AfterValidator(_known_metric)]
+    data: SpecPath | None = None
+    """Calibration set (JSONL); ``zoo:data/<skill>/calib.jsonl`` inside the toy zoo."""
+    direction: Literal["maximize", "minimize"] | None = None
+    """Default: the metric's natural direction (accuracy up, loss and kept fraction down)."""
+    size: int | None = Field(None, ge=1)
+    """Score on a fixed, seeded subset of this many items (all when unset)."""
+    extract: Literal["strip", "first_line", "last_number", "regex"] = "strip"
+    pattern: str | None = None
+    normalization: Literal["sum", "mean"] = "sum"
+    function: str | None = None
+    """For metric 'custom': ``"pkg.module:function"`` taking (prediction, target)."""
+    chat_template: bool = False
+    system_prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _data_matches_metric(self) -> "ObjectiveSpec":
+        from evomerge.objectives import COSTS
+
+        if self.metric in COSTS and self.data is not None:
+            raise ValueError(f"objective '{self.name}': cost '{self.metric}' takes no 'data'")
+        if self.metric not in COSTS and self.data is None:
+            raise ValueError(f"objective '{self.name}': metric '{self.metric}' needs 'data' (a calibration set)")
+        if self.extract == "regex" and not self.pattern:
+            raise ValueError(f"objective '{self.name}': extract 'regex' needs 'pattern'")
+        if self.metric == "custom" and not self.function:
+            raise ValueError(f"objective '{self.name}': metric 'custom' needs 'function' (pkg.module:function)")
+        return self
+
+
+class ConstraintSpec(_Strict):
+    """A feasibility bound on one objective's value; infeasible trials never enter the front."""
+
+    objective: str
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _a_bound(self) -> "ConstraintSpec":
+        if self.min is None and self.max is None:
+            raise ValueError(f"constraint on '{self.objective}' needs 'min' and/or 'max'")
+        return self
+
+
+# -------------------------------------------------------------------------------------------- scorer
+
+
+class ScorerSpec(_Strict):
+    """The backend that scores each candidate in its live model."""
+
+    backend: Literal["transformers", "vllm"] = "transformers"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    """Seconds per evaluation; a slower candidate is recorded as failed."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Backend-specific keywords (e.g. vLLM's gpu_memory_utilization, tensor_parallel_size)."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not re.fullmatch(r"cpu|auto|mps|cuda(:\d+)?", device):
+            raise ValueError(f"{device!r} is not one of cpu, auto, mps, cuda, cuda:N")
+        return device
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def _parse_duration(value: Any) -> Any:
+    """``90``, ``"90s"``, ``"30m"``, ``"8h"`` -> seconds; overnight budgets read better in hours."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration (seconds, or a number with s/m/h/d)")
+        return float(match.group(1)) * _SECONDS[match.group(2)]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+
+
+class OptimizerSpec(_Strict):
+    """Which optimizer explores the space; single-objective optimizers scalarize with ``weights``."""
+
+    library: Literal["nevergrad", "optuna", "baseline"] = "optuna"
+    name: str = "NSGAII"
+    options: dict[str, Any] = Field(default_factory=dict)
+    weights: dict[str, float] | None = None
+    """Scalarization for single-objective optimizers: objective name -> weight (sign follows direction)."""
+    l1_penalty: float = Field(0.0, ge=0.0)
+    """Adds ``l1_penalty x mean |genome|`` to the scalarized fitness (Evo-Merging, LoraHub)."""
+
+
+class BudgetSpec(_Strict):
+    """When to stop: after ``evaluations`` trials and/or ``wall_clock`` (whichever comes first)."""
+
+    evaluations: int | None = Field(None, ge=1)
+    wall_clock: Duration | None = None
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> "BudgetSpec":
+        if self.evaluations is None and self.wall_clock is None:
+            raise ValueError("set 'evaluations' and/or 'wall_clock'")
+        return self
+
+
+class StageSpec(_Strict):
+    """One stage of a multi-stage search; unset sections fall back to the spec's top level.
+
+    ``inherit`` lists coefficient kinds whose values come from the previous stage's best trial
+    (e.g. Evo-Merging's stage 2 keeps stage 1's per-expert densities fixed while it searches weights).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    space: SpaceSpec | None = None
+    optimizer: OptimizerSpec | None = None
+    budget: BudgetSpec | None = None
+    inherit: list[SearchedKind] = Field(default_factory=list)
+
+
+class OutputsSpec(_Strict):
+    """Where results go; the run folder holds the spec copy, ledger, checkpoint, exports and report."""
+
+    run_dir: OutPath | None = None
+    """Default: ``runs/<name>`` under the current directory."""
+    report: bool = True
+    """Write ``report.html`` when the run finishes."""
+
+
+class ExperimentSpec(_Strict):
+    """A complete, validated experiment."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    seed: int = 0
+    models: ModelsSpec
+    space: SpaceSpec | None = None
+    objectives: list[ObjectiveSpec] = Field(min_length=1)
+    constraints: list[ConstraintSpec] = Field(default_factory=list)
+    scorer: ScorerSpec = Field(default_factory=ScorerSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    budget: BudgetSpec
+    stages: list[StageSpec] | None = None
+    baseline: bool = False
+    """Also score the built-in uniform grid (one global coefficient) for comparison in reports."""
+    storage: str | None = None
+    """Optuna storage URL; default ``sqlite:///<run_dir>/ledger.db``."""
+    outputs: OutputsSpec = Field(default_factory=OutputsSpec)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "ExperimentSpec":
+        names = [o.name for o in self.objectives]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"objective names must be unique; repeated: {', '.join(dupes)}")
+        for c in self.constraints:
+            if c.objective not in names:
+                raise ValueError(f"constraint on unknown objective {c.objective!r}; objectives: {', '.join(names)}")
+        if self.stages is None and self.space is None:
+            raise ValueError("missing 'space' (or give 'stages', each with its own space)")
+        if self.stages is not None:
+            if not self.stages:
+                raise ValueError("'stages' is empty")
+            if self.space is None and self.stages[0].space is None:
+                raise ValueError("the first stage needs a 'space' (no top-level 'space' to fall back to)")
+            if self.stages[0].inherit:
+                raise ValueError("the first stage cannot inherit: there is no previous stage")
+        for opt in [self.optimizer] + [s.optimizer for s in self.stages or [] if s.optimizer]:
+            unknown = sorted(set(opt.weights or {}) - set(names))
+            if unknown:
+                raise ValueError(f"optimizer.weights names unknown objectives {unknown}; objectives: {', '.join(names)}")
+        uses_zoo = any(o.data and o.data.startswith(ZOO_PREFIX) for o in self.objectives)
+        if uses_zoo and self.models.zoo is None:
+            raise ValueError("objectives use 'zoo:' paths but 'models.zoo' is not set")
+        return self
+
+    def resolved_stages(self) -> list[StageSpec]:
+        """The stages with every section filled in from the top level (a plain spec is one stage)."""
+        if self.stages is None:
+            return [StageSpec(name="search", space=self.space, optimizer=self.optimizer, budget=self.budget)]
+        return [
+            StageSpec(
+                name=s.name,
+                space=s.space or self.space,
+                optimizer=s.optimizer or self.optimizer,
+                budget=s.budget or self.budget,
+                inherit=s.inherit,
+            )
+            for s in self.stages
+        ]
+
+    def run_dir(self, cwd: Path | None = None) -> Path:
+        """The run folder: ``outputs.run_dir`` or ``runs/<name>`` under ``cwd``."""
+        if self.outputs.run_dir is not None:
+            return Path(self.outputs.run_dir)
+        return (cwd or Path.cwd()).resolve() / "runs" / self.name

@@ -1,0 +1,104 @@
+"""Spec validation: every mistake is one line naming the field, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evomerge.experiments._spec_io import SpecError, load_spec
+
+GOOD = {
+    "name": "t",
+    "models": {"zoo": {"size": "tiny"}},
+    "space": {"method": "ties", "search": ["weight", "density"], "granularity": "per-layer"},
+    "objectives": [
+        {"name": "rev", "metric": "exact_match", "data": "zoo:data/rev/calib.jsonl"},
+        {"name": "sparsity", "metric": "kept_fraction"},
+    ],
+    "optimizer": {"library": "optuna", "name": "NSGAII"},
+    "budget": {"evaluations": 4},
+}
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def _error(tmp_path: Path, **changes) -> str:
+    data = {**GOOD, **changes}
+    with pytest.raises(SpecError) as info:
+        load_spec(_write(tmp_path, data), label="spec.yaml")
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("spec.yaml: ")
+    return message
+
+
+def test_good_spec_resolves_defaults(tmp_path: Path) -> None:
+    spec = load_spec(_write(tmp_path, {**GOOD, "budget": {"wall_clock": "2h"}}))
+    assert spec.budget.wall_clock == 7200
+    assert spec.storage is None
+    assert spec.run_dir(tmp_path) == tmp_path.resolve() / "runs" / "t"
+    [stage] = spec.resolved_stages()
+    assert stage.space == spec.space and stage.optimizer == spec.optimizer
+
+
+def test_relative_paths_resolve_against_the_spec_file(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "c.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    (tmp_path / "base").mkdir()
+    (tmp_path / "e1").mkdir()
+    data = {
+        **GOOD,
+        "models": {"base": "base", "experts": {"e1": "e1"}},
+        "objectives": [{"name": "c", "metric": "exact_match", "data": "data/c.jsonl"}],
+        "outputs": {"run_dir": "out/run"},
+    }
+    spec = load_spec(_write(tmp_path, data))
+    assert spec.models.base == str(tmp_path.resolve() / "base")
+    assert spec.objectives[0].data == str(tmp_path.resolve() / "data" / "c.jsonl")
+    assert spec.run_dir() == tmp_path.resolve() / "out" / "run"
+
+
+def test_unknown_key_lists_allowed_keys(tmp_path: Path) -> None:
+    message = _error(tmp_path, optimizer={"library": "optuna", "nmae": "TPE"})
+    assert message.startswith("spec.yaml: optimizer.nmae: unknown key; allowed: library, name,")
+
+
+def test_bad_literal_names_field_value_and_choices(tmp_path: Path) -> None:
+    message = _error(tmp_path, scorer={"backend": "onnx"})
+    assert message == "spec.yaml: scorer.backend: 'onnx' is not one of transformers, vllm"
+
+
+def test_nested_list_location(tmp_path: Path) -> None:
+    objectives = [GOOD["objectives"][0], {"name": "s", "metric": "kept_fraction", "direction": "up"}]
+    message = _error(tmp_path, objectives=objectives)
+    assert message == "spec.yaml: objectives[1].direction: 'up' is not one of maximize, minimize"
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    message = _error(tmp_path, models={"base": "nowhere", "experts": {"a": "."}})
+    assert "models.base: 'nowhere' does not exist" in message
+
+
+def test_cross_field_checks(tmp_path: Path) -> None:
+    assert "set 'evaluations' and/or 'wall_clock'" in _error(tmp_path, budget={})
+    assert "constraint on unknown objective 'acc'" in _error(tmp_path, constraints=[{"objective": "acc", "min": 0.1}])
+    bad_space = {"method": "ties", "search": ["weight"], "fixed": {"weight": 1.0}}
+    assert "both searched and fixed" in _error(tmp_path, space=bad_space)
+    assert "needs 'every_k'" in _error(tmp_path, space={"method": "ties", "granularity": "every-k"})
+    assert "'2 weeks' is not a duration" in _error(tmp_path, budget={"wall_clock": "2 weeks"})
+
+
+def test_yaml_problems_are_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: a\nname: b\n")
+    with pytest.raises(SpecError, match=r"spec.yaml:2: invalid YAML \(duplicate key 'name'\)"):
+        load_spec(path, label="spec.yaml")
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(SpecError, match="expected a mapping"):
+        load_spec(path, label="spec.yaml")
