@@ -1,1 +1,33 @@
-"""evomerge.merge"""
+"""evomerge.merge: checkpoints and LoRA adapters in, compatibility checks, task vectors, tensor
+grouping, in-place merging of recipes, export (HF folder, PEFT adapter, mergekit YAML)."""
+
+from ._compat import VOCAB_POLICIES, VocabPolicy
+from ._engine import MergeEngine, MergeStats
+from ._errors import MergeError
+from ._io import CheckpointReader
+from ._layout import KIND_PATTERNS, LAYER_PATTERN, ModelLayout, TensorSlot, classify
+from ._lora import LoraAdapter, LoraModule
+from ._recipe import ExpertParams, GroupRule, LoraMode, MergeRecipe, ModuleKind, RescalePolicy, Section
+
+__all__ = [
+    "CheckpointReader",
+    "ExpertParams",
+    "GroupRule",
+    "KIND_PATTERNS",
+    "LAYER_PATTERN",
+    "LoraAdapter",
+    "LoraMode",
+    "LoraModule",
+    "MergeEngine",
+    "MergeError",
+    "MergeRecipe",
+    "MergeStats",
+    "ModelLayout",
+    "ModuleKind",
+    "RescalePolicy",
+    "Section",
+    "TensorSlot",
+    "VOCAB_POLICIES",
+    "VocabPolicy",
+    "classify",
+]

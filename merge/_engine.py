@@ -1,0 +1,415 @@
+"""`MergeEngine`: cached task vectors in, merged weights written in place into a live model.
+
+The search loop merges thousands of candidates; each must cost about one pass over the weights.
+So everything that does not depend on the recipe is done once at load time (reading, checking,
+task vectors, magnitude tables), and `apply` writes `base + merged delta` straight into the
+target's parameters, one tensor at a time, through an fp32 scratch buffer reused per shape.
+Memory: base copy + one task vector per expert + the target = (experts + 2) x model size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from ._compat import VocabPolicy, check_architecture, check_tensors
+from ._errors import MergeError
+from ._io import CheckpointReader, config_dtype, load_config, require_dir
+from ._layout import ModelLayout
+from ._lora import LoraAdapter, LoraModule, is_adapter
+from ._plan import TensorPlan, plan_recipe
+from ._recipe import ExpertParams, MergeRecipe
+
+if TYPE_CHECKING:
+    from .methods import MagnitudeTable, MethodOptions
+
+HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class MergeStats:
+    """Cost figures of one merge, read by cost objectives (sparsity, distance to base).
+
+    `kept_fraction` = changed_params / all parameters; `l1_distance` = sum |merged - base|.
+    Both are None when `apply(..., stats=False)` skipped the extra pass that computes them.
+    """
+
+    kept_fraction: float | None
+    l1_distance: float | None
+    changed_params: int | None
+    seconds: float
+
+
+def _tied(config: Any) -> bool:
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+class MergeEngine:
+    """Base + experts loaded once; merges recipes in place. Create with `MergeEngine.load`."""
+
+    def __init__(
+        self, base_path: Path, config: Any, layout: ModelLayout, base: dict[str, torch.Tensor],
+        full_deltas: dict[str, dict[str, torch.Tensor]], adapters: dict[str, LoraAdapter],
+        expert_paths: dict[str, Path], device: torch.device, dtype: torch.dtype, cache_device: torch.device,
+    ) -> None:
+        self.base_path = base_path
+        self.config = config
+        self.layout = layout
+        self.device = device
+        self.dtype = dtype
+        self._cache_device = cache_device
+        self._pin = device.type == "cuda" and cache_device.type == "cpu"
+        self.expert_paths = expert_paths
+        self.expert_names = list(expert_paths)
+        self._base = base
+        self._deltas = full_deltas
+        self._adapters = adapters
+        self._tables: dict[tuple[str, str], "MagnitudeTable"] = {}
+        self._zeros: dict[tuple[int, ...], torch.Tensor] = {}
+        self._scratch: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
+        self._target: nn.Module | None = None
+        self.num_params = sum(t.numel() for t in base.values())
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls, base: str | Path, experts: Mapping[str, str | Path], *, device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None, allow_pickle: bool = False, vocab_policy: VocabPolicy = "error",
+        progress: bool = True,
+    ) -> "MergeEngine":
+        """Read and check base + experts, compute task vectors on `device` in the model dtype.
+
+        `experts` maps a name (used in recipes) to an HF model folder or a PEFT LoRA adapter folder.
+        """
+        from transformers import AutoConfig
+
+        base_path = require_dir(base, "base model")
+        if not experts:
+            raise MergeError("no experts given; pass experts={'name': 'path/to/model-or-adapter', ...}")
+        base_cfg = load_config(base_path, "base model")
+        config = AutoConfig.from_pretrained(str(base_path))
+        reader = CheckpointReader(base_path, allow_pickle=allow_pickle, label="base model")
+        names = [n for n in reader.names() if not (n == HEAD and _tied(config))]
+        layout = ModelLayout.from_names(names, base_cfg)
+        dtype = dtype or config_dtype(base_cfg) or reader.dtype(names[0])
+        device = torch.device(device)
+        shapes = {n: reader.shape(n) for n in names}
+        cache_device = _cache_device(device, len(experts) + 1, sum(_numel(s) for s in shapes.values()), dtype)
+        pin = device.type == "cuda" and cache_device.type == "cpu"
+        bar = _progress(progress, len(names) * (1 + len(experts)), "loading")
+
+        base_t: dict[str, torch.Tensor] = {}
+        for n in names:
+            base_t[n] = _store(reader.get(n).to(dtype), cache_device, pin)
+            bar.update(1)
+        full: dict[str, dict[str, torch.Tensor]] = {}
+        adapters: dict[str, LoraAdapter] = {}
+        paths: dict[str, Path] = {}
+        for ename, epath in experts.items():
+            label = f"expert {ename!r} ({epath})"
+            folder = require_dir(epath, f"expert {ename!r}")
+            paths[ename] = folder
+            if is_adapter(folder):
+                adapters[ename] = _load_adapter(folder, label, shapes, device if cache_device.type != "cpu" else cache_device, dtype)
+                bar.update(len(names))
+                continue
+            check_architecture(base_cfg, load_config(folder, label), label)
+            ereader = CheckpointReader(folder, allow_pickle=allow_pickle, label=label)
+            enames = {n: ereader.shape(n) for n in ereader.names() if not (n == HEAD and _tied(config))}
+            aligned = check_tensors(shapes, enames, label, vocab_policy)
+            deltas: dict[str, torch.Tensor] = {}
+            for n in names:
+                value = ereader.get(n)
+                if n in aligned:
+                    value = _align_rows(value, base_t[n])
+                # fp32 subtraction: bf16 experts minus a bf16 base would lose the small deltas.
+                delta = value.to(cache_device).float() - base_t[n].float()
+                deltas[n] = _store(delta.to(dtype), cache_device, pin)
+                bar.update(1)
+            full[ename] = deltas
+        bar.close()
+        return cls(base_path, config, layout, base_t, full, adapters, paths, device, dtype, cache_device)
+
+    # ------------------------------------------------------------------ targets
+    def new_target_model(self) -> nn.Module:
+        """The one live HF model (base weights, eval mode, no grads) that `apply` rewrites."""
+        if self._target is None:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+            model.to(self.device).eval().requires_grad_(False)
+            targets = self._targets(model)
+            with torch.no_grad():
+                for name in self.layout.slots:
+                    targets[name].copy_(self._base[name])
+            self._target = model
+        return self._target
+
+    def _targets(self, target: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        tensors: Mapping[str, torch.Tensor]
+        if isinstance(target, nn.Module):
+            tensors = dict(target.named_parameters())
+            tensors.update(dict(target.named_buffers()))
+        else:
+            tensors = target
+        missing = [n for n in self.layout.slots if n not in tensors]
+        if missing:
+            raise MergeError(f"target lacks tensor {missing[0]} (and {len(missing) - 1} more); pass engine.new_target_model() or a state dict of the base architecture")
+        for name in self.layout.slots:
+            if tuple(tensors[name].shape) != tuple(self._base[name].shape):
+                raise MergeError(f"shape mismatch: target tensor {name} has shape {tuple(tensors[name].shape)}, base has {tuple(self._base[name].shape)}")
+        return tensors
+
+    # ------------------------------------------------------------------ merging
+    def check(self, recipe: MergeRecipe) -> list[TensorPlan]:
+        """Validate a recipe against this engine; the per-tensor plan `apply` follows."""
+        if recipe.lora_mode == "adapter":
+            for rule in recipe.rules:
+                saved = [e for e in rule.experts if e in self._adapters and self._adapters[e].full]
+                if saved:
+                    raise MergeError(f"expert {saved[0]!r} has modules_to_save tensors, which lora_mode='adapter' cannot merge; use lora_mode='materialized'")
+        return plan_recipe(recipe, self.layout, self.expert_names, set(self._adapters))
+
+    @torch.no_grad()
+    def apply(self, recipe: MergeRecipe, target: nn.Module | Mapping[str, torch.Tensor], *, stats: bool = True) -> MergeStats:
+        """Write the recipe's merged weights into `target` in place (no new model, no disk)."""
+        start = time.perf_counter()
+        tensors = self._targets(target)
+        changed = torch.zeros((), dtype=torch.int64, device=self.device)
+        l1 = torch.zeros((), dtype=torch.float64, device=self.device)
+        for name, delta in self._merged_deltas(recipe):
+            dst, base = tensors[name], self._base[name]
+            if delta is None:
+                dst.copy_(base)
+                continue
+            if stats:
+                changed += torch.count_nonzero(delta)
+                l1 += torch.linalg.vector_norm(delta, ord=1)
+            if dst.device == delta.device:
+                torch.add(delta, base.to(delta.device), out=dst)
+            else:
+                dst.copy_(delta.add_(base.to(delta.device)))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        if not stats:
+            return MergeStats(None, None, None, seconds)
+        n_changed = int(changed.item())
+        return MergeStats(n_changed / self.num_params, float(l1.item()), n_changed, seconds)
+
+    def iter_merged(self, recipe: MergeRecipe) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, merged tensor in the model dtype) one at a time: exports, vLLM weight loaders."""
+        for name, delta in self._merged_deltas(recipe):
+            base = self._base[name]
+            yield name, (base.clone() if delta is None else (delta + base).to(self.dtype))
+
+    def merged_state(self, recipe: MergeRecipe) -> dict[str, torch.Tensor]:
+        """The whole merged state dict (one extra model in memory; prefer `iter_merged`)."""
+        return dict(self.iter_merged(recipe))
+
+    def _merged_deltas(self, recipe: MergeRecipe) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Per tensor the merged task vector in a reused fp32 buffer (valid until the next item)."""
+        # Imported here, not at module level: `methods` imports `_recipe` from this package, and
+        # `evomerge.merge` must import cleanly for code that only needs recipes or layouts.
+        from .methods import MethodOptions
+        options = MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=None)
+        for item in self.check(recipe):
+            if item.rule is None:
+                yield item.name, None
+                continue
+            opts = options if item.rule.t is None else MethodOptions(
+                normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=item.rule.t)
+            if recipe.lora_mode == "adapter":
+                yield item.name, self._adapter_delta(recipe, item, opts)
+            else:
+                yield item.name, self._dense_delta(recipe, item, opts)
+
+    def _dense_delta(self, recipe: MergeRecipe, item: TensorPlan, options: MethodOptions) -> torch.Tensor:
+        from .methods import mask_generator
+
+        name, method = item.name, item.method
+        base = self._base[name]
+        deltas = [self._delta(e, name) for e in item.experts]
+        tables = [self._table(e, name, d) for e, d in zip(item.experts, deltas)] if item.needs_tables else None
+        generator = mask_generator(recipe.seed, recipe.trial, name, self.device) if method.is_random else None
+        out = self._buffer(tuple(base.shape), 0)
+        method.merge(out, deltas, item.params, base=base.to(self.device), options=options, tables=tables, generator=generator)
+        return out
+
+    def _adapter_delta(self, recipe: MergeRecipe, item: TensorPlan, options: MethodOptions) -> torch.Tensor | None:
+        """LoraHub / Evo-Merging form: A' = method(A_i), B' = sum w_i s_i B_i, delta = B' @ A'."""
+        name = item.name
+        pairs = [(e, self._adapters[e].modules.get(name), p) for e, p in zip(item.experts, item.params)]
+        pairs = [(e, m, p) for e, m, p in pairs if m is not None]
+        if not pairs:
+            return None
+        merged = self._merge_factors(recipe, item, pairs, options)
+        out = self._buffer(tuple(self._base[name].shape), 0)
+        out.copy_(merged.delta())
+        return out
+
+    def _merge_factors(self, recipe: MergeRecipe, item: TensorPlan, pairs: list[tuple[str, LoraModule, ExpertParams]], options: MethodOptions) -> LoraModule:
+        from .methods import mask_generator
+
+        name, method = item.name, item.method
+        ranks = {m.rank for _, m, _ in pairs}
+        if len(ranks) > 1:
+            raise MergeError(f"adapter mode needs equal LoRA ranks per tensor; {name} has ranks {sorted(ranks)} across {[e for e, _, _ in pairs]}; use lora_mode='materialized'")
+        a_list = [m.a.to(self.device) for _, m, _ in pairs]
+        tables = [self._table(f"{e}:lora_A", name, a) for (e, _, _), a in zip(pairs, a_list)] if item.needs_tables else None
+        generator = mask_generator(recipe.seed, recipe.trial, f"{name}.lora_A", self.device) if method.is_random else None
+        a_out = torch.empty(a_list[0].shape, dtype=torch.float32, device=self.device)
+        method.merge(a_out, a_list, [p for _, _, p in pairs], base=torch.zeros_like(a_out), options=options, tables=tables, generator=generator)
+        # B is never pruned (Evo-Merging's asymmetric pruning): a plain weighted sum, scales folded in.
+        b_out = torch.zeros(pairs[0][1].b.shape, dtype=torch.float32, device=self.device)
+        for _, m, p in pairs:
+            b_out.add_(m.b.to(self.device).float(), alpha=p.weight * m.scale)
+        first = pairs[0][1]
+        return LoraModule(a=a_out, b=b_out, scale=1.0, embedding=first.embedding, fan_in_fan_out=first.fan_in_fan_out)
+
+    def merged_adapter(self, recipe: MergeRecipe) -> dict[str, LoraModule]:
+        """Adapter-mode merge of the LoRA factors per base tensor (scale folded into B)."""
+        from .methods import MethodOptions
+
+        options = MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=None)
+        result: dict[str, LoraModule] = {}
+        with torch.no_grad():
+            for item in self.check(recipe):
+                if item.rule is None:
+                    continue
+                pairs = [(e, self._adapters[e].modules.get(item.name), p) for e, p in zip(item.experts, item.params)]
+                pairs = [(e, m, p) for e, m, p in pairs if m is not None]
+                if pairs:
+                    result[item.name] = self._merge_factors(recipe, item, pairs, options)
+        return result
+
+    # ------------------------------------------------------------------ caches
+    def _delta(self, expert: str, name: str) -> torch.Tensor:
+        """An expert's task vector for one tensor; LoRA experts materialize scale*B@A on first use."""
+        if expert not in self._deltas:
+            self._deltas[expert] = {}
+        cache = self._deltas[expert]
+        delta = cache.get(name)
+        if delta is None:
+            adapter = self._adapters[expert]
+            if name in adapter.modules:
+                delta = _store(adapter.modules[name].delta(torch.float32).to(self.dtype), self._cache_device, self._pin)
+            elif name in adapter.full:
+                delta = _store((adapter.full[name].to(self._cache_device).float() - self._base[name].float()).to(self.dtype), self._cache_device, self._pin)
+            else:
+                delta = self._zero(tuple(self._base[name].shape))
+            cache[name] = delta
+        return delta if delta.device == self.device else delta.to(self.device, non_blocking=True)
+
+    def _zero(self, shape: tuple[int, ...]) -> torch.Tensor:
+        # One shared zero task vector per shape for tensors a LoRA expert does not touch.
+        if shape not in self._zeros:
+            self._zeros[shape] = torch.zeros(shape, dtype=self.dtype, device=self._cache_device)
+        return self._zeros[shape]
+
+    def _table(self, expert: str, name: str, delta: torch.Tensor) -> MagnitudeTable:
+        from .methods import MagnitudeTable
+
+        key = (expert, name)
+        if key not in self._tables:
+            self._tables[key] = MagnitudeTable.build(delta)
+        return self._tables[key]
+
+    def _buffer(self, shape: tuple[int, ...], slot: int) -> torch.Tensor:
+        key = (shape, slot)
+        if key not in self._scratch:
+            self._scratch[key] = torch.empty(shape, dtype=torch.float32, device=self.device)
+        return self._scratch[key]
+
+    def adapter(self, name: str) -> LoraAdapter:
+        """The loaded PEFT adapter of a LoRA expert."""
+        if name not in self._adapters:
+            raise MergeError(f"expert {name!r} is not a LoRA adapter; LoRA experts: {sorted(self._adapters)}")
+        return self._adapters[name]
+
+    def base_tensor(self, name: str) -> torch.Tensor:
+        """The cached base weight of one tensor (read-only by convention)."""
+        return self._base[name]
+
+    # ------------------------------------------------------------------ export
+    def export(self, recipe: MergeRecipe, out_dir: str | Path, *, shard_size: str | int = "2GB") -> Path:
+        """HF folder + tokenizer + README.md card + recipe.json + mergekit.yaml (when expressible)."""
+        from ._export import export_model
+
+        return export_model(self, recipe, Path(out_dir), shard_size=shard_size)
+
+    def export_lora(self, recipe: MergeRecipe, out_dir: str | Path) -> Path:
+        """The adapter-mode merge of the LoRA experts as one PEFT adapter folder."""
+        from ._export import export_adapter
+
+        return export_adapter(self, recipe, Path(out_dir))
+
+
+def _load_adapter(folder: Path, label: str, shapes: Mapping[str, tuple[int, ...]], device: torch.device, dtype: torch.dtype) -> LoraAdapter:
+    adapter = LoraAdapter.load(folder, label)
+    for name, module in adapter.modules.items():
+        if name not in shapes:
+            raise MergeError(f"{label}: LoRA targets {name}, which the base model lacks; was it trained on another base?")
+        out_in = (module.b.shape[0], module.a.shape[1])
+        want = shapes[name][::-1] if module.embedding or module.fan_in_fan_out else shapes[name]
+        if tuple(want) != out_in:
+            raise MergeError(f"shape mismatch: {label} LoRA for {name} gives {out_in}, base has {tuple(shapes[name])}")
+        module.a, module.b = module.a.to(device), module.b.to(device)
+    for name, tensor in adapter.full.items():
+        if name not in shapes or tuple(tensor.shape) != tuple(shapes[name]):
+            raise MergeError(f"{label}: saved module tensor {name} {tuple(tensor.shape)} does not match the base {shapes.get(name)}")
+    return adapter
+
+
+def _align_rows(value: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """vocab_policy='truncate': keep the base's rows; rows an expert lacks keep the base weights."""
+    rows = base.shape[0]
+    if value.shape[0] >= rows:
+        return value[:rows]
+    return torch.cat([value, base[value.shape[0]:].to(value.device, value.dtype)])
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _cache_device(device: torch.device, copies: int, numel: int, dtype: torch.dtype) -> torch.device:
+    """`device`, unless the cache (base + task vectors) does not fit there: then CPU (pinned)."""
+    if device.type != "cuda":
+        return device
+    free, _ = torch.cuda.mem_get_info(device)
+    need = copies * numel * torch.empty((), dtype=dtype).element_size()
+    # Leave room for the target model and activations: the cache may use 70% of free memory.
+    return device if need < 0.7 * free else torch.device("cpu")
+
+
+def _store(tensor: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    """Move to the cache device; a CPU cache is pinned only when a CUDA merge will read it."""
+    tensor = tensor.to(device).contiguous()
+    if pin:
+        tensor = tensor.pin_memory()
+    return tensor
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        """No progress display."""
+
+    def close(self) -> None:
+        """No progress display."""
+
+
+def _progress(enabled: bool, total: int, desc: str) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", leave=False)

@@ -1,0 +1,156 @@
+"""Lazy, per-tensor reading of Hugging Face checkpoint folders.
+
+A model is never loaded whole: the engine reads one tensor at a time (safetensors `safe_open`
+memory-maps the file), so computing task vectors needs memory for the cache plus one tensor.
+Pickle checkpoints (`*.bin`) are refused unless the caller opts in with `allow_pickle=True`, and
+then load with `torch.load(weights_only=True)` so no code in the file can run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+
+from ._errors import MergeError
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file as a dict, or a one-line `MergeError` naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MergeError(f"missing file {path}") from None
+    except json.JSONDecodeError as exc:
+        raise MergeError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def require_dir(path: str | Path, what: str) -> Path:
+    """`path` as a Path if it is a folder, else a `MergeError` saying what was expected there."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise MergeError(f"{what} folder {p} does not exist; pass a Hugging Face model folder (config.json + *.safetensors)")
+    return p
+
+
+class CheckpointReader:
+    """Names, shapes and lazily read tensors of one HF model folder (single or sharded)."""
+
+    def __init__(self, folder: str | Path, *, allow_pickle: bool = False, label: str = "model") -> None:
+        self.folder = require_dir(folder, label)
+        self.label = label
+        self._files: dict[str, Path] = {}  # tensor name -> file
+        self._handles: dict[Path, Any] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._index(allow_pickle)
+
+    def _index(self, allow_pickle: bool) -> None:
+        f = self.folder
+        if (f / SAFETENSORS_INDEX).is_file():
+            self._from_index(f / SAFETENSORS_INDEX)
+        elif (f / SAFETENSORS_SINGLE).is_file():
+            self._from_files([f / SAFETENSORS_SINGLE])
+        elif list(f.glob("*.safetensors")):
+            self._from_files(sorted(f.glob("*.safetensors")))
+        elif (f / PICKLE_INDEX).is_file() or (f / PICKLE_SINGLE).is_file():
+            if not allow_pickle:
+                raise MergeError(
+                    f"{self.label} {f} holds only pickle checkpoints ({PICKLE_SINGLE}); pass allow_pickle=True "
+                    "to load them with torch.load(weights_only=True), or convert them to safetensors"
+                )
+            if (f / PICKLE_INDEX).is_file():
+                self._from_index(f / PICKLE_INDEX)
+            else:
+                self._from_files([f / PICKLE_SINGLE])
+        else:
+            raise MergeError(f"{self.label} {f} has no weights ({SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} expected)")
+
+    def _from_index(self, index: Path) -> None:
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise MergeError(f"{index} has no 'weight_map'; re-save the model with save_pretrained")
+        for name, shard in weight_map.items():
+            path = self.folder / shard
+            if not path.is_file():
+                raise MergeError(f"{self.label} {self.folder}: shard {shard} listed in {index.name} is missing")
+            self._files[name] = path
+        for path in set(self._files.values()):
+            self._open(path)
+
+    def _from_files(self, paths: list[Path]) -> None:
+        for path in paths:
+            for name in self._open(path):
+                self._files[name] = path
+
+    def _open(self, path: Path) -> list[str]:
+        if path.suffix == ".safetensors":
+            handle = safe_open(str(path), framework="pt", device="cpu")
+            self._handles[path] = handle
+            return list(handle.keys())
+        # weights_only=True: tensors and plain containers only, no arbitrary code from the pickle.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        self._pickled[path] = state
+        return list(state)
+
+    def names(self) -> list[str]:
+        """All tensor names, in file order."""
+        return list(self._files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape without reading the data."""
+        path = self._files[name]
+        if path in self._handles:
+            return tuple(self._handles[path].get_slice(name).get_shape())
+        return tuple(self._pickled[path][name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """Stored dtype without reading the data."""
+        path = self._files[name]
+        if path in self._handles:
+            return _ST_DTYPES[self._handles[path].get_slice(name).get_dtype()]
+        return self._pickled[path][name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read now (CPU, stored dtype)."""
+        path = self._files[name]
+        if path in self._handles:
+            return self._handles[path].get_tensor(name)
+        return self._pickled[path][name]
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, read one at a time."""
+        for name in self._files:
+            yield name, self.get(name)
+
+
+def load_config(folder: Path, label: str) -> dict[str, Any]:
+    """config.json of a model folder as a dict."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise MergeError(f"{label} {folder} has no config.json; pass a Hugging Face model folder")
+    return read_json(path)
+
+
+def config_dtype(config: dict[str, Any]) -> torch.dtype | None:
+    """The dtype a config declares (`dtype` in transformers 5, `torch_dtype` before)."""
+    name = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    return None
