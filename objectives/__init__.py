@@ -7,7 +7,9 @@ Public API::
               normalization="sum", function=None)
     TransformersScorer(engine, objectives, *, device="cpu", dtype=None, batch_size=32,
                        max_new_tokens=32, stop=("\\n",), timeout=None, tokenizer=None)
-    VllmScorer(...)  # optional extra `vllm`
+    VllmScorer(base, experts, objectives, *, dtype="bfloat16", max_new_tokens=32, stop=("\\n",),
+               max_model_len=None, timeout=None, seed=0, gpu_memory_utilization=0.85,
+               allow_cpu=False, engine_kwargs=None)  # optional extra `vllm`
     scorer.evaluate(recipe, *, timeout=None) -> Evaluation
 """
 
@@ -28,6 +30,7 @@ from ._objective import METRICS, Objective
 from ._plan import Generation
 from ._scorer import Deadline, EvaluationTimeout, Scorer, SwapResult
 from ._transformers_scorer import TransformersScorer
+from ._vllm_scorer import VllmScorer
 
 __all__ = [
     "COSTS",
@@ -43,6 +46,7 @@ __all__ = [
     "Scorer",
     "SwapResult",
     "TransformersScorer",
+    "VllmScorer",
     "answer_cross_entropy",
     "choice_score",
     "contains",

@@ -77,8 +77,9 @@ class ScoringPlan:
             req.needs_generation |= obj.metric in GENERATION_METRICS
 
     @property
-    def has_inference(self) -> bool:
-        return any(not o.is_cost for o in self.objectives)
+    def needs_costs(self) -> bool:
+        """Whether any objective reads `MergeStats` (the engine then spends a pass computing them)."""
+        return any(o.is_cost for o in self.objectives)
 
     def run(
         self, generate: GenerateFn, logprobs: LogprobFn, costs: Any

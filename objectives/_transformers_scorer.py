@@ -54,11 +54,11 @@ class TransformersScorer(Scorer):
         self.stop = tuple(stop)
         self.model = engine.new_target_model().to(device=self.device, dtype=dtype).eval()
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._eos_ids = eos_token_ids(tokenizer, self.model)
+        self._eos_ids = eos_token_ids(tokenizer, getattr(self.model, "generation_config", None))
 
     def _swap_in(self, recipe: Any) -> SwapResult:
         t0 = time.perf_counter()
-        stats = self.engine.apply(recipe, self.model)
+        stats = self.engine.apply(recipe, self.model, stats=self._plan.needs_costs)
         t1 = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -93,12 +93,13 @@ def load_tokenizer(path: str | Path) -> Any:
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
-def eos_token_ids(tokenizer: Any, model: Any = None) -> frozenset[int]:
-    """Every id that ends a generation: the tokenizer's EOS and the model's generation config's."""
+def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> frozenset[int]:
+    """Every id that ends a generation: the tokenizer's EOS and the generation config's (chat
+    models often list several, e.g. end-of-turn tokens)."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    config_eos = getattr(generation_config, "eos_token_id", None)
     if config_eos is not None:
         ids.update(int(i) for i in (config_eos if isinstance(config_eos, (list, tuple)) else [config_eos]))
     return frozenset(ids)

@@ -37,3 +37,55 @@ def tiny_lm() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     with torch.no_grad():
         model.lm_head.weight.mul_(40.0)
     return model, char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def zoo_dir():
+    """The tiny toy zoo (built once, then cached by the zoo builder)."""
+    from evomerge.experiments.zoo import build_zoo
+
+    return build_zoo("tiny", progress=False)
+
+
+@pytest.fixture(scope="session")
+def zoo_experts(zoo_dir) -> dict[str, str]:
+    from evomerge.experiments.zoo import load_manifest
+
+    return {name: str(zoo_dir / path) for name, path in load_manifest(zoo_dir)["experts"].items()}
+
+
+@pytest.fixture(scope="session")
+def zoo_engine(zoo_dir, zoo_experts):
+    from evomerge.merge import MergeEngine
+
+    return MergeEngine.load(zoo_dir / "base", zoo_experts, progress=False)
+
+
+@pytest.fixture(scope="session")
+def zoo_objectives(zoo_dir) -> list:
+    """Generation, loss, multiple-choice, perplexity and cost objectives over the zoo's skills.
+
+    The multiple-choice and perplexity sets are derived from the calibration data, so every
+    metric kind runs on text the models were trained on.
+    """
+    from evomerge.objectives import CalibrationSet, Objective
+
+    objectives = []
+    for skill in ("rev", "add"):
+        cal = CalibrationSet.load(zoo_dir / "data" / skill / "calib.jsonl", size=8, seed=0)
+        objectives += [
+            Objective(f"{skill}_acc", "exact_match", cal),
+            Objective(f"{skill}_loss", "answer_loss", cal),
+        ]
+        if skill == "rev":
+            objectives.append(Objective("rev_len", "response_length", cal))
+            items = cal.items
+            rows = [
+                {"prompt": it.prompt, "choices": [items[(i + 1) % len(items)].answer, it.answer], "label": 1}
+                for i, it in enumerate(items)
+            ]
+            objectives.append(Objective("rev_mc", "mc_accuracy", CalibrationSet.from_items("rev_mc", rows)))
+            ppl = CalibrationSet.from_items("rev_text", [{"text": it.prompt + it.answer} for it in items])
+            objectives.append(Objective("rev_ppl", "perplexity", ppl))
+    objectives += [Objective("kept", "kept_fraction"), Objective("l1", "l1_distance"), Objective("changed", "changed_params")]
+    return objectives

@@ -1,0 +1,108 @@
+"""TransformersScorer on the tiny zoo with the real merge engine: values, in-place swaps, failures.
+
+References are computed independently: a fresh model loaded with the merged state dict, scored
+with `model.generate` and a plain forward pass.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from evomerge.merge import ExpertParams, GroupRule, MergeRecipe
+from evomerge.objectives import Evaluation, TransformersScorer
+
+
+def recipe(weights: dict[str, float], method: str = "task_arithmetic", **kw) -> MergeRecipe:
+    rule = GroupRule(method=method, experts={n: ExpertParams(weight=w) for n, w in weights.items()})
+    return MergeRecipe(rules=[rule], normalize=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def scorer(zoo_engine, zoo_objectives):
+    with TransformersScorer(zoo_engine, zoo_objectives, batch_size=4, max_new_tokens=12) as s:
+        yield s
+
+
+def fresh_model(engine, r):
+    model = AutoModelForCausalLM.from_config(engine.config, dtype=torch.float32).eval()
+    model.load_state_dict(engine.merged_state(r), strict=False)
+    if not engine.config.tie_word_embeddings:
+        assert torch.equal(model.lm_head.weight, engine.merged_state(r)["lm_head.weight"])
+    return model
+
+
+def test_values_equal_an_independent_fresh_model(scorer, zoo_engine):
+    r = recipe({"rev": 1.0, "add": 0.5})
+    ev = scorer.evaluate(r)
+    assert not ev.failed, ev.reason
+    tok = scorer.tokenizer
+    model = fresh_model(zoo_engine, r)
+    rev_items = next(o for o in scorer.objectives if o.name == "rev_acc").calibration.items
+    losses = []
+    for item, row in zip(rev_items, ev.details["rev_acc"]):
+        prompt = tok(item.prompt)["input_ids"]
+        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        text = tok.decode(out[0, len(prompt):], skip_special_tokens=True).split("\n")[0]
+        assert row["prediction"] == text
+        assert row["correct"] == float(text.strip() == item.answer)
+        answer = tok(item.prompt + item.answer)["input_ids"][len(prompt):]
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
+        losses += [-logp[len(prompt) - 1 + t, a].item() for t, a in enumerate(answer)]
+    assert ev.values["rev_acc"] == pytest.approx(sum(r["correct"] for r in ev.details["rev_acc"]) / len(rev_items))
+    assert ev.values["rev_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+    assert set(ev.values) == {o.name for o in scorer.objectives}
+    for key in ("merge", "swap", "inference", "total", "items_per_s"):
+        assert ev.timings[key] >= 0
+    assert ev.timings["items_per_s"] > 0
+    assert ev.timings["merge"] + ev.timings["swap"] + ev.timings["inference"] <= ev.timings["total"]
+
+
+def test_experts_win_their_own_skill(scorer):
+    rev = scorer.evaluate(recipe({"rev": 1.0}))
+    add = scorer.evaluate(recipe({"add": 1.0}))
+    assert rev.values["rev_loss"] < add.values["rev_loss"]
+    assert add.values["add_loss"] < rev.values["add_loss"]
+
+
+def test_in_place_swaps_do_not_leak_state(scorer):
+    a, b = recipe({"rev": 1.0}), recipe({"add": 1.0, "rev": -0.3})
+    first = scorer.evaluate(a)
+    scorer.evaluate(b)
+    again = scorer.evaluate(a)
+    assert again.values == first.values
+    assert again.details == first.details
+
+
+def test_costs_come_from_merge_stats(scorer, zoo_engine):
+    base = scorer.evaluate(recipe({"rev": 0.0}))
+    assert base.values["l1"] == 0.0 and base.values["changed"] == 0.0 and base.values["kept"] == 0.0
+    r = recipe({"rev": 1.0}, method="ties")
+    ev = scorer.evaluate(r)
+    merged = zoo_engine.merged_state(r)
+    l1 = sum((merged[n].double() - zoo_engine.base_tensor(n).double()).abs().sum().item() for n in merged)
+    assert ev.values["l1"] == pytest.approx(l1, rel=1e-5)
+    assert 0 < ev.values["kept"] <= 1 and ev.values["changed"] > 0
+
+
+def test_failures_are_results(scorer):
+    nan = scorer.evaluate(recipe({"rev": float("nan")}))
+    assert nan.failed and nan.reason.startswith("FloatingPointError: non-finite objective value") and nan.values == {}
+    unknown = scorer.evaluate(recipe({"nobody": 1.0}))
+    assert unknown.failed and "nobody" in unknown.reason and "\n" not in unknown.reason
+    late = scorer.evaluate(recipe({"rev": 1.0}), timeout=1e-6)
+    assert late.failed and late.reason.startswith("timeout") and late.timings["total"] > 0
+    # a failure leaves the scorer usable
+    assert not scorer.evaluate(recipe({"rev": 1.0})).failed
+
+
+def test_evaluation_round_trips_through_json(scorer):
+    ev = scorer.evaluate(recipe({"add": 1.0}))
+    assert Evaluation.from_dict(json.loads(json.dumps(ev.to_dict()))) == ev
+    bad = Evaluation.failure("timeout: x", {"total": 1.0})
+    assert Evaluation.from_dict(json.loads(json.dumps(bad.to_dict()))) == bad
+    assert all(math.isfinite(v) for v in ev.values.values())
