@@ -1,0 +1,61 @@
+"""Model Breadcrumbs: drop the `gamma` largest-magnitude entries (outliers) and the smallest, keep `density`.
+
+mergekit's `magnitude_outliers` semantics, reproduced exactly for exact tables:
+`n_top = int(gamma * N)` largest entries are removed, then the next `int(density * N)` are kept; when
+`density + gamma > 1` the outlier cut shrinks so that `int(density * N)` entries are still kept.
+density >= 1 keeps everything (no outlier removal either); `int(density * N) == 0` keeps nothing.
+The band is a pair of thresholds from the `MagnitudeTable`: `lo <= |x| <= hi`.
+
+* `breadcrumbs`: band-pruned deltas, weighted sum (mergekit `breadcrumbs`, default normalize false).
+* `breadcrumbs_ties`: band-pruned deltas with TIES sign election (mergekit `breadcrumbs_ties`).
+
+Passes per expert: 3 for the band (2 hardshrinks, 1 subtract) + the combine's (1 for breadcrumbs,
+3 (+2 with normalize) for breadcrumbs_ties, see `_ties`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._recipe import ExpertParams
+from ._gta import GeneralizedTaskArithmetic, Scratch, Sparsified
+from ._magnitude import MagnitudeTable, prune_band
+from ._options import MethodOptions
+
+
+def band_sparsify(
+    delta: torch.Tensor,
+    p: ExpertParams,
+    table: MagnitudeTable | None,
+    options: MethodOptions,
+    generator: torch.Generator | None,
+    scratch: Scratch,
+    index: int,
+) -> Sparsified:
+    density = float(p.density)
+    if density >= 1:
+        return delta, 1.0
+    if delta.numel() == 0:
+        return None, 1.0
+    if table is None:
+        table = MagnitudeTable.build(delta, resolution=max(1, delta.numel()))
+    band = table.band(density, float(p.gamma))
+    if band is None:
+        return None, 1.0
+    lo, hi = band
+    out = scratch.get("prune", delta.dtype)
+    return prune_band(delta, lo, hi, out=out, scratch=scratch.get("band_high", delta.dtype)), 1.0
+
+
+class Breadcrumbs(GeneralizedTaskArithmetic):
+    name = "breadcrumbs"
+    mergekit_name = "breadcrumbs"
+    sparsifier = staticmethod(band_sparsify)
+    uses = frozenset({"weight", "density", "gamma", "normalize", "lambda"})
+    mergekit_defaults = {"normalize": False}
+
+
+class BreadcrumbsTies(Breadcrumbs):
+    name = "breadcrumbs_ties"
+    mergekit_name = "breadcrumbs_ties"
+    consensus = True

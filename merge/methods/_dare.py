@@ -1,0 +1,72 @@
+"""DARE: drop each task-vector entry with probability 1 - density, rescale the survivors.
+
+* `dare_linear` (mergekit `dare_linear`) and `dare_ties` (mergekit `dare_ties`, TIES sign election).
+* Mask: `torch.bernoulli(p.expand(shape), generator=g)` with a 0-dim p = density. On CPU this consumes
+  the generator exactly like mergekit's `torch.bernoulli(torch.full_like(delta, density))`, and experts
+  draw in the same order (an expert with density >= 1 draws nothing, as in mergekit), so with a generator
+  seeded like the global RNG mergekit uses, the masks are *identical* (the parity tests check this).
+  On CUDA the stream differs from mergekit's on the same device only if mergekit's internals change; the
+  distribution is the same either way (tested: kept fraction, rescale, expectation).
+* Rescale (`options.rescale`): "mergekit" multiplies the survivors so the tensor's L1 norm is restored
+  (`|d|_1 / |d * mask|_1`, skipped when either is < 1e-7); "paper" multiplies by 1/density.
+  The factor is a 0-dim tensor folded into the combine's multiply-add (no extra pass, no GPU sync).
+
+Passes per expert: 1 (bernoulli) + 1 (mask *= delta) + 1 read (L1 of the survivors, mergekit policy)
++ the combine's (1 for dare_linear; 3, +2 with normalize, for dare_ties).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._recipe import ExpertParams
+from ._gta import GeneralizedTaskArithmetic, Scratch, Sparsified
+from ._magnitude import MagnitudeTable
+from ._options import MethodOptions
+from ._rescale import l1_restore_factor
+
+
+def work_dtype(delta: torch.Tensor) -> torch.dtype:
+    """mergekit's choice: fp32 on CPU (bernoulli lacks fp16 there), the tensor's dtype elsewhere or for bf16."""
+    if delta.device.type != "cpu" or delta.dtype in (torch.bfloat16, torch.float64):
+        return delta.dtype
+    return torch.float32
+
+
+def random_sparsify(
+    delta: torch.Tensor,
+    p: ExpertParams,
+    table: MagnitudeTable | None,
+    options: MethodOptions,
+    generator: torch.Generator | None,
+    scratch: Scratch,
+    index: int,
+) -> Sparsified:
+    density = float(p.density)
+    if density >= 1:
+        return delta, 1.0
+    dtype = work_dtype(delta)
+    mask = scratch.get("mask", dtype)
+    prob = torch.tensor(density, dtype=dtype, device=delta.device)
+    torch.bernoulli(prob.expand(delta.shape), generator=generator, out=mask)
+    if density <= 0:
+        return None, 1.0  # drew (to keep the stream aligned with mergekit), kept nothing
+    masked = mask.mul_(delta)
+    if options.rescale == "paper":
+        return masked, 1.0 / density
+    return masked, l1_restore_factor(delta, masked, table)
+
+
+class DareLinear(GeneralizedTaskArithmetic):
+    name = "dare_linear"
+    mergekit_name = "dare_linear"
+    is_random = True
+    sparsifier = staticmethod(random_sparsify)
+    uses = frozenset({"weight", "density", "normalize", "lambda", "rescale"})
+    mergekit_defaults = {"normalize": False, "rescale": True}
+
+
+class DareTies(DareLinear):
+    name = "dare_ties"
+    mergekit_name = "dare_ties"
+    consensus = True

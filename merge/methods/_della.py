@@ -1,0 +1,98 @@
+"""DELLA (MagPrune): drop entries with a probability that falls with their magnitude rank in the row.
+
+mergekit's `della_magprune`: within each row (dim 1; a 1-D tensor is one row) entries get ascending
+magnitude ranks r = 0..n-1, keep probability `p = (density - epsilon) + 2 * epsilon * r / (n - 1)`, a
+Bernoulli mask, then rescale. The ranks come from the `MagnitudeTable` (built once, int16 per entry),
+and `p` is computed with the same fp32 operations as mergekit, so with the same generator state the
+masks are identical to mergekit's on CPU (the parity tests check this).
+
+* `della` (mergekit `della`, TIES sign election, mergekit default normalize true) and
+  `della_linear` (mergekit `della_linear`, plain weighted sum).
+* `0 < density < 1` requires `density - epsilon > 0` and `density + epsilon < 1`, as mergekit
+  (ValueError otherwise); density >= 1 keeps everything, density <= 0 keeps nothing (no draws).
+* Rescale: "mergekit" restores the L1 norm; "paper" divides each survivor by its own keep probability
+  p_i, which makes the result an unbiased estimate of the task vector.
+* Rows of length 1 (n = 1): mergekit divides 0 by 0 and fails; we use p = density.
+
+Passes per expert: 3 for p (int->float divide, scale, shift) + 1 bernoulli + 1 (mask *= delta)
+(+1 divide by p for "paper") + 1 read (L1, "mergekit") + the combine's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .._recipe import ExpertParams
+from ._dare import work_dtype
+from ._gta import GeneralizedTaskArithmetic, Scratch, Sparsified
+from ._magnitude import MagnitudeTable
+from ._options import MethodOptions
+from ._rescale import l1_restore_factor
+
+
+def della_sparsify(
+    delta: torch.Tensor,
+    p: ExpertParams,
+    table: MagnitudeTable | None,
+    options: MethodOptions,
+    generator: torch.Generator | None,
+    scratch: Scratch,
+    index: int,
+) -> Sparsified:
+    density, epsilon = float(p.density), float(p.epsilon)
+    if density >= 1:
+        return delta, 1.0
+    if density <= 0 or delta.numel() == 0:
+        return None, 1.0
+    _check_epsilon(density, epsilon)
+    if table is None:
+        table = MagnitudeTable.build(delta, resolution=1)
+    ranks, row_len = table.row_ranks(delta)
+    dtype = work_dtype(delta)
+    probs = scratch.get("della_probs", dtype).view(ranks.shape)
+    if row_len > 1:
+        torch.div(ranks, row_len - 1, out=probs)
+        probs.mul_(2 * epsilon)
+        probs.add_(density - epsilon)
+    else:
+        probs.fill_(density)
+    mask = scratch.get("mask", dtype).view(ranks.shape)
+    torch.bernoulli(probs, generator=generator, out=mask)
+    if options.rescale == "paper":
+        mask.div_(probs)
+    masked = mask.mul_(delta.reshape(ranks.shape)).view(delta.shape)
+    if options.rescale == "paper":
+        return masked, 1.0
+    return masked, l1_restore_factor(delta, masked, table)
+
+
+def _check_epsilon(density: float, epsilon: float) -> None:
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"DELLA needs density - epsilon > 0 and density + epsilon < 1 for 0 < density < 1; "
+            f"got density={density}, epsilon={epsilon}"
+        )
+
+
+class DellaLinear(GeneralizedTaskArithmetic):
+    name = "della_linear"
+    mergekit_name = "della_linear"
+    is_random = True
+    sparsifier = staticmethod(della_sparsify)
+    uses = frozenset({"weight", "density", "epsilon", "normalize", "lambda", "rescale"})
+    mergekit_defaults = {"normalize": False, "rescale": True}
+
+    def _check_params(self, params: Sequence[ExpertParams], options: MethodOptions) -> None:
+        # Validate every expert before drawing anything, so a bad recipe fails fast and cleanly.
+        for p in params:
+            if 0 < p.density < 1:
+                _check_epsilon(float(p.density), float(p.epsilon))
+
+
+class Della(DellaLinear):
+    name = "della"
+    mergekit_name = "della"
+    consensus = True
+    mergekit_defaults = {"normalize": True, "rescale": True}

@@ -1,0 +1,213 @@
+"""Magnitude tables: per (expert, tensor) statistics of |delta|, built once before a search.
+
+Why: TIES, Breadcrumbs and top-k prune a task vector by magnitude rank. mergekit sorts the tensor for
+every merge; in a search the task vector never changes, only the density does, so we sort once and turn
+every later pruning into a threshold compare (`|x| >= threshold`), i.e. one elementwise pass.
+
+Exactness. Let `a_0 <= ... <= a_{N-1}` be the sorted magnitudes (fp32) of a tensor with N entries.
+
+* `N <= resolution`: all N sorted magnitudes are stored, every order statistic is exact, and
+  `threshold(d)` is exactly the k-th largest magnitude mergekit keeps (`k = max(1, int(d * N))`).
+* `N > resolution`: the order statistics at the R+1 positions `round(j * (N-1) / R)`, j = 0..R, are stored
+  (R = resolution). A position between two stored ones is linearly interpolated in value, so the
+  threshold lies between two stored order statistics at most `ceil((N-1)/R)` ranks apart.
+  **Density error bound:** the kept fraction differs from mergekit's `k/N` by at most
+  `1/R + 1/N` (about 2.4e-4 for the default R = 4096), ties aside.
+
+Ties. mergekit keeps exactly k entries and breaks magnitude ties by `argsort` order (unspecified for
+equal keys). A threshold keeps *every* entry equal to the threshold, so with ties at the boundary we
+keep a few more entries than mergekit. For continuous fp32 task vectors ties are measure-zero; for
+bf16/fp16 task vectors they are common, and the kept fraction may exceed the density by the size of the
+tie group at the threshold.
+
+The table lives on the CPU (a few KiB), so looking up a threshold never synchronizes a GPU.
+The L1 norm (mergekit's DARE/DELLA rescale numerator) is kept on the tensor's device.
+DELLA's per-row magnitude ranks need one int16/int32 per entry; they are built lazily on first DELLA
+use (or eagerly with `build(..., della=True)`) and cached.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class MagnitudeTable:
+    """Sorted-magnitude statistics of one task vector (see module docstring for the error bound)."""
+
+    __slots__ = ("numel", "resolution", "exact", "values", "positions", "l1", "_row_ranks", "_row_len")
+
+    def __init__(
+        self,
+        numel: int,
+        resolution: int,
+        values: torch.Tensor,
+        positions: torch.Tensor | None,
+        l1: torch.Tensor,
+    ) -> None:
+        self.numel = numel
+        self.resolution = resolution
+        self.exact = positions is None
+        self.values = values
+        """Ascending fp32 magnitudes on the CPU: all of them (exact) or the order statistics at `positions`."""
+        self.positions = positions
+        self.l1 = l1
+        """0-dim fp32 tensor on the delta's device: sum(|delta|), computed exactly as mergekit does."""
+        self._row_ranks: torch.Tensor | None = None
+        self._row_len = 0
+
+    @classmethod
+    def build(cls, delta: torch.Tensor, resolution: int = 4096, *, della: bool = False) -> "MagnitudeTable":
+        """Sort |delta| once. Peak extra memory: one fp32 copy plus the sort's int64 indices.
+
+        `della=True` also precomputes the per-row ranks DELLA needs (otherwise built on first use).
+        """
+        if resolution < 1:
+            raise ValueError(f"resolution must be >= 1, got {resolution}")
+        with torch.no_grad():
+            magnitudes = delta.detach().abs().float().reshape(-1)
+            numel = magnitudes.numel()
+            l1 = magnitudes.sum()
+            ordered = torch.sort(magnitudes).values
+            del magnitudes
+            if numel <= resolution:
+                positions = None
+                values = ordered.cpu()
+            else:
+                positions = torch.linspace(0, numel - 1, resolution + 1, dtype=torch.float64).round().long()
+                values = ordered[positions.to(ordered.device)].cpu()
+            del ordered
+        table = cls(numel, resolution, values, positions, l1)
+        if della:
+            table.row_ranks(delta)
+        return table
+
+    # -- order statistics -------------------------------------------------------------------------
+    def order_statistic(self, position: int) -> float:
+        """The `position`-th smallest magnitude (0-based), exact or interpolated."""
+        if not 0 <= position < self.numel:
+            raise IndexError(f"position {position} out of range for {self.numel} entries")
+        if self.positions is None:
+            return float(self.values[position])
+        # Stored positions are round(j * (N - 1) / R): locate the bracketing j without a search.
+        step = (self.numel - 1) / self.resolution
+        j = min(int(position / step), self.resolution)
+        while j > 0 and int(self.positions[j]) > position:
+            j -= 1
+        while j < self.resolution and int(self.positions[j + 1]) <= position:
+            j += 1
+        lo_pos = int(self.positions[j])
+        lo_val = float(self.values[j])
+        if lo_pos == position or j == self.resolution:
+            return lo_val
+        hi_pos = int(self.positions[j + 1])
+        hi_val = float(self.values[j + 1])
+        return lo_val + (hi_val - lo_val) * (position - lo_pos) / (hi_pos - lo_pos)
+
+    def threshold(self, density: float) -> float:
+        """Magnitude threshold: `|x| >= threshold` keeps the top `max(1, int(density * N))` entries.
+
+        density >= 1 -> 0.0 (keep all); density <= 0 -> inf (keep none), as mergekit's `magnitude`.
+        """
+        if density >= 1 or self.numel == 0:
+            return 0.0
+        if density <= 0:
+            return math.inf
+        k = max(1, int(density * self.numel))
+        return self.order_statistic(self.numel - k)
+
+    def band(self, density: float, gamma: float) -> tuple[float, float] | None:
+        """Breadcrumbs band `(lo, hi)`: keep `lo <= |x| <= hi`, None = keep nothing.
+
+        mergekit's `magnitude_outliers`: drop the `int(gamma * N)` largest, keep the next `int(density * N)`,
+        shrinking the outlier cut when density + gamma > 1. Callers handle density >= 1 (keep all,
+        no outlier removal, as in mergekit).
+        """
+        target = int(density * self.numel)
+        if target <= 0:
+            return None
+        n_top = int(gamma * self.numel)
+        n_bot = max(0, self.numel - target - n_top)
+        return self.order_statistic(n_bot), self.order_statistic(n_bot + target - 1)
+
+    # -- DELLA ------------------------------------------------------------------------------------
+    def row_ranks(self, delta: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Ascending magnitude rank of every entry within its row, and the row length.
+
+        Rows are taken along dim 1 (dim 0 after viewing a 1-D tensor as one row), as in mergekit's
+        `della_magprune`. Stored as int16 when the row length allows (2 bytes per entry), cached.
+        """
+        if self._row_ranks is None:
+            with torch.no_grad():
+                view = delta.detach() if delta.dim() >= 2 else delta.detach().reshape(1, -1)
+                row_len = view.shape[1]
+                order = torch.argsort(view.abs(), dim=1)
+                ranks = order.argsort(dim=1)
+                del order
+                dtype = torch.int16 if row_len <= 32767 else torch.int32
+                self._row_ranks = ranks.to(dtype)
+                self._row_len = row_len
+        return self._row_ranks, self._row_len
+
+    def __repr__(self) -> str:
+        kind = "exact" if self.exact else f"quantiles@{self.resolution}"
+        return f"MagnitudeTable(numel={self.numel}, {kind})"
+
+
+def _strict_below(threshold: float, dtype: torch.dtype) -> float:
+    """Largest value of `dtype` strictly below `threshold`, so `|x| > result` <=> `|x| >= threshold`."""
+    t = torch.tensor(threshold, dtype=dtype)
+    return float(torch.nextafter(t, torch.zeros((), dtype=dtype)))
+
+
+def prune_magnitude(delta: torch.Tensor, threshold: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`delta` with entries of magnitude below `threshold` set to 0 (one fused pass via hardshrink).
+
+    Returns `delta` itself (no copy) when nothing is pruned; otherwise writes into `out` if given.
+    """
+    if threshold <= 0:
+        return delta
+    if math.isinf(threshold):
+        result = out if out is not None else torch.empty_like(delta)
+        return result.zero_()
+    if delta.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        # hardshrink keeps |x| > lambd; lambd is the next representable value below the threshold.
+        lambd = _strict_below(threshold, delta.dtype)
+        if out is None:
+            return torch.hardshrink(delta, lambd)
+        return torch.hardshrink(delta, lambd, out=out)
+    keep = delta.abs() >= threshold
+    if out is None:
+        return delta * keep
+    return torch.mul(delta, keep, out=out)
+
+
+def prune_band(delta: torch.Tensor, lo: float, hi: float, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Keep `lo <= |x| <= hi` (Breadcrumbs): hardshrink(lo) - hardshrink(hi), exact (x - x == 0, x - 0 == x)."""
+    low = prune_magnitude(delta, lo, out=out)
+    if low is delta:  # lo == 0: nothing below the band
+        low = out.copy_(delta)
+    high = torch.hardshrink(delta, hi, out=scratch)
+    return low.sub_(high)
+
+
+def prune_topk_(tensor: torch.Tensor, table: MagnitudeTable | None, density: float) -> torch.Tensor:
+    """In place: zero all but the top `density` fraction of `tensor` by magnitude; returns `tensor`.
+
+    The asymmetric-LoRA Evo-Merging variant prunes each adapter's A matrix with this (B untouched) and
+    then merges adapters with `topk` at density 1: see docs/merge-methods.md.
+    `table` must describe `tensor`'s current values (None builds an exact one: a sort, slow path).
+    """
+    if density >= 1:
+        return tensor
+    if table is None:
+        table = MagnitudeTable.build(tensor, resolution=max(1, tensor.numel()))
+    threshold = table.threshold(density)
+    if math.isinf(threshold):
+        return tensor.zero_()
+    if threshold <= 0:
+        return tensor
+    lambd = _strict_below(threshold, tensor.dtype)
+    # hardshrink has no in-place variant; masked_fill_ with a fresh bool mask is the in-place route.
+    return tensor.masked_fill_(tensor.abs() <= lambd, 0)

@@ -1,0 +1,31 @@
+"""`MethodOptions`: the recipe-wide switches a merge method may read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Options shared by every expert of one merge call.
+
+    They mirror the recipe-level fields of `MergeRecipe` (`normalize`, `lambda_`, `rescale`) plus the
+    rule's `t`. Unlike mergekit, whose default `normalize` differs per method (True for `ties`/`della`,
+    False for `task_arithmetic`/`dare_*`/`breadcrumbs*`/`della_linear`), the value here is always
+    explicit; whoever writes mergekit YAML must therefore write `normalize` explicitly too.
+    """
+
+    normalize: bool = True
+    """Divide the merged task vector by the (consensus-masked) sum of weights."""
+    lambda_: float = 1.0
+    """Global scale of the merged task vector (mergekit's `lambda`)."""
+    rescale: Literal["mergekit", "paper"] = "mergekit"
+    """DARE/DELLA rescale after dropping: restore the tensor's L1 norm (mergekit) or divide by the
+    keep probability (paper: 1/density for DARE, 1/p_i element-wise for DELLA)."""
+    t: float | None = None
+    """Interpolation factor for slerp (required) and nuslerp (optional; default from the weights)."""
+
+    def __post_init__(self) -> None:
+        if self.rescale not in ("mergekit", "paper"):
+            raise ValueError(f"rescale must be 'mergekit' or 'paper', got {self.rescale!r}")

@@ -1,0 +1,69 @@
+"""TIES (magnitude pruning + sign election) and task arithmetic, plus Evo-Merging's `topk`.
+
+* `task_arithmetic`: `lambda * sum_i w_i d_i` (/ sum_i w_i with normalize). mergekit: `task_arithmetic`.
+* `ties`: keep the top `density` of each |d_i| (threshold from the `MagnitudeTable`), elect the sign of
+  `sum_i w_i d_i'` per entry (ties at exactly 0 elect +), keep the weighted entries agreeing with it,
+  divide by the sum of the agreeing weights (normalize), scale by lambda. mergekit: `ties`.
+* `topk` (Evo-Merging stages 1 and 2): the same magnitude pruning, then a plain sign-aware scaled sum
+  `lambda * sum_i w_i d_i'` with weights that may be negative (search bounds [-1.5, 1.5]); no sign election.
+  It honours `normalize` like every method, so Evo-Merging presets set `normalize: false`. mergekit has
+  no registered method for it (its magnitude sparsification always comes with TIES consensus); it equals
+  mergekit's `breadcrumbs` with `gamma: 0` except that `topk` keeps at least one entry for density > 0.
+
+Passes over memory (N = numel, per expert; "pass" = one elementwise kernel over N entries):
+  task_arithmetic: 1 (multiply-add into `out`).
+  topk: 2 (hardshrink into scratch, multiply-add); 1 when density >= 1.
+  ties: 4 (hardshrink, clamp, 2 multiply-adds) + 4 with normalize (2 compares, 2 adds);
+        then 3 final passes (sign compare, subtract, where) + 2 with normalize, + 1 if lambda != 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._recipe import ExpertParams
+from ._gta import GeneralizedTaskArithmetic, Scratch, Sparsified
+from ._magnitude import MagnitudeTable, prune_magnitude
+from ._options import MethodOptions
+
+
+def magnitude_sparsify(
+    delta: torch.Tensor,
+    p: ExpertParams,
+    table: MagnitudeTable | None,
+    options: MethodOptions,
+    generator: torch.Generator | None,
+    scratch: Scratch,
+    index: int,
+) -> Sparsified:
+    """mergekit's `magnitude` (without rescale, its default for TIES): top max(1, int(density*N)) entries."""
+    density = float(p.density)
+    if density >= 1:
+        return delta, 1.0
+    if density <= 0 or delta.numel() == 0:
+        return None, 1.0
+    if table is None:  # slow path: exact table, one sort per call
+        table = MagnitudeTable.build(delta, resolution=max(1, delta.numel()))
+    return prune_magnitude(delta, table.threshold(density), out=scratch.get("prune", delta.dtype)), 1.0
+
+
+class TaskArithmetic(GeneralizedTaskArithmetic):
+    name = "task_arithmetic"
+    mergekit_name = "task_arithmetic"
+    mergekit_defaults = {"normalize": False}
+
+
+class Ties(GeneralizedTaskArithmetic):
+    name = "ties"
+    mergekit_name = "ties"
+    consensus = True
+    sparsifier = staticmethod(magnitude_sparsify)
+    uses = frozenset({"weight", "density", "normalize", "lambda"})
+    mergekit_defaults = {"normalize": True}
+
+
+class TopK(GeneralizedTaskArithmetic):
+    name = "topk"
+    mergekit_name = None
+    sparsifier = staticmethod(magnitude_sparsify)
+    uses = frozenset({"weight", "density", "normalize", "lambda"})
