@@ -326,6 +326,11 @@ class MergeEngine:
             self._scratch[key] = torch.empty(shape, dtype=torch.float32, device=self.device)
         return self._scratch[key]
 
+    @property
+    def lora_expert_names(self) -> list[str]:
+        """Experts loaded from PEFT LoRA adapters (the others are full models)."""
+        return [n for n in self.expert_names if n in self._adapters]
+
     def adapter(self, name: str) -> LoraAdapter:
         """The loaded PEFT adapter of a LoRA expert."""
         if name not in self._adapters:

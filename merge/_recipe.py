@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ._errors import MergeError
 
 ModuleKind = Literal["attention", "mlp", "norm", "embedding", "head", "other"]
 """Module kind of a tensor. `embedding` = input embeddings, `head` = output projection (lm_head)."""
@@ -101,5 +103,37 @@ class MergeRecipe(_Frozen):
         return self.model_dump_json(by_alias=True)
 
     @classmethod
+    def from_dict(cls, data: object) -> "MergeRecipe":
+        """Validate plain data; a bad field raises a one-line `MergeError` naming rule and expert."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise MergeError(describe_validation_error(exc)) from None
+
+    @classmethod
     def from_json(cls, text: str) -> "MergeRecipe":
-        return cls.model_validate(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MergeError(f"recipe is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        return cls.from_dict(data)
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """pydantic's first error as one line: `rules[0] expert 'math' density=1.5: <why>`."""
+    error = exc.errors()[0]
+    loc = list(error["loc"])
+    where: list[str] = []
+    while loc:
+        part = loc.pop(0)
+        if part == "rules" and loc and isinstance(loc[0], int):
+            where.append(f"rules[{loc.pop(0)}]")
+        elif part == "experts" and loc:
+            where.append(f"expert {loc.pop(0)!r}")
+        else:
+            where.append(str(part))
+    field = " ".join(where) or "recipe"
+    value = error.get("input")
+    shown = f"={value!r}" if not isinstance(value, (dict, list)) and error["type"] != "missing" else ""
+    more = f" (and {exc.error_count() - 1} more error(s))" if exc.error_count() > 1 else ""
+    return f"recipe {field}{shown}: {error['msg']}{more}"

@@ -16,18 +16,18 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden
               num_key_value_heads=1, max_position_embeddings=64)
 
 ARCH_CONFIGS: dict[str, Callable[..., PretrainedConfig]] = {
-    "llama": lambda **kw: LlamaConfig(**COMMON, head_dim=16, **kw),
-    "qwen2": lambda **kw: Qwen2Config(**COMMON, **kw),
-    "mistral": lambda **kw: MistralConfig(**COMMON, head_dim=16, sliding_window=None, **kw),
-    "gemma": lambda **kw: GemmaConfig(**COMMON, head_dim=16, **kw),
-    "gemma2": lambda **kw: Gemma2Config(**COMMON, head_dim=16, **kw),
-    "phi3": lambda **kw: Phi3Config(**COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw),
+    "llama": lambda **kw: LlamaConfig(head_dim=16, **kw),
+    "qwen2": lambda **kw: Qwen2Config(**kw),
+    "mistral": lambda **kw: MistralConfig(head_dim=16, sliding_window=None, **kw),
+    "gemma": lambda **kw: GemmaConfig(head_dim=16, **kw),
+    "gemma2": lambda **kw: Gemma2Config(head_dim=16, **kw),
+    "phi3": lambda **kw: Phi3Config(pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw),
 }
 
 
 def tiny_config(arch: str = "llama", **kw: object) -> PretrainedConfig:
     kw.setdefault("tie_word_embeddings", False)
-    return ARCH_CONFIGS[arch](**kw)
+    return ARCH_CONFIGS[arch](**{**COMMON, **kw})
 
 
 def save_model(folder: Path, config: PretrainedConfig, seed: int, *, dtype: torch.dtype = torch.float32,

@@ -1,0 +1,147 @@
+"""Export of a chosen recipe: an HF model folder, or the adapter-mode merge as a PEFT adapter.
+
+Exports stream tensors from `MergeEngine.iter_merged` into safetensors shards, so exporting needs
+one shard of extra memory, not a second model. The folder carries everything needed to reproduce
+or re-run the merge elsewhere: recipe.json, mergekit.yaml (when mergekit can express the recipe)
+and a README.md model card stating both.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+from safetensors.torch import save_file
+
+from ._errors import MergeError
+from ._io import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+from ._mergekit import recipe_to_mergekit
+from ._recipe import MergeRecipe
+
+if TYPE_CHECKING:
+    from ._engine import MergeEngine
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+"""Files copied from the base folder so the export loads with `AutoTokenizer` as the base did."""
+
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_size(size: str | int) -> int:
+    """'2GB' / '500MB' / '64KiB' / int bytes -> bytes."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    for unit in sorted(_UNITS, key=len, reverse=True):
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * _UNITS[unit])
+            except ValueError:
+                break
+    raise MergeError(f"shard_size {size!r} is not a size; use e.g. '2GB', '500MB' or a number of bytes")
+
+
+def _write_shards(tensors: Iterable[tuple[str, torch.Tensor]], out: Path, limit: int) -> None:
+    """safetensors shards of at most `limit` bytes (one oversized tensor gets its own shard) + index."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and sizes[-1] + nbytes > limit:
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = tensor.detach().cpu().contiguous()
+        sizes[-1] += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out / SAFETENSORS_SINGLE), metadata={"format": "pt"})
+        return
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def _mergekit_yaml(engine: "MergeEngine", recipe: MergeRecipe) -> tuple[str | None, str | None]:
+    """(yaml, None) or (None, why mergekit cannot express the recipe)."""
+    lora = frozenset(engine.lora_expert_names)
+    try:
+        return recipe_to_mergekit(
+            recipe, engine.layout, str(engine.base_path), {n: str(p) for n, p in engine.expert_paths.items()},
+            lora_experts=lora, dtype=str(engine.dtype).removeprefix("torch."),
+        ), None
+    except MergeError as exc:
+        return None, str(exc)
+
+
+def model_card(engine: "MergeEngine", recipe: MergeRecipe, mergekit: str | None, why_not: str | None) -> str:
+    """README.md: what was merged, how, and how to reproduce it."""
+    experts = "\n".join(f"- `{n}`: `{engine.expert_paths[n]}`" for n in engine.expert_names)
+    methods = ", ".join(sorted({r.method for r in recipe.rules}))
+    reproduce = (f"## mergekit\n\n```yaml\n{mergekit}```\n" if mergekit else f"## mergekit\n\nNot expressible: {why_not}\n")
+    return (
+        "---\nlibrary_name: transformers\ntags:\n- merge\n- evomerge\n---\n"
+        f"# Merged model\n\nMerged with evomerge from base `{engine.base_path}` and experts:\n\n{experts}\n\n"
+        f"Methods: {methods}; {len(recipe.rules)} rule(s); LoRA mode: {recipe.lora_mode}; seed {recipe.seed}, "
+        f"trial {recipe.trial}.\n\n## Recipe (recipe.json)\n\n```json\n{json.dumps(json.loads(recipe.to_json()), indent=2)}\n```\n\n"
+        f"{reproduce}"
+    )
+
+
+def export_model(engine: "MergeEngine", recipe: MergeRecipe, out: Path, *, shard_size: str | int = "2GB") -> Path:
+    """HF folder: config, weights (sharded above `shard_size`), tokenizer, recipe.json, mergekit.yaml, README.md."""
+    limit = parse_size(shard_size)
+    engine.check(recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    engine.config.save_pretrained(out)
+    _write_shards(engine.iter_merged(recipe), out, limit)
+    for fname in TOKENIZER_FILES:
+        if (engine.base_path / fname).is_file():
+            shutil.copy2(engine.base_path / fname, out / fname)
+    (out / "recipe.json").write_text(json.dumps(json.loads(recipe.to_json()), indent=2))
+    mergekit, why_not = _mergekit_yaml(engine, recipe)
+    if mergekit:
+        (out / "mergekit.yaml").write_text(mergekit)
+    (out / "README.md").write_text(model_card(engine, recipe, mergekit, why_not))
+    return out
+
+
+def export_adapter(engine: "MergeEngine", recipe: MergeRecipe, out: Path) -> Path:
+    """The adapter-mode merge as a PEFT LoRA folder (scales folded into B, so lora_alpha = r)."""
+    if recipe.lora_mode != "adapter":
+        raise MergeError("export_lora needs a recipe with lora_mode='adapter'; export a materialized merge with export()")
+    modules = engine.merged_adapter(recipe)
+    if not modules:
+        raise MergeError("the recipe merges no LoRA module; its rules select no tensor a LoRA expert targets")
+    ranks = {m.rank for m in modules.values()}
+    if len(ranks) > 1:
+        raise MergeError(f"merged LoRA modules have different ranks {sorted(ranks)}; PEFT needs rank_pattern, not supported")
+    rank = ranks.pop()
+    first = engine.adapter(engine.lora_expert_names[0])
+    state: dict[str, torch.Tensor] = {}
+    targets: set[str] = set()
+    for name, module in modules.items():
+        stem = name.removesuffix(".weight")
+        kind = "lora_embedding_" if module.embedding else "lora_"
+        state[f"base_model.model.{stem}.{kind}A.weight"] = module.a.to(engine.dtype).cpu().contiguous()
+        state[f"base_model.model.{stem}.{kind}B.weight"] = module.b.to(engine.dtype).cpu().contiguous()
+        targets.add(stem.rsplit(".", 1)[-1])
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": first.config.get("task_type", "CAUSAL_LM"),
+        "base_model_name_or_path": str(engine.base_path), "r": rank, "lora_alpha": rank, "use_rslora": False,
+        "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": bool(first.config.get("fan_in_fan_out", False)), "inference_mode": True,
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    (out / "recipe.json").write_text(json.dumps(json.loads(recipe.to_json()), indent=2))
+    return out
