@@ -114,8 +114,14 @@ def axpy_(acc: torch.Tensor, x: torch.Tensor, coef: Coefficient) -> torch.Tensor
 
 
 def scaled_into(out: torch.Tensor, x: torch.Tensor, coef: Coefficient) -> torch.Tensor:
-    """out = coef * x in one pass (the first term of an accumulation, so `out` needs no zeroing)."""
-    return torch.mul(x, coef, out=out)
+    """out = coef * x (the first term of an accumulation, so `out` needs no zeroing).
+
+    One pass when dtypes match. A lower-precision x (bf16 task vectors) is first widened into `out`:
+    `torch.mul(bf16, c, out=fp32)` would multiply in bf16.
+    """
+    if x.dtype == out.dtype:
+        return torch.mul(x, coef, out=out)
+    return out.copy_(x).mul_(coef)
 
 
 def total_weight_divisor(weights: Sequence[float]) -> float:

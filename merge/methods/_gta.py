@@ -112,7 +112,6 @@ def ties_combine(
     """Sign election on weighted deltas with sign-split accumulators (see module docstring)."""
     total = scratch.get("ties_sum")  # S
     positive = out  # P
-    part = scratch.get("ties_part")
     if normalize:
         div_all = scratch.get("ties_div_all")
         div_pos = scratch.get("ties_div_pos")
@@ -122,6 +121,7 @@ def ties_combine(
         if tensor is None or w == 0:
             continue  # contributes 0, and sign(0) never agrees: not in the divisor either
         coef = _times(rescale, w)
+        part = scratch.get("ties_part", tensor.dtype)  # clamp cannot widen into another dtype
         # part = the entries of T whose weighted value is positive (T's own sign flipped for w < 0)
         if w > 0:
             torch.clamp(tensor, min=0, out=part)

@@ -15,7 +15,6 @@ def l1_restore_factor(delta: torch.Tensor, masked: torch.Tensor, table: Magnitud
     The numerator comes from the table (computed once); the denominator is one read of `masked`.
     """
     before = table.l1 if table is not None else delta.abs().float().sum()
-    after = torch.linalg.vector_norm(masked, ord=1)
-    before = before.to(after.dtype)
+    after = torch.linalg.vector_norm(masked, ord=1, dtype=torch.float32)
     ok = (before >= _EPS) & (after >= _EPS)
     return torch.where(ok, before / torch.where(ok, after, 1), 1)
