@@ -238,7 +238,10 @@ class MergeEngine:
         tables = [self._table(e, name, d) for e, d in zip(item.experts, deltas)] if item.needs_tables else None
         generator = mask_generator(recipe.seed, recipe.trial, name, self.device) if method.is_random else None
         out = self._buffer(tuple(base.shape), 0)
-        method.merge(out, deltas, item.params, base=base.to(self.device), options=options, tables=tables, generator=generator)
+        try:
+            method.merge(out, deltas, item.params, base=base.to(self.device), options=options, tables=tables, generator=generator)
+        except ValueError as exc:  # parameter combinations only the method can judge (e.g. DELLA's epsilon)
+            raise MergeError(f"tensor {name}, method {method.name!r}: {exc}") from None
         return out
 
     def _adapter_delta(self, recipe: MergeRecipe, item: TensorPlan, options: MethodOptions) -> torch.Tensor | None:

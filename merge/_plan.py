@@ -44,6 +44,8 @@ def expert_count_ok(spec: Any, n: int) -> bool:
 def _describe_count(spec: Any) -> str:
     if isinstance(spec, int):
         return f"exactly {spec}"
+    if spec is not None and spec[0] == spec[1]:
+        return f"exactly {spec[0]}"
     low, high = spec if spec is not None else (1, None)
     return f"at least {low}" if high is None else f"{low} to {high}"
 
