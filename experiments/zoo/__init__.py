@@ -1,0 +1,29 @@
+"""The toy model zoo: a small base LM, skill experts, LoRA adapters and data, built locally.
+
+It is the test data of the whole project (merge engine, scorers, search, demo). See
+``build.py`` for why it is a genuine merging problem and how it stays deterministic.
+
+>>> from evomerge.experiments.zoo import build_zoo, load_manifest, format_accuracy_table
+>>> zoo = build_zoo("tiny", progress=False)          # doctest: +SKIP
+>>> print(format_accuracy_table(load_manifest(zoo)))  # doctest: +SKIP
+"""
+from .build import BUILDER_VERSION, ZooBuildError, build_zoo, default_zoo_dir
+from .evaluation import accuracy, exact_match
+from .manifest import format_accuracy_table, load_manifest
+from .sizes import ZOO_SIZES, ZooSize
+from .skills import SKILLS, read_jsonl
+
+__all__ = [
+    "BUILDER_VERSION",
+    "SKILLS",
+    "ZOO_SIZES",
+    "ZooBuildError",
+    "ZooSize",
+    "accuracy",
+    "build_zoo",
+    "default_zoo_dir",
+    "exact_match",
+    "format_accuracy_table",
+    "load_manifest",
+    "read_jsonl",
+]

@@ -1,0 +1,59 @@
+"""Character-level tokenizer of the toy zoo, saved as an ordinary HF fast tokenizer.
+
+One token per character keeps the synthetic skills learnable by a tiny model (a reversal is
+a permutation of tokens) and needs no trained vocabulary, so the tokenizer is fully
+determined by :data:`~evomerge.experiments.zoo.skills.CHARSET`.
+"""
+from __future__ import annotations
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from .skills import CHARSET
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+#: Embedding rows in the model; a little headroom above the real vocabulary (46) keeps the
+#: matrix a round size and leaves room for later tokens without changing shapes.
+MODEL_VOCAB_SIZE = 64
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The zoo tokenizer: char-level, BOS prepended, left padding (for batched generation)."""
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(CHARSET))}
+    assert len(vocab) <= MODEL_VOCAB_SIZE
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, BOS_ID)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        padding_side="left",
+        model_max_length=256,
+    )
+
+
+def encode(text: str) -> list[int]:
+    """Token ids of ``text`` without BOS (the fixed char->id map, no tokenizer object needed)."""
+    return [_CHAR_IDS[c] for c in text]
+
+
+_CHAR_IDS = {c: i + len(SPECIAL_TOKENS) for i, c in enumerate(CHARSET)}
+_ID_CHARS = {i: c for c, i in _CHAR_IDS.items()}
+
+
+def decode(ids: list[int]) -> str:
+    """Text of ``ids`` up to the first EOS (or PAD), dropping special tokens."""
+    out = []
+    for i in ids:
+        if i in (EOS_ID, PAD_ID):
+            break
+        out.append(_ID_CHARS.get(int(i), ""))
+    return "".join(out)
