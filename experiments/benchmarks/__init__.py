@@ -1,0 +1,1 @@
+"""Benchmarks of evomerge (run as modules: python -m evomerge.experiments.benchmarks.<name>)."""
