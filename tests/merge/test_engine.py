@@ -118,7 +118,7 @@ def test_recipe_errors_name_the_rule_and_culprit(engine: MergeEngine) -> None:
     with pytest.raises(MergeError, match=r"rule 0: method 'slerp' takes exactly 1 expert\(s\), the rule lists 2"):
         engine.apply(two_for_slerp, target)
     della = MergeRecipe(rules=[GroupRule(method="della", experts={"a": ExpertParams(density=0.95, epsilon=0.1)})])
-    with pytest.raises(MergeError, match=r"tensor model\.embed_tokens\.weight, method 'della': DELLA needs density - epsilon > 0"):
+    with pytest.raises(MergeError, match=r"tensor [\w.]+, method 'della': DELLA needs density - epsilon > 0"):
         engine.apply(della, target)
     with pytest.raises(MergeError, match="target lacks tensor"):
         engine.apply(mixed_recipe(), {})
