@@ -1,0 +1,152 @@
+"""Merge speed: in-place TIES / DARE-TIES at mixed per-layer densities vs a plain elementwise pass.
+
+The ratio that matters for a search is merge time / (the time to touch the same bytes once): a plain
+pass that sums the experts' cached task vectors into the target (`target = base + sum(deltas)`),
+measured in the same run on the same tensors, so machine speed cancels out. Peak RSS is reported
+relative to the model size, against the engine's budget of (experts + 2) x model.
+
+    python -m evomerge.experiments.benchmarks.merge_speed                  # synthetic ~0.5B Llama, bf16
+    python -m evomerge.experiments.benchmarks.merge_speed --zoo tiny       # the toy zoo as well
+
+Acceptance (issue "Merge engine"): TIES and DARE-TIES <= 3x the plain pass on the 0.5B model;
+peak RSS <= (experts + 2) x model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+
+from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe
+
+
+def synthetic_llama(folder: Path, num_experts: int, dtype: torch.dtype, seed: int = 0) -> tuple[Path, dict[str, Path]]:
+    """A random ~0.5B Llama (hidden 1024, 34 layers, vocab 32000) + experts = base + small noise.
+
+    Written tensor by tensor from a name -> shape table, never as a live model, so building it
+    needs one model in memory.
+    """
+    config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=34,
+                         num_attention_heads=16, num_key_value_heads=8, head_dim=64, tie_word_embeddings=False)
+    config.dtype = str(dtype).removeprefix("torch.")
+    kv = config.num_key_value_heads * config.head_dim
+    shapes = {"model.embed_tokens.weight": (32000, 1024), "model.norm.weight": (1024,), "lm_head.weight": (32000, 1024)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (1024, 1024), p + "self_attn.k_proj.weight": (kv, 1024),
+            p + "self_attn.v_proj.weight": (kv, 1024), p + "self_attn.o_proj.weight": (1024, 1024),
+            p + "mlp.gate_proj.weight": (2816, 1024), p + "mlp.up_proj.weight": (2816, 1024),
+            p + "mlp.down_proj.weight": (1024, 2816), p + "input_layernorm.weight": (1024,),
+            p + "post_attention_layernorm.weight": (1024,),
+        })
+    gen = torch.Generator().manual_seed(seed)
+    base = {n: (torch.randn(s, generator=gen) * 0.02).to(dtype) for n, s in shapes.items()}
+    paths = {}
+    for k in range(num_experts + 1):
+        name = "base" if k == 0 else f"expert{k}"
+        out = folder / name
+        out.mkdir(parents=True)
+        config.save_pretrained(out)
+        state = base if k == 0 else {n: (t.float() + torch.randn(t.shape, generator=gen) * 0.002).to(dtype) for n, t in base.items()}
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        paths[name] = out
+        del state
+    del base
+    return paths.pop("base"), paths
+
+
+def per_layer_recipe(method: str, experts: list[str], num_layers: int, trial: int = 0) -> MergeRecipe:
+    """A global rule plus one rule per layer, densities varying by layer and expert."""
+    rules = [GroupRule(method=method, experts={e: ExpertParams(weight=0.5, density=0.5) for e in experts})]
+    for layer in range(num_layers):
+        rules.append(GroupRule(layers=[layer], method=method, experts={
+            e: ExpertParams(weight=0.3 + 0.1 * j, density=0.2 + 0.6 * ((layer * 7 + j * 3) % 10) / 10) for j, e in enumerate(experts)}))
+    return MergeRecipe(rules=rules, normalize=True, seed=1, trial=trial)
+
+
+def plain_pass(engine: MergeEngine, target: Mapping[str, torch.Tensor]) -> None:
+    """target = base + sum of all experts' task vectors: one elementwise pass over the same bytes."""
+    for name in engine.layout.slots:
+        dst = target[name]
+        dst.copy_(engine.base_tensor(name))
+        for expert in engine.expert_names:
+            dst.add_(engine._delta(expert, name))
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int) -> dict[str, float]:
+    engine = MergeEngine.load(base, experts, progress=False)
+    target = {n: torch.empty_like(engine.base_tensor(n)) for n in engine.layout.slots}
+    model_bytes = sum(t.numel() * t.element_size() for t in target.values())
+    names = list(engine.expert_names)
+    result: dict[str, float] = {"params": engine.num_params, "model_gb": model_bytes / 1e9, "experts": len(names)}
+    plain = best_of(lambda: plain_pass(engine, target), repeats)
+    result["plain_s"] = plain
+    for method in ("ties", "dare_ties"):
+        recipe = per_layer_recipe(method, names, engine.layout.num_layers)
+        start = time.perf_counter()
+        engine.apply(recipe, target, stats=False)  # first apply also builds the magnitude tables
+        result[f"{method}_first_s"] = time.perf_counter() - start
+        seconds = best_of(lambda: engine.apply(recipe, target, stats=False), repeats)
+        with_stats = best_of(lambda: engine.apply(recipe, target, stats=True), 1)
+        result[f"{method}_s"] = seconds
+        result[f"{method}_ratio"] = seconds / plain
+        result[f"{method}_stats_ratio"] = with_stats / plain
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    result["peak_rss_gb"] = peak / 1e9
+    result["peak_rss_over_model"] = peak / model_bytes
+    result["budget_over_model"] = len(names) + 2
+    print(f"{label}: {engine.num_params / 1e6:.0f}M params, {model_bytes / 1e9:.2f} GB ({engine.dtype}), {len(names)} experts, "
+          f"{torch.get_num_threads()} threads")
+    print(f"  plain pass {plain:.3f}s | TIES {result['ties_s']:.3f}s = {result['ties_ratio']:.2f}x "
+          f"(first {result['ties_first_s']:.2f}s, with stats {result['ties_stats_ratio']:.2f}x) | "
+          f"DARE-TIES {result['dare_ties_s']:.3f}s = {result['dare_ties_ratio']:.2f}x "
+          f"(with stats {result['dare_ties_stats_ratio']:.2f}x)")
+    print(f"  peak RSS {peak / 1e9:.2f} GB = {result['peak_rss_over_model']:.2f}x model (budget {len(names) + 2}x)")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--experts", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--zoo", choices=["tiny", "small"], help="also benchmark the toy zoo of this size (built if missing)")
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    args = parser.parse_args(argv)
+    results: dict[str, dict[str, float]] = {}
+    if args.zoo:
+        from evomerge.experiments.zoo import build_zoo, load_manifest
+
+        zoo = build_zoo(args.zoo)
+        manifest = load_manifest(zoo)
+        results[f"zoo-{args.zoo}"] = measure(f"zoo {args.zoo}", zoo / "base",
+                                             {n: zoo / p for n, p in manifest["experts"].items()}, args.repeats)
+    with tempfile.TemporaryDirectory(prefix="merge_speed_") as tmp:
+        base, experts = synthetic_llama(Path(tmp), args.experts, getattr(torch, args.dtype))
+        results["synthetic-0.5B"] = measure("synthetic Llama", base, experts, args.repeats)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
