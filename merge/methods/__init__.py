@@ -11,6 +11,7 @@ random masks from `mask_generator`:
 """
 
 from ._base import MergeMethod
+from ._gta import release_workspace
 from ._magnitude import MagnitudeTable, prune_topk_
 from ._options import MethodOptions
 from ._registry import METHODS, get_method, mask_generator, mask_seed
@@ -24,4 +25,5 @@ __all__ = [
     "mask_generator",
     "mask_seed",
     "prune_topk_",
+    "release_workspace",
 ]

@@ -1,17 +1,18 @@
 """DARE: drop each task-vector entry with probability 1 - density, rescale the survivors.
 
 * `dare_linear` (mergekit `dare_linear`) and `dare_ties` (mergekit `dare_ties`, TIES sign election).
-* Mask: `torch.bernoulli(p.expand(shape), generator=g)` with a 0-dim p = density. On CPU this consumes
-  the generator exactly like mergekit's `torch.bernoulli(torch.full_like(delta, density))`, and experts
-  draw in the same order (an expert with density >= 1 draws nothing, as in mergekit), so with a generator
-  seeded like the global RNG mergekit uses, the masks are *identical* (the parity tests check this).
-  On CUDA the stream differs from mergekit's on the same device only if mergekit's internals change; the
-  distribution is the same either way (tested: kept fraction, rescale, expectation).
+* Mask, `options.draws == "fast"` (default): `u = torch.rand(shape, generator=g)`, keep `u < density`
+  (fp32 uniform, compared in place): one uniform per entry, ~4x faster than torch's CPU bernoulli.
+  `options.draws == "mergekit"`: `torch.bernoulli(p.expand(shape), generator=g)` with a 0-dim p, which
+  consumes the generator exactly like mergekit's `torch.bernoulli(torch.full_like(delta, density))`;
+  experts draw in the same order (an expert with density >= 1 draws nothing, as in mergekit), so with a
+  generator seeded like mergekit's global RNG the masks are *identical* on CPU (parity tests).
+  Both are Bernoulli(density) per entry (distribution tests: kept fraction, rescale, expectation).
 * Rescale (`options.rescale`): "mergekit" multiplies the survivors so the tensor's L1 norm is restored
   (`|d|_1 / |d * mask|_1`, skipped when either is < 1e-7); "paper" multiplies by 1/density.
   The factor is a 0-dim tensor folded into the combine's multiply-add (no extra pass, no GPU sync).
 
-Passes per expert: 1 (bernoulli) + 1 (mask *= delta) + 1 read (L1 of the survivors, mergekit policy)
+Passes per expert: 2 (uniform draw, in-place compare; 1 bernoulli in mergekit mode) + 1 (mask *= delta) + 1 read (L1 of the survivors, mergekit policy)
 + the combine's (1 for dare_linear; 3, +2 with normalize, for dare_ties).
 """
 
@@ -45,10 +46,15 @@ def random_sparsify(
     density = float(p.density)
     if density >= 1:
         return delta, 1.0
-    dtype = work_dtype(delta)
-    mask = scratch.get("mask", dtype)
-    prob = torch.tensor(density, dtype=dtype, device=delta.device)
-    torch.bernoulli(prob.expand(delta.shape), generator=generator, out=mask)
+    if options.draws == "mergekit":
+        dtype = work_dtype(delta)
+        mask = scratch.get("mask", dtype)
+        prob = torch.tensor(density, dtype=dtype, device=delta.device)
+        torch.bernoulli(prob.expand(delta.shape), generator=generator, out=mask)
+    else:
+        mask = scratch.get("mask", torch.float32)
+        torch.rand(delta.shape, generator=generator, out=mask)
+        torch.lt(mask, density, out=mask)  # P(u < p) = p; a 0/1 fp32 mask in place
     if density <= 0:
         return None, 1.0  # drew (to keep the stream aligned with mergekit), kept nothing
     masked = mask.mul_(delta)

@@ -3,8 +3,9 @@
 mergekit's `della_magprune`: within each row (dim 1; a 1-D tensor is one row) entries get ascending
 magnitude ranks r = 0..n-1, keep probability `p = (density - epsilon) + 2 * epsilon * r / (n - 1)`, a
 Bernoulli mask, then rescale. The ranks come from the `MagnitudeTable` (built once, int16 per entry),
-and `p` is computed with the same fp32 operations as mergekit, so with the same generator state the
-masks are identical to mergekit's on CPU (the parity tests check this).
+and `p` is computed with the same fp32 operations as mergekit. With `options.draws == "mergekit"` the
+mask is `torch.bernoulli(p, generator)`, identical to mergekit's on CPU under the same generator state
+(parity tests); the default "fast" draws `rand(generator) < p` (same distribution, ~4x faster on CPU).
 
 * `della` (mergekit `della`, TIES sign election, mergekit default normalize true) and
   `della_linear` (mergekit `della_linear`, plain weighted sum).
@@ -14,7 +15,7 @@ masks are identical to mergekit's on CPU (the parity tests check this).
   p_i, which makes the result an unbiased estimate of the task vector.
 * Rows of length 1 (n = 1): mergekit divides 0 by 0 and fails; we use p = density.
 
-Passes per expert: 3 for p (int->float divide, scale, shift) + 1 bernoulli + 1 (mask *= delta)
+Passes per expert: 3 for p (int->float divide, scale, shift) + 2 (uniform draw, compare) + 1 (mask *= delta)
 (+1 divide by p for "paper") + 1 read (L1, "mergekit") + the combine's.
 """
 
@@ -50,7 +51,7 @@ def della_sparsify(
     if table is None:
         table = MagnitudeTable.build(delta, resolution=1)
     ranks, row_len = table.row_ranks(delta)
-    dtype = work_dtype(delta)
+    dtype = work_dtype(delta) if options.draws == "mergekit" else torch.float32
     probs = scratch.get("della_probs", dtype).view(ranks.shape)
     if row_len > 1:
         torch.div(ranks, row_len - 1, out=probs)
@@ -59,7 +60,11 @@ def della_sparsify(
     else:
         probs.fill_(density)
     mask = scratch.get("mask", dtype).view(ranks.shape)
-    torch.bernoulli(probs, generator=generator, out=mask)
+    if options.draws == "mergekit":
+        torch.bernoulli(probs, generator=generator, out=mask)
+    else:
+        torch.rand(mask.shape, generator=generator, out=mask)
+        torch.lt(mask, probs, out=mask)
     if options.rescale == "paper":
         mask.div_(probs)
     masked = mask.mul_(delta.reshape(ranks.shape)).view(delta.shape)

@@ -3,12 +3,14 @@
 Inputs are random full-weight tensors (base + experts); our methods get the task vectors
 `expert - base` (computed exactly as mergekit computes them) and exact magnitude tables
 (numel <= resolution), and we compare `base + out` with mergekit's merged tensor.
-Random methods (DARE, DELLA) draw identical masks: mergekit uses the global RNG seeded with
-`torch.manual_seed(s)`, ours a `torch.Generator` seeded with the same s.
+Random methods (DARE, DELLA) draw identical masks with `MethodOptions(draws="mergekit")`: mergekit uses
+the global RNG seeded with `torch.manual_seed(s)`, ours a `torch.Generator` seeded with the same s.
+The default fast draws are tested for their distribution in test_methods.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -42,6 +44,8 @@ def ours(name: str, base, deltas, params, options: MethodOptions, seed: int | No
     out = torch.full_like(base, float("nan"))  # garbage-in: every entry must be written
     tabs = [MagnitudeTable.build(d) for d in deltas] if tables else None
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    if seed is not None:  # draw masks the way mergekit does, to compare them bit for bit
+        options = dataclasses.replace(options, draws="mergekit")
     method.merge(out, deltas, params, base=base, options=options, tables=tabs, generator=gen)
     return out
 
