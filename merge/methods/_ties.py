@@ -14,7 +14,8 @@ Passes over memory (N = numel, per expert; "pass" = one elementwise kernel over 
   task_arithmetic: 1 (multiply-add into `out`).
   topk: 2 (hardshrink into scratch, multiply-add); 1 when density >= 1.
   ties: 4 (hardshrink, clamp, 2 multiply-adds) + 4 with normalize (2 compares, 2 adds);
-        then 3 final passes (sign compare, subtract, where) + 2 with normalize, + 1 if lambda != 1.
+        then 3 final passes (subtract, maximum, copysign) + 6 with normalize (elect, select the
+        divisor with exact 0/1 products, guard 0, divide), + 1 if lambda != 1.
 """
 
 from __future__ import annotations
