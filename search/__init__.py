@@ -1,1 +1,65 @@
-"""evomerge.search"""
+"""evomerge.search: search spaces, optimizers, the ledger, Pareto archive, run loop and exports.
+
+Public API::
+
+    SpaceTemplate(method, params=None, bounds={}, init={}, fixed={}, granularity="global",
+                  modules="all", sections="attach", smoothing=None, normalize=True, lambda_=1.0,
+                  rescale="mergekit", lora_mode="materialized")
+    SearchSpace(layout, experts, template)  # .dim .names .bounds .x0 .decode(x, *, seed, trial) .encode(recipe)
+    Scalarization(kind="weighted_sum"|"chebyshev", weights=None, ideal=None, rho=1e-3)
+    Ledger(storage, *, objectives, study_name="evomerge", seed=0, scalarization=None,
+           reference_point=None, space=None)
+    ParetoArchive(directions, reference_point=None)  # .add(number, values, *, feasible) .front .hypervolume() .history
+    make_optimizer("nevergrad:CMA" | "optuna:tpe" | "random" | "grid", **kwargs) -> Optimizer
+    NevergradOptimizer(optimizer="CMA"), OptunaOptimizer(sampler="tpe", **kw), RandomSearch(), GridSearch(...)
+    run_search(space, scorer, optimizer, ledger, *, budget_evals=None, budget_seconds=None,
+               batch_size=1, constraints=None, callbacks=(), progress=True) -> SearchResult
+"""
+
+from ._ledger import MAX_DETAIL_ITEMS, Ledger, ObjectiveSpec, resolve_storage
+from ._loop import SearchResult, TrialRecord, run_search
+from ._optimizers import (
+    NEVERGRAD_OPTIMIZERS,
+    OPTUNA_SAMPLERS,
+    Candidate,
+    Failure,
+    GridSearch,
+    NevergradOptimizer,
+    Optimizer,
+    OptunaOptimizer,
+    RandomSearch,
+    make_optimizer,
+)
+from ._pareto import ParetoArchive, ParetoPoint, hypervolume, pareto_mask
+from ._scalarize import Scalarization, to_losses
+from ._space import DEFAULT_BOUNDS, METHOD_KINDS, SearchSpace, SpaceTemplate
+
+__all__ = [
+    "Candidate",
+    "DEFAULT_BOUNDS",
+    "Failure",
+    "GridSearch",
+    "Ledger",
+    "MAX_DETAIL_ITEMS",
+    "METHOD_KINDS",
+    "NEVERGRAD_OPTIMIZERS",
+    "NevergradOptimizer",
+    "OPTUNA_SAMPLERS",
+    "ObjectiveSpec",
+    "Optimizer",
+    "OptunaOptimizer",
+    "ParetoArchive",
+    "ParetoPoint",
+    "RandomSearch",
+    "Scalarization",
+    "SearchResult",
+    "SearchSpace",
+    "SpaceTemplate",
+    "TrialRecord",
+    "hypervolume",
+    "make_optimizer",
+    "pareto_mask",
+    "resolve_storage",
+    "run_search",
+    "to_losses",
+]

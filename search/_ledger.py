@@ -1,0 +1,288 @@
+"""`Ledger`: every trial of a run, kept in a plain Optuna study.
+
+Using a study (not a format of our own) means resume is reopening it, optuna samplers run on it
+natively, several machines can share one through a database URL, and ``optuna-dashboard <storage>``
+opens any run. What a trial holds:
+
+* ``params``: the genome, one float per `SearchSpace.names` entry (or a baseline's own params);
+* ``values``: what the optimizer optimizes: the objective values in the run's directions, or one
+  scalarized loss (``minimize``) when the run uses a `Scalarization`;
+* ``user_attrs``: ``objectives`` (name -> value, always the raw values), ``recipe`` (JSON),
+  ``details`` (per-task records, truncated to `MAX_DETAIL_ITEMS` per objective), ``timings``,
+  ``failure`` (reason, FAIL trials only), ``constraints`` (optional), ``candidate`` (coordinator id,
+  nevergrad and baselines) and ``interrupted`` (a trial cut off by a crash or a stop, re-queued);
+* ``system_attrs["constraints"]``: optuna's feasibility convention (feasible iff all <= 0).
+
+The study's ``user_attrs`` hold the run metadata: objectives and directions, scalarization,
+reference point, seed, space description and fingerprint. Reopening with a different space or
+objectives raises instead of silently mixing incompatible trials.
+
+Storage: a directory (-> ``<dir>/ledger.db``, SQLite), a ``.db``/``.sqlite`` file, a ``.log`` /
+``.journal`` file (Optuna JournalStorage), or any Optuna storage URL. SQLite is the default
+because a killed process cannot leave it locked; the journal file backend's lock file can outlive
+a SIGKILL. A ledger has one writer (the run loop): at open, RUNNING trials are from a dead process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from ._pareto import Direction, ParetoArchive
+from ._scalarize import Scalarization
+
+MAX_DETAIL_ITEMS = 64
+"""Per-task detail records kept per objective and trial: enough to read failures, small enough
+that a 10k-trial SQLite ledger stays in the tens of megabytes."""
+
+CONSTRAINTS_KEY = "constraints"
+"""optuna's system attribute for constraint values (feasible iff all <= 0)."""
+
+
+class ObjectiveLike(Protocol):
+    name: str
+    direction: str
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """Name and direction of one objective, as the ledger records it."""
+
+    name: str
+    direction: Direction
+
+
+def resolve_storage(storage: str | os.PathLike[str]) -> tuple[str | optuna.storages.BaseStorage, Path | None]:
+    """An Optuna storage for a path or URL, plus the run folder (None for remote databases)."""
+    text = os.fspath(storage)
+    if "://" in text:
+        if text.startswith("sqlite:///"):
+            path = Path(text[len("sqlite:///"):])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return _sqlite(path), path.parent
+        return text, None
+    path = Path(text)
+    if path.suffix in (".log", ".journal"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path))), path.parent
+    if path.suffix not in (".db", ".sqlite", ".sqlite3"):
+        path.mkdir(parents=True, exist_ok=True)
+        path = path / "ledger.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return _sqlite(path), path.parent
+
+
+def _sqlite(path: Path) -> optuna.storages.RDBStorage:
+    # WAL: one fsync per commit instead of several, and readers (a dashboard) never block the run.
+    # The mode is persistent in the file, so it is set once with the stdlib driver.
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+    return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 60}})
+
+
+def _jsonable(value: Any) -> Any:
+    """Round-trip through JSON so what we store is what a reader gets back (floats, not numpy)."""
+    return json.loads(json.dumps(value, default=float))
+
+
+class Ledger:
+    """A run's trials and metadata in an Optuna study. See the module docstring for the layout."""
+
+    def __init__(
+        self,
+        storage: str | os.PathLike[str],
+        *,
+        objectives: Sequence[ObjectiveLike],
+        study_name: str = "evomerge",
+        seed: int = 0,
+        scalarization: Scalarization | None = None,
+        reference_point: Sequence[float] | None = None,
+        space: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.objectives = [ObjectiveSpec(o.name, o.direction) for o in objectives]  # type: ignore[arg-type]
+        if not self.objectives:
+            raise ValueError("a ledger needs at least one objective")
+        self.storage, self.run_dir = resolve_storage(storage)
+        self.study_name = study_name
+        self.scalarization = scalarization
+        directions = ["minimize"] if scalarization is not None else [o.direction for o in self.objectives]
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = optuna.create_study(
+            storage=self.storage, study_name=study_name, directions=directions, load_if_exists=True
+        )
+        meta = {
+            "objectives": [{"name": o.name, "direction": o.direction} for o in self.objectives],
+            "scalarization": None if scalarization is None else scalarization.to_dict(),
+            "seed": int(seed),
+            "space": None if space is None else _jsonable(dict(space)),
+            "space_fingerprint": None if space is None else space.get("fingerprint"),
+        }
+        stored = self.study.user_attrs
+        if "objectives" in stored:
+            for key in ("objectives", "scalarization", "seed", "space_fingerprint"):
+                if _jsonable(meta[key]) != stored.get(key):
+                    raise ValueError(
+                        f"ledger {study_name!r} was created with {key}={stored.get(key)!r}, "
+                        f"this run has {meta[key]!r}; use a new run folder or study name"
+                    )
+            self.reference_point = stored.get("reference_point")
+            if reference_point is not None and self.reference_point is not None and list(map(float, reference_point)) != self.reference_point:
+                raise ValueError(f"ledger's reference point is {self.reference_point}, not {list(reference_point)}")
+        else:
+            for key, value in meta.items():
+                self.study.set_user_attr(key, _jsonable(value))
+            self.reference_point = None
+        if self.reference_point is None and reference_point is not None:
+            self.record_reference_point(reference_point)
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def seed(self) -> int:
+        return int(self.study.user_attrs["seed"])
+
+    @property
+    def directions(self) -> list[Direction]:
+        """Objective directions (not the study's, which is ``minimize`` under scalarization)."""
+        return [o.direction for o in self.objectives]
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [o.name for o in self.objectives]
+
+    def record_reference_point(self, reference_point: Sequence[float]) -> None:
+        """Fix the run's hypervolume reference point (once; later runs read it back)."""
+        self.reference_point = [float(v) for v in reference_point]
+        self.study.set_user_attr("reference_point", self.reference_point)
+
+    def checkpoint_path(self, suffix: str) -> Path:
+        """Where an optimizer keeps its pickle next to the ledger."""
+        if self.run_dir is None:
+            raise ValueError("this ledger lives in a remote database; give the optimizer an explicit checkpoint path")
+        return self.run_dir / f"{self.study_name}.{suffix}"
+
+    # ------------------------------------------------------------------ reading
+    def trials(self, states: Sequence[TrialState] | None = None) -> list[FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=None if states is None else tuple(states))
+
+    def finished(self) -> list[FrozenTrial]:
+        """Trials that count against the budget: completed, or failed by their evaluation
+        (not those cut off by an interruption, which are re-queued and run again)."""
+        return [
+            t for t in self.trials((TrialState.COMPLETE, TrialState.FAIL))
+            if not t.user_attrs.get("interrupted", False)
+        ]
+
+    def objective_values(self, trial: FrozenTrial) -> list[float] | None:
+        """Raw objective values of a completed trial, in objective order (None if failed)."""
+        if trial.state != TrialState.COMPLETE:
+            return None
+        stored = trial.user_attrs.get("objectives", {})
+        return [float(stored[name]) for name in self.objective_names]
+
+    @staticmethod
+    def feasible(trial: FrozenTrial) -> bool:
+        return all(c <= 0 for c in trial.system_attrs.get(CONSTRAINTS_KEY, ()))
+
+    def archive(self) -> ParetoArchive:
+        """The Pareto archive rebuilt from the ledger, in trial order (so resume restores history)."""
+        archive = ParetoArchive(self.directions, self.reference_point)
+        for trial in self.finished():
+            archive.add(trial.number, self.objective_values(trial), feasible=self.feasible(trial))
+        if archive.reference_point is not None and self.reference_point is None:
+            self.record_reference_point(archive.reference_point)
+        return archive
+
+    # ------------------------------------------------------------------ writing
+    def trial_attrs(
+        self,
+        *,
+        recipe_json: str | None,
+        values: Mapping[str, float] | None,
+        details: Mapping[str, Sequence[Mapping[str, Any]]],
+        timings: Mapping[str, float],
+        failure: str | None,
+        constraints: Sequence[float] | None,
+        candidate: int | None,
+    ) -> dict[str, Any]:
+        """The user attributes of one finished trial (details truncated to `MAX_DETAIL_ITEMS`)."""
+        attrs: dict[str, Any] = {"timings": _jsonable(dict(timings))}
+        if recipe_json is not None:
+            attrs["recipe"] = recipe_json
+        if values is not None:
+            attrs["objectives"] = {k: float(v) for k, v in values.items()}
+        if details:
+            attrs["details"] = _jsonable({k: list(v)[:MAX_DETAIL_ITEMS] for k, v in details.items()})
+        if failure is not None:
+            attrs["failure"] = failure
+        if constraints is not None:
+            attrs["constraints"] = [float(c) for c in constraints]
+        if candidate is not None:
+            attrs["candidate"] = int(candidate)
+        return attrs
+
+    def study_values(self, values: Mapping[str, float]) -> list[float]:
+        """What the study stores as trial values: objective values, or the scalarized loss."""
+        ordered = [float(values[name]) for name in self.objective_names]
+        if self.scalarization is not None:
+            return [self.scalarization(ordered, self.directions)]
+        return ordered
+
+    def add_finished(
+        self,
+        params: Mapping[str, Any],
+        distributions: Mapping[str, BaseDistribution],
+        attrs: Mapping[str, Any],
+        values: Mapping[str, float] | None,
+    ) -> int:
+        """Write one finished trial in a single transaction (the coordinator path); returns its number."""
+        state = TrialState.COMPLETE if values is not None else TrialState.FAIL
+        system_attrs = {CONSTRAINTS_KEY: attrs["constraints"]} if "constraints" in attrs else {}
+        trial = optuna.trial.create_trial(
+            state=state,
+            params=dict(params),
+            distributions=dict(distributions),
+            values=None if values is None else self.study_values(values),
+            user_attrs=dict(attrs),
+            system_attrs=system_attrs,
+        )
+        trial._validate()
+        # study.add_trial does the same but does not return the number
+        storage = self.study._storage
+        trial_id = storage.create_new_trial(self.study._study_id, template_trial=trial)
+        return storage.get_trial_number_from_id(trial_id)
+
+    def finish_live(self, trial: optuna.trial.Trial, attrs: Mapping[str, Any], values: Mapping[str, float] | None) -> None:
+        """Finish a trial an optuna sampler asked for (the native path)."""
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        if values is None:
+            self.study.tell(trial, state=TrialState.FAIL)
+        else:
+            self.study.tell(trial, self.study_values(values))
+
+    def fail_running(self, reason: str) -> list[FrozenTrial]:
+        """Mark trials left RUNNING (a dead or stopped process) as interrupted failures and
+        re-queue their params as WAITING, so they run again exactly once; returns them."""
+        stale = self.trials((TrialState.RUNNING,))
+        storage = self.study._storage
+        for t in stale:
+            storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            storage.set_trial_user_attr(t._trial_id, "failure", reason)
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            self.study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number}, skip_if_exists=False)
+        return stale
+
+
+def is_finite(values: Mapping[str, float]) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values.values())

@@ -1,0 +1,98 @@
+"""Baselines every search should beat: uniform random search over the space, and the grid over
+global task-arithmetic and TIES coefficients that users try by hand.
+
+Both run behind the coordinator, so they checkpoint, resume and are recorded like any optimizer.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+from evomerge.merge import ExpertParams, GroupRule, MergeRecipe
+
+from ._base import genome_distributions
+from ._coordinator import CoordinatedOptimizer, Proposal
+
+if TYPE_CHECKING:
+    from .._space import SearchSpace
+
+
+class RandomSearch(CoordinatedOptimizer):
+    """Genomes drawn uniformly in the space's box (numpy PCG64, seeded by the run seed)."""
+
+    name = "random"
+
+    def _start(self, space: "SearchSpace", seed: int, budget: int | None, batch_size: int) -> Any:
+        return np.random.default_rng(seed)
+
+    def _propose(self, space: "SearchSpace") -> tuple[Any, Proposal]:
+        low, high = space.bounds
+        x = self._backend.uniform(low, high)
+        return None, Proposal(params=space.describe(x), distributions=genome_distributions(space), x=x)
+
+    def _observe(self, token: Any, losses: np.ndarray | None) -> None:
+        """Random search learns nothing."""
+
+
+class GridSearch(CoordinatedOptimizer):
+    """Every combination of method x shared weight (x density for TIES), one global rule each.
+
+    This is the hand-tuning baseline: one coefficient for all experts, the same in every layer,
+    ``normalize=False`` so the weight is the task-arithmetic scaling coefficient (with
+    normalization, equal weights would cancel out). The recipes lie outside most search spaces,
+    so candidates carry their recipe, and the ledger stores ``grid.method``, ``grid.weight`` and
+    ``grid.density`` as params. The grid is finite: ``ask`` returns nothing once it is exhausted.
+    """
+
+    name = "grid"
+
+    def __init__(
+        self,
+        *,
+        methods: Sequence[str] = ("task_arithmetic", "ties"),
+        weights: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0),
+        densities: Sequence[float] = (0.2, 0.5, 0.8),
+        checkpoint: str | None = None,
+    ) -> None:
+        super().__init__(checkpoint=checkpoint)
+        unknown = [m for m in methods if m not in ("task_arithmetic", "ties")]
+        if unknown:
+            raise ValueError(f"the grid baseline covers task_arithmetic and ties, not {unknown}")
+        self.methods, self.weights, self.densities = tuple(methods), tuple(weights), tuple(densities)
+        self._points: list[tuple[str, float, float]] = [
+            (m, float(w), float(d) if m == "ties" else 1.0)
+            for m in self.methods
+            for w, d in itertools.product(self.weights, self.densities if m == "ties" else (1.0,))
+        ]
+
+    def __len__(self) -> int:
+        return len(self._points)
+
+    def _start(self, space: "SearchSpace", seed: int, budget: int | None, batch_size: int) -> Any:
+        return {"next": 0, "seed": seed}
+
+    def _propose(self, space: "SearchSpace") -> tuple[Any, Proposal] | None:
+        if self._backend["next"] >= len(self._points):
+            return None
+        method, weight, density = self._points[self._backend["next"]]
+        self._backend["next"] += 1
+        tpl = space.template
+        recipe = MergeRecipe(
+            rules=[GroupRule(method=method, experts={e: ExpertParams(weight=weight, density=density) for e in space.experts})],
+            normalize=False, lambda_=tpl.lambda_, rescale=tpl.rescale, lora_mode=tpl.lora_mode,
+            seed=self._backend["seed"],
+        )
+        distributions = {
+            "grid.method": CategoricalDistribution(self.methods),
+            "grid.weight": FloatDistribution(min(self.weights), max(self.weights)),
+            "grid.density": FloatDistribution(min(min(self.densities), 1.0), 1.0),
+        }
+        params = {"grid.method": method, "grid.weight": weight, "grid.density": density}
+        return None, Proposal(params=params, distributions=distributions, recipe=recipe)
+
+    def _observe(self, token: Any, losses: np.ndarray | None) -> None:
+        """A grid does not adapt."""

@@ -1,0 +1,181 @@
+"""Coordinator for optimizers whose state lives outside the study (nevergrad, the baselines).
+
+Crash safety rests on three rules:
+
+1. After every ``ask`` batch and every ``tell``, the whole state (backend optimizer, candidates
+   asked but not told, ids told) is pickled atomically: temp file, fsync, ``os.replace``. A
+   candidate thus exists in the checkpoint before anyone evaluates it.
+2. A finished trial reaches the ledger (one transaction, with its candidate id) *before* the
+   optimizer is told, so the ledger is never behind the optimizer.
+3. On ``bind`` (resume): finished ledger trials the checkpoint has not told are told now; pending
+   candidates with no finished trial are re-queued and handed out again by ``ask`` before any new
+   one. Every candidate is evaluated to completion exactly once, and a deterministic backend sees
+   the same ask/tell sequence as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from abc import abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from optuna.distributions import BaseDistribution
+
+from evomerge.merge import MergeRecipe
+
+from .._scalarize import to_losses
+from ._base import Candidate, Failure, Optimizer, Result
+
+if TYPE_CHECKING:
+    from .._ledger import Ledger
+    from .._space import SearchSpace
+
+
+@dataclass
+class Proposal:
+    """What a backend proposes: a genome, or (for generators outside the space) a recipe."""
+
+    params: dict[str, Any]
+    distributions: dict[str, BaseDistribution]
+    x: np.ndarray | None = None
+    recipe: MergeRecipe | None = None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable across a machine restart
+    finally:
+        os.close(dir_fd)
+
+
+class CoordinatedOptimizer(Optimizer):
+    """Base for backends driven through ask/tell with a pickled state (see module docstring)."""
+
+    def __init__(self, *, checkpoint: str | os.PathLike[str] | None = None) -> None:
+        self._checkpoint_arg = None if checkpoint is None else Path(checkpoint)
+        self._pending: dict[int, tuple[Any, Proposal]] = {}
+        self._told: set[int] = set()
+        self._next_id = 0
+        self._requeue: list[int] = []
+        self._backend: Any = None
+
+    # ---------------------------------------------------------------- backend hooks
+    @abstractmethod
+    def _start(self, space: "SearchSpace", seed: int, budget: int | None, batch_size: int) -> Any:
+        """A fresh backend (seeded)."""
+
+    @abstractmethod
+    def _propose(self, space: "SearchSpace") -> tuple[Any, Proposal] | None:
+        """One new (token, proposal) from the backend, or None when it has nothing left."""
+
+    @abstractmethod
+    def _observe(self, token: Any, losses: np.ndarray | None) -> None:
+        """Tell the backend: ``losses`` (one per optimized value; lower is better) or None (failure)."""
+
+    # ---------------------------------------------------------------- interface
+    def bind(self, space: "SearchSpace", ledger: "Ledger", *, budget: int | None = None, batch_size: int = 1) -> None:
+        self._space, self._ledger = space, ledger
+        self._path = self._checkpoint_arg or ledger.checkpoint_path("optimizer.pkl")
+        finished = {
+            int(t.user_attrs["candidate"]): t for t in ledger.finished() if "candidate" in t.user_attrs
+        }
+        if self._path.exists():
+            state = pickle.loads(self._path.read_bytes())
+            if state["name"] != self.name:
+                raise ValueError(f"checkpoint {self._path} belongs to optimizer {state['name']!r}, not {self.name!r}")
+            self._backend, self._pending, self._told, self._next_id = (
+                state["backend"], state["pending"], state["told"], state["next_id"],
+            )
+        elif finished:
+            raise RuntimeError(
+                f"the ledger holds {len(finished)} coordinated trials but the optimizer checkpoint "
+                f"{self._path} is missing; restore it or start a new run"
+            )
+        else:
+            self._backend = self._start(space, ledger.seed, budget, batch_size)
+        reconciled = False
+        for cid in sorted(finished):
+            if cid in self._told:
+                continue
+            if cid not in self._pending:
+                raise RuntimeError(f"ledger trial with candidate {cid} is unknown to the checkpoint {self._path}")
+            trial = finished[cid]
+            values = ledger.objective_values(trial)
+            self._tell_backend(cid, Failure(trial.user_attrs.get("failure", "failed")) if values is None else values)
+            reconciled = True
+        self._requeue = sorted(cid for cid in self._pending if cid not in finished)
+        if reconciled:
+            self.save()
+
+    def ask(self, n: int) -> list[Candidate]:
+        out: list[Candidate] = []
+        while self._requeue and len(out) < n:
+            out.append(self._candidate(self._requeue.pop(0)))
+        fresh = False
+        while len(out) < n:
+            proposed = self._propose(self._space)
+            if proposed is None:
+                break
+            cid, self._next_id = self._next_id, self._next_id + 1
+            self._pending[cid] = proposed
+            out.append(self._candidate(cid))
+            fresh = True
+        if fresh:
+            self.save()
+        return out
+
+    def tell(self, candidate: Candidate, result: Result) -> None:
+        self._tell_backend(candidate.key, result)
+        self.save()
+
+    def save(self) -> None:
+        state = {
+            "name": self.name,
+            "backend": self._backend,
+            "pending": self._pending,
+            "told": self._told,
+            "next_id": self._next_id,
+        }
+        write_atomic(self._path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+
+    # ---------------------------------------------------------------- helpers
+    def _candidate(self, cid: int) -> Candidate:
+        _, proposal = self._pending[cid]
+        recipe = proposal.recipe
+        if recipe is not None:
+            recipe = recipe.model_copy(update={"trial": cid})
+        return Candidate(
+            key=cid, params=dict(proposal.params), distributions=dict(proposal.distributions),
+            x=None if proposal.x is None else proposal.x.copy(), recipe=recipe, coordinated=True,
+        )
+
+    def _tell_backend(self, cid: int, result: Result) -> None:
+        token, _ = self._pending.pop(cid)
+        if isinstance(result, Failure):
+            losses = None
+        else:
+            ledger = self._ledger
+            if ledger.scalarization is not None:
+                losses = np.array([ledger.scalarization(list(result), ledger.directions)])
+            else:
+                losses = to_losses(result, ledger.directions)
+        self._observe(token, losses)
+        self._told.add(cid)

@@ -1,0 +1,78 @@
+"""nevergrad optimizers behind the coordinator.
+
+Classes are named explicitly: the ``NGOpt`` family picks its algorithm from the budget and the
+number of workers, and with one worker it picks Cobyla, which cannot be pickled (no checkpoint, no
+resume). nevergrad minimizes; several losses are told as a list (nevergrad's multi-objective mode,
+a hypervolume-based internal scalarization). Only candidates this optimizer asked are ever told:
+DE and TwoPointsDE in multi-objective mode crash on points they did not ask for.
+
+A failed evaluation is told as an infinite loss to single-objective backends (a clear "bad");
+in multi-objective mode it is not told at all, because an arbitrary penalty vector would distort
+nevergrad's automatic hypervolume bounds.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._base import genome_distributions
+from ._coordinator import CoordinatedOptimizer, Proposal
+
+if TYPE_CHECKING:
+    from .._space import SearchSpace
+
+NEVERGRAD_OPTIMIZERS = ("CMA", "DE", "TwoPointsDE", "PSO", "OnePlusOne", "NgIohTuned", "RandomSearch")
+"""Tested here (ask/tell, pickling, determinism); any other explicit registry name is accepted."""
+
+_AUTO_SELECTING = ("NGOpt", "NgIoh", "Shiwa", "NGO")
+"""Prefixes of meta-optimizers that choose an algorithm themselves (NgIohTuned is allowed: its
+choice is made picklable through ``enable_pickling``)."""
+
+
+class NevergradOptimizer(CoordinatedOptimizer):
+    """A nevergrad optimizer by registry name, e.g. ``NevergradOptimizer("TwoPointsDE")``."""
+
+    def __init__(self, optimizer: str = "CMA", *, checkpoint: str | None = None) -> None:
+        import nevergrad as ng
+
+        if optimizer not in ng.optimizers.registry:
+            raise ValueError(f"unknown nevergrad optimizer {optimizer!r}; e.g. {', '.join(NEVERGRAD_OPTIMIZERS)}")
+        if optimizer != "NgIohTuned" and optimizer.startswith(_AUTO_SELECTING):
+            raise ValueError(
+                f"{optimizer!r} picks its algorithm itself (with one worker: Cobyla, which cannot be "
+                f"pickled); name an explicit class such as {', '.join(NEVERGRAD_OPTIMIZERS[:5])}"
+            )
+        super().__init__(checkpoint=checkpoint)
+        self.optimizer = optimizer
+        self.name = f"nevergrad:{optimizer}"
+
+    def _start(self, space: "SearchSpace", seed: int, budget: int | None, batch_size: int) -> Any:
+        import nevergrad as ng
+
+        if self.optimizer == "NgIohTuned" and budget is None:
+            raise ValueError("NgIohTuned chooses its algorithm from the budget; give budget_evals")
+        low, high = space.bounds
+        param = ng.p.Array(init=space.x0).set_bounds(low, high)
+        param.random_state = np.random.RandomState(seed)
+        opt = ng.optimizers.registry[self.optimizer](parametrization=param, budget=budget, num_workers=batch_size)
+        opt.enable_pickling()
+        return opt
+
+    def _propose(self, space: "SearchSpace") -> tuple[Any, Proposal]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # budget / worker-count notices, once per ask otherwise
+            cand = self._backend.ask()
+        x = np.asarray(cand.value, dtype=float)
+        return cand, Proposal(params=space.describe(x), distributions=genome_distributions(space), x=x)
+
+    def _observe(self, token: Any, losses: np.ndarray | None) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if losses is None:
+                if self._backend.num_objectives <= 1:
+                    self._backend.tell(token, float("inf"))
+                return
+            self._backend.tell(token, float(losses[0]) if len(losses) == 1 else [float(v) for v in losses])

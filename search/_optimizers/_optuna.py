@@ -1,0 +1,79 @@
+"""optuna samplers, running natively on the ledger's study.
+
+The sampler is the study's sampler, so optuna sees every trial exactly as it would in any optuna
+program, and resume is reopening the study. Trials left RUNNING by a dead process are failed and
+their params re-queued as WAITING (the run loop does this before ``bind``); ``study.ask`` hands
+those out first. The sampler's random state is not persisted: a resumed run reseeds it with
+``(seed, number of finished trials)``, so a resume is deterministic for a given interruption point,
+but it need not repeat the uninterrupted run's sequence (for that, use a coordinated optimizer).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from ._base import Candidate, Optimizer, Result, genome_distributions
+
+if TYPE_CHECKING:
+    from .._ledger import Ledger
+    from .._space import SearchSpace
+
+OPTUNA_SAMPLERS = ("tpe", "cmaes", "nsga2", "nsga3", "gp", "qmc", "random")
+SINGLE_OBJECTIVE = ("cmaes",)
+"""Samplers that need one value: use them with a `Scalarization` when there are several objectives."""
+
+
+def _constraints(trial: FrozenTrial) -> list[float]:
+    return list(trial.user_attrs.get("constraints", ()))
+
+
+def _make_sampler(kind: str, seed: int, kwargs: dict[str, Any]) -> optuna.samplers.BaseSampler:
+    s = optuna.samplers
+    c: Callable[[FrozenTrial], list[float]] = _constraints
+    factories: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
+        # constant_liar: batched asks see pending trials as bad, so one batch spreads out
+        "tpe": lambda: s.TPESampler(seed=seed, constant_liar=True, constraints_func=c, **kwargs),
+        "cmaes": lambda: s.CmaEsSampler(seed=seed, **kwargs),
+        "nsga2": lambda: s.NSGAIISampler(seed=seed, constraints_func=c, **kwargs),
+        "nsga3": lambda: s.NSGAIIISampler(seed=seed, constraints_func=c, **kwargs),
+        "gp": lambda: s.GPSampler(seed=seed, constraints_func=c, **kwargs),
+        "qmc": lambda: s.QMCSampler(seed=seed, **kwargs),
+        "random": lambda: s.RandomSampler(seed=seed, **kwargs),
+    }
+    return factories[kind]()
+
+
+class OptunaOptimizer(Optimizer):
+    """An optuna sampler by short name: tpe, cmaes, nsga2, nsga3, gp, qmc, random."""
+
+    def __init__(self, sampler: str = "tpe", **sampler_kwargs: Any) -> None:
+        if sampler not in OPTUNA_SAMPLERS:
+            raise ValueError(f"unknown optuna sampler {sampler!r}; expected one of {', '.join(OPTUNA_SAMPLERS)}")
+        self.sampler = sampler
+        self.sampler_kwargs = sampler_kwargs
+        self.name = f"optuna:{sampler}"
+
+    def bind(self, space: "SearchSpace", ledger: "Ledger", *, budget: int | None = None, batch_size: int = 1) -> None:
+        if self.sampler in SINGLE_OBJECTIVE and len(ledger.study.directions) > 1:
+            raise ValueError(f"optuna sampler {self.sampler!r} is single-objective; give the run a Scalarization")
+        self._space, self._ledger = space, ledger
+        self._distributions = genome_distributions(space)
+        seed = ledger.seed + len(ledger.finished())
+        ledger.study.sampler = _make_sampler(self.sampler, seed, self.sampler_kwargs)
+
+    def ask(self, n: int) -> list[Candidate]:
+        out = []
+        for _ in range(n):
+            trial = self._ledger.study.ask(self._distributions)
+            params = dict(trial.params)
+            out.append(
+                Candidate(key=trial.number, params=params, distributions=dict(self._distributions),
+                          x=self._space.from_params(params), trial=trial)
+            )
+        return out
+
+    def tell(self, candidate: Candidate, result: Result) -> None:
+        """Nothing to do: ``study.tell`` (the ledger write) already showed the result to the sampler."""

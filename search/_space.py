@@ -1,0 +1,491 @@
+"""`SearchSpace`: a merge recipe template as a flat, bounded genome, and back.
+
+Optimizers see only a vector ``x`` with box bounds; everything about layers, module kinds, experts
+and methods lives here, so any optimizer (nevergrad, optuna, a grid) explores any space. This is
+nevergrad's split between parametrization and optimizer; the space is pure (no torch), so it can be
+rebuilt from the ledger's metadata on any machine.
+
+Structure of a space
+--------------------
+* **Layer groups** come from ``granularity``: ``"global"`` (one group), ``"layer"`` (one per layer)
+  or an integer ``k`` (every ``k`` consecutive layers).
+* **Module groups** come from ``modules``: ``"all"`` (one group, rules select every kind),
+  ``"split"`` (attention / mlp / norm / embedding+head+other) or an explicit list of kind lists;
+  kinds no list names join the last list, so every tensor belongs to exactly one cell.
+* **Sections** (``embed``, ``final_norm``, ``head``: tensors outside the decoder layers):
+  ``sections="attach"`` adds ``embed`` to the first layer group and ``final_norm``/``head`` to the
+  last one (they follow their nearest layers); ``sections="group"`` gives them a group of their own
+  (label ``S``) with its own parameters.
+* A **cell** is (layer group x module group) holding at least one tensor of the layout; the decoded
+  recipe has exactly one `GroupRule` per cell.
+* **Parameters** per cell: for every searched kind, one value per expert (``weight``, ``density``,
+  ``gamma``, ``epsilon``) or one per cell (``t``).
+* **Smoothing** (``smoothing=n``): instead of one value per layer group, ``n`` control points per
+  (module group x kind x expert) placed evenly over the layer groups and interpolated linearly;
+  the section group (``sections="group"``) keeps its own unsmoothed values.
+* **Held parameters** (``fixed``: a kind or a parameter name -> value) are left out of the genome
+  and decoded to the given value, so optimizers never waste a dimension on them.
+
+Names read like ``L0-3.attention.weight[expertA]``, ``L5.t``, ``all.density[expertB]``,
+``cp2.mlp.weight[expertA]`` (control point 2) or ``S.weight[expertA]`` (sections).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Protocol, Sequence, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+from evomerge.merge import ExpertParams, GroupRule, MergeRecipe
+
+ParamKind = Literal["weight", "density", "t", "gamma", "epsilon"]
+PER_EXPERT_KINDS: tuple[ParamKind, ...] = ("weight", "density", "gamma", "epsilon")
+"""Kinds with one value per expert; ``t`` is one value per cell."""
+
+ALL_MODULE_KINDS: tuple[str, ...] = ("attention", "mlp", "norm", "embedding", "head", "other")
+SPLIT_MODULES: tuple[tuple[str, ...], ...] = (("attention",), ("mlp",), ("norm",), ("embedding", "head", "other"))
+
+SIGN_AWARE = (-1.5, 1.5)
+"""Weights of task-vector methods may be negative (subtracting a skill) and above 1 (amplifying)."""
+
+METHOD_KINDS: dict[str, tuple[ParamKind, ...]] = {
+    "linear": ("weight",),
+    "task_arithmetic": ("weight",),
+    "ties": ("weight", "density"),
+    "dare_ties": ("weight", "density"),
+    "dare_linear": ("weight", "density"),
+    "breadcrumbs": ("weight", "density"),
+    "breadcrumbs_ties": ("weight", "density"),
+    "della": ("weight", "density"),
+    "della_linear": ("weight", "density"),
+    "slerp": ("t",),
+    "nuslerp": ("weight",),
+    "model_stock": (),
+    "topk": ("weight", "density"),
+}
+"""Kinds a method reads, searched by default. A method not listed needs ``params`` in the template."""
+
+DEFAULT_BOUNDS: dict[ParamKind, tuple[float, float, float]] = {
+    "weight": (SIGN_AWARE[0], SIGN_AWARE[1], 0.5),
+    "density": (0.05, 1.0, 0.5),
+    "t": (0.0, 1.0, 0.5),
+    "gamma": (0.0, 0.2, 0.01),
+    "epsilon": (0.0, 0.3, 0.15),
+}
+"""(low, high, init) per kind. Density starts at 0.05: density 0 drops the whole task vector."""
+
+CONVEX_METHODS = ("linear", "nuslerp")
+"""Methods whose weights are mixing proportions: their default weight bounds are [0, 1]."""
+
+LEGAL_RANGE: dict[ParamKind, tuple[float, float]] = {
+    "density": (0.0, 1.0),
+    "t": (0.0, 1.0),
+    "gamma": (0.0, 1.0),
+    "epsilon": (0.0, 1.0),
+}
+"""What `ExpertParams` accepts; bounds outside these would decode to invalid recipes."""
+
+_SECTION_KIND = {"embed": "embedding", "final_norm": "norm", "head": "head"}
+
+
+class SlotLike(Protocol):
+    layer: int | str | None
+    kind: str
+
+
+class LayoutLike(Protocol):
+    """What the space needs from `evomerge.merge.ModelLayout`."""
+
+    num_layers: int
+    slots: Mapping[str, SlotLike]
+
+
+class SpaceTemplate(BaseModel):
+    """What to search: the method, which parameter kinds, their bounds, and the group structure."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    method: str
+    params: list[ParamKind] | None = None
+    """Searched kinds; None = the method's defaults (`METHOD_KINDS`)."""
+    bounds: dict[ParamKind, tuple[float, float]] = Field(default_factory=dict)
+    """(low, high) per kind, overriding `DEFAULT_BOUNDS`."""
+    init: dict[ParamKind, float] = Field(default_factory=dict)
+    """Starting value per kind (the genome's ``x0``), overriding the default."""
+    fixed: dict[str, float] = Field(default_factory=dict)
+    """Held values, keyed by kind (``"density"``) or by parameter name; excluded from the genome."""
+    granularity: Union[Literal["global", "layer"], PositiveInt] = "global"
+    modules: Union[Literal["all", "split"], list[list[str]]] = "all"
+    sections: Literal["attach", "group"] = "attach"
+    smoothing: int | None = None
+    """Number of control points per parameter across layer groups (>= 2), or None."""
+    normalize: bool = True
+    lambda_: float = Field(1.0, alias="lambda")
+    rescale: Literal["mergekit", "paper"] = "mergekit"
+    lora_mode: Literal["materialized", "adapter"] = "materialized"
+
+    @field_validator("modules")
+    @classmethod
+    def _known_kinds(cls, modules: Any) -> Any:
+        if isinstance(modules, list):
+            seen = [k for group in modules for k in group]
+            unknown = sorted(set(seen) - set(ALL_MODULE_KINDS))
+            if unknown:
+                raise ValueError(f"unknown module kinds {unknown}; allowed: {list(ALL_MODULE_KINDS)}")
+            if len(seen) != len(set(seen)) or any(not g for g in modules):
+                raise ValueError("module groups must be non-empty and disjoint")
+        return modules
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SpaceTemplate":
+        if self.params is None and self.method not in METHOD_KINDS:
+            raise ValueError(f"method {self.method!r} has no default parameter kinds; set `params`")
+        for kind, (low, high) in self.bounds.items():
+            legal = LEGAL_RANGE.get(kind)
+            if not low < high:
+                raise ValueError(f"bounds for {kind!r}: low {low} must be below high {high}")
+            if legal is not None and (low < legal[0] or high > legal[1]):
+                raise ValueError(f"bounds for {kind!r} must lie in {list(legal)}, got {[low, high]}")
+        if self.smoothing is not None:
+            if self.smoothing < 2:
+                raise ValueError("smoothing needs at least 2 control points")
+            if self.granularity == "global":
+                raise ValueError("smoothing interpolates across layer groups; granularity 'global' has one")
+        return self
+
+    @property
+    def searched_kinds(self) -> tuple[ParamKind, ...]:
+        return tuple(self.params) if self.params is not None else METHOD_KINDS[self.method]
+
+    def kind_bounds(self, kind: ParamKind) -> tuple[float, float, float]:
+        """(low, high, init) of a kind after the template's overrides."""
+        low, high, init = DEFAULT_BOUNDS[kind]
+        if kind == "weight" and self.method in CONVEX_METHODS:
+            low, high, init = 0.0, 1.0, 0.5
+        if kind in self.bounds:
+            low, high = self.bounds[kind]
+        init = float(np.clip(self.init.get(kind, init), low, high))
+        return low, high, init
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """One rule of the decoded recipe: a layer group x a module group."""
+
+    label: str
+    layers: tuple[Union[int, str], ...]
+    kinds: tuple[str, ...] | None  # None: every kind
+    slots: tuple[tuple[Union[int, str], str], ...]  # (layer, kind) of the tensors it covers
+    module: str  # module-group label ("" when modules="all")
+    position: float | None  # index of its layer group for smoothing; None for the section group
+
+
+@dataclass(frozen=True)
+class _Param:
+    name: str
+    kind: ParamKind
+    low: float
+    high: float
+    init: float
+
+
+class SearchSpace:
+    """Genome <-> `MergeRecipe` for one template, layout and expert list.
+
+    >>> space = SearchSpace(engine.layout, engine.expert_names, SpaceTemplate(method="ties", granularity=2))
+    >>> recipe = space.decode(space.x0, seed=0, trial=0)
+    >>> np.allclose(space.encode(recipe), space.x0)
+    True
+    """
+
+    def __init__(self, layout: LayoutLike, experts: Sequence[str], template: SpaceTemplate) -> None:
+        if not experts:
+            raise ValueError("a search space needs at least one expert")
+        self.layout = layout
+        self.experts: tuple[str, ...] = tuple(experts)
+        self.template = template
+        self._cells = self._build_cells()
+        if not self._cells:
+            raise ValueError("the layout has no tensors to merge")
+        self._all_params, self._terms = self._build_params()
+        held = self._held_values()
+        self._free = [i for i, p in enumerate(self._all_params) if p.name not in held]
+        self._held = held
+        self._free_params = [self._all_params[i] for i in self._free]
+
+    # ----------------------------------------------------------------- structure
+    def _layer_groups(self) -> list[tuple[str, list[Union[int, str]]]]:
+        n = self.layout.num_layers
+        g = self.template.granularity
+        if g == "global":
+            groups: list[tuple[str, list[Union[int, str]]]] = [("all", list(range(n)))]
+        else:
+            k = 1 if g == "layer" else int(g)
+            groups = []
+            for start in range(0, n, k):
+                stop = min(start + k, n) - 1
+                label = f"L{start}" if stop == start else f"L{start}-{stop}"
+                groups.append((label, list(range(start, stop + 1))))
+        present = {s.layer for s in self.layout.slots.values() if isinstance(s.layer, str)}
+        sections = [s for s in ("embed", "final_norm", "head") if s in present]
+        if self.template.sections == "group" and sections:
+            groups.append(("S", list(sections)))
+        elif groups:
+            for section in sections:
+                target = groups[0] if section == "embed" else groups[-1]
+                target[1].append(section)
+        elif sections:
+            groups.append(("S", list(sections)))
+        return groups
+
+    def _module_groups(self) -> list[tuple[str, tuple[str, ...] | None]]:
+        modules = self.template.modules
+        if modules == "all":
+            return [("", None)]
+        lists = [list(g) for g in (SPLIT_MODULES if modules == "split" else modules)]
+        named = {k for g in lists for k in g}
+        lists[-1].extend(k for k in ALL_MODULE_KINDS if k not in named)
+        return [("+".join(g), tuple(g)) for g in lists]
+
+    def _build_cells(self) -> list[_Cell]:
+        slots = {(s.layer, s.kind) for s in self.layout.slots.values() if s.layer is not None}
+        cells = []
+        layer_groups = self._layer_groups()
+        n_positional = sum(1 for label, _ in layer_groups if label != "S")
+        for gi, (label, layers) in enumerate(layer_groups):
+            layer_set = set(layers)
+            for module, kinds in self._module_groups():
+                covered = tuple(
+                    sorted(
+                        ((lay, kind) for lay, kind in slots if lay in layer_set and (kinds is None or kind in kinds)),
+                        key=lambda lk: (str(type(lk[0])), lk[0], lk[1]),
+                    )
+                )
+                if not covered:
+                    continue
+                position = float(gi) if label != "S" and n_positional > 1 else (0.0 if label != "S" else None)
+                cells.append(_Cell(label, tuple(layers), kinds, covered, module, position))
+        return cells
+
+    def _n_layer_groups(self) -> int:
+        return len({c.label for c in self._cells if c.position is not None})
+
+    def _param_name(self, group_label: str, module: str, kind: ParamKind, expert: str | None) -> str:
+        parts = [group_label] + ([module] if module else []) + [kind]
+        return ".".join(parts) + (f"[{expert}]" if expert is not None else "")
+
+    def _build_params(self) -> tuple[list[_Param], dict[tuple[int, ParamKind, str | None], list[tuple[int, float]]]]:
+        """All parameters (held ones included) and, per (cell, kind, expert), its linear recipe
+        ``value = sum(coef * param)`` (one term, or two under smoothing)."""
+        params: list[_Param] = []
+        index: dict[str, int] = {}
+        terms: dict[tuple[int, ParamKind, str | None], list[tuple[int, float]]] = {}
+        n_cp = self.template.smoothing
+        n_groups = self._n_layer_groups()
+        if n_cp is not None and n_cp > n_groups:
+            raise ValueError(f"smoothing={n_cp} control points exceed the {n_groups} layer groups")
+
+        def param(name: str, kind: ParamKind) -> int:
+            if name not in index:
+                low, high, init = self.template.kind_bounds(kind)
+                index[name] = len(params)
+                params.append(_Param(name, kind, low, high, init))
+            return index[name]
+
+        for ci, cell in enumerate(self._cells):
+            for kind in self.template.searched_kinds:
+                for expert in self.experts if kind in PER_EXPERT_KINDS else (None,):
+                    if n_cp is None or cell.position is None:
+                        terms[(ci, kind, expert)] = [(param(self._param_name(cell.label, cell.module, kind, expert), kind), 1.0)]
+                        continue
+                    # control points evenly over layer-group positions 0..n_groups-1
+                    u = cell.position * (n_cp - 1) / max(n_groups - 1, 1)
+                    lo = min(int(np.floor(u)), n_cp - 2)
+                    frac = u - lo
+                    names = [self._param_name(f"cp{c}", cell.module, kind, expert) for c in (lo, lo + 1)]
+                    terms[(ci, kind, expert)] = [(param(names[0], kind), 1.0 - frac), (param(names[1], kind), frac)]
+        return params, terms
+
+    def _held_values(self) -> dict[str, float]:
+        fixed = self.template.fixed
+        names = {p.name for p in self._all_params}
+        unknown = [k for k in fixed if k not in names and k not in ("weight", "density", "t", "gamma", "epsilon")]
+        if unknown:
+            raise ValueError(f"fixed: unknown parameter names {unknown}; see SearchSpace.names")
+        held = {}
+        for p in self._all_params:
+            if p.name in fixed:
+                held[p.name] = float(fixed[p.name])
+            elif p.kind in fixed:
+                held[p.name] = float(fixed[p.kind])
+        return held
+
+    # ----------------------------------------------------------------- public view
+    @property
+    def dim(self) -> int:
+        """Length of the genome."""
+        return len(self._free)
+
+    @property
+    def names(self) -> list[str]:
+        """Human-readable name of each genome coordinate."""
+        return [p.name for p in self._free_params]
+
+    @property
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lower, upper) arrays of the genome's box."""
+        return (np.array([p.low for p in self._free_params]), np.array([p.high for p in self._free_params]))
+
+    @property
+    def x0(self) -> np.ndarray:
+        """Starting genome (the template's or the method's initial values)."""
+        return np.array([p.init for p in self._free_params])
+
+    @property
+    def held(self) -> dict[str, float]:
+        """Parameters held fixed (name -> value), not part of the genome."""
+        return dict(self._held)
+
+    def fingerprint(self) -> str:
+        """Short hash of everything that gives genome coordinates their meaning; the ledger keeps
+        it so a resume with a different space fails loudly instead of mixing incompatible trials."""
+        payload = {
+            "template": self.template.model_dump(mode="json", by_alias=True),
+            "experts": list(self.experts),
+            "names": [p.name for p in self._all_params],
+            "cells": [(c.label, list(map(str, c.layers)), c.kinds) for c in self._cells],
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe description (template, experts, names, bounds) for the ledger and exports."""
+        low, high = self.bounds
+        return {
+            "template": self.template.model_dump(mode="json", by_alias=True),
+            "experts": list(self.experts),
+            "names": self.names,
+            "low": low.tolist(),
+            "high": high.tolist(),
+            "held": self.held,
+            "fingerprint": self.fingerprint(),
+        }
+
+    # ----------------------------------------------------------------- genome <-> recipe
+    def _full(self, x: Sequence[float]) -> np.ndarray:
+        x = np.asarray(x, dtype=float)
+        if x.shape != (self.dim,):
+            raise ValueError(f"genome has shape {x.shape}, expected ({self.dim},)")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("genome has non-finite values")
+        low, high = self.bounds
+        full = np.array([p.init for p in self._all_params])
+        full[self._free] = np.clip(x, low, high)  # optimizers may step a hair outside the box
+        for i, p in enumerate(self._all_params):
+            if p.name in self._held:
+                full[i] = self._held[p.name]
+        return full
+
+    def _value(self, full: np.ndarray, key: tuple[int, ParamKind, str | None]) -> float:
+        return float(sum(coef * full[i] for i, coef in self._terms[key]))
+
+    def decode(self, x: Sequence[float], *, seed: int = 0, trial: int = 0) -> MergeRecipe:
+        """The recipe a genome stands for; ``seed`` and ``trial`` seed its random masks."""
+        full = self._full(x)
+        kinds = self.template.searched_kinds
+        covers_all = len(self._cells) == 1
+        rules = []
+        for ci, cell in enumerate(self._cells):
+            experts = {}
+            for expert in self.experts:
+                values = {k: self._value(full, (ci, k, expert)) for k in kinds if k in PER_EXPERT_KINDS}
+                experts[expert] = ExpertParams(**values)
+            t = self._value(full, (ci, "t", None)) if "t" in kinds else None
+            rules.append(
+                GroupRule(
+                    layers=None if covers_all else list(cell.layers),
+                    kinds=None if cell.kinds is None else list(cell.kinds),
+                    method=self.template.method,
+                    experts=experts,
+                    t=t,
+                )
+            )
+        tpl = self.template
+        return MergeRecipe(
+            rules=rules, normalize=tpl.normalize, lambda_=tpl.lambda_, rescale=tpl.rescale,
+            lora_mode=tpl.lora_mode, seed=seed, trial=trial,
+        )
+
+    def encode(self, recipe: MergeRecipe, *, atol: float = 1e-9) -> np.ndarray:
+        """The genome of a recipe this space can express.
+
+        Values are read through `MergeRecipe.rule_for` for every tensor slot of every cell, so
+        any recipe that resolves to one value per cell (and per control-point line under
+        smoothing) encodes, whatever its rule layout. Raises ValueError otherwise: a different
+        method or global option, a missing expert, values that differ inside a cell, that break
+        a held value or leave the bounds.
+        """
+        tpl = self.template
+        for field_name in ("normalize", "lambda_", "rescale", "lora_mode"):
+            if getattr(recipe, field_name) != getattr(tpl, field_name):
+                raise ValueError(f"recipe {field_name}={getattr(recipe, field_name)!r} differs from the template's")
+        cell_values: dict[tuple[int, ParamKind, str | None], float] = {}
+        for ci, cell in enumerate(self._cells):
+            for layer, kind in cell.slots:
+                rule = recipe.rule_for(layer, kind)  # type: ignore[arg-type]
+                if rule is None or rule.method != tpl.method:
+                    raise ValueError(f"tensor slot ({layer}, {kind}) is not merged with {tpl.method!r}")
+                for k in tpl.searched_kinds:
+                    for expert in self.experts if k in PER_EXPERT_KINDS else (None,):
+                        if expert is not None:
+                            if expert not in rule.experts:
+                                raise ValueError(f"expert {expert!r} missing at ({layer}, {kind})")
+                            value = float(getattr(rule.experts[expert], k))
+                        else:
+                            if rule.t is None:
+                                raise ValueError(f"rule at ({layer}, {kind}) has no t")
+                            value = float(rule.t)
+                        key = (ci, k, expert)
+                        if key in cell_values and abs(cell_values[key] - value) > atol:
+                            raise ValueError(f"{k} differs inside cell {cell.label}.{cell.module}: not expressible")
+                        cell_values[key] = value
+        full = self._solve(cell_values)
+        for i, p in enumerate(self._all_params):
+            if p.name in self._held and abs(full[i] - self._held[p.name]) > 1e-6:
+                raise ValueError(f"{p.name} = {full[i]} but the space holds it at {self._held[p.name]}")
+            if not p.low - 1e-9 <= full[i] <= p.high + 1e-9:
+                raise ValueError(f"{p.name} = {full[i]} lies outside [{p.low}, {p.high}]")
+        low, high = self.bounds
+        return np.clip(full[self._free], low, high)
+
+    def _solve(self, cell_values: Mapping[tuple[int, ParamKind, str | None], float]) -> np.ndarray:
+        """Parameters from per-cell values: direct without smoothing, least squares per control line."""
+        n = len(self._all_params)
+        rows: list[np.ndarray] = []
+        rhs: list[float] = []
+        for key, terms in self._terms.items():
+            row = np.zeros(n)
+            for i, coef in terms:
+                row[i] += coef
+            rows.append(row)
+            rhs.append(cell_values[key])
+        a, b = np.array(rows), np.array(rhs)
+        full, *_ = np.linalg.lstsq(a, b, rcond=None)
+        if np.max(np.abs(a @ full - b), initial=0.0) > 1e-6:
+            raise ValueError("per-layer values do not lie on the space's piecewise-linear curves: not expressible")
+        return full
+
+    def describe(self, x: Sequence[float]) -> dict[str, float]:
+        """Genome as {name: value}, the form optuna stores as trial params."""
+        return dict(zip(self.names, map(float, x)))
+
+    def from_params(self, params: Mapping[str, float]) -> np.ndarray:
+        """Genome from {name: value} (an optuna trial's params)."""
+        missing = [n for n in self.names if n not in params]
+        if missing:
+            raise ValueError(f"params lack {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        return np.array([float(params[n]) for n in self.names])
+
