@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 # The scale-out tests start a private PostgreSQL cluster: install Debian's server when it is missing.
 if ! command -v initdb >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     echo "[setup] installing Debian's postgresql package"
-    if [ "$(id -u)" = 0 ]; then apt-get install -y -q postgresql >/dev/null; else sudo apt-get install -y -q postgresql >/dev/null; fi
+    sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q postgresql >/dev/null
 fi
 bash scripts/setup-env.sh .venv test
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
