@@ -37,7 +37,7 @@ from .tokenizer import build_tokenizer
 from .training import TrainResult, train
 
 #: Bump whenever the output of a build changes; it is part of the cache key.
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 #: Fixed during the build: CPU matmul reductions depend on the thread count.
 BUILD_THREADS = 2
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -280,9 +280,12 @@ def _build_into(tmp: Path, final: Path, spec: ZooSize, seed: int, arch: str, tie
         model = copy.deepcopy(base)
         torch.manual_seed(derive_seed(seed, 30, i))
         examples = data[s]["train"][: spec.expert_n_train]
-        training[f"expert:{s}"] = train(model, examples, steps=spec.expert_steps, lr=spec.expert_lr,
-                                        batch_size=spec.batch_size, rng=skill_rng(seed, 31, i),
+        r = spec.expert_replay
+        ex_weights = np.concatenate([np.full(len(examples), (1 - r) / len(examples)), r * weights / weights.sum()])
+        training[f"expert:{s}"] = train(model, examples + mixture, steps=spec.expert_steps, lr=spec.expert_lr,
+                                        batch_size=spec.batch_size, rng=skill_rng(seed, 31, i), weights=ex_weights,
                                         warmup=spec.expert_steps // 10, on_step=bar.step(f"expert:{s}")).to_dict()
+        training[f"expert:{s}"].update(replay=r, skill_examples=len(examples))
         _save_hf(model, tokenizer, tmp / "experts" / s)
         evaluate(f"expert:{s}", model)
         expert_sds.append({k: v.detach().clone() for k, v in model.state_dict().items()})

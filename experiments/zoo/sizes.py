@@ -48,6 +48,9 @@ class ZooSize:
     expert_steps: int
     expert_lr: float
     expert_n_train: int
+    # share of expert batches replayed from the base mixture: keeps experts in the base's
+    # basin (as real experts keep general ability), which is what makes their deltas merge
+    expert_replay: float
     n_lora_experts: int  # LoRA experts for the first n skills
     lora_rank: int
     lora_steps: int
@@ -71,14 +74,15 @@ ZOO_SIZES: dict[str, ZooSize] = {
         intermediate_size=128,
         skills=("rev", "sort", "shift", "dup"),
         batch_size=32,
-        base_steps=120,
+        base_steps=300,
         base_lr=3e-3,
         base_skill_share=0.5,
         base_n_train=512,
-        base_skill_len=(2, 3),
-        expert_steps=40,
-        expert_lr=2e-3,
+        base_skill_len=(2, 4),
+        expert_steps=80,
+        expert_lr=3e-3,
         expert_n_train=512,
+        expert_replay=0.3,
         n_lora_experts=1,
         lora_rank=4,
         lora_steps=30,
@@ -97,20 +101,21 @@ ZOO_SIZES: dict[str, ZooSize] = {
         intermediate_size=384,
         skills=("rev", "sort", "shift", "dup"),
         batch_size=64,
-        base_steps=800,
+        base_steps=400,
         base_lr=3e-3,
-        base_skill_share=0.4,
+        base_skill_share=0.15,
         base_n_train=2048,
-        base_skill_len=(2, 3),
-        expert_steps=120,
+        base_skill_len=(2, 4),
+        expert_steps=160,
         expert_lr=1e-3,
         expert_n_train=2048,
-        n_lora_experts=4,
+        expert_replay=0.3,
+        n_lora_experts=2,
         lora_rank=8,
         lora_steps=120,
         lora_lr=3e-3,
         n_calib=64,
         n_test=200,
-        pool=PoolSpec(),
+        pool=PoolSpec(clean_per_skill=2),
     ),
 }
