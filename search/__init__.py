@@ -14,8 +14,12 @@ Public API::
     NevergradOptimizer(optimizer="CMA"), OptunaOptimizer(sampler="tpe", **kw), RandomSearch(), GridSearch(...)
     run_search(space, scorer, optimizer, ledger, *, budget_evals=None, budget_seconds=None,
                batch_size=1, constraints=None, callbacks=(), progress=True) -> SearchResult
+    export_results(ledger, out_dir) -> {name: path}   # trials/front as CSV + JSON
+    plot_run(ledger, out_dir) -> {name: path}         # front.png, hypervolume.png
+    export_trial_model(ledger, engine, number, out_dir) -> Path
 """
 
+from ._export import export_results, export_trial_model, trial_recipe
 from ._ledger import MAX_DETAIL_ITEMS, Ledger, ObjectiveSpec, resolve_storage
 from ._loop import SearchResult, TrialRecord, run_search
 from ._optimizers import (
@@ -30,6 +34,7 @@ from ._optimizers import (
     RandomSearch,
     make_optimizer,
 )
+from ._plots import plot_front, plot_hypervolume, plot_run
 from ._pareto import ParetoArchive, ParetoPoint, hypervolume, pareto_mask
 from ._scalarize import Scalarization, to_losses
 from ._space import DEFAULT_BOUNDS, METHOD_KINDS, SearchSpace, SpaceTemplate
@@ -56,10 +61,16 @@ __all__ = [
     "SearchSpace",
     "SpaceTemplate",
     "TrialRecord",
+    "export_results",
+    "export_trial_model",
     "hypervolume",
     "make_optimizer",
     "pareto_mask",
+    "plot_front",
+    "plot_hypervolume",
+    "plot_run",
     "resolve_storage",
     "run_search",
     "to_losses",
+    "trial_recipe",
 ]

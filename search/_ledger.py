@@ -17,10 +17,13 @@ The study's ``user_attrs`` hold the run metadata: objectives and directions, sca
 reference point, seed, space description and fingerprint. Reopening with a different space or
 objectives raises instead of silently mixing incompatible trials.
 
-Storage: a directory (-> ``<dir>/ledger.db``, SQLite), a ``.db``/``.sqlite`` file, a ``.log`` /
-``.journal`` file (Optuna JournalStorage), or any Optuna storage URL. SQLite is the default
-because a killed process cannot leave it locked; the journal file backend's lock file can outlive
-a SIGKILL. A ledger has one writer (the run loop): at open, RUNNING trials are from a dead process.
+Storage: a directory (-> ``<dir>/ledger.log``, Optuna's JournalStorage file), a ``.log`` /
+``.journal`` file, a ``.db``/``.sqlite`` file (SQLite), or any Optuna storage URL. The journal is
+the default because it is fast: one fsynced line per finished trial (~4 ms with 64 params),
+where optuna's SQLite ORM path costs ~90 ms per trial, beyond the 2% overhead budget. Its lock
+is an ``flock`` (released by the kernel when a killed process dies) and a torn last line from a
+kill mid-append is cut at open. A ledger has one writer (the run loop): at open, RUNNING trials
+are from a dead process. ``optuna-dashboard <dir>/ledger.log`` opens a journal run.
 """
 
 from __future__ import annotations
@@ -29,12 +32,18 @@ import json
 import math
 import os
 import sqlite3
+
+try:
+    import fcntl
+except ImportError:  # Windows: optuna's own lock file
+    fcntl = None  # type: ignore[assignment]
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
 import optuna
 from optuna.distributions import BaseDistribution
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from ._pareto import Direction, ParetoArchive
@@ -71,16 +80,48 @@ def resolve_storage(storage: str | os.PathLike[str]) -> tuple[str | optuna.stora
             return _sqlite(path), path.parent
         return text, None
     path = Path(text)
-    if path.suffix in (".log", ".journal"):
+    if path.suffix in (".db", ".sqlite", ".sqlite3"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path))), path.parent
-    if path.suffix not in (".db", ".sqlite", ".sqlite3"):
+        return _sqlite(path), path.parent
+    if path.suffix not in (".log", ".journal"):
         path.mkdir(parents=True, exist_ok=True)
-        path = path / "ledger.db"
+        path = path / "ledger.log"
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _sqlite(path), path.parent
+    return _journal(path), path.parent
+
+
+class _FlockLock(JournalFileOpenLock):
+    """Journal lock held through ``flock``: the kernel drops it when its process dies, so a
+    SIGKILLed run never leaves a stale lock behind (optuna's file locks wait out a grace period)."""
+
+    def __init__(self, filepath: str) -> None:
+        super().__init__(filepath)
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        self._fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _journal(path: Path) -> optuna.storages.JournalStorage:
+    # A kill in the middle of an append can leave a torn last line; optuna would refuse the file
+    # once a new line follows it. Single writer: cut back to the last complete line.
+    if path.exists() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+                f.flush()
+                os.fsync(f.fileno())
+    lock = _FlockLock(str(path)) if fcntl is not None else JournalFileOpenLock(str(path))
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
 
 
 def _sqlite(path: Path) -> optuna.storages.RDBStorage:

@@ -21,8 +21,10 @@ Structure of a space
 * **Parameters** per cell: for every searched kind, one value per expert (``weight``, ``density``,
   ``gamma``, ``epsilon``) or one per cell (``t``).
 * **Smoothing** (``smoothing=n``): instead of one value per layer group, ``n`` control points per
-  (module group x kind x expert) placed evenly over the layer groups and interpolated linearly;
-  the section group (``sections="group"``) keeps its own unsmoothed values.
+  (module group x kind x expert) placed evenly over the layer groups where that module group has
+  tensors, interpolated linearly; the section group (``sections="group"``) and module groups
+  present in fewer than ``n`` layer groups (e.g. embedding+head, only at the ends) keep one value
+  per cell.
 * **Held parameters** (``fixed``: a kind or a parameter name -> value) are left out of the genome
   and decoded to the given value, so optimizers never waste a dimension on them.
 
@@ -288,6 +290,13 @@ class SearchSpace:
         n_groups = self._n_layer_groups()
         if n_cp is not None and n_cp > n_groups:
             raise ValueError(f"smoothing={n_cp} control points exceed the {n_groups} layer groups")
+        # control points spread over the layer groups where each module group has tensors
+        ranks: dict[str, dict[float, int]] = {}
+        for cell in self._cells:
+            if cell.position is not None:
+                ranks.setdefault(cell.module, {})[cell.position] = 0
+        for module, positions in ranks.items():
+            ranks[module] = {pos: r for r, pos in enumerate(sorted(positions))}
 
         def param(name: str, kind: ParamKind) -> int:
             if name not in index:
@@ -297,13 +306,15 @@ class SearchSpace:
             return index[name]
 
         for ci, cell in enumerate(self._cells):
+            rank = ranks.get(cell.module, {})
+            smooth = n_cp is not None and cell.position is not None and len(rank) >= n_cp
             for kind in self.template.searched_kinds:
                 for expert in self.experts if kind in PER_EXPERT_KINDS else (None,):
-                    if n_cp is None or cell.position is None:
+                    if not smooth:
                         terms[(ci, kind, expert)] = [(param(self._param_name(cell.label, cell.module, kind, expert), kind), 1.0)]
                         continue
-                    # control points evenly over layer-group positions 0..n_groups-1
-                    u = cell.position * (n_cp - 1) / max(n_groups - 1, 1)
+                    assert n_cp is not None and cell.position is not None
+                    u = rank[cell.position] * (n_cp - 1) / max(len(rank) - 1, 1)
                     lo = min(int(np.floor(u)), n_cp - 2)
                     frac = u - lo
                     names = [self._param_name(f"cp{c}", cell.module, kind, expert) for c in (lo, lo + 1)]
