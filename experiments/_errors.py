@@ -6,8 +6,6 @@ they are collected here so the CLI has one place that decides what a user error 
 
 from __future__ import annotations
 
-from ._spec_io import SpecError
-
 
 class UserError(ValueError):
     """An experiments-level input problem (bad run folder, unknown trial, ...); one-line message."""
@@ -22,4 +20,10 @@ class UserError(ValueError):
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types reported as one line with exit status 2."""
-    return (UserError, SpecError, FileNotFoundError)
+    from evomerge.experiments.zoo import ZooBuildError
+    from evomerge.merge import MergeError
+    from evomerge.objectives import CalibrationError
+
+    from ._spec_io import SpecError
+
+    return (UserError, SpecError, MergeError, CalibrationError, ZooBuildError, FileNotFoundError)

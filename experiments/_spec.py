@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -27,13 +27,11 @@ from pydantic import (
     model_validator,
 )
 
+from evomerge.search import SpaceTemplate
+from evomerge.search._space import ParamKind
+
 ZOO_PREFIX = "zoo:"
 """Paths starting with this prefix resolve inside the toy zoo named by ``models.zoo``."""
-
-SearchedKind = Literal["weight", "density", "gamma", "epsilon", "t"]
-"""Kinds of merge coefficient a search space can search or fix (`ExpertParams` fields plus `t`)."""
-
-ModuleGroup = Literal["attention", "mlp", "norm", "embedding", "head", "other"]
 
 
 class _Strict(BaseModel):
@@ -126,58 +124,29 @@ class ModelsSpec(_Strict):
 
 # ---------------------------------------------------------------------------------------------- space
 
-Bounds = tuple[float, float]
+
+def _known_method(name: str) -> str:
+    from evomerge.merge.methods import METHODS
+
+    if name not in METHODS:
+        raise ValueError(f"{name!r} is not one of {', '.join(METHODS)}")
+    return name
 
 
-class RecipeOptions(_Strict):
-    """Global merge options copied into every recipe (mergekit's global parameters)."""
+class SpaceSpec(SpaceTemplate):
+    """The search space template (`evomerge.search.SpaceTemplate`) with the method name checked.
 
-    normalize: bool = True
-    lambda_: float = Field(1.0, alias="lambda")
-    rescale: Literal["mergekit", "paper"] = "mergekit"
-    lora_mode: Literal["materialized", "adapter"] = "materialized"
+    Fields: ``method``; ``params`` (searched kinds: weight, density, t, gamma, epsilon; default:
+    the method's); ``bounds`` and ``init`` per kind; ``fixed`` (kind or parameter name -> value);
+    ``granularity`` (global | layer | k = every k layers); ``modules`` (all | split | lists of
+    module kinds); ``sections`` (attach | group); ``smoothing`` (control points across layers);
+    global options ``normalize``, ``lambda``, ``rescale``, ``lora_mode``.
+    """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-
-class SpaceSpec(_Strict):
-    """The search space template: which coefficients are searched, at which granularity, in which bounds."""
-
-    method: str
-    """Merge method (a name in `evomerge.merge.METHODS`, e.g. ties, dare_ties, task_arithmetic)."""
-    search: list[SearchedKind] = Field(default_factory=lambda: ["weight"])
-    """Coefficient kinds the optimizer searches, one parameter per (layer group x expert x kind)."""
-    bounds: dict[SearchedKind, Bounds] = Field(default_factory=dict)
-    """Per kind (low, high); kinds not given use the method's defaults."""
-    granularity: Literal["global", "every-k", "per-layer"] = "global"
-    every_k: int | None = Field(None, ge=1)
-    """Layers per group when granularity is every-k."""
-    split_by_kind: bool | list[ModuleGroup] = False
-    """Separate parameters per module kind: True = attention and MLP, or an explicit list."""
-    smoothing: float = Field(0.0, ge=0.0)
-    """Strength of smoothing across neighbouring layer groups (0 = none)."""
-    fixed: dict[SearchedKind, Union[float, dict[str, float]]] = Field(default_factory=dict)
-    """Values of coefficients not searched: one value, or one per expert."""
-    init: dict[SearchedKind, float] = Field(default_factory=dict)
-    """Starting point per kind (default: the method's)."""
-    options: RecipeOptions = Field(default_factory=RecipeOptions)
-
-    @field_validator("bounds")
+    @field_validator("method")
     @classmethod
-    def _ordered(cls, bounds: dict[str, Bounds]) -> dict[str, Bounds]:
-        for kind, (low, high) in bounds.items():
-            if not low < high:
-                raise ValueError(f"{kind}: low {low} must be below high {high}")
-        return bounds
-
-    @model_validator(mode="after")
-    def _consistent(self) -> "SpaceSpec":
-        if self.granularity == "every-k" and self.every_k is None:
-            raise ValueError("granularity 'every-k' needs 'every_k' (layers per group)")
-        both = set(self.search) & set(self.fixed)
-        if both:
-            raise ValueError(f"{sorted(both)} both searched and fixed; keep each kind in one place")
-        return self
+    def _method_exists(cls, name: str) -> str:
+        return _known_method(name)
 
 
 # ------------------------------------------------------------------------------------------ objectives
@@ -202,6 +171,9 @@ class ObjectiveSpec(_Strict):
     metric: Annotated[str, AfterValidator(_known_metric)]
     data: SpecPath | None = None
     """Calibration set (JSONL); ``zoo:data/<skill>/calib.jsonl`` inside the toy zoo."""
+    holdout: SpecPath | None = None
+    """Held-out set of the same kind: the report re-scores the front on it, so a front chosen on
+    ``data`` is judged on items the search never saw."""
     direction: Literal["maximize", "minimize"] | None = None
     """Default: the metric's natural direction (accuracy up, loss and kept fraction down)."""
     size: int | None = Field(None, ge=1)
@@ -218,8 +190,8 @@ class ObjectiveSpec(_Strict):
     def _data_matches_metric(self) -> "ObjectiveSpec":
         from evomerge.objectives import COSTS
 
-        if self.metric in COSTS and self.data is not None:
-            raise ValueError(f"objective '{self.name}': cost '{self.metric}' takes no 'data'")
+        if self.metric in COSTS and (self.data is not None or self.holdout is not None):
+            raise ValueError(f"objective '{self.name}': cost '{self.metric}' takes no 'data' or 'holdout'")
         if self.metric not in COSTS and self.data is None:
             raise ValueError(f"objective '{self.name}': metric '{self.metric}' needs 'data' (a calibration set)")
         if self.extract == "regex" and not self.pattern:
@@ -286,16 +258,53 @@ def _parse_duration(value: Any) -> Any:
 Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
 
 
-class OptimizerSpec(_Strict):
-    """Which optimizer explores the space; single-objective optimizers scalarize with ``weights``."""
+BASELINES = ("random", "grid")
 
-    library: Literal["nevergrad", "optuna", "baseline"] = "optuna"
-    name: str = "NSGAII"
+
+class OptimizerSpec(_Strict):
+    """Which optimizer explores the space; single-objective optimizers scalarize with ``weights``.
+
+    Names: optuna samplers by short name (tpe, cmaes, nsga2, nsga3, gp, qmc, random); nevergrad
+    optimizers by explicit registry class (CMA, DE, TwoPointsDE, PSO, OnePlusOne, ...; never the
+    self-selecting NGOpt family, whose pick cannot be checkpointed); baselines random and grid.
+    """
+
+    library: Literal["optuna", "nevergrad", "baseline"] = "optuna"
+    name: str = Field("nsga2", validate_default=True)
     options: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the sampler / optimizer (e.g. population_size for nsga2)."""
     weights: dict[str, float] | None = None
-    """Scalarization for single-objective optimizers: objective name -> weight (sign follows direction)."""
+    """Scalarization (weighted sum of losses): objective name -> weight; unnamed objectives get 0.
+    Needed for single-objective optimizers (nevergrad, optuna cmaes) when there are several objectives."""
     l1_penalty: float = Field(0.0, ge=0.0)
     """Adds ``l1_penalty x mean |genome|`` to the scalarized fitness (Evo-Merging, LoraHub)."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str, info: ValidationInfo) -> str:
+        from evomerge.search import NEVERGRAD_OPTIMIZERS, OPTUNA_SAMPLERS
+
+        library = info.data.get("library")
+        if library == "optuna" and name not in OPTUNA_SAMPLERS:
+            raise ValueError(f"{name!r} is not one of {', '.join(OPTUNA_SAMPLERS)}")
+        if library == "baseline" and name not in BASELINES:
+            raise ValueError(f"{name!r} is not one of {', '.join(BASELINES)}")
+        if library == "nevergrad":
+            import nevergrad as ng
+
+            if name not in ng.optimizers.registry or (name != "NgIohTuned" and name.startswith(("NGOpt", "NgIoh", "Shiwa", "NGO"))):
+                raise ValueError(f"{name!r} is not one of {', '.join(NEVERGRAD_OPTIMIZERS)} (or another explicit nevergrad class)")
+        return name
+
+    @property
+    def factory_name(self) -> str:
+        """The name `evomerge.search.make_optimizer` takes."""
+        return self.name if self.library == "baseline" else f"{self.library}:{self.name}"
+
+    @property
+    def scalarized(self) -> bool:
+        """Whether the optimizer sees one weighted loss instead of the objective vector."""
+        return self.weights is not None or self.l1_penalty > 0 or (self.library, self.name) == ("optuna", "cmaes")
 
 
 class BudgetSpec(_Strict):
@@ -314,15 +323,16 @@ class BudgetSpec(_Strict):
 class StageSpec(_Strict):
     """One stage of a multi-stage search; unset sections fall back to the spec's top level.
 
-    ``inherit`` lists coefficient kinds whose values come from the previous stage's best trial
-    (e.g. Evo-Merging's stage 2 keeps stage 1's per-expert densities fixed while it searches weights).
+    ``inherit`` lists coefficient kinds whose values are held at the previous stage's best trial
+    (e.g. Evo-Merging's stage 2 keeps stage 1's per-expert densities while it searches weights);
+    the two stages must then share granularity and module grouping, so parameter names match.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     space: SpaceSpec | None = None
     optimizer: OptimizerSpec | None = None
     budget: BudgetSpec | None = None
-    inherit: list[SearchedKind] = Field(default_factory=list)
+    inherit: list[ParamKind] = Field(default_factory=list)
 
 
 class OutputsSpec(_Strict):

@@ -186,13 +186,27 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{where}: {_short(value)}: {err['msg'][0].lower()}{err['msg'][1:]}"
 
 
+def _alternative(err: dict[str, Any]) -> str:
+    """What one member of a union accepts, phrased to follow "is not"."""
+    if err["type"] == "literal_error":
+        options = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
+        return f"one of {', '.join(options)}"
+    msg = err["msg"]
+    return msg[len("Input should be "):] if msg.startswith("Input should be ") else msg
+
+
 def describe_validation_error(exc: ValidationError) -> str:
-    """One line for the first error (plus a count of the others): field, bad value, what is allowed."""
+    """One line for the first problem (plus a count of the others): field, bad value, what is allowed.
+
+    A union field (e.g. granularity: a name or an integer) reports one error per member; they are
+    folded into one "is not A or B" sentence.
+    """
     errors = exc.errors(include_url=False)
-    # A union field reports one error per member; the most specific (deepest) is the useful one.
-    first_loc = tuple(errors[0]["loc"])[:1]
-    same_field = [e for e in errors if tuple(e["loc"])[:1] == first_loc]
-    best = max(same_field, key=lambda e: (e["type"] != "missing", len(e["loc"])))
-    text = _describe(best)
+    where = _field_path(tuple(errors[0]["loc"]))
+    same = [e for e in errors if _field_path(tuple(e["loc"])) == where]
+    if len(same) > 1 and all(e["type"] not in ("value_error", "extra_forbidden", "missing") for e in same):
+        text = f"{where}: {_short(same[0].get('input'))} is not {' or '.join(_alternative(e) for e in same)}"
+    else:
+        text = _describe(errors[0])
     others = len({_field_path(tuple(e["loc"])) for e in errors}) - 1
     return text + (f" (and {others} more problem{'s' if others > 1 else ''})" if others > 0 else "")

@@ -5,18 +5,22 @@ module, so everything the CLI does is also available from Python. Heavy imports 
 transformers) happen inside commands, which keeps ``evomerge --help`` instant.
 
 Bad input (a spec error, a missing file, an incompatible checkpoint, a malformed calibration set)
-is one line on stderr and exit status 2, before anything is written.
+is one line on stderr and exit status 2, before anything is written. SIGINT / SIGTERM finish the
+trial in flight, checkpoint and exit with 130 / 143; ``evomerge resume`` continues.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 import click
 
 from ._errors import UserError, user_error_types
+from .zoo.cli import zoo as zoo_group
 
 
 class _Main(click.Group):
@@ -33,16 +37,128 @@ class _Main(click.Group):
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="evomerge")
 def main() -> None:
-    """Evolutionary and multi-objective search over per-layer LLM merge recipes."""
+    """Evolutionary and multi-objective search over per-layer LLM merge recipes.
+
+    \b
+    Start with `evomerge demo`, then `evomerge presets` and `evomerge run --preset NAME`.
+    Specs are documented in docs/experiments.md, commands in docs/cli.md.
+    """
     # No network at run time unless the user asks for it explicitly.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Library deprecation notices (optuna, transformers) are for developers, not for run logs.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".* is experimental")
+
+
+main.add_command(zoo_group)
+
+_run_dir_arg = click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
 
 
 @main.command()
-@click.option("--size", default="small", show_default=True, help="Zoo size to build and search.")
-def demo(size: str) -> None:
-    """Build the toy zoo (cached) and show what merging it can do."""
+@click.argument("spec", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--preset", help="Run a shipped preset instead of a spec file (see `evomerge presets`).")
+@click.option("--run-dir", type=click.Path(path_type=Path, file_okay=False), help="Run folder (default: runs/<name>).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a spec field, e.g. --set budget.evaluations=20 --set models.zoo.size=tiny.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def run(spec: Path | None, preset: str | None, run_dir: Path | None, overrides: tuple[str, ...], quiet: bool) -> None:
+    """Run the search described by SPEC (or --preset NAME); resumes if RUN_DIR holds the same spec."""
+    from ._run import start
+
+    if (spec is None) == (preset is None):
+        raise UserError("give a SPEC file or --preset NAME (one of them)")
+    sys.exit(start(spec=spec, preset=preset, run_dir=run_dir, overrides=list(overrides), progress=not quiet))
+
+
+@main.command()
+@_run_dir_arg
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def resume(run_dir: Path, quiet: bool) -> None:
+    """Continue an interrupted run where its ledger stopped."""
+    from ._run import resume as resume_run
+
+    sys.exit(resume_run(run_dir, progress=not quiet))
+
+
+@main.command()
+@_run_dir_arg
+def status(run_dir: Path) -> None:
+    """Progress, best so far per objective, front size, hypervolume and ETA of a run."""
+    from ._inspect import status_text
+
+    click.echo(status_text(run_dir))
+
+
+@main.command()
+@_run_dir_arg
+@click.option("--stage", help="Stage of a multi-stage run (default: the last one started).")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def front(run_dir: Path, stage: str | None, fmt: str) -> None:
+    """The Pareto front of a run (trial numbers for `evomerge export`)."""
+    from ._inspect import front_text
+
+    click.echo(front_text(run_dir, stage=stage, fmt=fmt))
+
+
+@main.command()
+@_run_dir_arg
+@click.option("--trial", required=True, type=int, help="Trial number (see `evomerge front`).")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), help="Output folder (default: <run>/exports/trial-N).")
+@click.option("--stage", help="Stage of a multi-stage run (default: the last one started).")
+def export(run_dir: Path, trial: int, out: Path | None, stage: str | None) -> None:
+    """Write one trial's merged model as a Hugging Face folder (+ recipe.json, mergekit.yaml)."""
+    from ._inspect import export_trial
+
+    path = export_trial(run_dir, trial, out=out, stage=stage)
+    click.echo(f"exported trial {trial} to {path}")
+
+
+@main.command()
+@_run_dir_arg
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), help="Output file (default: <run>/report.html).")
+def report(run_dir: Path, out: Path | None) -> None:
+    """Write the run's self-contained HTML report (plots embedded, tables, spec)."""
+    from ._inspect import write_run_report
+
+    click.echo(f"report: {write_run_report(run_dir, out=out)}")
+
+
+@main.command()
+@click.argument("specs", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--batch-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("runs/batch"),
+              show_default=True, help="Folder for the queue's state, logs and run folders.")
+@click.option("--retry-failed", is_flag=True, help="Run specs that failed in an earlier pass again.")
+def batch(specs: tuple[Path, ...], batch_dir: Path, retry_failed: bool) -> None:
+    """Run SPECS in order, overnight: each resumable, failures recorded and skipped; rerun to continue."""
+    from ._batch import run_batch
+
+    missing = [s for s in specs if not s.is_file()]
+    if missing:
+        raise UserError(f"{missing[0]}: no such spec file")
+    sys.exit(run_batch(list(specs), batch_dir, retry_failed=retry_failed, echo=click.echo))
+
+
+@main.command()
+def presets() -> None:
+    """List the shipped presets (run one with `evomerge run --preset NAME`)."""
+    from ._spec_io import load_spec, preset_names, preset_path
+
+    for name in preset_names():
+        click.echo(f"{name:18s} {load_spec(preset_path(name)).description}")
+
+
+@main.command()
+@click.option("--size", default="small", show_default=True, type=click.Choice(["tiny", "small"]), help="Zoo size.")
+@click.option("--run-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("runs/demo"), show_default=True)
+@click.option("--minutes", type=float, default=4.0, show_default=True, help="Wall-clock budget of the search.")
+def demo(size: str, run_dir: Path, minutes: float) -> None:
+    """Build the toy zoo, search Pareto-optimal merges, compare them with the experts and the grid."""
     from ._demo import run_demo
 
-    run_demo(size=size)
+    sys.exit(run_demo(size=size, run_dir=run_dir, minutes=minutes))
+
+
+if __name__ == "__main__":
+    main()

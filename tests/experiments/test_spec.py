@@ -7,17 +7,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evomerge.experiments._spec_io import SpecError, load_spec
+from evomerge.experiments._spec_io import SpecError, load_spec, preset_names, preset_path
 
 GOOD = {
     "name": "t",
     "models": {"zoo": {"size": "tiny"}},
-    "space": {"method": "ties", "search": ["weight", "density"], "granularity": "per-layer"},
+    "space": {"method": "ties", "params": ["weight", "density"], "granularity": "layer"},
     "objectives": [
         {"name": "rev", "metric": "exact_match", "data": "zoo:data/rev/calib.jsonl"},
         {"name": "sparsity", "metric": "kept_fraction"},
     ],
-    "optimizer": {"library": "optuna", "name": "NSGAII"},
+    "optimizer": {"library": "optuna", "name": "nsga2"},
     "budget": {"evaluations": 4},
 }
 
@@ -88,9 +88,9 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 def test_cross_field_checks(tmp_path: Path) -> None:
     assert "set 'evaluations' and/or 'wall_clock'" in _error(tmp_path, budget={})
     assert "constraint on unknown objective 'acc'" in _error(tmp_path, constraints=[{"objective": "acc", "min": 0.1}])
-    bad_space = {"method": "ties", "search": ["weight"], "fixed": {"weight": 1.0}}
-    assert "both searched and fixed" in _error(tmp_path, space=bad_space)
-    assert "needs 'every_k'" in _error(tmp_path, space={"method": "ties", "granularity": "every-k"})
+    bad_space = {"method": "ties", "params": ["weight"], "bounds": {"density": [0.5, 0.2]}}
+    assert "low 0.5 must be below high 0.2" in _error(tmp_path, space=bad_space)
+    assert "space.method: 'tie' is not one of linear, task_arithmetic, ties" in _error(tmp_path, space={"method": "tie"})
     assert "'2 weeks' is not a duration" in _error(tmp_path, budget={"wall_clock": "2 weeks"})
 
 
@@ -102,3 +102,15 @@ def test_yaml_problems_are_one_line(tmp_path: Path) -> None:
     path.write_text("- just\n- a list\n")
     with pytest.raises(SpecError, match="expected a mapping"):
         load_spec(path, label="spec.yaml")
+
+
+def test_every_preset_validates() -> None:
+    names = preset_names()
+    assert {"evo-merging", "lorahub", "evolutionary-ps", "mm-mo", "pareto-layerwise"} <= set(names)
+    for name in names:
+        assert load_spec(preset_path(name)).name == name
+
+
+def test_unknown_preset_lists_presets() -> None:
+    with pytest.raises(SpecError, match="'nope' is not one of .*pareto-layerwise"):
+        preset_path("nope")

@@ -1,0 +1,112 @@
+"""Spec -> live objects: merge engine, objectives, scorer, search space.
+
+Each builder takes a *resolved* spec section (see `_resolve.resolve`) and returns the object of the
+package that owns it, so this module is the only place where the spec's vocabulary meets the
+packages' constructors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from ._spec import ExperimentSpec, ObjectiveSpec, ScorerSpec
+
+if TYPE_CHECKING:
+    from evomerge.merge import MergeEngine
+    from evomerge.objectives import Objective, Scorer
+    from evomerge.search import SearchSpace, SpaceTemplate
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _torch_dtype(name: str) -> Any:
+    """The torch dtype for a spec dtype name; None for ``auto`` (keep the checkpoint's)."""
+    import torch
+
+    return None if name == "auto" else getattr(torch, _DTYPES[name])
+
+
+def _device(name: str) -> str:
+    """``auto`` -> the first GPU when there is one, else the CPU."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_engine(spec: ExperimentSpec, *, progress: bool = True) -> "MergeEngine":
+    """Load base and experts once; task vectors stay cached for the whole run."""
+    from evomerge.merge import MergeEngine
+
+    models = spec.models
+    return MergeEngine.load(
+        models.base,
+        models.experts,
+        device=_device(spec.scorer.device),
+        dtype=_torch_dtype(spec.scorer.dtype),
+        allow_pickle=models.allow_pickle,
+        progress=progress,
+    )
+
+
+def build_objective(obj: ObjectiveSpec, *, seed: int, data: str | None = None) -> "Objective":
+    """One `Objective`; ``data`` overrides the calibration file (held-out scoring of the front)."""
+    from evomerge.objectives import CalibrationSet, Objective
+
+    path = data or obj.data
+    calibration = None
+    if path is not None:
+        calibration = CalibrationSet.load(
+            path, name=obj.name, size=obj.size, seed=seed, chat_template=obj.chat_template, system_prompt=obj.system_prompt
+        )
+    return Objective(
+        name=obj.name,
+        metric=obj.metric,
+        calibration=calibration,
+        direction=obj.direction,
+        extract=obj.extract,
+        pattern=obj.pattern,
+        normalization=obj.normalization,
+        function=obj.function,
+    )
+
+
+def build_objectives(spec: ExperimentSpec, *, holdout: bool = False) -> list["Objective"]:
+    """The spec's objectives; with ``holdout`` the metric objectives read their held-out sets."""
+    if holdout:
+        return [build_objective(o, seed=spec.seed, data=o.holdout) for o in spec.objectives if o.holdout or o.data is None]
+    return [build_objective(o, seed=spec.seed) for o in spec.objectives]
+
+
+def build_scorer(spec: ExperimentSpec, engine: "MergeEngine", objectives: list["Objective"]) -> "Scorer":
+    """The scoring backend with the spec's options (a failed candidate is a result, never a crash).
+
+    vLLM loads base and experts into its own GPU workers, so it gets paths rather than the engine.
+    """
+    scorer: ScorerSpec = spec.scorer
+    if scorer.backend == "vllm":
+        from evomerge.objectives import VllmScorer
+
+        dtype = "auto" if scorer.dtype == "auto" else scorer.dtype
+        return VllmScorer(
+            spec.models.base, spec.models.experts, objectives, dtype=dtype, max_new_tokens=scorer.max_new_tokens,
+            timeout=scorer.timeout, seed=spec.seed, **scorer.options,
+        )
+    from evomerge.objectives import TransformersScorer
+
+    return TransformersScorer(
+        engine, objectives, device=_device(scorer.device), dtype=_torch_dtype(scorer.dtype),
+        batch_size=scorer.batch_size, max_new_tokens=scorer.max_new_tokens, timeout=scorer.timeout, **scorer.options,
+    )
+
+
+def build_space(engine: "MergeEngine", template: "SpaceTemplate", held: Mapping[str, float] | None = None) -> "SearchSpace":
+    """The genome <-> recipe map; ``held`` adds values inherited from a previous stage."""
+    from evomerge.search import SearchSpace
+
+    if held:
+        template = template.model_copy(update={"fixed": {**template.fixed, **held}})
+    return SearchSpace(engine.layout, engine.expert_names, template)
+

@@ -1,0 +1,67 @@
+"""Turn a spec's symbolic references (the toy zoo, LoRA pool folders) into concrete paths.
+
+The run folder keeps the *resolved* spec, so a run can be resumed, audited or reproduced without
+knowing which zoo or pool it came from: every model and data path in it is absolute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ._spec import ZOO_PREFIX, ExperimentSpec, ZooRef
+from ._spec_io import SpecError, validate_spec
+
+
+def zoo_dir(ref: ZooRef, *, progress: bool = True) -> Path:
+    """The zoo a spec refers to, built on first use (cached afterwards)."""
+    from evomerge.experiments.zoo import build_zoo
+
+    return build_zoo(ref.size, seed=ref.seed, arch=ref.arch, out=ref.path, progress=progress)
+
+
+def _zoo_models(zoo: Path, ref: ZooRef) -> dict[str, Any]:
+    from evomerge.experiments.zoo import load_manifest
+
+    manifest = load_manifest(zoo)
+    if ref.experts == "pool":
+        experts = {entry["name"]: str(zoo / entry["path"]) for entry in manifest["pool"]}
+    else:
+        table = manifest["experts" if ref.experts == "full" else "lora_experts"]
+        experts = {name: str(zoo / rel) for name, rel in table.items()}
+    return {"base": str(zoo / manifest["base"]), "experts": experts}
+
+
+def pool_adapters(pool: Path) -> dict[str, str]:
+    """Adapters of a LoRA pool folder: every subfolder holding an ``adapter_config.json``."""
+    found = {p.parent.name: str(p.parent) for p in sorted(pool.glob("*/adapter_config.json"))}
+    if not found:
+        raise SpecError(f"models.pool: {str(pool)!r} holds no LoRA adapters (subfolders with adapter_config.json)")
+    return found
+
+
+def _unzoo(value: Any, zoo: Path) -> Any:
+    """Replace every ``zoo:rel/path`` string inside a spec mapping by ``<zoo>/rel/path``."""
+    if isinstance(value, str) and value.startswith(ZOO_PREFIX):
+        return str(zoo / value[len(ZOO_PREFIX):])
+    if isinstance(value, dict):
+        return {k: _unzoo(v, zoo) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unzoo(v, zoo) for v in value]
+    return value
+
+
+def resolve(spec: ExperimentSpec, *, label: str, progress: bool = True) -> ExperimentSpec:
+    """The spec with the zoo built and expanded and pools listed: plain base + experts, absolute paths.
+
+    Re-validated, so a zoo that lacks a referenced file is a one-line error naming the field.
+    """
+    data = spec.model_dump(mode="json", by_alias=True)
+    models = data["models"]
+    if spec.models.zoo is not None:
+        zoo = zoo_dir(spec.models.zoo, progress=progress)
+        data = _unzoo(data, zoo)
+        data["models"] = {**models, **_zoo_models(zoo, spec.models.zoo), "zoo": None}
+    elif spec.models.pool is not None:
+        data["models"] = {**models, "experts": {**models["experts"], **pool_adapters(Path(spec.models.pool))}, "pool": None}
+    return validate_spec(data, root=Path.cwd(), label=label)

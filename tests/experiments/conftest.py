@@ -1,0 +1,46 @@
+"""End-to-end helpers: the `evomerge` command run in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+EVOMERGE = str(Path(sys.executable).parent / "evomerge")
+SKILLS = ("rev", "sort", "shift", "add")
+
+
+def evomerge(*args: str, cwd: Path, timeout: float = 240, check: int | None = 0) -> subprocess.CompletedProcess:
+    """Run the CLI; ``check`` is the expected exit status (None: any)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([EVOMERGE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def tiny_spec(tmp_path: Path, name: str = "tiny", evaluations: int = 6, **changes) -> Path:
+    """A small multi-objective TIES search on the tiny zoo (answer loss: informative even untrained)."""
+    spec = {
+        "name": name,
+        "models": {"zoo": {"size": "tiny"}},
+        "space": {"method": "ties", "params": ["weight", "density"], "granularity": "layer"},
+        "objectives": [
+            {"name": s, "metric": "answer_loss", "data": f"zoo:data/{s}/calib.jsonl", "size": 8} for s in SKILLS[:2]
+        ] + [{"name": "kept", "metric": "kept_fraction"}],
+        "scorer": {"batch_size": 16, "max_new_tokens": 6},
+        "optimizer": {"library": "optuna", "name": "nsga2", "options": {"population_size": 4}},
+        "budget": {"evaluations": evaluations},
+        **changes,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def front_json(run_dir: Path, cwd: Path) -> list[dict]:
+    return json.loads(evomerge("front", str(run_dir), "--format", "json", cwd=cwd).stdout)
