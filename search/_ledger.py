@@ -11,7 +11,8 @@ opens any run. What a trial holds:
   ``details`` (per-task records, truncated to `MAX_DETAIL_ITEMS` per objective), ``timings``,
   ``failure`` (reason, FAIL trials only), ``constraints`` (optional), ``candidate`` (coordinator id,
   nevergrad and baselines) and ``interrupted`` (a trial cut off by a crash or a stop, re-queued);
-* ``system_attrs["constraints"]``: optuna's feasibility convention (feasible iff all <= 0).
+* constraints also as optuna's ``Trial.set_constraint`` entries (feasible iff all <= 0), which
+  optuna's constrained samplers and ``best_trials`` read.
 
 The study's ``user_attrs`` hold the run metadata: objectives and directions, scalarization,
 reference point, seed, space description and fingerprint. Reopening with a different space or
@@ -53,8 +54,8 @@ MAX_DETAIL_ITEMS = 64
 """Per-task detail records kept per objective and trial: enough to read failures, small enough
 that a 10k-trial SQLite ledger stays in the tens of megabytes."""
 
-CONSTRAINTS_KEY = "constraints"
-"""optuna's system attribute for constraint values (feasible iff all <= 0)."""
+CONSTRAINTS_PREFIX = "constraints:"
+"""optuna's system attribute prefix for one constraint value (what ``Trial.set_constraint`` writes)."""
 
 
 class ObjectiveLike(Protocol):
@@ -233,7 +234,7 @@ class Ledger:
 
     @staticmethod
     def feasible(trial: FrozenTrial) -> bool:
-        return all(c <= 0 for c in trial.system_attrs.get(CONSTRAINTS_KEY, ()))
+        return all(c <= 0 for c in trial.user_attrs.get("constraints", ()))
 
     def archive(self) -> ParetoArchive:
         """The Pareto archive rebuilt from the ledger, in trial order (so resume restores history)."""
@@ -288,7 +289,7 @@ class Ledger:
     ) -> int:
         """Write one finished trial in a single transaction (the coordinator path); returns its number."""
         state = TrialState.COMPLETE if values is not None else TrialState.FAIL
-        system_attrs = {CONSTRAINTS_KEY: attrs["constraints"]} if "constraints" in attrs else {}
+        system_attrs = {f"{CONSTRAINTS_PREFIX}{i}": c for i, c in enumerate(attrs.get("constraints", ()))}
         trial = optuna.trial.create_trial(
             state=state,
             params=dict(params),
@@ -307,6 +308,8 @@ class Ledger:
         """Finish a trial an optuna sampler asked for (the native path)."""
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
+        for i, c in enumerate(attrs.get("constraints", ())):
+            trial.set_constraint(str(i), c)
         if values is None:
             self.study.tell(trial, state=TrialState.FAIL)
         else:

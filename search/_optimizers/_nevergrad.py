@@ -55,7 +55,9 @@ class NevergradOptimizer(CoordinatedOptimizer):
         if self.optimizer == "NgIohTuned" and budget is None:
             raise ValueError("NgIohTuned chooses its algorithm from the budget; give budget_evals")
         low, high = space.bounds
-        param = ng.p.Array(init=space.x0).set_bounds(low, high)
+        # sigma per coordinate: a sixth of its range, so a density in [0.05, 1] and a weight in
+        # [-1.5, 1.5] are explored at the same relative scale (nevergrad's default is 1.0)
+        param = ng.p.Array(init=space.x0, lower=low, upper=high).set_mutation(sigma=(high - low) / 6)
         param.random_state = np.random.RandomState(seed)
         opt = ng.optimizers.registry[self.optimizer](parametrization=param, budget=budget, num_workers=batch_size)
         opt.enable_pickling()

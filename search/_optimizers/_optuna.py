@@ -10,10 +10,10 @@ but it need not repeat the uninterrupted run's sequence (for that, use a coordin
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
-from optuna.trial import FrozenTrial
 
 from ._base import Candidate, Optimizer, Result, genome_distributions
 
@@ -26,24 +26,23 @@ SINGLE_OBJECTIVE = ("cmaes",)
 """Samplers that need one value: use them with a `Scalarization` when there are several objectives."""
 
 
-def _constraints(trial: FrozenTrial) -> list[float]:
-    return list(trial.user_attrs.get("constraints", ()))
-
-
 def _make_sampler(kind: str, seed: int, kwargs: dict[str, Any]) -> optuna.samplers.BaseSampler:
     s = optuna.samplers
-    c: Callable[[FrozenTrial], list[float]] = _constraints
+    # constraints reach the samplers through Trial.set_constraint (the ledger sets them)
     factories: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
         # constant_liar: batched asks see pending trials as bad, so one batch spreads out
-        "tpe": lambda: s.TPESampler(seed=seed, constant_liar=True, constraints_func=c, **kwargs),
+        "tpe": lambda: s.TPESampler(seed=seed, constant_liar=True, **kwargs),
         "cmaes": lambda: s.CmaEsSampler(seed=seed, **kwargs),
-        "nsga2": lambda: s.NSGAIISampler(seed=seed, constraints_func=c, **kwargs),
-        "nsga3": lambda: s.NSGAIIISampler(seed=seed, constraints_func=c, **kwargs),
-        "gp": lambda: s.GPSampler(seed=seed, constraints_func=c, **kwargs),
+        "nsga2": lambda: s.NSGAIISampler(seed=seed, **kwargs),
+        "nsga3": lambda: s.NSGAIIISampler(seed=seed, **kwargs),
+        "gp": lambda: s.GPSampler(seed=seed, **kwargs),
         "qmc": lambda: s.QMCSampler(seed=seed, **kwargs),
         "random": lambda: s.RandomSampler(seed=seed, **kwargs),
     }
-    return factories[kind]()
+    with warnings.catch_warnings():
+        # NSGA-III and QMC are "experimental" in optuna's API sense; the user chose them by name
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return factories[kind]()
 
 
 class OptunaOptimizer(Optimizer):

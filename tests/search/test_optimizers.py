@@ -106,14 +106,17 @@ def test_single_objective_sampler_without_scalarization_is_refused(problem, tmp_
         run_search(space, scorer, make_optimizer("optuna:cmaes"), _ledger(tmp_path, scorer, space), budget_evals=1, progress=False)
 
 
-def test_infeasible_trials_never_reach_the_front(problem, tmp_path: Path) -> None:
+@pytest.mark.parametrize("spec", ["random", "optuna:nsga2"])
+def test_infeasible_trials_never_reach_the_front(problem, spec: str, tmp_path: Path) -> None:
     _, scorer, space = problem
     ledger = _ledger(tmp_path, scorer, space)
     first = run_search(space, scorer, make_optimizer("random"), _ledger(tmp_path / "probe", scorer, space), budget_evals=6, progress=False)
     threshold = float(np.median(first.archive.points[:, 1]))
-    result = run_search(space, scorer, make_optimizer("random"), ledger, budget_evals=6, progress=False,
+    result = run_search(space, scorer, make_optimizer(spec), ledger, budget_evals=6, progress=False,
                         constraints=lambda ev: [ev.values["l1"] - threshold])
     infeasible = {t.number for t in ledger.finished() if t.user_attrs["constraints"][0] > 0}
+    # optuna sees the same feasibility (its constrained samplers and best_trials use it)
+    assert all((t.constraints["0"] > 0) == (t.number in infeasible) for t in ledger.finished())
     assert infeasible and not infeasible & {p.number for p in result.archive.front}
     assert not infeasible & {p.number for p in ledger.archive().front}
 
