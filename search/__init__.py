@@ -37,7 +37,7 @@ from ._optimizers import (
 from ._plots import plot_front, plot_hypervolume, plot_run
 from ._pareto import ParetoArchive, ParetoPoint, hypervolume, pareto_mask
 from ._scalarize import Scalarization, to_losses
-from ._space import DEFAULT_BOUNDS, METHOD_KINDS, SearchSpace, SpaceTemplate
+from ._space import DEFAULT_BOUNDS, METHOD_KINDS, ParamKind, SearchSpace, SpaceTemplate
 
 __all__ = [
     "Candidate",
@@ -54,6 +54,7 @@ __all__ = [
     "Optimizer",
     "OptunaOptimizer",
     "ParetoArchive",
+    "ParamKind",
     "ParetoPoint",
     "RandomSearch",
     "Scalarization",

@@ -194,6 +194,7 @@ def run_search(
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(hv=f"{record.hypervolume:.4g}", front=len(archive.front), refresh=False)
+        optimizer.save()
     except KeyboardInterrupt:
         result.stopped_by = "interrupt"
         ledger.fail_running("interrupted: the run was stopped (SIGINT/SIGTERM)")

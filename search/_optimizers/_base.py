@@ -77,4 +77,5 @@ class Optimizer(ABC):
         """Learn a result; called after the ledger recorded the trial."""
 
     def save(self) -> None:
-        """Persist the optimizer's state (no-op where the ledger is the state)."""
+        """Persist the optimizer's state now (no-op where the ledger is the state); the run loop
+        calls it when it stops."""

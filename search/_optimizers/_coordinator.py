@@ -2,11 +2,14 @@
 
 Crash safety rests on three rules:
 
-1. After every ``ask`` batch and every ``tell``, the whole state (backend optimizer, candidates
-   asked but not told, ids told) is pickled atomically: temp file, fsync, ``os.replace``. A
+1. Every ``ask`` batch ends with the whole state (backend optimizer, candidates asked but not
+   told, ids told) pickled atomically: temp file, fsync, ``os.replace``, directory fsync. A
    candidate thus exists in the checkpoint before anyone evaluates it.
-2. A finished trial reaches the ledger (one transaction, with its candidate id) *before* the
-   optimizer is told, so the ledger is never behind the optimizer.
+2. A finished trial reaches the ledger (one fsynced append, with its candidate id) *before* the
+   optimizer is told, so the ledger is never behind the optimizer. The tell itself is not
+   checkpointed on its own: the next ask's checkpoint includes it, and if the process dies
+   first, rule 3 replays it from the ledger with the same values. This halves the fsyncs per
+   trial (the 2% overhead budget) at no cost in safety; `save` also runs when a run stops.
 3. On ``bind`` (resume): finished ledger trials the checkpoint has not told are told now; pending
    candidates with no finished trial are re-queued and handed out again by ``ask`` before any new
    one. Every candidate is evaluated to completion exactly once, and a deterministic backend sees
@@ -76,6 +79,7 @@ class CoordinatedOptimizer(Optimizer):
         self._next_id = 0
         self._requeue: list[int] = []
         self._backend: Any = None
+        self._dirty = False
 
     # ---------------------------------------------------------------- backend hooks
     @abstractmethod
@@ -122,29 +126,27 @@ class CoordinatedOptimizer(Optimizer):
             self._tell_backend(cid, Failure(trial.user_attrs.get("failure", "failed")) if values is None else values)
             reconciled = True
         self._requeue = sorted(cid for cid in self._pending if cid not in finished)
-        if reconciled:
+        if reconciled or not self._path.exists():
             self.save()
 
     def ask(self, n: int) -> list[Candidate]:
         out: list[Candidate] = []
         while self._requeue and len(out) < n:
             out.append(self._candidate(self._requeue.pop(0)))
-        fresh = False
         while len(out) < n:
             proposed = self._propose(self._space)
             if proposed is None:
                 break
             cid, self._next_id = self._next_id, self._next_id + 1
             self._pending[cid] = proposed
+            self._dirty = True
             out.append(self._candidate(cid))
-            fresh = True
-        if fresh:
+        if self._dirty:
             self.save()
         return out
 
     def tell(self, candidate: Candidate, result: Result) -> None:
         self._tell_backend(candidate.key, result)
-        self.save()
 
     def save(self) -> None:
         state = {
@@ -155,6 +157,7 @@ class CoordinatedOptimizer(Optimizer):
             "next_id": self._next_id,
         }
         write_atomic(self._path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+        self._dirty = False
 
     # ---------------------------------------------------------------- helpers
     def _candidate(self, cid: int) -> Candidate:
@@ -179,3 +182,4 @@ class CoordinatedOptimizer(Optimizer):
                 losses = to_losses(result, ledger.directions)
         self._observe(token, losses)
         self._told.add(cid)
+        self._dirty = True

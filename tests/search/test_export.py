@@ -1,0 +1,66 @@
+"""Exports of a real tiny-zoo run: CSV/JSON of all trials and the front, PNG plots, a trial's model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from evomerge.merge import MergeRecipe
+from evomerge.objectives import Objective, TransformersScorer
+from evomerge.search import Ledger, SearchSpace, export_results, export_trial_model, make_optimizer, plot_run, run_search, trial_recipe
+
+from ._problem import build_problem
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory):
+    engine, scorer, space = build_problem(tiny_zoo)
+    ledger = Ledger(tmp_path_factory.mktemp("run"), objectives=scorer.objectives, space=space.to_dict(), reference_point=[50.0, 1e6])
+    run_search(space, scorer, make_optimizer("nevergrad:TwoPointsDE"), ledger, budget_evals=10, batch_size=2, progress=False)
+    return engine, scorer, space, ledger
+
+
+def test_trials_and_front_as_csv_and_json(finished_run, tmp_path: Path) -> None:
+    _, _, space, ledger = finished_run
+    paths = export_results(ledger, tmp_path)
+    assert set(paths) == {"trials.csv", "trials.json", "front.csv", "front.json"}
+    trials = json.loads(paths["trials.json"].read_text())
+    assert trials["reference_point"] == [50.0, 1e6]
+    assert [t["number"] for t in trials["trials"]] == list(range(10))
+    front_numbers = sorted(p.number for p in ledger.archive().front)
+    front = json.loads(paths["front.json"].read_text())["trials"]
+    assert [t["number"] for t in front] == front_numbers
+    for t in trials["trials"]:
+        assert set(t["genome"]) == set(space.names)
+        assert MergeRecipe.model_validate(t["recipe"]) == trial_recipe(ledger, t["number"])
+        assert set(t["objectives"]) == {"rev_loss", "l1"} and t["details"]["rev_loss"]
+    with open(paths["trials.csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10
+    assert {"rev_loss", "l1", "on_front", "recipe", "time:merge", f"param:{space.names[0]}"} <= set(rows[0])
+    assert sorted(int(r["number"]) for r in rows if r["on_front"] == "True") == front_numbers
+
+
+def test_plots_for_two_and_three_objectives(finished_run, tiny_zoo: Path, tmp_path: Path) -> None:
+    engine, scorer, space, ledger = finished_run
+    paths = plot_run(ledger, tmp_path / "two")
+    for path in paths.values():
+        assert Image.open(path).size[0] > 300
+    # a third objective: pairwise panels
+    three = TransformersScorer(engine, [*scorer.objectives, Objective("kept", "kept_fraction")], batch_size=4)
+    ledger3 = Ledger(tmp_path / "run3", objectives=three.objectives, space=space.to_dict())
+    run_search(space, three, make_optimizer("random"), ledger3, budget_evals=5, progress=False)
+    wide = Image.open(plot_run(ledger3, tmp_path / "three")["front.png"])
+    assert wide.size[0] > Image.open(paths["front.png"]).size[0]  # three panels side by side
+
+
+def test_any_trial_exports_as_a_model(finished_run, tmp_path: Path) -> None:
+    engine, _, _, ledger = finished_run
+    number = ledger.archive().front[0].number
+    out = export_trial_model(ledger, engine, number, tmp_path / "model")
+    assert (out / "config.json").exists()
+    assert MergeRecipe.from_json((out / "recipe.json").read_text()) == trial_recipe(ledger, number)
