@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -37,9 +38,12 @@ from .tokenizer import build_tokenizer
 from .training import TrainResult, train
 
 #: Bump whenever the output of a build changes; it is part of the cache key.
-BUILDER_VERSION = "2"
-#: Fixed during the build: CPU matmul reductions depend on the thread count.
-BUILD_THREADS = 2
+BUILDER_VERSION = "3"
+#: Fixed during the build: CPU matmul reductions depend on the thread count. One thread:
+#: the matrices are too small to gain much from more, the result does not depend on the
+#: machine's core count, and OpenMP threads collapse when other jobs share the CPU
+#: (measured: a 2-thread build under load ran several times slower than a 1-thread one).
+BUILD_THREADS = 1
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -190,7 +194,9 @@ def _save_adapter(peft_model, path: Path, base_path: Path) -> None:
     # The recorded base path is informational (PeftModel.from_pretrained takes the base model
     # object); point it at where the base will live once the build is published.
     peft_model.peft_config["default"].base_model_name_or_path = str(base_path)
-    peft_model.save_pretrained(path, safe_serialization=True)
+    with warnings.catch_warnings():  # peft looks for the base there, which is published later
+        warnings.filterwarnings("ignore", message="Could not find a config file")
+        peft_model.save_pretrained(path, safe_serialization=True)
 
 
 class _Progress:
@@ -269,7 +275,8 @@ def _build_into(tmp: Path, final: Path, spec: ZooSize, seed: int, arch: str, tie
     training["base"] = train(base, mixture, steps=spec.base_steps, lr=spec.base_lr, batch_size=spec.batch_size,
                              rng=skill_rng(seed, 21), weights=weights, warmup=spec.base_steps // 10,
                              weight_decay=0.01, on_step=bar.step("base")).to_dict()
-    training["base"]["skill_share"] = spec.base_skill_share
+    training["base"].update(skill_share=spec.base_skill_share, skill_len=list(spec.base_skill_len),
+                            seed=derive_seed(seed, 20))
     _save_hf(base, tokenizer, tmp / "base")
     evaluate("base", base)
     base_sd = {k: v.detach().clone() for k, v in base.state_dict().items()}
@@ -285,7 +292,7 @@ def _build_into(tmp: Path, final: Path, spec: ZooSize, seed: int, arch: str, tie
         training[f"expert:{s}"] = train(model, examples + mixture, steps=spec.expert_steps, lr=spec.expert_lr,
                                         batch_size=spec.batch_size, rng=skill_rng(seed, 31, i), weights=ex_weights,
                                         warmup=spec.expert_steps // 10, on_step=bar.step(f"expert:{s}")).to_dict()
-        training[f"expert:{s}"].update(replay=r, skill_examples=len(examples))
+        training[f"expert:{s}"].update(replay=r, skill_examples=len(examples), seed=derive_seed(seed, 30, i))
         _save_hf(model, tokenizer, tmp / "experts" / s)
         evaluate(f"expert:{s}", model)
         expert_sds.append({k: v.detach().clone() for k, v in model.state_dict().items()})
@@ -299,7 +306,7 @@ def _build_into(tmp: Path, final: Path, spec: ZooSize, seed: int, arch: str, tie
         training[f"lora:{s}"] = train(pm, examples, steps=spec.lora_steps, lr=spec.lora_lr, batch_size=spec.batch_size,
                                       rng=skill_rng(seed, 41, i), warmup=spec.lora_steps // 10,
                                       on_step=bar.step(f"lora:{s}")).to_dict()
-        training[f"lora:{s}"]["rank"] = spec.lora_rank
+        training[f"lora:{s}"].update(rank=spec.lora_rank, seed=derive_seed(seed, 40, i))
         _save_adapter(pm, tmp / "adapters" / f"{s}-lora", final / "base")
         evaluate(f"lora:{s}", pm)
         del pm
@@ -335,7 +342,7 @@ def _build_into(tmp: Path, final: Path, spec: ZooSize, seed: int, arch: str, tie
         torch.manual_seed(seed_e)
         res = train(pm, examples, steps=entry["steps"], lr=lr, batch_size=spec.batch_size // 2, rng=rng,
                     warmup=0, on_step=bar.step(f"pool:{entry['name']}"))
-        training[f"pool:{entry['name']}"] = res.to_dict()
+        training[f"pool:{entry['name']}"] = {**res.to_dict(), "seed": seed_e}
         _save_adapter(pm, tmp / "pool" / entry["name"], final / "base")
         evaluate(f"pool:{entry['name']}", pm)
         if entry["variant"] == "clean":

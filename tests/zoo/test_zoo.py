@@ -176,9 +176,12 @@ def test_manifest_figures_recompute(tiny_zoo: Path, build_threads) -> None:
 
 
 def test_tiny_experts_beat_base(tiny_zoo: Path) -> None:
-    acc = load_manifest(tiny_zoo)["accuracy"]
-    for s in load_manifest(tiny_zoo)["skills"]:
+    m = load_manifest(tiny_zoo)
+    acc = m["accuracy"]
+    for s in m["skills"]:
         assert acc[f"expert:{s}"][s] > acc["base"][s], s
+    for s in m["lora_experts"]:
+        assert acc[f"lora:{s}"][s] > acc["base"][s], s
 
 
 def test_cached_call_returns_at_once(tiny_zoo: Path) -> None:
