@@ -24,6 +24,7 @@ from ._layout import ModelLayout
 from ._lora import LoraAdapter, LoraModule, is_adapter
 from ._plan import TensorPlan, plan_recipe
 from ._recipe import ExpertParams, MergeRecipe
+from .methods._base import ChunkPlan, chunk_buffer, chunk_elements, chunks, run_plan
 
 if TYPE_CHECKING:
     from .methods import MagnitudeTable, MethodOptions
@@ -73,6 +74,7 @@ class MergeEngine:
         self._zeros: dict[tuple[int, ...], torch.Tensor] = {}
         self._scratch: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
         self._target: nn.Module | None = None
+        self._chunk: int | None = None
         self.num_params = sum(t.numel() for t in base.values())
 
     # ------------------------------------------------------------------ loading
@@ -177,30 +179,73 @@ class MergeEngine:
 
     @torch.no_grad()
     def apply(self, recipe: MergeRecipe, target: nn.Module | Mapping[str, torch.Tensor], *, stats: bool = True) -> MergeStats:
-        """Write the recipe's merged weights into `target` in place (no new model, no disk)."""
+        """Write the recipe's merged weights into `target` in place (no new model, no disk).
+
+        Each tensor is merged in flat cache-sized chunks (`chunk_elements`): per chunk the method
+        writes the merged task vector into a small fp32 buffer, the stats are accumulated from it, and
+        `target = base + merged` is written in the same pass, so every input is read from RAM once.
+        """
         start = time.perf_counter()
         tensors = self._targets(target)
-        changed = torch.zeros((), dtype=torch.int64, device=self.device)
-        l1 = torch.zeros((), dtype=torch.float64, device=self.device)
-        for name, delta in self._merged_deltas(recipe):
+        nonzero: list[torch.Tensor] = []
+        l1_parts: list[torch.Tensor] = []
+        chunk = self.chunk_elements
+        out_buf = None
+        for name, source in self._sources(recipe):
             dst, base = tensors[name], self._base[name]
-            if delta is None:
+            if source is None:
                 dst.copy_(base)
                 continue
-            if stats:
-                changed += torch.count_nonzero(delta)
-                l1 += torch.linalg.vector_norm(delta, ord=1)
-            if dst.device == delta.device:
-                torch.add(delta, base.to(delta.device), out=dst)
-            else:
-                dst.copy_(delta.add_(base.to(delta.device)))
+            if isinstance(source, torch.Tensor):  # adapter mode: a whole fp32 delta
+                if stats:
+                    nonzero.append(torch.count_nonzero(source))
+                    l1_parts.append(torch.linalg.vector_norm(source, ord=1))
+                if dst.device == source.device:
+                    torch.add(source, base.to(source.device), out=dst)
+                else:
+                    dst.copy_(source.add_(base.to(source.device)))
+                continue
+            if out_buf is None:
+                out_buf = chunk_buffer(self.device, chunk, "engine")
+            base_flat = base.reshape(-1)
+            direct = dst.is_contiguous() and dst.device == self.device
+            dst_flat = dst.view(-1) if dst.is_contiguous() else None
+            staged = None if dst_flat is not None else torch.empty(dst.shape, dtype=dst.dtype, device=self.device)
+            sink = dst_flat if dst_flat is not None else staged.view(-1)
+            for lo, hi in chunks(source.numel, chunk):
+                piece = out_buf[: hi - lo]
+                source.run(piece, lo, hi)
+                if stats:
+                    nonzero.append(torch.count_nonzero(piece))
+                    l1_parts.append(torch.linalg.vector_norm(piece, ord=1))
+                base_piece = base_flat[lo:hi]
+                if base_piece.device != piece.device:
+                    base_piece = base_piece.to(piece.device, non_blocking=True)
+                if direct:
+                    torch.add(piece, base_piece, out=sink[lo:hi])
+                else:
+                    sink[lo:hi].copy_(piece.add_(base_piece))
+            if staged is not None:
+                dst.copy_(staged)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
         if not stats:
-            return MergeStats(None, None, None, seconds)
-        n_changed = int(changed.item())
-        return MergeStats(n_changed / self.num_params, float(l1.item()), n_changed, seconds)
+            return MergeStats(None, None, None, time.perf_counter() - start)
+        n_changed = int(torch.stack(nonzero).sum().item()) if nonzero else 0
+        l1 = float(torch.stack(l1_parts).to(torch.float64).sum().item()) if l1_parts else 0.0
+        seconds = time.perf_counter() - start
+        return MergeStats(n_changed / self.num_params, l1, n_changed, seconds)
+
+    @property
+    def chunk_elements(self) -> int:
+        """Flat chunk length of the in-place merge (by device type; see `methods.CHUNK_ELEMENTS`)."""
+        return self._chunk if self._chunk else chunk_elements(self.device)
+
+    @chunk_elements.setter
+    def chunk_elements(self, value: int | None) -> None:
+        if value is not None and value < 1:
+            raise MergeError(f"chunk_elements must be >= 1, got {value}")
+        self._chunk = value
 
     def iter_merged(self, recipe: MergeRecipe) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, merged tensor in the model dtype) one at a time: exports, vLLM weight loaders."""
@@ -213,7 +258,17 @@ class MergeEngine:
         return dict(self.iter_merged(recipe))
 
     def _merged_deltas(self, recipe: MergeRecipe) -> Iterator[tuple[str, torch.Tensor | None]]:
-        """Per tensor the merged task vector in a reused fp32 buffer (valid until the next item)."""
+        """Per tensor the whole merged task vector in a reused fp32 buffer (valid until the next item)."""
+        for name, source in self._sources(recipe):
+            if source is None or isinstance(source, torch.Tensor):
+                yield name, source
+                continue
+            out = self._buffer(tuple(self._base[name].shape), 0)
+            run_plan(source, out, self.chunk_elements)
+            yield name, out
+
+    def _sources(self, recipe: MergeRecipe) -> Iterator[tuple[str, "ChunkPlan | torch.Tensor | None"]]:
+        """Per tensor: None (keep the base), a chunk plan (dense), or a whole fp32 delta (adapter mode)."""
         # Imported here, not at module level: `methods` imports `_recipe` from this package, and
         # `evomerge.merge` must import cleanly for code that only needs recipes or layouts.
         from .methods import MethodOptions
@@ -227,9 +282,9 @@ class MergeEngine:
             if recipe.lora_mode == "adapter":
                 yield item.name, self._adapter_delta(recipe, item, opts)
             else:
-                yield item.name, self._dense_delta(recipe, item, opts)
+                yield item.name, self._dense_plan(recipe, item, opts)
 
-    def _dense_delta(self, recipe: MergeRecipe, item: TensorPlan, options: MethodOptions) -> torch.Tensor:
+    def _dense_plan(self, recipe: MergeRecipe, item: TensorPlan, options: MethodOptions) -> "ChunkPlan":
         from .methods import mask_generator
 
         name, method = item.name, item.method
@@ -237,12 +292,11 @@ class MergeEngine:
         deltas = [self._delta(e, name) for e in item.experts]
         tables = [self._table(e, name, d) for e, d in zip(item.experts, deltas)] if item.needs_tables else None
         generator = mask_generator(recipe.seed, recipe.trial, name, self.device) if method.is_random else None
-        out = self._buffer(tuple(base.shape), 0)
         try:
-            method.merge(out, deltas, item.params, base=base.to(self.device), options=options, tables=tables, generator=generator)
+            return method.prepare(deltas, item.params, base=base.to(self.device), options=options, tables=tables,
+                                  generator=generator, chunk=self.chunk_elements)
         except ValueError as exc:  # parameter combinations only the method can judge (e.g. DELLA's epsilon)
             raise MergeError(f"tensor {name}, method {method.name!r}: {exc}") from None
-        return out
 
     def _adapter_delta(self, recipe: MergeRecipe, item: TensorPlan, options: MethodOptions) -> torch.Tensor | None:
         """LoraHub / Evo-Merging form: A' = method(A_i), B' = sum w_i s_i B_i, delta = B' @ A'."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .._recipe import ExpertParams
-from ._gta import GeneralizedTaskArithmetic, Scratch, Sparsified
+from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec
 from ._magnitude import MagnitudeTable, prune_band
 from ._options import MethodOptions
 
@@ -47,9 +47,36 @@ def band_sparsify(
     return prune_band(delta, lo, hi, out=out, scratch=scratch.get("band_high", delta.dtype)), 1.0
 
 
+class BandSpec(Spec):
+    """Keep `lo <= |x| <= hi` (2 hardshrinks and a subtract per chunk)."""
+
+    def __init__(self, lo: float, hi: float) -> None:
+        self.lo, self.hi = lo, hi
+
+    def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
+        return prune_band(d, self.lo, self.hi, out=scratch.get("prune", d.dtype), scratch=scratch.get("band_high", d.dtype))
+
+
+def band_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable | None, options: MethodOptions,
+              key: tuple[int, int] | None) -> Spec:
+    """`band_sparsify` resolved once per tensor: the band comes from the table."""
+    density = float(p.density)
+    if density >= 1:
+        return DenseSpec()
+    if delta.numel() == 0:
+        return ZeroSpec()
+    if table is None:
+        table = MagnitudeTable.build(delta, resolution=max(1, delta.numel()))
+    band = table.band(density, float(p.gamma))
+    if band is None:
+        return ZeroSpec()
+    return BandSpec(*band)
+
+
 class Breadcrumbs(GeneralizedTaskArithmetic):
     name = "breadcrumbs"
     mergekit_name = "breadcrumbs"
+    spec = staticmethod(band_spec)
     sparsifier = staticmethod(band_sparsify)
     uses = frozenset({"weight", "density", "gamma", "normalize", "lambda"})
     mergekit_defaults = {"normalize": False}

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from .._recipe import ExpertParams
-from ._gta import GeneralizedTaskArithmetic, Scratch, Sparsified
+from ._draws import bernoulli_mask
+from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec
 from ._magnitude import MagnitudeTable
 from ._options import MethodOptions
 from ._rescale import l1_restore_factor
@@ -63,10 +64,37 @@ def random_sparsify(
     return masked, l1_restore_factor(delta, masked, table)
 
 
+class DareSpec(Spec):
+    """Bernoulli(density) keep mask from the counter-based hash of (key, element index), times delta."""
+
+    random = True
+
+    def __init__(self, density: float, key: tuple[int, int], rescale: float = 1.0) -> None:
+        self.density, self.key, self.rescale = density, key, rescale
+
+    def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
+        mask = scratch.get("mask", torch.float32)
+        bernoulli_mask(mask, scratch.get("bits", torch.int32), scratch.get("bits_tmp", torch.int32), self.key, start, self.density)
+        return mask.mul_(d)
+
+
+def dare_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable | None, options: MethodOptions,
+              key: tuple[int, int] | None) -> Spec:
+    """DARE per tensor: no draw at density >= 1, nothing kept at <= 0; the L1 factor is set by the plan."""
+    density = float(p.density)
+    if density >= 1:
+        return DenseSpec()
+    if density <= 0 or delta.numel() == 0:
+        return ZeroSpec()
+    assert key is not None
+    return DareSpec(density, key, 1.0 / density if options.rescale == "paper" else 1.0)
+
+
 class DareLinear(GeneralizedTaskArithmetic):
     name = "dare_linear"
     mergekit_name = "dare_linear"
     is_random = True
+    spec = staticmethod(dare_spec)
     sparsifier = staticmethod(random_sparsify)
     uses = frozenset({"weight", "density", "normalize", "lambda", "rescale"})
     mergekit_defaults = {"normalize": False, "rescale": True}

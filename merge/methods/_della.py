@@ -27,7 +27,8 @@ import torch
 
 from .._recipe import ExpertParams
 from ._dare import work_dtype
-from ._gta import GeneralizedTaskArithmetic, Scratch, Sparsified
+from ._draws import uniform_
+from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec
 from ._magnitude import MagnitudeTable
 from ._options import MethodOptions
 from ._rescale import l1_restore_factor
@@ -73,6 +74,47 @@ def della_sparsify(
     return masked, l1_restore_factor(delta, masked, table)
 
 
+class DellaSpec(Spec):
+    """Per-entry keep probability from the precomputed row ranks; counter-based uniforms."""
+
+    random = True
+
+    def __init__(self, density: float, epsilon: float, key: tuple[int, int], ranks: torch.Tensor, row_len: int,
+                 paper: bool) -> None:
+        self.density, self.epsilon, self.key = density, epsilon, key
+        self.ranks, self.row_len, self.paper = ranks.reshape(-1), row_len, paper
+
+    def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
+        probs = scratch.get("della_probs", torch.float32)
+        if self.row_len > 1:
+            torch.div(self.ranks[start : start + d.numel()], self.row_len - 1, out=probs)
+            probs.mul_(2 * self.epsilon)
+            probs.add_(self.density - self.epsilon)
+        else:
+            probs.fill_(self.density)
+        mask = scratch.get("mask", torch.float32)
+        uniform_(mask, scratch.get("bits", torch.int32), scratch.get("bits_tmp", torch.int32), self.key, start)
+        torch.lt(mask, probs, out=mask)
+        if self.paper:
+            mask.div_(probs)
+        return mask.mul_(d)
+
+
+def della_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable | None, options: MethodOptions,
+               key: tuple[int, int] | None) -> Spec:
+    density, epsilon = float(p.density), float(p.epsilon)
+    if density >= 1:
+        return DenseSpec()
+    if density <= 0 or delta.numel() == 0:
+        return ZeroSpec()
+    _check_epsilon(density, epsilon)
+    if table is None:
+        table = MagnitudeTable.build(delta, resolution=1)
+    ranks, row_len = table.row_ranks(delta)
+    assert key is not None
+    return DellaSpec(density, epsilon, key, ranks, row_len, options.rescale == "paper")
+
+
 def _check_epsilon(density: float, epsilon: float) -> None:
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ValueError(
@@ -85,6 +127,7 @@ class DellaLinear(GeneralizedTaskArithmetic):
     name = "della_linear"
     mergekit_name = "della_linear"
     is_random = True
+    spec = staticmethod(della_spec)
     sparsifier = staticmethod(della_sparsify)
     uses = frozenset({"weight", "density", "epsilon", "normalize", "lambda", "rescale"})
     mergekit_defaults = {"normalize": False, "rescale": True}

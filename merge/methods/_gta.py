@@ -30,7 +30,7 @@ from typing import ClassVar
 import torch
 
 from .._recipe import ExpertParams
-from ._base import Coefficient, MergeMethod, axpy_, scaled_into, total_weight_divisor
+from ._base import _CHUNK_POOL, ChunkPlan, Coefficient, MergeMethod, axpy_, chunks, scaled_into, total_weight_divisor
 from ._magnitude import MagnitudeTable
 from ._options import MethodOptions
 
@@ -41,6 +41,7 @@ _POOL = threading.local()
 def release_workspace() -> None:
     """Free this thread's pooled CPU work buffers (they are kept between calls, see `Scratch`)."""
     _POOL.buffers = {}
+    _CHUNK_POOL.buffers = {}
 
 
 class Scratch:
@@ -112,9 +113,13 @@ def linear_combine(
     weights: Sequence[float],
     normalize: bool,
     lambda_: float,
+    scale: float | None = None,
 ) -> None:
-    """out = lambda * sum_i w_i r_i T_i / (sum_i w_i if normalize): one pass per non-empty expert."""
-    scale = lambda_ / total_weight_divisor(weights) if normalize else lambda_
+    """out = lambda * sum_i w_i r_i T_i / (sum_i w_i if normalize): one pass per non-empty expert.
+
+    `scale` (= lambda / divisor) may be passed precomputed, as the chunked path does once per tensor."""
+    if scale is None:
+        scale = lambda_ / total_weight_divisor(weights) if normalize else lambda_
     first = True
     for (tensor, rescale), w in zip(items, weights):
         if tensor is None or w == 0:
@@ -199,12 +204,150 @@ def ties_combine(
         out.mul_(lambda_)
 
 
+class Spec:
+    """One expert's sparsification, resolved once per tensor; `chunk` applies it to a flat chunk.
+
+    `chunk(d, start, scratch)` returns the sparsified chunk (`d` itself, or a scratch buffer valid until
+    the next expert's call), or None for all-zero. `rescale` is the factor still to apply (a float, or a
+    0-dim tensor on the data's device). `zero` marks an expert that contributes nothing.
+    """
+
+    zero = False
+    random = False
+    rescale: Coefficient = 1.0
+
+    def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
+        return d
+
+
+class DenseSpec(Spec):
+    """Keep everything (density >= 1, or no sparsification)."""
+
+
+class ZeroSpec(Spec):
+    """Keep nothing."""
+
+    zero = True
+
+    def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
+        return None
+
+
+SpecBuilder = Callable[
+    [torch.Tensor, ExpertParams, "MagnitudeTable | None", MethodOptions, "tuple[int, int] | None"], Spec
+]
+"""(delta, params, table, options, draw key) -> Spec, called once per (expert, tensor, merge call)."""
+
+
+def dense_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable | None, options: MethodOptions,
+               key: tuple[int, int] | None) -> Spec:
+    return DenseSpec()
+
+
+_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
+
+
+class GtaPlan(ChunkPlan):
+    """Per-chunk sparsify + combine for one tensor (specs, weights and scale resolved by `prepare`)."""
+
+    def __init__(self, flats: list[torch.Tensor], specs: list[Spec], weights: list[float], consensus: bool,
+                 options: MethodOptions) -> None:
+        self.numel = flats[0].numel() if flats else 0
+        self.flats = flats
+        self.specs = specs
+        self.weights = weights
+        self.consensus = consensus
+        self.normalize = options.normalize
+        self.lambda_ = options.lambda_
+        self.scale = options.lambda_ / total_weight_divisor(weights) if options.normalize else options.lambda_
+
+    def _items(self, start: int, stop: int, scratch: Scratch):
+        for spec, flat in zip(self.specs, self.flats):
+            if spec.zero:
+                yield None, 1.0
+            else:
+                yield spec.chunk(flat[start:stop], start, scratch), spec.rescale
+
+    def run(self, out: torch.Tensor, start: int, stop: int) -> None:
+        scratch = Scratch(out)
+        items = self._items(start, stop, scratch)
+        if self.consensus:
+            ties_combine(out, items, self.weights, self.normalize, self.lambda_, scratch)
+        else:
+            linear_combine(out, items, self.weights, self.normalize, self.lambda_, scale=self.scale)
+
+
+def l1_rescale(specs: list[Spec], flats: list[torch.Tensor], tables: Sequence[MagnitudeTable] | None,
+               chunk: int, device: torch.device) -> None:
+    """mergekit's L1 restore for random specs, set in place: `|d|_1 / |d * mask|_1` (1 when either < 1e-7).
+
+    Pass 1 of two: the masks are counter-based, so this pass recomputes them chunk by chunk (nothing is
+    stored) and accumulates the kept L1 (fp32 per chunk, fp64 across chunks)."""
+    todo = [i for i, spec in enumerate(specs) if spec.random and not spec.zero]
+    if not todo:
+        return
+    numel = flats[0].numel()
+    kept = {i: torch.zeros((), dtype=torch.float64, device=device) for i in todo}
+    full = {i: torch.zeros((), dtype=torch.float64, device=device) for i in todo if tables is None}
+    from ._base import chunk_buffer
+
+    like = chunk_buffer(device, chunk, "l1_like")
+    for start, stop in chunks(numel, chunk):
+        scratch = Scratch(like[: stop - start])
+        for i in todo:
+            piece = flats[i][start:stop]
+            masked = specs[i].chunk(piece, start, scratch)
+            kept[i] += torch.linalg.vector_norm(masked, ord=1, dtype=torch.float32)
+            if i in full:
+                full[i] += torch.linalg.vector_norm(piece, ord=1, dtype=torch.float32)
+    on_cpu = device.type == "cpu"
+    for i in todo:
+        before = tables[i].l1.to(torch.float64) if tables is not None else full[i]
+        after = kept[i]
+        ok = (before >= _EPS) & (after >= _EPS)
+        factor = torch.where(ok, before / torch.where(ok, after, 1), 1).to(torch.float32)
+        specs[i].rescale = float(factor) if on_cpu else factor
+
+
 class GeneralizedTaskArithmetic(MergeMethod):
     """Base of the task-vector methods; subclasses choose the sparsifier and the consensus."""
 
     consensus: ClassVar[bool] = False
+    spec: ClassVar[SpecBuilder] = staticmethod(dense_spec)  # type: ignore[assignment]
     sparsifier: ClassVar[Sparsifier] = staticmethod(no_sparsify)  # type: ignore[assignment]
+    """Whole-tensor sparsifier, used only for `draws="mergekit"` (mergekit-identical generator use)."""
     uses = frozenset({"weight", "normalize", "lambda"})
+
+    def whole_tensor(self, options: MethodOptions) -> bool:
+        return self.is_random and options.draws == "mergekit"
+
+    def _prepare(
+        self,
+        deltas: Sequence[torch.Tensor],
+        params: Sequence[ExpertParams],
+        *,
+        base: torch.Tensor | None,
+        options: MethodOptions,
+        tables: Sequence[MagnitudeTable] | None,
+        generator: torch.Generator | None,
+        chunk: int,
+    ) -> ChunkPlan:
+        from ._draws import expert_keys
+
+        if self.whole_tensor(options):
+            raise ValueError(f"{self.name} with draws='mergekit' runs on whole tensors: call merge()")
+        self._check_params(params, options)
+        weights = [float(p.weight) for p in params]
+        flats = [d.reshape(-1) for d in deltas]
+        keys = expert_keys(generator, len(deltas)) if self.is_random else [None] * len(deltas)
+        build = type(self).spec
+        specs = []
+        for i, (delta, p, w) in enumerate(zip(deltas, params, weights)):
+            table = tables[i] if tables is not None else None
+            specs.append(ZeroSpec() if w == 0 else build(delta, p, table, options, keys[i]))
+        if self.is_random and options.rescale == "mergekit":
+            l1_rescale(specs, flats, tables, chunk, deltas[0].device)
+        return GtaPlan(flats, specs, weights, self.consensus, options)
 
     def _merge(
         self,
@@ -222,12 +365,11 @@ class GeneralizedTaskArithmetic(MergeMethod):
         scratch = Scratch(work)
         weights = [float(p.weight) for p in params]
         sparsify = type(self).sparsifier
+        # Sparsified tensors may live in per-expert scratch, so the combine consumes them one by one.
+        items = _lazy(sparsify, deltas, params, tables, options, generator, scratch)
         if self.consensus:
-            # Sparsified tensors may live in per-expert scratch, so the combine consumes them one by one.
-            items = _lazy(sparsify, deltas, params, tables, options, generator, scratch)
             ties_combine(work, items, weights, options.normalize, options.lambda_, scratch)
         else:
-            items = _lazy(sparsify, deltas, params, tables, options, generator, scratch)
             linear_combine(work, items, weights, options.normalize, options.lambda_)
         if work is not out:
             out.copy_(work)

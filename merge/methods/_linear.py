@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from .._recipe import ExpertParams
-from ._base import MergeMethod, axpy_, scaled_into, total_weight_divisor
+from ._base import ChunkPlan, LinearPlan, MergeMethod, total_weight_divisor
 from ._magnitude import MagnitudeTable
 from ._options import MethodOptions
 
@@ -31,9 +31,8 @@ class Linear(MergeMethod):
     uses = frozenset({"weight", "normalize"})
     mergekit_defaults = {"normalize": True}
 
-    def _merge(
+    def _prepare(
         self,
-        out: torch.Tensor,
         deltas: Sequence[torch.Tensor],
         params: Sequence[ExpertParams],
         *,
@@ -41,17 +40,15 @@ class Linear(MergeMethod):
         options: MethodOptions,
         tables: Sequence[MagnitudeTable] | None,
         generator: torch.Generator | None,
-    ) -> None:
+        chunk: int,
+    ) -> ChunkPlan:
         weights = [float(p.weight) for p in params]
         scale = 1.0 / total_weight_divisor(weights) if options.normalize else 1.0
         base_coef = 0.0 if options.normalize else float(torch.tensor(weights, dtype=torch.float32).sum()) - 1.0
         if base_coef != 0.0 and base is None:
             raise ValueError("linear without normalize needs the base tensor (weights do not sum to 1)")
-        work = out if out.dtype in (torch.float32, torch.float64) else torch.empty_like(out, dtype=torch.float32)
-        scaled_into(work, deltas[0], weights[0] * scale)
-        for delta, w in zip(deltas[1:], weights[1:]):
-            axpy_(work, delta, w * scale)
+        terms: list[tuple[torch.Tensor, float]] = [(d, w * scale) for d, w in zip(deltas, weights)]
         if base_coef != 0.0:
-            axpy_(work, base, base_coef)
-        if work is not out:
-            out.copy_(work)
+            assert base is not None
+            terms.append((base, base_coef))
+        return LinearPlan(deltas[0].numel(), terms)

@@ -14,6 +14,12 @@ Exactness. Let `a_0 <= ... <= a_{N-1}` be the sorted magnitudes (fp32) of a tens
   **Density error bound:** the kept fraction differs from mergekit's `k/N` by at most
   `1/R + 1/N` (about 2.4e-4 for the default R = 4096), ties aside.
 
+* `N > sample` (default 2**18): the order statistics are estimated from a uniform random sample of
+  `sample` entries drawn with a fixed seed (reproducible, independent of the trial). The kept fraction
+  at a threshold estimated for density p is then a binomial estimate: its error has standard deviation
+  `sqrt(p (1 - p) / sample)` (<= 1e-3 at the default; 4.5 sigma = 4.4e-3 at p = 0.5), on top of the
+  interpolation error `1/R`. This replaced a full sort of every tensor (minutes for 0.5B x 3 experts).
+
 Ties. mergekit keeps exactly k entries and breaks magnitude ties by `argsort` order (unspecified for
 equal keys). A threshold keeps *every* entry equal to the threshold, so with ties at the boundary we
 keep a few more entries than mergekit. For continuous fp32 task vectors ties are measure-zero; for
@@ -30,13 +36,40 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+
+SAMPLE = 1 << 18
+"""Default sample size for tensors larger than it (density error ~ sqrt(p(1-p)/SAMPLE) <= 1e-3)."""
+_SAMPLE_SEED = 0x5EED
+_INDEX_CACHE: dict[tuple[int, int, str], torch.Tensor] = {}
+
+
+def _sample_indices(numel: int, sample: int, device: torch.device) -> torch.Tensor:
+    """Fixed-seed uniform indices (with replacement) into `numel` entries; cached per (numel, sample, device)."""
+    key = (numel, sample, str(device))
+    idx = _INDEX_CACHE.get(key)
+    if idx is None:
+        rng = np.random.Generator(np.random.PCG64(_SAMPLE_SEED))
+        idx = torch.from_numpy(rng.integers(0, numel, sample, dtype=np.int64)).to(device)
+        if len(_INDEX_CACHE) > 64:
+            _INDEX_CACHE.clear()
+        _INDEX_CACHE[key] = idx
+    return idx
+
+
+def _l1(flat: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """sum |x| as a 0-dim fp32 tensor on x's device, without a whole fp32 copy of a low-precision x."""
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), chunk):
+        total += torch.linalg.vector_norm(flat[start : start + chunk], ord=1, dtype=torch.float32)
+    return total.float()
 
 
 class MagnitudeTable:
     """Sorted-magnitude statistics of one task vector (see module docstring for the error bound)."""
 
-    __slots__ = ("numel", "resolution", "exact", "values", "positions", "l1", "_row_ranks", "_row_len")
+    __slots__ = ("numel", "resolution", "exact", "values", "positions", "l1", "sampled", "_row_ranks", "_row_len")
 
     def __init__(
         self,
@@ -54,31 +87,51 @@ class MagnitudeTable:
         self.positions = positions
         self.l1 = l1
         """0-dim fp32 tensor on the delta's device: sum(|delta|), computed exactly as mergekit does."""
+        self.sampled = 0
+        """Sample size the order statistics were estimated from; 0 = computed from all entries."""
         self._row_ranks: torch.Tensor | None = None
         self._row_len = 0
 
     @classmethod
-    def build(cls, delta: torch.Tensor, resolution: int = 4096, *, della: bool = False) -> "MagnitudeTable":
-        """Sort |delta| once. Peak extra memory: one fp32 copy plus the sort's int64 indices.
+    def build(cls, delta: torch.Tensor, resolution: int = 4096, *, della: bool = False,
+              sample: int | None = SAMPLE) -> "MagnitudeTable":
+        """Order statistics of |delta|, once per (expert, tensor) before a search.
 
+        `numel <= resolution`: all magnitudes, sorted (exact). `numel <= sample` (or `sample=None`): one
+        sort, `resolution + 1` exact order statistics. Larger: the order statistics are estimated from a
+        fixed-seed uniform sample of `sample` entries (see the module docstring for the error bound), a
+        gather plus a small sort instead of sorting N entries: ~5 ms per tensor instead of seconds.
+        The L1 norm is always exact (fp32 chunk sums accumulated in fp64 for large tensors).
         `della=True` also precomputes the per-row ranks DELLA needs (otherwise built on first use).
         """
         if resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {resolution}")
         with torch.no_grad():
-            magnitudes = delta.detach().abs().float().reshape(-1)
-            numel = magnitudes.numel()
-            l1 = magnitudes.sum()
-            ordered = torch.sort(magnitudes).values
-            del magnitudes
-            if numel <= resolution:
-                positions = None
-                values = ordered.cpu()
+            flat = delta.detach().reshape(-1)
+            numel = flat.numel()
+            if numel <= resolution or (sample is None or numel <= sample):
+                magnitudes = flat.abs().float()
+                l1 = magnitudes.sum()
+                ordered = torch.sort(magnitudes).values
+                del magnitudes
+                if numel <= resolution:
+                    positions = None
+                    values = ordered.cpu()
+                else:
+                    positions = torch.linspace(0, numel - 1, resolution + 1, dtype=torch.float64).round().long()
+                    values = ordered[positions.to(ordered.device)].cpu()
+                del ordered
+                sampled = 0
             else:
+                l1 = _l1(flat)
+                picked = torch.index_select(flat, 0, _sample_indices(numel, sample, flat.device))
+                ordered = np.sort(picked.abs().float().cpu().numpy())
                 positions = torch.linspace(0, numel - 1, resolution + 1, dtype=torch.float64).round().long()
-                values = ordered[positions.to(ordered.device)].cpu()
-            del ordered
+                at = torch.linspace(0, sample - 1, resolution + 1, dtype=torch.float64).round().long()
+                values = torch.from_numpy(ordered)[at].clone()
+                sampled = sample
         table = cls(numel, resolution, values, positions, l1)
+        table.sampled = sampled
         if della:
             table.row_ranks(delta)
         return table
@@ -151,7 +204,7 @@ class MagnitudeTable:
         return self._row_ranks, self._row_len
 
     def __repr__(self) -> str:
-        kind = "exact" if self.exact else f"quantiles@{self.resolution}"
+        kind = "exact" if self.exact else f"quantiles@{self.resolution}" + (f" of {self.sampled} samples" if self.sampled else "")
         return f"MagnitudeTable(numel={self.numel}, {kind})"
 
 

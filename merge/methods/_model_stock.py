@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .._recipe import ExpertParams
-from ._base import MergeMethod, axpy_, scaled_into
+from ._base import ChunkPlan, LinearPlan, MergeMethod
 from ._magnitude import MagnitudeTable
 from ._options import MethodOptions
 
@@ -27,9 +27,8 @@ class ModelStock(MergeMethod):
     expert_count = (2, None)
     uses = frozenset()
 
-    def _merge(
+    def _prepare(
         self,
-        out: torch.Tensor,
         deltas: Sequence[torch.Tensor],
         params: Sequence[ExpertParams],
         *,
@@ -37,23 +36,40 @@ class ModelStock(MergeMethod):
         options: MethodOptions,
         tables: Sequence[MagnitudeTable] | None,
         generator: torch.Generator | None,
-    ) -> None:
-        flat = [d.reshape(-1).float() if d.dtype != torch.float64 else d.reshape(-1) for d in deltas]
-        norms = [torch.linalg.vector_norm(d) for d in flat]
+        chunk: int,
+    ) -> ChunkPlan:
+        flat = [d.reshape(-1) for d in deltas]
+        norms, dots = gram(flat, chunk)
         cosines = []
         for i in range(len(flat)):
             for j in range(i + 1, len(flat)):
-                dot = torch.dot(flat[i], flat[j])
-                cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+                cosines.append((dots[i, j] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
         cos = torch.stack(cosines).mean()
         count = len(flat)
         denominator = 1 + (count - 1) * cos
         singular = denominator.abs() < 1e-6
         t = torch.where(singular, torch.zeros_like(cos), count * cos / torch.where(singular, 1.0, denominator))
         coef = t / count  # 0-dim tensor: no device sync
-        work = out if out.dtype in (torch.float32, torch.float64) else torch.empty_like(out, dtype=torch.float32)
-        scaled_into(work, deltas[0], coef)
-        for delta in deltas[1:]:
-            axpy_(work, delta, coef)
-        if work is not out:
-            out.copy_(work)
+        if coef.device.type == "cpu":
+            coef = float(coef)
+        return LinearPlan(flat[0].numel(), [(d, coef) for d in flat])
+
+
+def gram(flat: Sequence[torch.Tensor], chunk: int) -> tuple[list[torch.Tensor], dict[tuple[int, int], torch.Tensor]]:
+    """Norms and pairwise dot products of flat vectors. fp32/fp64 inputs: one torch reduction each, as
+    mergekit; lower precision: widened chunk by chunk (fp32 per chunk, fp64 across chunks), no full copy."""
+    n = len(flat)
+    if flat[0].dtype in (torch.float32, torch.float64):
+        norms = [torch.linalg.vector_norm(d) for d in flat]
+        dots = {(i, j): torch.dot(flat[i], flat[j]) for i in range(n) for j in range(i + 1, n)}
+        return norms, dots
+    device = flat[0].device
+    sq = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n)]
+    acc = {(i, j): torch.zeros((), dtype=torch.float64, device=device) for i in range(n) for j in range(i + 1, n)}
+    for start in range(0, flat[0].numel(), chunk):
+        parts = [d[start : start + chunk].float() for d in flat]
+        for i in range(n):
+            sq[i] += torch.dot(parts[i], parts[i])
+        for (i, j) in acc:
+            acc[(i, j)] += torch.dot(parts[i], parts[j])
+    return [s.sqrt().float() for s in sq], {k: v.float() for k, v in acc.items()}

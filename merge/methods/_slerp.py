@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from .._recipe import ExpertParams
-from ._base import MergeMethod, axpy_, scaled_into
+from ._base import ChunkPlan, Coefficient, LinearPlan, MergeMethod
 from ._magnitude import MagnitudeTable
 from ._options import MethodOptions
 
@@ -29,26 +29,37 @@ _CHUNK_ELEMENTS = 1024 * 1024  # mergekit's slerp chunk; same chunks => same rou
 
 
 def _slerp_coefficients(
-    t: float, a: torch.Tensor, b: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
+    t: float, base: torch.Tensor, delta: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """mergekit's slerp coefficients (c_a, c_b) for flat 1-row views `a`, `b` (0-dim results, no sync)."""
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-    tt = torch.tensor([[t]], dtype=dtype, device=a.device)
-    if not a.shape[1]:
+    """mergekit's slerp coefficients (c_a, c_b) between flat `a = base` and `b = base + delta` (0-dim results,
+    no sync). `b` is built one mergekit chunk at a time (never a whole fp32 copy), with the same add and the
+    same chunked reductions as before, so the coefficients are bit-identical to mergekit's."""
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    tt = torch.tensor([[t]], dtype=dtype, device=base.device)
+    numel = base.numel()
+    if not numel:
         return (1 - tt).reshape(()), tt.reshape(())
+    a = base.reshape(1, -1)
+    d = delta.reshape(1, -1)
     chunk = _CHUNK_ELEMENTS
+    buf = torch.empty((1, min(chunk, numel)), dtype=dtype, device=base.device)
+
+    def b_chunk(start: int) -> torch.Tensor:
+        stop = min(numel, start + chunk)
+        return torch.add(a[:, start:stop], d[:, start:stop], out=buf[:, : stop - start])
+
     norm_a_parts, norm_b_parts = [], []
-    for start in range(0, a.shape[1], chunk):
+    for start in range(0, numel, chunk):
         norm_a_parts.append(torch.linalg.vector_norm(a[:, start : start + chunk].to(dtype), dim=1, keepdim=True))
-        norm_b_parts.append(torch.linalg.vector_norm(b[:, start : start + chunk].to(dtype), dim=1, keepdim=True))
+        norm_b_parts.append(torch.linalg.vector_norm(b_chunk(start), dim=1, keepdim=True))
     norm_a = torch.linalg.vector_norm(torch.stack(norm_a_parts), dim=0)
     norm_b = torch.linalg.vector_norm(torch.stack(norm_b_parts), dim=0)
     norm_a = torch.where(norm_a > eps, norm_a, 1)
     norm_b = torch.where(norm_b > eps, norm_b, 1)
     dot_parts = []
-    for start in range(0, a.shape[1], chunk):
+    for start in range(0, numel, chunk):
         x = a[:, start : start + chunk].to(dtype) / norm_a
-        y = b[:, start : start + chunk].to(dtype) / norm_b
+        y = b_chunk(start) / norm_b
         dot_parts.append((x * y).sum(dim=1, keepdim=True))
         del x, y
     dot = torch.stack(dot_parts).sum(dim=0).clamp(-1, 1)
@@ -60,6 +71,11 @@ def _slerp_coefficients(
     return coef_a.reshape(()), coef_b.reshape(())
 
 
+def _host(c: torch.Tensor) -> Coefficient:
+    """A coefficient as a Python float on CPU (the fast `alpha=` kernels), a 0-dim tensor elsewhere (no sync)."""
+    return float(c) if c.device.type == "cpu" else c
+
+
 class Slerp(MergeMethod):
     name = "slerp"
     mergekit_name = "slerp"
@@ -67,9 +83,8 @@ class Slerp(MergeMethod):
     expert_count = (1, 1)
     uses = frozenset({"t"})
 
-    def _merge(
+    def _prepare(
         self,
-        out: torch.Tensor,
         deltas: Sequence[torch.Tensor],
         params: Sequence[ExpertParams],
         *,
@@ -77,18 +92,14 @@ class Slerp(MergeMethod):
         options: MethodOptions,
         tables: Sequence[MagnitudeTable] | None,
         generator: torch.Generator | None,
-    ) -> None:
+        chunk: int,
+    ) -> ChunkPlan:
         if options.t is None:
             raise ValueError("slerp needs t (the rule's `t`, 0 = base, 1 = expert)")
         assert base is not None
         delta = deltas[0]
-        work = out if out.dtype in (torch.float32, torch.float64) else torch.empty_like(out, dtype=torch.float32)
-        expert = torch.add(base, delta, out=work)
-        coef_a, coef_b = _slerp_coefficients(float(options.t), base.reshape(1, -1), expert.reshape(1, -1))
-        scaled_into(work, delta, coef_b)
-        axpy_(work, base, coef_a + coef_b - 1)
-        if work is not out:
-            out.copy_(work)
+        coef_a, coef_b = _slerp_coefficients(float(options.t), base, delta)
+        return LinearPlan(delta.numel(), [(delta, _host(coef_b)), (base, _host(coef_a + coef_b - 1))])
 
 
 class Nuslerp(MergeMethod):
@@ -98,9 +109,8 @@ class Nuslerp(MergeMethod):
     expert_count = (2, 2)
     uses = frozenset({"weight", "t"})
 
-    def _merge(
+    def _prepare(
         self,
-        out: torch.Tensor,
         deltas: Sequence[torch.Tensor],
         params: Sequence[ExpertParams],
         *,
@@ -108,7 +118,10 @@ class Nuslerp(MergeMethod):
         options: MethodOptions,
         tables: Sequence[MagnitudeTable] | None,
         generator: torch.Generator | None,
-    ) -> None:
+        chunk: int,
+    ) -> ChunkPlan:
+        from ._model_stock import gram
+
         if options.t is not None:
             t = float(options.t)
         else:
@@ -116,21 +129,14 @@ class Nuslerp(MergeMethod):
             total = w0 + w1
             t = 0.5 if abs(total) < 1e-6 else w1 / total
         v0, v1 = deltas[0].reshape(-1), deltas[1].reshape(-1)
-        if v0.dtype not in (torch.float32, torch.float64):
-            v0, v1 = v0.float(), v1.float()
-        n0 = torch.linalg.vector_norm(v0).clamp(min=1e-7)
-        n1 = torch.linalg.vector_norm(v1).clamp(min=1e-7)
-        cos = (torch.dot(v0, v1) / (n0 * n1)).clamp(-1, 1)
+        norms, dots = gram([v0, v1], chunk)
+        n0 = norms[0].clamp(min=1e-7)
+        n1 = norms[1].clamp(min=1e-7)
+        cos = (dots[(0, 1)] / (n0 * n1)).clamp(-1, 1)
         colinear = (1 - cos.square()) <= 1e-8**2
         theta = torch.acos(torch.where(colinear, 0, cos))
         sin_theta = torch.sin(theta)
         safe_sin = torch.where(colinear, 1, sin_theta)
         c0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / safe_sin)
         c1 = torch.where(colinear, t, torch.sin(t * theta) / safe_sin)
-        work = out if out.dtype in (torch.float32, torch.float64) else torch.empty_like(out, dtype=torch.float32)
-        scaled_into(work, deltas[0], c0)
-        axpy_(work, deltas[1], c1)
-        if work is not out:
-            out.copy_(work)
-
-
+        return LinearPlan(v0.numel(), [(v0, _host(c0)), (v1, _host(c1))])

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .._recipe import ExpertParams
-from ._gta import GeneralizedTaskArithmetic, Scratch, Sparsified
+from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec
 from ._magnitude import MagnitudeTable, prune_magnitude
 from ._options import MethodOptions
 
@@ -48,6 +48,29 @@ def magnitude_sparsify(
     return prune_magnitude(delta, table.threshold(density), out=scratch.get("prune", delta.dtype)), 1.0
 
 
+class ThresholdSpec(Spec):
+    """Keep `|x| >= threshold` (one hardshrink per chunk)."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
+        return prune_magnitude(d, self.threshold, out=scratch.get("prune", d.dtype))
+
+
+def magnitude_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable | None, options: MethodOptions,
+                   key: tuple[int, int] | None) -> Spec:
+    """`magnitude_sparsify` resolved once per tensor: the threshold comes from the table."""
+    density = float(p.density)
+    if density >= 1:
+        return DenseSpec()
+    if density <= 0 or delta.numel() == 0:
+        return ZeroSpec()
+    if table is None:  # slow path: exact table, one sort per call
+        table = MagnitudeTable.build(delta, resolution=max(1, delta.numel()))
+    return ThresholdSpec(table.threshold(density))
+
+
 class TaskArithmetic(GeneralizedTaskArithmetic):
     name = "task_arithmetic"
     mergekit_name = "task_arithmetic"
@@ -58,6 +81,7 @@ class Ties(GeneralizedTaskArithmetic):
     name = "ties"
     mergekit_name = "ties"
     consensus = True
+    spec = staticmethod(magnitude_spec)
     sparsifier = staticmethod(magnitude_sparsify)
     uses = frozenset({"weight", "density", "normalize", "lambda"})
     mergekit_defaults = {"normalize": True}
@@ -66,5 +90,6 @@ class Ties(GeneralizedTaskArithmetic):
 class TopK(GeneralizedTaskArithmetic):
     name = "topk"
     mergekit_name = None
+    spec = staticmethod(magnitude_spec)
     sparsifier = staticmethod(magnitude_sparsify)
     uses = frozenset({"weight", "density", "normalize", "lambda"})
