@@ -39,3 +39,7 @@ def build(out: Path | None, size: str, seed: int, arch: str, tied: bool, force: 
     click.echo(format_accuracy_table(manifest))
     click.echo(f"built in {manifest['build_seconds']:.1f} s (exact match on test splits)")
     click.echo(str(path))
+
+
+if __name__ == "__main__":
+    zoo()
