@@ -129,9 +129,7 @@ class MergeEngine:
                 value = ereader.get(n)
                 if n in aligned:
                     value = _align_rows(value, base_t[n])
-                # fp32 subtraction: bf16 experts minus a bf16 base would lose the small deltas.
-                delta = value.to(cache_device).float() - base_t[n].float()
-                deltas[n] = _store(delta.to(dtype), cache_device, pin)
+                deltas[n] = _store(_subtract(value.to(cache_device), base_t[n], dtype), cache_device, pin)
                 bar.update(1)
             full[ename] = deltas
         bar.close()
@@ -217,7 +215,7 @@ class MergeEngine:
                 source.run(piece, lo, hi)
                 if stats:
                     nonzero.append(torch.count_nonzero(piece))
-                    l1_parts.append(torch.linalg.vector_norm(piece, ord=1))
+                    l1_parts.append(torch.linalg.vector_norm(piece, ord=1, dtype=torch.float64))
                 base_piece = base_flat[lo:hi]
                 if base_piece.device != piece.device:
                     base_piece = base_piece.to(piece.device, non_blocking=True)
@@ -426,6 +424,17 @@ def _load_adapter(folder: Path, label: str, shapes: Mapping[str, tuple[int, ...]
         if name not in shapes or tuple(tensor.shape) != tuple(shapes[name]):
             raise MergeError(f"{label}: saved module tensor {name} {tuple(tensor.shape)} does not match the base {shapes.get(name)}")
     return adapter
+
+
+def _subtract(value: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, chunk: int = 1 << 22) -> torch.Tensor:
+    """`(value - base)` computed in fp32 (bf16 minus bf16 would lose the small deltas), stored in `dtype`;
+    chunked, so loading never holds whole fp32 copies of a tensor (they dominated the loading peak)."""
+    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    flat_out, flat_v, flat_b = out.view(-1), value.reshape(-1), base.reshape(-1)
+    for start in range(0, flat_out.numel(), chunk):
+        stop = start + chunk
+        flat_out[start:stop].copy_(flat_v[start:stop].float() - flat_b[start:stop].float())
+    return out
 
 
 def _align_rows(value: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

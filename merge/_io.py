@@ -9,6 +9,8 @@ then load with `torch.load(weights_only=True)` so no code in the file can run.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -56,6 +58,7 @@ class CheckpointReader:
         self._files: dict[str, Path] = {}  # tensor name -> file
         self._handles: dict[Path, Any] = {}
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
         self._index(allow_pickle)
 
     def _index(self, allow_pickle: bool) -> None:
@@ -128,11 +131,47 @@ class CheckpointReader:
         return self._pickled[path][name].dtype
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read now (CPU, stored dtype)."""
+        """One tensor, read now (CPU, stored dtype).
+
+        safetensors data is read with `os.pread` into a fresh tensor rather than through `safe_open`'s
+        memory map: mapped file pages stay resident (and count in the process's RSS) while the file is
+        open, which added a whole checkpoint per expert to the engine's peak memory while loading.
+        """
         path = self._files[name]
         if path in self._handles:
-            return self._handles[path].get_tensor(name)
+            dtype_name, shape, begin, end = self._entry(path, name)
+            dtype = _ST_DTYPES.get(dtype_name)
+            if dtype is None or sys.byteorder != "little":
+                return self._handles[path].get_tensor(name)
+            out = torch.empty(shape, dtype=dtype)
+            nbytes = end - begin
+            if nbytes:
+                view = memoryview(out.view(-1).view(torch.uint8).numpy())
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    done = 0
+                    while done < nbytes:
+                        got = os.preadv(fd, [view[done:]], begin + done)
+                        if got <= 0:
+                            raise MergeError(f"{self.label}: {path} is truncated (tensor {name})")
+                        done += got
+                finally:
+                    os.close(fd)
+            return out
         return self._pickled[path][name]
+
+    def _entry(self, path: Path, name: str) -> tuple[str, list[int], int, int]:
+        """(dtype, shape, absolute begin, end) of one tensor from the file's safetensors header."""
+        header = self._headers.get(path)
+        if header is None:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size))
+            header = self._headers[path] = (8 + size, header)
+        offset, entries = header
+        entry = entries[name]
+        begin, end = entry["data_offsets"]
+        return entry["dtype"], list(entry["shape"]), offset + begin, offset + end
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, read one at a time."""

@@ -5,8 +5,14 @@ pass that sums the experts' cached task vectors into the target (`target = base 
 measured in the same run on the same tensors, so machine speed cancels out. Peak RSS is reported
 relative to the model size, against the engine's budget of (experts + 2) x model.
 
-    python -m evomerge.experiments.benchmarks.merge_speed                  # synthetic ~0.5B Llama, bf16
-    python -m evomerge.experiments.benchmarks.merge_speed --zoo tiny       # the toy zoo as well
+    python -m evomerge.experiments.benchmarks.merge_speed --repeats 2      # synthetic ~0.5B Llama, bf16
+    python -m evomerge.experiments.benchmarks.merge_speed --zoo small      # a cached toy zoo as well
+    python -m evomerge.experiments.benchmarks.merge_speed --chunks 65536,262144,1048576   # tune the chunk
+
+Each measurement runs in a fresh child process that loads the checkpoints from disk as a user would
+(the synthetic checkpoints are written by another child first), so its peak RSS (ru_maxrss) is the
+engine's: loading, table building and merging, nothing of the construction. The RSS of the bare
+interpreter with torch + transformers imported is reported too.
 
 Acceptance (issue "Merge engine"): TIES and DARE-TIES <= 3x the plain pass on the 0.5B model;
 peak RSS <= (experts + 2) x model size.
@@ -92,36 +98,92 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int) -> dict[str, float]:
+def _rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, chunk_sizes: list[int] | None = None,
+            threads: int | None = None) -> dict[str, float]:
+    """Load, build tables, time plain pass / TIES / DARE-TIES; runs inside a fresh process (see `_child`)."""
+    if threads:
+        torch.set_num_threads(threads)
+    idle = _rss()
+    start = time.perf_counter()
     engine = MergeEngine.load(base, experts, progress=False)
+    load_s = time.perf_counter() - start
     target = {n: torch.empty_like(engine.base_tensor(n)) for n in engine.layout.slots}
     model_bytes = sum(t.numel() * t.element_size() for t in target.values())
     names = list(engine.expert_names)
-    result: dict[str, float] = {"params": engine.num_params, "model_gb": model_bytes / 1e9, "experts": len(names)}
+    result: dict[str, float] = {"params": engine.num_params, "model_gb": model_bytes / 1e9, "experts": len(names),
+                                "threads": torch.get_num_threads(), "load_s": load_s}
+    start = time.perf_counter()
+    for expert in names:  # what the first TIES apply would do: one table per (expert, tensor)
+        for name in engine.layout.slots:
+            engine._table(expert, name, engine._delta(expert, name))
+    result["tables_s"] = time.perf_counter() - start
     plain = best_of(lambda: plain_pass(engine, target), repeats)
     result["plain_s"] = plain
-    for method in ("ties", "dare_ties"):
-        recipe = per_layer_recipe(method, names, engine.layout.num_layers)
-        start = time.perf_counter()
-        engine.apply(recipe, target, stats=False)  # first apply also builds the magnitude tables
-        result[f"{method}_first_s"] = time.perf_counter() - start
-        seconds = best_of(lambda: engine.apply(recipe, target, stats=False), repeats)
-        with_stats = best_of(lambda: engine.apply(recipe, target, stats=True), 1)
-        result[f"{method}_s"] = seconds
-        result[f"{method}_ratio"] = seconds / plain
-        result[f"{method}_stats_ratio"] = with_stats / plain
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    result["chunk"] = engine.chunk_elements
+    for chunk in chunk_sizes or [engine.chunk_elements]:
+        engine.chunk_elements = chunk
+        suffix = "" if chunk_sizes is None or len(chunk_sizes) == 1 else f"@{chunk}"
+        for method in ("ties", "dare_ties"):
+            recipe = per_layer_recipe(method, names, engine.layout.num_layers)
+            seconds = best_of(lambda: engine.apply(recipe, target, stats=False), repeats)
+            with_stats = best_of(lambda: engine.apply(recipe, target, stats=True), 1)
+            result[f"{method}{suffix}_s"] = seconds
+            result[f"{method}{suffix}_ratio"] = seconds / plain
+            result[f"{method}{suffix}_stats_ratio"] = with_stats / plain
+    # plain pass again at the end: the machine is shared, so bracket the merges
+    plain_after = best_of(lambda: plain_pass(engine, target), repeats)
+    result["plain_after_s"] = plain_after
+    peak = _rss()
     result["peak_rss_gb"] = peak / 1e9
     result["peak_rss_over_model"] = peak / model_bytes
+    result["idle_rss_gb"] = idle / 1e9
+    result["engine_rss_over_model"] = (peak - idle) / model_bytes
     result["budget_over_model"] = len(names) + 2
-    print(f"{label}: {engine.num_params / 1e6:.0f}M params, {model_bytes / 1e9:.2f} GB ({engine.dtype}), {len(names)} experts, "
-          f"{torch.get_num_threads()} threads")
-    print(f"  plain pass {plain:.3f}s | TIES {result['ties_s']:.3f}s = {result['ties_ratio']:.2f}x "
-          f"(first {result['ties_first_s']:.2f}s, with stats {result['ties_stats_ratio']:.2f}x) | "
-          f"DARE-TIES {result['dare_ties_s']:.3f}s = {result['dare_ties_ratio']:.2f}x "
-          f"(with stats {result['dare_ties_stats_ratio']:.2f}x)")
-    print(f"  peak RSS {peak / 1e9:.2f} GB = {result['peak_rss_over_model']:.2f}x model (budget {len(names) + 2}x)")
+    print(f"{label}: {engine.num_params / 1e6:.2f}M params, {model_bytes / 1e9:.4f} GB ({engine.dtype}), {len(names)} experts, "
+          f"{torch.get_num_threads()} threads, chunk {engine.chunk_elements if chunk_sizes is None else chunk_sizes}")
+    print(f"  load {load_s:.2f}s | magnitude tables {result['tables_s']:.2f}s | plain pass {plain:.3f}s (after merges {plain_after:.3f}s)")
+    for chunk in chunk_sizes or [None]:
+        suffix = "" if chunk is None or len(chunk_sizes or []) == 1 else f"@{chunk}"
+        head = f"  chunk {chunk}: " if suffix else "  "
+        print(f"{head}TIES {result[f'ties{suffix}_s']:.3f}s = {result[f'ties{suffix}_ratio']:.2f}x "
+              f"(with stats {result[f'ties{suffix}_stats_ratio']:.2f}x) | "
+              f"DARE-TIES {result[f'dare_ties{suffix}_s']:.3f}s = {result[f'dare_ties{suffix}_ratio']:.2f}x "
+              f"(with stats {result[f'dare_ties{suffix}_stats_ratio']:.2f}x)   [x plain pass]")
+    print(f"  peak RSS {peak / 1e9:.2f} GB = {result['peak_rss_over_model']:.2f}x model "
+          f"(interpreter + torch alone {idle / 1e9:.2f} GB; engine {result['engine_rss_over_model']:.2f}x model; "
+          f"budget {len(names) + 2}x)")
     return result
+
+
+def _child(queue, fn, args) -> None:  # type: ignore[no-untyped-def]
+    queue.put(fn(*args))
+
+
+def in_child(fn: Callable[..., object], *args: object) -> object:
+    """Run `fn(*args)` in a fresh spawned process (own ru_maxrss) and return its result."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, fn, args))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    if proc.exitcode:
+        raise RuntimeError(f"benchmark child failed with exit code {proc.exitcode}")
+    return result
+
+
+def _zoo(size: str) -> Path | None:
+    """A complete cached zoo of this size, never built here (building costs minutes of shared CPU)."""
+    from evomerge.experiments.zoo.build import _cache_key, default_zoo_dir, is_complete
+
+    folder = default_zoo_dir(size, 0, "llama")
+    return folder if is_complete(folder, _cache_key(size, 0, "llama", False)) else None
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -129,20 +191,31 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--experts", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--zoo", choices=["tiny", "small"], help="also benchmark the toy zoo of this size (built if missing)")
+    parser.add_argument("--zoo", choices=["tiny", "small"], default="small",
+                        help="also benchmark this toy zoo if it is cached (small falls back to tiny; never built here)")
+    parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic 0.5B model")
+    parser.add_argument("--chunks", help="comma-separated chunk lengths to compare (default: the engine's)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
+    chunk_sizes = [int(c) for c in args.chunks.split(",")] if args.chunks else None
     results: dict[str, dict[str, float]] = {}
-    if args.zoo:
-        from evomerge.experiments.zoo import build_zoo, load_manifest
+    sizes = [args.zoo] + (["tiny"] if args.zoo == "small" else [])
+    zoo = next(((size, folder) for size in sizes if (folder := _zoo(size)) is not None), None)
+    if zoo is None:
+        print(f"zoo: no cached {' or '.join(sizes)} zoo in ~/.cache/evomerge/zoo; skipped "
+              f"(build it with `python -m evomerge.experiments.zoo build --size {args.zoo}`)")
+    else:
+        from evomerge.experiments.zoo import load_manifest
 
-        zoo = build_zoo(args.zoo)
-        manifest = load_manifest(zoo)
-        results[f"zoo-{args.zoo}"] = measure(f"zoo {args.zoo}", zoo / "base",
-                                             {n: zoo / p for n, p in manifest["experts"].items()}, args.repeats)
-    with tempfile.TemporaryDirectory(prefix="merge_speed_") as tmp:
-        base, experts = synthetic_llama(Path(tmp), args.experts, getattr(torch, args.dtype))
-        results["synthetic-0.5B"] = measure("synthetic Llama", base, experts, args.repeats)
+        size, folder = zoo
+        manifest = load_manifest(folder)
+        experts = {n: folder / p for n, p in manifest["experts"].items()}
+        results[f"zoo-{size}"] = in_child(measure, f"zoo {size}", folder / "base", experts, args.repeats, chunk_sizes, args.threads)  # type: ignore[assignment]
+    if not args.no_synthetic:
+        with tempfile.TemporaryDirectory(prefix="merge_speed_") as tmp:
+            base, experts = in_child(synthetic_llama, Path(tmp), args.experts, getattr(torch, args.dtype))  # type: ignore[misc]
+            results["synthetic-0.5B"] = in_child(measure, "synthetic Llama", base, experts, args.repeats, chunk_sizes, args.threads)  # type: ignore[assignment]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results

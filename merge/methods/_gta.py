@@ -282,7 +282,7 @@ def l1_rescale(specs: list[Spec], flats: list[torch.Tensor], tables: Sequence[Ma
     """mergekit's L1 restore for random specs, set in place: `|d|_1 / |d * mask|_1` (1 when either < 1e-7).
 
     Pass 1 of two: the masks are counter-based, so this pass recomputes them chunk by chunk (nothing is
-    stored) and accumulates the kept L1 (fp32 per chunk, fp64 across chunks)."""
+    stored) and accumulates the kept L1 in fp64."""
     todo = [i for i, spec in enumerate(specs) if spec.random and not spec.zero]
     if not todo:
         return
@@ -297,9 +297,10 @@ def l1_rescale(specs: list[Spec], flats: list[torch.Tensor], tables: Sequence[Ma
         for i in todo:
             piece = flats[i][start:stop]
             masked = specs[i].chunk(piece, start, scratch)
-            kept[i] += torch.linalg.vector_norm(masked, ord=1, dtype=torch.float32)
+            # fp64 per chunk: the factor then does not depend on the chunk length (to fp32 rounding)
+            kept[i] += torch.linalg.vector_norm(masked, ord=1, dtype=torch.float64)
             if i in full:
-                full[i] += torch.linalg.vector_norm(piece, ord=1, dtype=torch.float32)
+                full[i] += torch.linalg.vector_norm(piece, ord=1, dtype=torch.float64)
     on_cpu = device.type == "cpu"
     for i in todo:
         before = tables[i].l1.to(torch.float64) if tables is not None else full[i]
