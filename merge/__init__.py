@@ -7,6 +7,7 @@ from ._errors import MergeError
 from ._io import CheckpointReader
 from ._layout import KIND_PATTERNS, LAYER_PATTERN, ModelLayout, TensorSlot, classify
 from ._lora import LoraAdapter, LoraModule
+from ._mergekit import recipe_to_mergekit
 from ._recipe import ExpertParams, GroupRule, LoraMode, MergeRecipe, ModuleKind, RescalePolicy, Section
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "VOCAB_POLICIES",
     "VocabPolicy",
     "classify",
+    "recipe_to_mergekit",
 ]
