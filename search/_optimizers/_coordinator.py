@@ -11,9 +11,9 @@ Crash safety rests on three rules:
    first, rule 3 replays it from the ledger with the same values. This halves the fsyncs per
    trial (the 2% overhead budget) at no cost in safety; `save` also runs when a run stops.
 3. On ``bind`` (resume): finished ledger trials the checkpoint has not told are told now; pending
-   candidates with no finished trial are re-queued and handed out again by ``ask`` before any new
-   one. Every candidate is evaluated to completion exactly once, and a deterministic backend sees
-   the same ask/tell sequence as an uninterrupted run.
+   candidates with no finished trial are re-queued, and the next ``ask`` hands out those alone
+   (the rest of the interrupted batch). Every candidate is evaluated to completion exactly once,
+   and a deterministic backend sees the same ask/tell sequence as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -131,8 +131,12 @@ class CoordinatedOptimizer(Optimizer):
 
     def ask(self, n: int) -> list[Candidate]:
         out: list[Candidate] = []
-        while self._requeue and len(out) < n:
-            out.append(self._candidate(self._requeue.pop(0)))
+        if self._requeue:
+            # the rest of the batch a crash interrupted, alone: asking new candidates before these
+            # are told would show the backend a different history than an uninterrupted run
+            while self._requeue and len(out) < n:
+                out.append(self._candidate(self._requeue.pop(0)))
+            return out
         while len(out) < n:
             proposed = self._propose(self._space)
             if proposed is None:

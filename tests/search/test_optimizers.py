@@ -150,6 +150,10 @@ def test_sigterm_stops_cleanly_and_the_run_resumes_to_the_same_total(problem, tm
     assert resumed.n_new == 4 and resumed.n_finished == 7
     candidates = sorted(t.user_attrs["candidate"] for t in ledger.finished())
     assert candidates == list(range(7))  # the candidate pending at the stop ran once, after the resume
+    # the stop fell inside a batch: the resumed run still repeats the uninterrupted one
+    straight = _ledger(tmp_path / "straight", scorer, space)
+    run_search(space, scorer, make_optimizer("nevergrad:DE"), straight, budget_evals=7, batch_size=2, progress=False)
+    assert [t.params for t in ledger.finished()] == [t.params for t in straight.finished()]
 
 
 def test_reopening_with_another_space_fails_loudly(problem, tmp_path: Path) -> None:
