@@ -90,23 +90,23 @@ class ScoringPlan:
         """
         values: dict[str, float] = {}
         details: dict[str, list[dict[str, Any]]] = {}
-        outputs: dict[int, dict[str, Any]] = {}
-        n_sequences = 0
+        # Requests of every set go to the backend in one call per kind, so batches are full and
+        # length-sorted across sets (4 sets of 16 prompts make one batch of 64, not four of 16).
+        generation_requests: list[tuple[int, str, list[Any]]] = []
+        logprob_requests: list[tuple[int, str, list[Any]]] = []
         for key, req in self._sets.items():
-            out: dict[str, Any] = {}
             metrics = {o.metric for o in self.objectives if o.calibration is req.calibration}
             if req.needs_generation:
-                out["generations"] = generate(req.prompts)
-                n_sequences += len(req.prompts)
+                generation_requests.append((key, "generations", req.prompts))
             for metric, pairs, slot in (
                 ("answer_loss", req.answer_pairs, "answer_lp"),
                 ("mc_accuracy", req.choice_pairs, "choice_lp"),
                 ("perplexity", req.text_pairs, "text_lp"),
             ):
                 if metric in metrics:
-                    out[slot] = logprobs(pairs)
-                    n_sequences += len(pairs)
-            outputs[key] = out
+                    logprob_requests.append((key, slot, pairs))
+        outputs: dict[int, dict[str, Any]] = {key: {} for key in self._sets}
+        n_sequences = _run_packed(generate, generation_requests, outputs) + _run_packed(logprobs, logprob_requests, outputs)
         for obj in self.objectives:
             if obj.is_cost:
                 values[obj.name] = COSTS[obj.metric](costs)
@@ -151,6 +151,19 @@ class ScoringPlan:
             pred = predict_choice(scores)
             rows.append({"prediction": pred, "target": item.label, "correct": float(pred == item.label), "scores": scores})
         return mean([r["correct"] for r in rows]), rows
+
+
+def _run_packed(call: Callable[[list[Any]], list[Any]], requests: list[tuple[int, str, list[Any]]], outputs: dict[int, dict[str, Any]]) -> int:
+    """One backend call for all `requests` (set key, output slot, inputs); results go back per slot."""
+    flat = [x for _, _, inputs in requests for x in inputs]
+    if not flat:
+        return 0
+    results = call(flat)
+    pos = 0
+    for key, slot, inputs in requests:
+        outputs[key][slot] = results[pos : pos + len(inputs)]
+        pos += len(inputs)
+    return len(flat)
 
 
 def _tokenize(cal: CalibrationSet, tokenizer: Any) -> _SetRequests:

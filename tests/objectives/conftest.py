@@ -71,7 +71,7 @@ def zoo_objectives(zoo_dir) -> list:
     from evomerge.objectives import CalibrationSet, Objective
 
     objectives = []
-    for skill in ("rev", "add"):
+    for skill in ("rev", "sort"):
         cal = CalibrationSet.load(zoo_dir / "data" / skill / "calib.jsonl", size=8, seed=0)
         objectives += [
             Objective(f"{skill}_acc", "exact_match", cal),

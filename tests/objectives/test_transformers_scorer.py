@@ -35,7 +35,7 @@ def fresh_model(engine, r):
 
 
 def test_values_equal_an_independent_fresh_model(scorer, zoo_engine):
-    r = recipe({"rev": 1.0, "add": 0.5})
+    r = recipe({"rev": 1.0, "sort": 0.5})
     ev = scorer.evaluate(r)
     assert not ev.failed, ev.reason
     tok = scorer.tokenizer
@@ -64,13 +64,13 @@ def test_values_equal_an_independent_fresh_model(scorer, zoo_engine):
 
 def test_experts_win_their_own_skill(scorer):
     rev = scorer.evaluate(recipe({"rev": 1.0}))
-    add = scorer.evaluate(recipe({"add": 1.0}))
-    assert rev.values["rev_loss"] < add.values["rev_loss"]
-    assert add.values["add_loss"] < rev.values["add_loss"]
+    sort = scorer.evaluate(recipe({"sort": 1.0}))
+    assert rev.values["rev_loss"] < sort.values["rev_loss"]
+    assert sort.values["sort_loss"] < rev.values["sort_loss"]
 
 
 def test_in_place_swaps_do_not_leak_state(scorer):
-    a, b = recipe({"rev": 1.0}), recipe({"add": 1.0, "rev": -0.3})
+    a, b = recipe({"rev": 1.0}), recipe({"sort": 1.0, "rev": -0.3})
     first = scorer.evaluate(a)
     scorer.evaluate(b)
     again = scorer.evaluate(a)
@@ -101,7 +101,7 @@ def test_failures_are_results(scorer):
 
 
 def test_evaluation_round_trips_through_json(scorer):
-    ev = scorer.evaluate(recipe({"add": 1.0}))
+    ev = scorer.evaluate(recipe({"sort": 1.0}))
     assert Evaluation.from_dict(json.loads(json.dumps(ev.to_dict()))) == ev
     bad = Evaluation.failure("timeout: x", {"total": 1.0})
     assert Evaluation.from_dict(json.loads(json.dumps(bad.to_dict()))) == bad
