@@ -52,7 +52,8 @@ def scalarization(objectives: Sequence[LedgerObjective], optimizer: OptimizerSpe
     if not optimizer.scalarized:
         return None
     if optimizer.weights is None:
-        weights = [1.0] * len(objectives)
+        n_scored = len(objectives) - (optimizer.l1_penalty > 0)
+        weights = [1.0 / n_scored] * len(objectives)
     else:
         weights = [optimizer.weights.get(o.name, 0.0) for o in objectives]
     if optimizer.l1_penalty > 0:

@@ -34,7 +34,7 @@ def _study(rd: RunDir, stage: str) -> "optuna.Study":
 
     from evomerge.search import resolve_storage
 
-    spec = rd.load_spec()
+    spec = rd.load_spec(check_paths=False)
     storage, _ = resolve_storage(rd.storage(spec))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
@@ -46,7 +46,7 @@ def _study(rd: RunDir, stage: str) -> "optuna.Study":
 def _stage_names(rd: RunDir) -> list[str]:
     from ._run import GRID_STAGE
 
-    spec = rd.load_spec()
+    spec = rd.load_spec(check_paths=False)
     return [s.name for s in spec.resolved_stages()] + ([GRID_STAGE] if spec.baseline else [])
 
 
@@ -84,7 +84,7 @@ def load_view(run_dir: Path, stage: str | None = None) -> RunView:
     from evomerge.search import ParetoArchive
 
     rd = RunDir(run_dir.resolve())
-    spec = rd.load_spec()
+    spec = rd.load_spec(check_paths=False)
     if stage is not None and stage not in _stage_names(rd):
         raise UserError(f"--stage: {stage!r} is not one of {', '.join(_stage_names(rd))}")
     stage = stage or main_stage(rd)

@@ -52,7 +52,7 @@ def _front_table(view: RunView) -> str:
 
 
 def _comparison(view: RunView) -> str:
-    if not view.comparison:
+    if not view.comparison or "scores" not in view.comparison:
         return ""
     header, rows, best = view.comparison_rows()
     note = html.escape(view.comparison.get("note", ""))

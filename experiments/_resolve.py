@@ -51,6 +51,21 @@ def _unzoo(value: Any, zoo: Path) -> Any:
     return value
 
 
+def _per_skill(objectives: list[dict[str, Any]], zoo: Path) -> list[dict[str, Any]]:
+    """Expand objectives named with ``{skill}`` into one per zoo skill (in manifest order)."""
+    from evomerge.experiments.zoo import load_manifest
+
+    skills = load_manifest(zoo)["skills"]
+    out: list[dict[str, Any]] = []
+    for obj in objectives:
+        if "{skill}" not in obj["name"]:
+            out.append(obj)
+            continue
+        for skill in skills:
+            out.append({k: v.replace("{skill}", skill) if isinstance(v, str) else v for k, v in obj.items()})
+    return out
+
+
 def resolve(spec: ExperimentSpec, *, label: str, progress: bool = True) -> ExperimentSpec:
     """The spec with the zoo built and expanded and pools listed: plain base + experts, absolute paths.
 
@@ -60,6 +75,7 @@ def resolve(spec: ExperimentSpec, *, label: str, progress: bool = True) -> Exper
     models = data["models"]
     if spec.models.zoo is not None:
         zoo = zoo_dir(spec.models.zoo, progress=progress)
+        data["objectives"] = _per_skill(data["objectives"], zoo)
         data = _unzoo(data, zoo)
         data["models"] = {**models, **_zoo_models(zoo, spec.models.zoo), "zoo": None}
     elif spec.models.pool is not None:

@@ -98,7 +98,7 @@ def start(
     rd = RunDir((run_dir or parsed.run_dir()).resolve())
     resolved = resolve(parsed, label=label, progress=progress)
     resolved = resolved.model_copy(update={"outputs": resolved.outputs.model_copy(update={"run_dir": str(rd.path)})})
-    if rd.exists() and not _same_spec(rd.load_spec(), resolved):
+    if rd.exists() and not _same_spec(rd.load_spec(check_paths=False), resolved):
         raise UserError(f"{rd.path} holds a run of a different spec; pick another --run-dir, or `evomerge resume {rd.path}`")
     with SignalLog() as signals:
         try:
@@ -236,6 +236,7 @@ def _execute(rd: RunDir, session: Session, signals: SignalLog, *, progress: bool
                     raise KeyboardInterrupt
                 done.append(stage.name)
                 rd.write_state(stages_done=done)
+                _export_stage(rd, stage.name, ledger)
             held = _inherited(ledger, stages, stage)
         rd.write_state(status="done")
         from ._inspect import finish_run
@@ -249,6 +250,16 @@ def _execute(rd: RunDir, session: Session, signals: SignalLog, *, progress: bool
     finally:
         session.close()
     return 0
+
+
+def _export_stage(rd: RunDir, stage: str, ledger: "Ledger") -> None:
+    """The stage's trials and front as CSV/JSON and its plots, for spreadsheets and notebooks."""
+    from evomerge.search import export_results, plot_run
+
+    out = rd.results_dir(stage)
+    export_results(ledger, out)
+    if ledger.trials():
+        plot_run(ledger, out)
 
 
 def _inherited(ledger: "Ledger", stages: list[StageSpec], stage: StageSpec) -> dict[str, float]:

@@ -5,6 +5,7 @@
 <run>/state.json             status, current stage, elapsed seconds, budget, exit reason
 <run>/ledger.db              the ledger (an Optuna study per stage) unless `storage` says otherwise
 <run>/<stage>.optimizer.pkl  checkpoint of a coordinated optimizer (nevergrad, baselines)
+<run>/results/<stage>/       trials and front as CSV + JSON, front.png, hypervolume.png
 <run>/comparison.json        held-out scores of the best merges, the experts and the grid baseline
 <run>/exports/trial-<N>/     models exported with `evomerge export`
 <run>/report.html            the self-contained report
@@ -45,6 +46,9 @@ class RunDir:
     def report_file(self) -> Path:
         return self.path / "report.html"
 
+    def results_dir(self, stage: str) -> Path:
+        return self.path / "results" / stage
+
     def export_dir(self, trial: int) -> Path:
         return self.path / "exports" / f"trial-{trial}"
 
@@ -55,12 +59,16 @@ class RunDir:
     def exists(self) -> bool:
         return self.spec_file.is_file()
 
-    def load_spec(self) -> ExperimentSpec:
-        """The resolved spec of an existing run (a missing or foreign folder is a one-line error)."""
+    def load_spec(self, *, check_paths: bool = True) -> ExperimentSpec:
+        """The resolved spec of an existing run (a missing or foreign folder is a one-line error).
+
+        Reading results (status, front, report) passes ``check_paths=False``: a run copied off the
+        GPU box, or whose models moved, must stay inspectable.
+        """
         if not self.exists():
             raise UserError(f"{self.path}: not a run folder (no spec.yaml); start one with `evomerge run SPEC`")
         try:
-            return load_spec(self.spec_file)
+            return load_spec(self.spec_file, check_paths=check_paths)
         except SpecError as exc:
             raise UserError(f"{self.path}: the run's spec.yaml no longer validates ({exc})") from None
 

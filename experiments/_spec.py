@@ -167,7 +167,9 @@ class ObjectiveSpec(_Strict):
     need no data and no inference.
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]*(\{skill\})?[A-Za-z0-9_.-]*$")
+    """Objective name; a name containing ``{skill}`` is a template: with ``models.zoo`` it expands
+    to one objective per zoo skill, substituting ``{skill}`` in name, data and holdout."""
     metric: Annotated[str, AfterValidator(_known_metric)]
     data: SpecPath | None = None
     """Calibration set (JSONL); ``zoo:data/<skill>/calib.jsonl`` inside the toy zoo."""
@@ -275,7 +277,8 @@ class OptimizerSpec(_Strict):
     """Keyword arguments of the sampler / optimizer (e.g. population_size for nsga2)."""
     weights: dict[str, float] | None = None
     """Scalarization (weighted sum of losses): objective name -> weight; unnamed objectives get 0.
-    Needed for single-objective optimizers (nevergrad, optuna cmaes) when there are several objectives."""
+    Unset: the mean over the objectives. Single-objective optimizers (nevergrad, optuna cmaes)
+    always see this one loss."""
     l1_penalty: float = Field(0.0, ge=0.0)
     """Adds ``l1_penalty x mean |genome|`` to the scalarized fitness (Evo-Merging, LoraHub)."""
 
@@ -304,7 +307,7 @@ class OptimizerSpec(_Strict):
     @property
     def scalarized(self) -> bool:
         """Whether the optimizer sees one weighted loss instead of the objective vector."""
-        return self.weights is not None or self.l1_penalty > 0 or (self.library, self.name) == ("optuna", "cmaes")
+        return self.library == "nevergrad" or self.weights is not None or self.l1_penalty > 0 or self.name == "cmaes"
 
 
 class BudgetSpec(_Strict):
@@ -383,13 +386,21 @@ class ExperimentSpec(_Strict):
             if self.stages[0].inherit:
                 raise ValueError("the first stage cannot inherit: there is no previous stage")
         for opt in [self.optimizer] + [s.optimizer for s in self.stages or [] if s.optimizer]:
+            if self.has_skill_templates:
+                break  # names are known once the zoo's skills are expanded (then checked again)
             unknown = sorted(set(opt.weights or {}) - set(names))
             if unknown:
                 raise ValueError(f"optimizer.weights names unknown objectives {unknown}; objectives: {', '.join(names)}")
         uses_zoo = any(o.data and o.data.startswith(ZOO_PREFIX) for o in self.objectives)
         if uses_zoo and self.models.zoo is None:
             raise ValueError("objectives use 'zoo:' paths but 'models.zoo' is not set")
+        if self.has_skill_templates and self.models.zoo is None:
+            raise ValueError("objective names with '{skill}' expand per zoo skill and need 'models.zoo'")
         return self
+
+    @property
+    def has_skill_templates(self) -> bool:
+        return any("{skill}" in o.name for o in self.objectives)
 
     def resolved_stages(self) -> list[StageSpec]:
         """The stages with every section filled in from the top level (a plain spec is one stage)."""

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 EVOMERGE = str(Path(sys.executable).parent / "evomerge")
 SKILLS = ("rev", "sort", "shift", "add")
+
+
+@pytest.fixture(scope="session")
+def zoo_copy(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the tiny zoo: runs and their exports must see the same models even if
+    the shared cache is rebuilt meanwhile (another test session, a new builder version)."""
+    return Path(shutil.copytree(tiny_zoo, tmp_path_factory.mktemp("zoo") / "tiny"))
 
 
 def evomerge(*args: str, cwd: Path, timeout: float = 240, check: int | None = 0) -> subprocess.CompletedProcess:
@@ -23,11 +32,11 @@ def evomerge(*args: str, cwd: Path, timeout: float = 240, check: int | None = 0)
     return proc
 
 
-def tiny_spec(tmp_path: Path, name: str = "tiny", evaluations: int = 6, **changes) -> Path:
+def tiny_spec(tmp_path: Path, zoo: Path, name: str = "tiny", evaluations: int = 6, **changes) -> Path:
     """A small multi-objective TIES search on the tiny zoo (answer loss: informative even untrained)."""
     spec = {
         "name": name,
-        "models": {"zoo": {"size": "tiny"}},
+        "models": {"zoo": {"size": "tiny", "path": str(zoo)}},
         "space": {"method": "ties", "params": ["weight", "density"], "granularity": "layer"},
         "objectives": [
             {"name": s, "metric": "answer_loss", "data": f"zoo:data/{s}/calib.jsonl", "size": 8} for s in SKILLS[:2]

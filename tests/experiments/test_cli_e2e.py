@@ -1,0 +1,172 @@
+"""The `evomerge` CLI end to end on the tiny zoo, in subprocesses, as a user drives it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from evomerge.experiments._spec_io import preset_names
+
+from .conftest import EVOMERGE, evomerge, front_json, tiny_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(zoo_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One complete run (with the grid baseline and held-out sets): (cwd, run folder)."""
+    cwd = tmp_path_factory.mktemp("run")
+    objectives = [
+        {"name": "rev", "metric": "answer_loss", "data": "zoo:data/rev/calib.jsonl", "size": 8,
+         "holdout": "zoo:data/rev/test.jsonl"},
+        {"name": "sort", "metric": "answer_loss", "data": "zoo:data/sort/calib.jsonl", "size": 8},
+        {"name": "kept", "metric": "kept_fraction"},
+    ]
+    spec = tiny_spec(cwd, zoo_copy, baseline=True, objectives=objectives)
+    evomerge("run", str(spec), "--quiet", cwd=cwd)
+    return cwd, cwd / "runs" / "tiny"
+
+
+def test_run_writes_the_run_folder_and_inspection_commands_read_it(finished_run: tuple[Path, Path]) -> None:
+    cwd, run = finished_run
+    for name in ("spec.yaml", "state.json", "ledger.db", "comparison.json", "report.html",
+                 "results/search/front.csv", "results/grid/trials.json", "grid.optimizer.pkl"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "state.json").read_text())["status"] == "done"
+    status = evomerge("status", str(run), cwd=cwd).stdout
+    assert "done" in status and "6 / 6 (0 failed)" in status and "hypervolume" in status
+    table = evomerge("front", str(run), cwd=cwd).stdout
+    assert table.splitlines()[0].split() == ["trial", "rev", "sort", "kept", "mean", "task"]
+    members = front_json(run, cwd)
+    assert members and all(set(m["values"]) == {"rev", "sort", "kept"} for m in members)
+    comparison = json.loads((run / "comparison.json").read_text())
+    assert comparison["objectives"] == ["rev"]
+    assert {"base", "expert:rev", "expert:sort"} <= set(comparison["scores"])
+    assert any(k.startswith("uniform grid best") for k in comparison["scores"])
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3
+    assert "<script" not in html and 'src="http' not in html
+
+
+def test_report_command_rewrites_a_self_contained_page(finished_run: tuple[Path, Path], tmp_path: Path) -> None:
+    cwd, run = finished_run
+    out = tmp_path / "r.html"
+    evomerge("report", str(run), "--out", str(out), cwd=cwd)
+    assert out.read_text().startswith("<!doctype html>")
+
+
+def test_export_of_a_front_member_reloads_and_scores_as_recorded(finished_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe
+    from evomerge.objectives import CalibrationSet, Objective, TransformersScorer
+
+    cwd, run = finished_run
+    member = front_json(run, cwd)[0]
+    out = tmp_path / "merged"
+    evomerge("export", str(run), "--trial", str(member["trial"]), "--out", str(out), cwd=cwd)
+    assert (out / "config.json").exists() and (out / "recipe.json").exists()
+
+    import yaml
+
+    spec = yaml.safe_load((run / "spec.yaml").read_text())
+    # The exported folder alone, as the model: base = export, recipe = "base unchanged".
+    engine = MergeEngine.load(out, {"self": out}, progress=False)
+    objectives = [
+        Objective(name=o["name"], metric=o["metric"], calibration=CalibrationSet.load(o["data"], name=o["name"], size=o["size"], seed=spec["seed"]))
+        for o in spec["objectives"] if o.get("data")
+    ]
+    scorer = TransformersScorer(engine, objectives, batch_size=spec["scorer"]["batch_size"],
+                                max_new_tokens=spec["scorer"]["max_new_tokens"])
+    keep = MergeRecipe(rules=[GroupRule(method="task_arithmetic", experts={"self": ExpertParams(weight=0.0)})])
+    evaluation = scorer.evaluate(keep)
+    assert not evaluation.failed, evaluation.reason
+    for o in objectives:
+        assert evaluation.values[o.name] == pytest.approx(member["values"][o.name], rel=1e-4, abs=1e-5)
+
+
+def test_bad_spec_exits_2_with_one_line_naming_the_field(zoo_copy: Path, tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path, zoo_copy, optimizer={"library": "nevergrad", "name": "CMAA"})
+    proc = evomerge("run", str(spec), cwd=tmp_path, check=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"evomerge: {spec}: optimizer.name: 'CMAA' is not one of CMA, DE")
+    assert not (tmp_path / "runs").exists()
+
+    spec = tiny_spec(tmp_path, zoo_copy, name="missing")
+    spec.write_text(spec.read_text().replace("zoo:data/rev/calib.jsonl", "nowhere.jsonl"))
+    proc = evomerge("run", str(spec), cwd=tmp_path, check=2)
+    assert proc.stderr.count("\n") == 1 and "objectives[0].data: 'nowhere.jsonl' does not exist" in proc.stderr
+
+    spec = tiny_spec(tmp_path, zoo_copy, name="unknown", budgett={"evaluations": 2})
+    proc = evomerge("run", str(spec), cwd=tmp_path, check=2)
+    assert "spec: unknown key" not in proc.stderr and "budgett: unknown key; allowed: name," in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def _finished_trials(run: Path) -> int:
+    if not (run / "ledger.db").exists():
+        return 0
+    with sqlite3.connect(run / "ledger.db") as conn:
+        try:
+            return conn.execute("SELECT COUNT(*) FROM trials WHERE state IN ('COMPLETE', 'FAIL')").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+
+def test_sigterm_stops_cleanly_and_resume_finishes_the_budget(zoo_copy: Path, tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path, zoo_copy, name="long", evaluations=30,
+                     optimizer={"library": "nevergrad", "name": "CMA", "weights": {"rev": 1.0, "sort": 1.0}})
+    run = tmp_path / "runs" / "long"
+    proc = subprocess.Popen([EVOMERGE, "run", str(spec), "--quiet"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while _finished_trials(run) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "evomerge resume" in err
+    assert json.loads((run / "state.json").read_text())["status"] == "interrupted"
+    stopped_at = _finished_trials(run)
+    assert 3 <= stopped_at < 30
+
+    evomerge("resume", str(run), "--quiet", cwd=tmp_path)
+    status = evomerge("status", str(run), cwd=tmp_path).stdout
+    assert "30 / 30" in status and "done" in status
+    trials = json.loads((run / "results" / "search" / "trials.json").read_text())["trials"]
+    finished = [t for t in trials if t["state"] == "COMPLETE"]
+    assert len(finished) == 30
+
+
+def test_batch_records_a_broken_spec_skips_it_and_resumes(zoo_copy: Path, tmp_path: Path) -> None:
+    good1 = tiny_spec(tmp_path, zoo_copy, name="good1", evaluations=2)
+    broken = tiny_spec(tmp_path, zoo_copy, name="broken", scorer={"backend": "onnx"})
+    good2 = tiny_spec(tmp_path, zoo_copy, name="good2", evaluations=2)
+    batch_dir = tmp_path / "batch"
+    proc = evomerge("batch", str(good1), str(broken), str(good2), "--batch-dir", str(batch_dir), cwd=tmp_path, check=1)
+    assert "batch summary:" in proc.stdout
+    state = {Path(e["spec"]).stem: e for e in json.loads((batch_dir / "batch.json").read_text())["entries"]}
+    assert state["good1"]["status"] == "done" and state["good2"]["status"] == "done"
+    assert state["broken"]["status"] == "failed" and state["broken"]["exit_code"] == 2
+    assert "scorer.backend: 'onnx' is not one of transformers, vllm" in state["broken"]["reason"]
+    assert (Path(state["good2"]["run_dir"]) / "report.html").exists()
+
+    again = evomerge("batch", str(good1), str(broken), str(good2), "--batch-dir", str(batch_dir), cwd=tmp_path, check=1)
+    assert again.stdout.count("earlier, skipped") == 3
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_runs_on_the_tiny_zoo(preset: str, zoo_copy: Path, tmp_path: Path) -> None:
+    run = tmp_path / preset
+    evomerge("run", "--preset", preset, "--run-dir", str(run), "--quiet", "--set", "models.zoo.size=tiny", "--set", f"models.zoo.path={zoo_copy}",
+             "--set", "budget.evaluations=2", "--set", "budget.wall_clock=120", cwd=tmp_path)
+    state = json.loads((run / "state.json").read_text())
+    assert state["status"] == "done"
+    assert (run / "report.html").exists()
+    assert front_json(run, tmp_path)
