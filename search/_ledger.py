@@ -21,7 +21,8 @@ objectives raises instead of silently mixing incompatible trials.
 Storage: a directory (-> ``<dir>/ledger.log``, Optuna's JournalStorage file), a ``.log`` /
 ``.journal`` file, a ``.db``/``.sqlite`` file (SQLite), or any Optuna storage URL. The journal is
 the default because it is fast: one fsynced line per finished trial (~4 ms with 64 params),
-where optuna's SQLite ORM path costs ~90 ms per trial, beyond the 2% overhead budget. Its lock
+where optuna's SQLite ORM path costs ~90 ms per trial, beyond the 2% overhead budget; lines
+are fsynced once per finished trial (`_JournalFile`). Its lock
 is an ``flock`` (released by the kernel when a killed process dies) and a torn last line from a
 kill mid-append is cut at open. A ledger has one writer (the run loop): at open, RUNNING trials
 are from a dead process. ``optuna-dashboard <dir>/ledger.log`` opens a journal run.
@@ -30,7 +31,6 @@ are from a dead process. ``optuna-dashboard <dir>/ledger.log`` opens a journal r
 from __future__ import annotations
 
 import json
-import math
 import os
 import sqlite3
 
@@ -111,6 +111,32 @@ class _FlockLock(JournalFileOpenLock):
             self._fd = None
 
 
+class _JournalFile(JournalFileBackend):
+    """optuna's journal file, fsynced once per finished trial instead of once per line.
+
+    optuna fsyncs every append, and a native sampler's ``study.ask`` appends one line per
+    parameter: 16 parameters cost 16 fsyncs (~50 ms here). Lines still reach the OS at once (a
+    killed process loses nothing); `sync` makes them durable against power loss and runs at
+    every trial end, before the optimizer is told, which is the order crash safety needs.
+    """
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+        self._lock.acquire()
+        try:
+            with open(self._file_path, "ab") as f:
+                f.write(text.encode("utf-8"))
+        finally:
+            self._lock.release()
+
+    def sync(self) -> None:
+        fd = os.open(self._file_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _journal(path: Path) -> optuna.storages.JournalStorage:
     # A kill in the middle of an append can leave a torn last line; optuna would refuse the file
     # once a new line follows it. Single writer: cut back to the last complete line.
@@ -122,7 +148,7 @@ def _journal(path: Path) -> optuna.storages.JournalStorage:
                 f.flush()
                 os.fsync(f.fileno())
     lock = _FlockLock(str(path)) if fcntl is not None else JournalFileOpenLock(str(path))
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+    return optuna.storages.JournalStorage(_JournalFile(str(path), lock_obj=lock))
 
 
 def _sqlite(path: Path) -> optuna.storages.RDBStorage:
@@ -156,6 +182,8 @@ class Ledger:
         if not self.objectives:
             raise ValueError("a ledger needs at least one objective")
         self.storage, self.run_dir = resolve_storage(storage)
+        backend = getattr(self.storage, "_backend", None)
+        self._sync = backend.sync if isinstance(backend, _JournalFile) else (lambda: None)
         self.study_name = study_name
         self.scalarization = scalarization
         directions = ["minimize"] if scalarization is not None else [o.direction for o in self.objectives]
@@ -184,6 +212,7 @@ class Ledger:
         else:
             for key, value in meta.items():
                 self.study.set_user_attr(key, _jsonable(value))
+            self._sync()
             self.reference_point = None
         if self.reference_point is None and reference_point is not None:
             self.record_reference_point(reference_point)
@@ -206,6 +235,7 @@ class Ledger:
         """Fix the run's hypervolume reference point (once; later runs read it back)."""
         self.reference_point = [float(v) for v in reference_point]
         self.study.set_user_attr("reference_point", self.reference_point)
+        self._sync()
 
     def checkpoint_path(self, suffix: str) -> Path:
         """Where an optimizer keeps its pickle next to the ledger."""
@@ -302,6 +332,7 @@ class Ledger:
         # study.add_trial does the same but does not return the number
         storage = self.study._storage
         trial_id = storage.create_new_trial(self.study._study_id, template_trial=trial)
+        self._sync()
         return storage.get_trial_number_from_id(trial_id)
 
     def finish_live(self, trial: optuna.trial.Trial, attrs: Mapping[str, Any], values: Mapping[str, float] | None) -> None:
@@ -314,6 +345,7 @@ class Ledger:
             self.study.tell(trial, state=TrialState.FAIL)
         else:
             self.study.tell(trial, self.study_values(values))
+        self._sync()
 
     def fail_running(self, reason: str) -> list[FrozenTrial]:
         """Mark trials left RUNNING (a dead or stopped process) as interrupted failures and
@@ -325,8 +357,6 @@ class Ledger:
             storage.set_trial_user_attr(t._trial_id, "failure", reason)
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             self.study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number}, skip_if_exists=False)
+        self._sync()
         return stale
 
-
-def is_finite(values: Mapping[str, float]) -> bool:
-    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values.values())

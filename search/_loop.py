@@ -177,7 +177,10 @@ def run_search(
                     recipe = cand.recipe if cand.recipe is not None else space.decode(cand.x, seed=ledger.seed, trial=cand.key)
                     pre = ask_share + time.perf_counter() - t1
                     t2 = time.perf_counter()
-                    evaluation = scorer.evaluate(recipe)
+                    try:
+                        evaluation = scorer.evaluate(recipe)
+                    except Exception as exc:  # scorers should return failures; a wrapper may raise
+                        evaluation = Evaluation.failure(f"{type(exc).__name__}: {exc}")
                     eval_seconds = time.perf_counter() - t2
                     t3 = time.perf_counter()
                     with signals.deferred():

@@ -64,7 +64,7 @@ class ParetoArchive:
     """Non-dominated feasible results of a run, and the hypervolume after every evaluation.
 
     >>> archive = ParetoArchive(["maximize", "minimize"], reference_point=[0.0, 10.0])
-    >>> archive.add(0, [0.5, 4.0]); archive.add(1, [0.4, 5.0])   # 1 is dominated
+    >>> hv = archive.add(0, [0.5, 4.0]); hv = archive.add(1, [0.4, 5.0])  # 1 is dominated
     >>> [p.number for p in archive.front]
     [0]
     """

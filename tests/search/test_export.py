@@ -11,7 +11,7 @@ from PIL import Image
 
 from evomerge.merge import MergeRecipe
 from evomerge.objectives import Objective, TransformersScorer
-from evomerge.search import Ledger, SearchSpace, export_results, export_trial_model, make_optimizer, plot_run, run_search, trial_recipe
+from evomerge.search import Ledger, export_results, export_trial_model, make_optimizer, plot_run, run_search, trial_recipe
 
 from ._problem import build_problem
 
