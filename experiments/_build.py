@@ -7,7 +7,6 @@ packages' constructors.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ._spec import ExperimentSpec, ObjectiveSpec, ScorerSpec
@@ -17,14 +16,11 @@ if TYPE_CHECKING:
     from evomerge.objectives import Objective, Scorer
     from evomerge.search import SearchSpace, SpaceTemplate
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
 def _torch_dtype(name: str) -> Any:
     """The torch dtype for a spec dtype name; None for ``auto`` (keep the checkpoint's)."""
     import torch
 
-    return None if name == "auto" else getattr(torch, _DTYPES[name])
+    return None if name == "auto" else getattr(torch, name)
 
 
 def _device(name: str) -> str:

@@ -96,12 +96,13 @@ def start(
     """``evomerge run``: validate, load, create the run folder, search. Returns the exit status."""
     parsed, label = load_spec_with_overrides(spec, preset, overrides)
     rd = RunDir((run_dir or parsed.run_dir()).resolve())
-    resolved = resolve(parsed, label=label, progress=progress)
-    resolved = resolved.model_copy(update={"outputs": resolved.outputs.model_copy(update={"run_dir": str(rd.path)})})
-    if rd.exists() and not _same_spec(rd.load_spec(check_paths=False), resolved):
-        raise UserError(f"{rd.path} holds a run of a different spec; pick another --run-dir, or `evomerge resume {rd.path}`")
     with SignalLog() as signals:
         try:
+            resolved = resolve(parsed, label=label, progress=progress)
+            outputs = resolved.outputs.model_copy(update={"run_dir": str(rd.path)})
+            resolved = resolved.model_copy(update={"outputs": outputs})
+            if rd.exists() and not _same_spec(rd.load_spec(check_paths=False), resolved):
+                raise UserError(f"{rd.path} holds a run of a different spec; pick another --run-dir, or `evomerge resume {rd.path}`")
             session = Session.open(resolved, progress=progress)
         except KeyboardInterrupt:
             return signals.exit_code()

@@ -50,15 +50,8 @@ def test_run_writes_the_run_folder_and_inspection_commands_read_it(finished_run:
     assert {"base", "expert:rev", "expert:sort"} <= set(comparison["scores"])
     assert any(k.startswith("uniform grid best") for k in comparison["scores"])
     html = (run / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 3
+    assert html.startswith("<!doctype html>") and html.count("data:image/png;base64,") >= 3
     assert "<script" not in html and 'src="http' not in html
-
-
-def test_report_command_rewrites_a_self_contained_page(finished_run: tuple[Path, Path], tmp_path: Path) -> None:
-    cwd, run = finished_run
-    out = tmp_path / "r.html"
-    evomerge("report", str(run), "--out", str(out), cwd=cwd)
-    assert out.read_text().startswith("<!doctype html>")
 
 
 def test_export_of_a_front_member_reloads_and_scores_as_recorded(finished_run: tuple[Path, Path], tmp_path: Path) -> None:
@@ -169,4 +162,5 @@ def test_every_preset_runs_on_the_tiny_zoo(preset: str, zoo_copy: Path, tmp_path
     state = json.loads((run / "state.json").read_text())
     assert state["status"] == "done"
     assert (run / "report.html").exists()
-    assert front_json(run, tmp_path)
+    stage = state["stages_done"][-1]
+    assert json.loads((run / "results" / stage / "front.json").read_text())["trials"]
