@@ -22,7 +22,7 @@ Storage: a directory (-> ``<dir>/ledger.log``, Optuna's JournalStorage file), a 
 ``.journal`` file, a ``.db``/``.sqlite`` file (SQLite), or any Optuna storage URL. The journal is
 the default because it is fast: one fsynced line per finished trial (~4 ms with 64 params),
 where optuna's SQLite ORM path costs ~90 ms per trial, beyond the 2% overhead budget; lines
-are fsynced once per finished trial (`_JournalFile`). Its lock
+are fsynced once per ask batch (`_JournalFile`, `Ledger.sync`). Its lock
 is an ``flock`` (released by the kernel when a killed process dies) and a torn last line from a
 kill mid-append is cut at open. A ledger has one writer (the run loop): at open, RUNNING trials
 are from a dead process. ``optuna-dashboard <dir>/ledger.log`` opens a journal run.
@@ -40,7 +40,7 @@ except ImportError:  # Windows: optuna's own lock file
     fcntl = None  # type: ignore[assignment]
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import optuna
 from optuna.distributions import BaseDistribution
@@ -112,12 +112,14 @@ class _FlockLock(JournalFileOpenLock):
 
 
 class _JournalFile(JournalFileBackend):
-    """optuna's journal file, fsynced once per finished trial instead of once per line.
+    """optuna's journal file, fsynced once per ask batch instead of once per line.
 
     optuna fsyncs every append, and a native sampler's ``study.ask`` appends one line per
-    parameter: 16 parameters cost 16 fsyncs (~50 ms here). Lines still reach the OS at once (a
-    killed process loses nothing); `sync` makes them durable against power loss and runs at
-    every trial end, before the optimizer is told, which is the order crash safety needs.
+    parameter: 16 parameters cost 16 fsyncs (~50 ms here). Lines still reach the OS at once, so
+    a killed process (SIGKILL, Ctrl-C) loses nothing. `sync` makes them durable against power
+    loss; the run loop calls it before every ask, ahead of the optimizer's checkpoint, so after
+    a machine restart the checkpoint is never ahead of the ledger, and lines lost since the last
+    sync are trials whose candidates the checkpoint still holds as pending (re-evaluated).
     """
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
@@ -183,7 +185,7 @@ class Ledger:
             raise ValueError("a ledger needs at least one objective")
         self.storage, self.run_dir = resolve_storage(storage)
         backend = getattr(self.storage, "_backend", None)
-        self._sync = backend.sync if isinstance(backend, _JournalFile) else (lambda: None)
+        self._sync: Callable[[], None] = backend.sync if isinstance(backend, _JournalFile) else (lambda: None)
         self.study_name = study_name
         self.scalarization = scalarization
         directions = ["minimize"] if scalarization is not None else [o.direction for o in self.objectives]
@@ -235,6 +237,12 @@ class Ledger:
         """Fix the run's hypervolume reference point (once; later runs read it back)."""
         self.reference_point = [float(v) for v in reference_point]
         self.study.set_user_attr("reference_point", self.reference_point)
+        self._sync()
+
+    def sync(self) -> None:
+        """Make everything written so far durable against power loss (journal: one fsync; other
+        storages commit per write). The run loop calls it before every ask, so an optimizer
+        checkpoint never becomes durable ahead of the trials it has been told."""
         self._sync()
 
     def checkpoint_path(self, suffix: str) -> Path:
@@ -332,7 +340,6 @@ class Ledger:
         # study.add_trial does the same but does not return the number
         storage = self.study._storage
         trial_id = storage.create_new_trial(self.study._study_id, template_trial=trial)
-        self._sync()
         return storage.get_trial_number_from_id(trial_id)
 
     def finish_live(self, trial: optuna.trial.Trial, attrs: Mapping[str, Any], values: Mapping[str, float] | None) -> None:
@@ -345,7 +352,6 @@ class Ledger:
             self.study.tell(trial, state=TrialState.FAIL)
         else:
             self.study.tell(trial, self.study_values(values))
-        self._sync()
 
     def fail_running(self, reason: str) -> list[FrozenTrial]:
         """Mark trials left RUNNING (a dead or stopped process) as interrupted failures and

@@ -167,6 +167,7 @@ def run_search(
                 n = batch_size if budget_evals is None else min(batch_size, budget_evals - done)
                 t0 = time.perf_counter()
                 with signals.deferred():
+                    ledger.sync()  # durable trials before a checkpoint that has seen them
                     candidates = optimizer.ask(n)
                 ask_share = (time.perf_counter() - t0) / max(len(candidates), 1)
                 if not candidates:
@@ -197,10 +198,12 @@ def run_search(
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(hv=f"{record.hypervolume:.4g}", front=len(archive.front), refresh=False)
+        ledger.sync()
         optimizer.save()
     except KeyboardInterrupt:
         result.stopped_by = "interrupt"
         ledger.fail_running("interrupted: the run was stopped (SIGINT/SIGTERM)")
+        ledger.sync()
         optimizer.save()
     finally:
         if bar is not None:

@@ -72,19 +72,21 @@ class ParetoArchive:
     def __init__(self, directions: Sequence[Direction], reference_point: Sequence[float] | None = None) -> None:
         self.directions: tuple[Direction, ...] = tuple(directions)
         _maximise(self.directions)
-        self.reference_point: list[float] | None = None
-        if reference_point is not None:
-            self.set_reference_point(reference_point)
         self._numbers: list[int] = []
         self._points = np.empty((0, len(self.directions)))
         self._front_idx = np.empty(0, dtype=int)
         self.history: list[tuple[int, float]] = []
         """(trial number, hypervolume after it) for every evaluation added, failures included."""
+        self._hv = 0.0  # cached: the hypervolume changes only when the front does
+        self.reference_point: list[float] | None = None
+        if reference_point is not None:
+            self.set_reference_point(reference_point)
 
     def set_reference_point(self, reference_point: Sequence[float]) -> None:
         if len(reference_point) != len(self.directions):
             raise ValueError(f"reference point has {len(reference_point)} values for {len(self.directions)} objectives")
         self.reference_point = [float(v) for v in reference_point]
+        self._hv = self._compute_hypervolume()
 
     def add(self, number: int, values: Sequence[float] | None, *, feasible: bool = True) -> float:
         """Record one evaluation (``values`` None for a failed trial); returns the hypervolume after it."""
@@ -100,9 +102,10 @@ class ParetoArchive:
                 # the new front is among the old front plus the new point
                 candidates = np.append(self._front_idx, len(self._points) - 1)
                 self._front_idx = candidates[pareto_mask(self._points[candidates], self.directions)]
-        hv = self.hypervolume()
-        self.history.append((number, hv))
-        return hv
+                if self._front_idx[-1] == len(self._points) - 1:
+                    self._hv = self._compute_hypervolume()
+        self.history.append((number, self._hv))
+        return self._hv
 
     @property
     def front(self) -> list[ParetoPoint]:
@@ -117,6 +120,9 @@ class ParetoArchive:
 
     def hypervolume(self) -> float:
         """Hypervolume of the current front (0 before any feasible point or without a reference)."""
+        return self._hv
+
+    def _compute_hypervolume(self) -> float:
         if self.reference_point is None or len(self._front_idx) == 0:
             return 0.0
         return hypervolume(self._points[self._front_idx], self.reference_point, self.directions)

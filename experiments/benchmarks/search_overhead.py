@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--calib-size", type=int, default=16, help="calibration items per skill")
     parser.add_argument("--optimizers", nargs="+", default=list(DEFAULT_OPTIMIZERS))
+    parser.add_argument("--batch-size", type=int, default=4, help="candidates per ask (durability cost is per batch)")
     args = parser.parse_args()
 
     zoo = build_zoo(args.size, seed=0, arch="llama", progress=False)
@@ -48,12 +49,13 @@ def main() -> None:
     scorer = TransformersScorer(engine, objectives)
     space = SearchSpace(engine.layout, engine.expert_names, SpaceTemplate(method="ties", granularity="layer"))
     print(f"zoo {args.size}: {len(skills)} experts, {engine.layout.num_layers} layers, genome of {space.dim}, "
-          f"{len(objectives)} objectives, {args.trials} trials per optimizer")
+          f"{len(objectives)} objectives, {args.trials} trials per optimizer, batches of {args.batch_size}")
     print(f"{'optimizer':24} {'eval s':>8} {'overhead s':>11} {'total %':>8} {'recorded %':>11}")
     for spec in args.optimizers:
         with tempfile.TemporaryDirectory() as run_dir:
             ledger = Ledger(Path(run_dir), objectives=objectives, seed=0, space=space.to_dict())
-            result = run_search(space, scorer, make_optimizer(spec), ledger, budget_evals=args.trials, progress=False)
+            result = run_search(space, scorer, make_optimizer(spec), ledger, budget_evals=args.trials,
+                                batch_size=args.batch_size, progress=False)
             recorded = sum(t.user_attrs["timings"]["search_overhead"] for t in ledger.finished())
             per_eval = result.evaluation_seconds / result.n_new
             print(f"{spec:24} {per_eval:8.3f} {statistics.mean(result.overheads):11.4f} "

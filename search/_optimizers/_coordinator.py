@@ -5,11 +5,13 @@ Crash safety rests on three rules:
 1. Every ``ask`` batch ends with the whole state (backend optimizer, candidates asked but not
    told, ids told) pickled atomically: temp file, fsync, ``os.replace``, directory fsync. A
    candidate thus exists in the checkpoint before anyone evaluates it.
-2. A finished trial reaches the ledger (one fsynced append, with its candidate id) *before* the
-   optimizer is told, so the ledger is never behind the optimizer. The tell itself is not
-   checkpointed on its own: the next ask's checkpoint includes it, and if the process dies
-   first, rule 3 replays it from the ledger with the same values. This halves the fsyncs per
-   trial (the 2% overhead budget) at no cost in safety; `save` also runs when a run stops.
+2. A finished trial reaches the ledger (one append, with its candidate id) *before* the
+   optimizer is told, so the ledger is never behind the optimizer; the run loop fsyncs the
+   ledger (`Ledger.sync`) before each ask, so that also holds for what survives a power loss.
+   The tell itself is not checkpointed on its own: the next ask's checkpoint includes it, and if
+   the process dies first, rule 3 replays it from the ledger with the same values. Durability
+   thus costs three fsyncs per ask batch (ledger, checkpoint file, its directory), whatever the
+   batch size; `save` also runs when a run stops.
 3. On ``bind`` (resume): finished ledger trials the checkpoint has not told are told now; pending
    candidates with no finished trial are re-queued, and the next ``ask`` hands out those alone
    (the rest of the interrupted batch). Every candidate is evaluated to completion exactly once,
