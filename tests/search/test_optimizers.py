@@ -78,7 +78,7 @@ def test_grid_baseline_walks_task_arithmetic_and_ties_coefficients(problem, tmp_
 def test_same_seed_same_trial_sequence(problem, spec: str, tmp_path: Path) -> None:
     _, scorer, space = problem
     runs = []
-    for name in ("a", "b"):
+    for name in ("a", "b.db"):  # the journal file and SQLite hold the same trials
         ledger = _ledger(tmp_path / name, scorer, space, seed=5)
         run_search(space, scorer, make_optimizer(spec), ledger, budget_evals=8, batch_size=2, progress=False)
         runs.append([(t.params, t.user_attrs["objectives"]) for t in ledger.finished()])
