@@ -3,7 +3,8 @@
 The search loop merges thousands of candidates; each must cost about one pass over the weights.
 So everything that does not depend on the recipe is done once at load time (reading, checking,
 task vectors, magnitude tables), and `apply` writes `base + merged delta` straight into the
-target's parameters, one tensor at a time, through an fp32 scratch buffer reused per shape.
+target's parameters, one tensor at a time, in cache-sized flat chunks through one small fp32 buffer
+(docs/merge-engine.md: every input is read from RAM about once).
 Memory: base copy + one task vector per expert + the target = (experts + 2) x model size.
 """
 
@@ -90,6 +91,7 @@ class MergeEngine:
         """
         from transformers import AutoConfig
 
+        _fixed_mmap_threshold()
         base_path = require_dir(base, "base model")
         if not experts:
             raise MergeError("no experts given; pass experts={'name': 'path/to/model-or-adapter', ...}")
@@ -133,6 +135,7 @@ class MergeEngine:
                 bar.update(1)
             full[ename] = deltas
         bar.close()
+        _trim()
         return cls(base_path, config, layout, base_t, full, adapters, paths, device, dtype, cache_device)
 
     # ------------------------------------------------------------------ targets
@@ -424,6 +427,43 @@ def _load_adapter(folder: Path, label: str, shapes: Mapping[str, tuple[int, ...]
         if name not in shapes or tuple(tensor.shape) != tuple(shapes[name]):
             raise MergeError(f"{label}: saved module tensor {name} {tuple(tensor.shape)} does not match the base {shapes.get(name)}")
     return adapter
+
+
+_MMAP_THRESHOLD = 4 << 20
+
+
+def _libc() -> Any:
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def _fixed_mmap_threshold() -> None:
+    """glibc: serve every allocation >= 4 MiB by its own mmap (returned to the OS when freed).
+
+    glibc raises its mmap threshold dynamically (up to 32 MiB) after large frees, so the per-tensor
+    temporaries of loading and table building (tensors of 1-32 MiB) were carved from the brk heap;
+    their holes between the long-lived task vectors stayed resident and the engine peaked at ~7.5x the
+    model instead of (experts + 2)x. A fixed threshold (M_MMAP_THRESHOLD = -3) turns that off. Chunk
+    work buffers are pooled, so the extra mmap/munmap calls are few. Process-wide; no-op off glibc.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(-3, _MMAP_THRESHOLD)
+
+
+def _trim() -> None:
+    """Hand free heap pages back to the OS (glibc `malloc_trim`)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _subtract(value: torch.Tensor, base: torch.Tensor, dtype: torch.dtype, chunk: int = 1 << 22) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """DARE: drop each task-vector entry with probability 1 - density, rescale the survivors.
 
 * `dare_linear` (mergekit `dare_linear`) and `dare_ties` (mergekit `dare_ties`, TIES sign election).
-* Mask, `options.draws == "fast"` (default): `u = torch.rand(shape, generator=g)`, keep `u < density`
-  (fp32 uniform, compared in place): one uniform per entry, ~4x faster than torch's CPU bernoulli.
-  `options.draws == "mergekit"`: `torch.bernoulli(p.expand(shape), generator=g)` with a 0-dim p, which
+* Mask, `options.draws == "fast"` (default): keep where `hash(key_i, element index) < p` (`_draws`), keys
+  drawn from the generator: counter-based, so chunked and whole-tensor merges draw the same masks.
+  `options.draws == "mergekit"` (whole tensor only): `torch.bernoulli(p.expand(shape), generator=g)` with a 0-dim p, which
   consumes the generator exactly like mergekit's `torch.bernoulli(torch.full_like(delta, density))`;
   experts draw in the same order (an expert with density >= 1 draws nothing, as in mergekit), so with a
   generator seeded like mergekit's global RNG the masks are *identical* on CPU (parity tests).
