@@ -64,3 +64,18 @@ def test_any_trial_exports_as_a_model(finished_run, tmp_path: Path) -> None:
     out = export_trial_model(ledger, engine, number, tmp_path / "model")
     assert (out / "config.json").exists()
     assert MergeRecipe.from_json((out / "recipe.json").read_text()) == trial_recipe(ledger, number)
+
+
+def test_optuna_dashboard_opens_the_ledger(finished_run) -> None:
+    dashboard = pytest.importorskip("optuna_dashboard")
+    from wsgiref.util import setup_testing_defaults
+
+    _, _, _, ledger = finished_run
+    app = dashboard.wsgi(ledger.storage)
+    environ: dict = {"PATH_INFO": "/api/studies"}
+    setup_testing_defaults(environ)
+    status: list[str] = []
+    body = b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
+    assert status[0].startswith("200")
+    studies = json.loads(body)["study_summaries"]
+    assert [s["study_name"] for s in studies] == ["evomerge"]
