@@ -7,6 +7,7 @@ Both run behind the coordinator, so they checkpoint, resume and are recorded lik
 from __future__ import annotations
 
 import itertools
+import os
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -56,7 +57,7 @@ class GridSearch(CoordinatedOptimizer):
         methods: Sequence[str] = ("task_arithmetic", "ties"),
         weights: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0),
         densities: Sequence[float] = (0.2, 0.5, 0.8),
-        checkpoint: str | None = None,
+        checkpoint: str | os.PathLike[str] | None = None,
     ) -> None:
         super().__init__(checkpoint=checkpoint)
         unknown = [m for m in methods if m not in ("task_arithmetic", "ties")]

@@ -13,6 +13,7 @@ nevergrad's automatic hypervolume bounds.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,7 @@ choice is made picklable through ``enable_pickling``)."""
 class NevergradOptimizer(CoordinatedOptimizer):
     """A nevergrad optimizer by registry name, e.g. ``NevergradOptimizer("TwoPointsDE")``."""
 
-    def __init__(self, optimizer: str = "CMA", *, checkpoint: str | None = None) -> None:
+    def __init__(self, optimizer: str = "CMA", *, checkpoint: str | os.PathLike[str] | None = None) -> None:
         import nevergrad as ng
 
         if optimizer not in ng.optimizers.registry:
