@@ -26,6 +26,11 @@ are fsynced once per ask batch (`_JournalFile`, `Ledger.sync`). Its lock
 is an ``flock`` (released by the kernel when a killed process dies) and a torn last line from a
 kill mid-append is cut at open. A ledger has one writer (the run loop): at open, RUNNING trials
 are from a dead process. ``optuna-dashboard <dir>/ledger.log`` opens a journal run.
+
+Several workers (`run_worker`, docs/scale-out.md) share one ledger through a database: opened with
+``heartbeat=`` seconds, a database ledger gets optuna's trial heartbeats and a
+`RetryFailedTrialCallback` (``max_retry=1``), so a RUNNING trial whose worker died is failed and
+re-queued once; `finished` then leaves the failed attempt out of the budget.
 """
 
 from __future__ import annotations
@@ -71,19 +76,29 @@ class ObjectiveSpec:
     direction: Direction
 
 
-def resolve_storage(storage: str | os.PathLike[str]) -> tuple[str | optuna.storages.BaseStorage, Path | None]:
-    """An Optuna storage for a path or URL, plus the run folder (None for remote databases)."""
+def resolve_storage(
+    storage: str | os.PathLike[str], *, heartbeat: int | None = None
+) -> tuple[str | optuna.storages.BaseStorage, Path | None]:
+    """An Optuna storage for a path or URL, plus the run folder (None for remote databases).
+
+    ``heartbeat`` (seconds) turns on optuna's trial heartbeats for database storages (the
+    journal file has none; a refused combination rather than a silent lack of fault tolerance).
+    """
     text = os.fspath(storage)
     if "://" in text:
         if text.startswith("sqlite:///"):
             path = Path(text[len("sqlite:///"):])
             path.parent.mkdir(parents=True, exist_ok=True)
-            return _sqlite(path), path.parent
-        return text, None
+            return _sqlite(path, heartbeat), path.parent
+        if heartbeat is None:
+            return text, None
+        return _rdb(text, heartbeat, {}), None
     path = Path(text)
     if path.suffix in (".db", ".sqlite", ".sqlite3"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        return _sqlite(path), path.parent
+        return _sqlite(path, heartbeat), path.parent
+    if heartbeat is not None:
+        raise ValueError(f"{text}: trial heartbeats need a database storage (sqlite:///... or postgresql://...)")
     if path.suffix not in (".log", ".journal"):
         path.mkdir(parents=True, exist_ok=True)
         path = path / "ledger.log"
@@ -153,12 +168,23 @@ def _journal(path: Path) -> optuna.storages.JournalStorage:
     return optuna.storages.JournalStorage(_JournalFile(str(path), lock_obj=lock))
 
 
-def _sqlite(path: Path) -> optuna.storages.RDBStorage:
+def _sqlite(path: Path, heartbeat: int | None) -> optuna.storages.RDBStorage:
     # WAL: one fsync per commit instead of several, and readers (a dashboard) never block the run.
     # The mode is persistent in the file, so it is set once with the stdlib driver.
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
-    return optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 60}})
+    return _rdb(f"sqlite:///{path}", heartbeat, {"connect_args": {"timeout": 60}})
+
+
+def _rdb(url: str, heartbeat: int | None, engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+    """optuna's RDB storage; with a heartbeat, a trial whose worker stops beating for two
+    intervals is failed (by whichever worker looks next) and re-queued exactly once."""
+    if heartbeat is None:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+    )
 
 
 def _jsonable(value: Any) -> Any:
@@ -179,11 +205,12 @@ class Ledger:
         scalarization: Scalarization | None = None,
         reference_point: Sequence[float] | None = None,
         space: Mapping[str, Any] | None = None,
+        heartbeat: int | None = None,
     ) -> None:
         self.objectives = [ObjectiveSpec(o.name, o.direction) for o in objectives]  # type: ignore[arg-type]
         if not self.objectives:
             raise ValueError("a ledger needs at least one objective")
-        self.storage, self.run_dir = resolve_storage(storage)
+        self.storage, self.run_dir = resolve_storage(storage, heartbeat=heartbeat)
         backend = getattr(self.storage, "_backend", None)
         self._sync: Callable[[], None] = backend.sync if isinstance(backend, _JournalFile) else (lambda: None)
         self.study_name = study_name
@@ -257,10 +284,15 @@ class Ledger:
 
     def finished(self) -> list[FrozenTrial]:
         """Trials that count against the budget: completed, or failed by their evaluation
-        (not those cut off by an interruption, which are re-queued and run again)."""
+        (not those cut off by an interruption, nor stale trials failed by a heartbeat check and
+        retried: both are re-queued and run again)."""
+        trials = self.trials()
+        retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
         return [
-            t for t in self.trials((TrialState.COMPLETE, TrialState.FAIL))
-            if not t.user_attrs.get("interrupted", False)
+            t for t in trials
+            if t.state in (TrialState.COMPLETE, TrialState.FAIL)
+            and not t.user_attrs.get("interrupted", False)
+            and not (t.state == TrialState.FAIL and t.number in retried)
         ]
 
     def objective_values(self, trial: FrozenTrial) -> list[float] | None:
@@ -353,16 +385,41 @@ class Ledger:
         else:
             self.study.tell(trial, self.study_values(values))
 
-    def fail_running(self, reason: str) -> list[FrozenTrial]:
-        """Mark trials left RUNNING (a dead or stopped process) as interrupted failures and
-        re-queue their params as WAITING, so they run again exactly once; returns them."""
-        stale = self.trials((TrialState.RUNNING,))
-        storage = self.study._storage
+    def fail_running(self, reason: str, *, worker: str | None = None) -> list[FrozenTrial]:
+        """Mark trials left RUNNING (a dead or stopped process; only ``worker``'s when given) as
+        interrupted failures and re-queue their params as WAITING, so they run again exactly
+        once; returns them."""
+        stale = [t for t in self.trials((TrialState.RUNNING,)) if worker is None or t.user_attrs.get("worker") == worker]
         for t in stale:
-            storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-            storage.set_trial_user_attr(t._trial_id, "failure", reason)
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            self.study.enqueue_trial(t.params, user_attrs={"requeued_from": t.number}, skip_if_exists=False)
+            self._interrupt(t, reason, requeue=True)
         self._sync()
         return stale
 
+    def give_back(self, trial_id: int, reason: str, *, requeue: bool) -> None:
+        """Undo a worker's claim: the trial is failed as interrupted (not counted) and, when it
+        came from the queue (``requeue``), an identical copy goes back into it."""
+        self._interrupt(self.study._storage.get_trial(trial_id), reason, requeue=requeue)
+
+    def _interrupt(self, trial: FrozenTrial, reason: str, *, requeue: bool) -> None:
+        storage = self.study._storage
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+            storage.set_trial_user_attr(trial._trial_id, "failure", reason)
+            if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                return
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return  # finished meanwhile (a heartbeat check failed and retried it): nothing to undo
+        if requeue:
+            # keep the candidate id (coordinated optimizers) and optuna's retry lineage
+            user_attrs = {k: v for k, v in trial.user_attrs.items() if k in _REQUEUE_USER_ATTRS}
+            system_attrs = {k: v for k, v in trial.system_attrs.items() if k in _REQUEUE_SYSTEM_ATTRS}
+            self.study.add_trial(
+                optuna.trial.create_trial(
+                    state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+                    user_attrs={**user_attrs, "requeued_from": trial.number}, system_attrs=system_attrs,
+                )
+            )
+
+
+_REQUEUE_USER_ATTRS = ("candidate",)
+_REQUEUE_SYSTEM_ATTRS = ("failed_trial", "retry_history", "fixed_params")
