@@ -10,10 +10,11 @@ Memory: base copy + one task vector per expert + the target = (experts + 2) x mo
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping
 
 import torch
 from torch import nn
@@ -31,6 +32,16 @@ if TYPE_CHECKING:
     from .methods import MagnitudeTable, MethodOptions
 
 HEAD = "lm_head.weight"
+
+CompileMode = Literal["auto"] | bool
+AUTO_COMPILE_MIN_PARAMS = 50_000_000
+"""`compile="auto"` fuses only models at least this large: the first apply compiles each kernel
+variant (~10-15 s for the first, ~2 s for each further one, cached on disk by inductor afterwards),
+which a 0.5B model earns back within about one apply (it saves ~10 s per TIES apply on 2 CPU cores), a
+50M model within ~10. Tiny test models stay eager (docs/merge-engine.md)."""
+FUSED_CHUNK_MIN = 1 << 20
+"""Smallest chunk of the fused path: its kernel keeps no work buffers, so chunks need not fit the
+cache; larger ones amortise the compiled function's ~20-50 us call overhead (guards, launch)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class MergeEngine:
         self, base_path: Path, config: Any, layout: ModelLayout, base: dict[str, torch.Tensor],
         full_deltas: dict[str, dict[str, torch.Tensor]], adapters: dict[str, LoraAdapter],
         expert_paths: dict[str, Path], device: torch.device, dtype: torch.dtype, cache_device: torch.device,
+        compile: CompileMode = "auto",
     ) -> None:
         self.base_path = base_path
         self.config = config
@@ -77,17 +89,24 @@ class MergeEngine:
         self._target: nn.Module | None = None
         self._chunk: int | None = None
         self.num_params = sum(t.numel() for t in base.values())
+        if compile not in ("auto", True, False):
+            raise MergeError(f"compile must be 'auto', True or False, got {compile!r}")
+        self.compile: CompileMode = compile
+        """Fused compiled kernels for the task-arithmetic family (`methods/_fused.py`): True, False, or
+        "auto" (models >= AUTO_COMPILE_MIN_PARAMS). The environment variable EVOMERGE_COMPILE=0|1
+        overrides it. A failing compile falls back to the eager chunked path with one warning."""
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(
         cls, base: str | Path, experts: Mapping[str, str | Path], *, device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None, allow_pickle: bool = False, vocab_policy: VocabPolicy = "error",
-        progress: bool = True,
+        progress: bool = True, compile: CompileMode = "auto",
     ) -> "MergeEngine":
         """Read and check base + experts, compute task vectors on `device` in the model dtype.
 
         `experts` maps a name (used in recipes) to an HF model folder or a PEFT LoRA adapter folder.
+        `compile`: see `MergeEngine.compile` (fused kernels; "auto" = only for models >= 50M parameters).
         """
         from transformers import AutoConfig
 
@@ -136,7 +155,7 @@ class MergeEngine:
             full[ename] = deltas
         bar.close()
         _trim()
-        return cls(base_path, config, layout, base_t, full, adapters, paths, device, dtype, cache_device)
+        return cls(base_path, config, layout, base_t, full, adapters, paths, device, dtype, cache_device, compile)
 
     # ------------------------------------------------------------------ targets
     def new_target_model(self) -> nn.Module:
@@ -192,6 +211,7 @@ class MergeEngine:
         l1_parts: list[torch.Tensor] = []
         chunk = self.chunk_elements
         out_buf = None
+        fuse = self.fused
         for name, source in self._sources(recipe):
             dst, base = tensors[name], self._base[name]
             if source is None:
@@ -206,9 +226,17 @@ class MergeEngine:
                 else:
                     dst.copy_(source.add_(base.to(source.device)))
                 continue
+            base_flat = base.reshape(-1)
+            if fuse and dst.is_contiguous() and dst.device == self.device == base.device:
+                done = self._apply_fused(source, dst.view(-1), base_flat, chunk, stats)
+                if done is not None:
+                    if stats:
+                        nonzero.append(done[0])
+                        l1_parts.append(done[1])
+                    continue
+                fuse = self.fused  # False once a compile failed
             if out_buf is None:
                 out_buf = chunk_buffer(self.device, chunk, "engine")
-            base_flat = base.reshape(-1)
             direct = dst.is_contiguous() and dst.device == self.device
             dst_flat = dst.view(-1) if dst.is_contiguous() else None
             staged = None if dst_flat is not None else torch.empty(dst.shape, dtype=dst.dtype, device=self.device)
@@ -236,6 +264,35 @@ class MergeEngine:
         l1 = float(torch.stack(l1_parts).to(torch.float64).sum().item()) if l1_parts else 0.0
         seconds = time.perf_counter() - start
         return MergeStats(n_changed / self.num_params, l1, n_changed, seconds)
+
+    @property
+    def fused(self) -> bool:
+        """Whether `apply` uses the fused compiled kernels now (policy above, env override, no failed compile)."""
+        from .methods._fused import disabled_reason
+
+        env = os.environ.get("EVOMERGE_COMPILE", "").strip()
+        if env in ("0", "1"):
+            wanted = env == "1"
+        elif self.compile == "auto":
+            wanted = self.num_params >= AUTO_COMPILE_MIN_PARAMS
+        else:
+            wanted = bool(self.compile)
+        return wanted and disabled_reason() is None
+
+    def _apply_fused(self, plan: "ChunkPlan", dst: torch.Tensor, base: torch.Tensor, chunk: int,
+                     stats: bool) -> "tuple[torch.Tensor, torch.Tensor] | tuple[()] | None":
+        """`dst = base + merged` by the fused kernel; None when the plan has none or compiling failed
+        (then nothing was written and the caller runs the eager path); () or (nonzero, l1) when done."""
+        from .methods._fused import FusedGta, FusedUnavailable
+
+        fused = FusedGta.of(plan)
+        if fused is None:
+            return None
+        try:
+            result = fused.apply(dst, base, max(chunk, FUSED_CHUNK_MIN), stats)
+        except FusedUnavailable:
+            return None
+        return result if result is not None else ()
 
     @property
     def chunk_elements(self) -> int:

@@ -260,6 +260,16 @@ class GtaPlan(ChunkPlan):
         self.normalize = options.normalize
         self.lambda_ = options.lambda_
         self.scale = options.lambda_ / total_weight_divisor(weights) if options.normalize else options.lambda_
+        self.pending_rescale: tuple[Sequence[MagnitudeTable] | None, int] | None = None
+        """(tables, chunk) while mergekit's L1 rescale factors are still to compute: deferred to the
+        first run, so a fused runner (`_fused.FusedGta`) can compute them with its own pass-1 kernel."""
+
+    def resolve_rescale(self) -> None:
+        """Compute the pending L1 rescale factors eagerly (`l1_rescale`), once."""
+        if self.pending_rescale is not None:
+            tables, chunk = self.pending_rescale
+            self.pending_rescale = None
+            l1_rescale(self.specs, self.flats, tables, chunk, self.flats[0].device)
 
     def _items(self, start: int, stop: int, scratch: Scratch):
         for spec, flat in zip(self.specs, self.flats):
@@ -269,6 +279,7 @@ class GtaPlan(ChunkPlan):
                 yield spec.chunk(flat[start:stop], start, scratch), spec.rescale
 
     def run(self, out: torch.Tensor, start: int, stop: int) -> None:
+        self.resolve_rescale()
         scratch = Scratch(out)
         items = self._items(start, stop, scratch)
         if self.consensus:
@@ -346,9 +357,10 @@ class GeneralizedTaskArithmetic(MergeMethod):
         for i, (delta, p, w) in enumerate(zip(deltas, params, weights)):
             table = tables[i] if tables is not None else None
             specs.append(ZeroSpec() if w == 0 else build(delta, p, table, options, keys[i]))
-        if self.is_random and options.rescale == "mergekit":
-            l1_rescale(specs, flats, tables, chunk, deltas[0].device)
-        return GtaPlan(flats, specs, weights, self.consensus, options)
+        plan = GtaPlan(flats, specs, weights, self.consensus, options)
+        if self.is_random and options.rescale == "mergekit" and any(s.random and not s.zero for s in specs):
+            plan.pending_rescale = (tables, chunk)
+        return plan
 
     def _merge(
         self,

@@ -1,0 +1,168 @@
+"""Fused compiled kernels (`methods/_fused.py`) against the eager chunked path.
+
+Compiling is slow (seconds per variant), so the tests use few variants: 2 experts, each (method,
+dtype, normalize) compiled once per session (`_fused` caches kernels per process).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe
+from evomerge.merge.methods import MagnitudeTable, MethodOptions, get_method, mask_generator
+from evomerge.merge.methods._base import chunks
+from evomerge.merge.methods._draws import bernoulli_mask
+from evomerge.merge.methods._fused import FusedGta
+
+N = 3 * 4096 + 17  # ragged last chunk
+CHUNK = 4096
+PARAMS = [ExpertParams(weight=0.7, density=0.4, gamma=0.05), ExpertParams(weight=-0.4, density=0.6, gamma=0.1)]
+
+
+def _inputs(dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor], list[MagnitudeTable]]:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(N, generator=g).to(dtype)
+    deltas = [(torch.randn(N, generator=g) * 0.01).to(dtype) for _ in PARAMS]
+    return base, deltas, [MagnitudeTable.build(d) for d in deltas]
+
+
+def _both(method: str, dtype: torch.dtype, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eager chunked target, fused target) of one merge, `target = (base + merged).to(dtype)`."""
+    base, deltas, tables = _inputs(dtype)
+    m = get_method(method)
+    options = MethodOptions(normalize=normalize, lambda_=0.9)
+
+    def plan():
+        gen = mask_generator(1, 2, "t", "cpu") if m.is_random else None
+        return m.prepare(deltas, PARAMS, base=base, options=options, tables=tables, generator=gen, chunk=CHUNK)
+
+    eager_plan, merged = plan(), torch.empty(N)
+    for lo, hi in chunks(N, CHUNK):
+        eager_plan.run(merged[lo:hi], lo, hi)
+    eager = (merged + base.float()).to(dtype)
+    fused = FusedGta.of(plan())
+    assert fused is not None
+    out = torch.empty(N, dtype=dtype)
+    fused.apply(out, base, CHUNK, stats=False)
+    return eager, out
+
+
+def _assert_close(eager: torch.Tensor, fused: torch.Tensor) -> None:
+    # fp32 math in both; only fused multiply-add rounding differs (~1 fp32 ulp), which may flip the
+    # final rounding to bf16 of a few entries by one bf16 ulp.
+    rtol = 1e-6 if eager.dtype == torch.float32 else 2.0**-7
+    torch.testing.assert_close(fused.float(), eager.float(), rtol=rtol, atol=1e-7)
+
+
+GTA = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "topk", "breadcrumbs", "breadcrumbs_ties"]
+
+
+@pytest.mark.parametrize("method", GTA)
+def test_fused_equals_eager_fp32(method: str) -> None:
+    _assert_close(*_both(method, torch.float32, normalize=True))
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_fused_equals_eager_bf16(method: str) -> None:
+    _assert_close(*_both(method, torch.bfloat16, normalize=True))
+
+
+def test_fused_ties_without_normalize() -> None:
+    _assert_close(*_both("ties", torch.float32, normalize=False))
+
+
+def test_dare_masks_identical_to_eager_draws() -> None:
+    """One expert, delta 1, base 0, paper rescale: the fused output is exactly the mask / density."""
+    density, ones = 0.3, torch.ones(N)
+    gen = mask_generator(5, 7, "w", "cpu")
+    plan = get_method("dare_linear").prepare([ones], [ExpertParams(weight=1.0, density=density)], base=None,
+                                             options=MethodOptions(normalize=False, rescale="paper"), tables=None,
+                                             generator=gen, chunk=CHUNK)
+    out = torch.empty(N)
+    FusedGta.of(plan).apply(out, torch.zeros(N), CHUNK, stats=False)
+    key = plan.specs[0].key
+    mask = bernoulli_mask(torch.empty(N), torch.empty(N, dtype=torch.int32), torch.empty(N, dtype=torch.int32),
+                          key, 0, density)
+    assert torch.equal(out != 0, mask.bool())
+
+
+@pytest.fixture(scope="module")
+def engines(llama_family: dict[str, Path]) -> tuple[MergeEngine, MergeEngine]:
+    experts = {e: llama_family[e] for e in ("a", "b")}
+    return (MergeEngine.load(llama_family["base"], experts, progress=False, compile=True),
+            MergeEngine.load(llama_family["base"], experts, progress=False, compile=False))
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_engine_compiled_equals_eager(engines: tuple[MergeEngine, MergeEngine], method: str) -> None:
+    fused, eager = engines
+    if os.environ.get("EVOMERGE_COMPILE") == "0":
+        pytest.skip("EVOMERGE_COMPILE=0 forces the eager path")
+    assert fused.fused and not eager.fused
+    recipe = MergeRecipe(rules=[GroupRule(method=method, experts={
+        "a": ExpertParams(weight=0.6, density=0.5), "b": ExpertParams(weight=-0.3, density=0.7)})], seed=3)
+    results = []
+    for engine in engines:
+        target = {n: torch.empty_like(engine.base_tensor(n)) for n in engine.layout.slots}
+        stats = engine.apply(recipe, target, stats=True)
+        results.append((target, stats))
+    (t_fused, s_fused), (t_eager, s_eager) = results
+    for name in t_eager:
+        torch.testing.assert_close(t_fused[name], t_eager[name], rtol=1e-6, atol=1e-7)
+    assert abs(s_fused.changed_params - s_eager.changed_params) <= 2
+    assert s_fused.l1_distance == pytest.approx(s_eager.l1_distance, rel=1e-5)
+
+
+def test_compile_policy(engines: tuple[MergeEngine, MergeEngine], monkeypatch: pytest.MonkeyPatch) -> None:
+    fused, eager = engines
+    auto = MergeEngine.__new__(MergeEngine)
+    auto.compile, auto.num_params = "auto", eager.num_params
+    monkeypatch.delenv("EVOMERGE_COMPILE", raising=False)
+    assert not auto.fused  # a tiny model stays eager under "auto"
+    monkeypatch.setenv("EVOMERGE_COMPILE", "1")
+    assert auto.fused and eager.fused
+    monkeypatch.setenv("EVOMERGE_COMPILE", "0")
+    assert not fused.fused
+
+
+FALLBACK = """
+import warnings, torch
+from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe
+base, a, b = {paths!r}
+recipe = MergeRecipe(rules=[GroupRule(method="ties", experts={{"a": ExpertParams(weight=0.6, density=0.5),
+                                                               "b": ExpertParams(weight=0.3, density=0.7)}})])
+out = []
+for compile in (True, False):
+    engine = MergeEngine.load(base, {{"a": a, "b": b}}, progress=False, compile=compile)
+    target = {{n: torch.empty_like(engine.base_tensor(n)) for n in engine.layout.slots}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.apply(recipe, target)
+        engine.apply(recipe, target)
+    out.append(target)
+    if compile:
+        lines = [str(w.message) for w in caught if str(w.message).startswith("evomerge: torch.compile")]
+        assert len(lines) == 1, lines
+        assert "C++ compiler" in lines[0], lines
+        assert not engine.fused
+assert all(torch.equal(out[0][n], out[1][n]) for n in out[0])
+print("ok")
+"""
+
+
+def test_compile_failure_falls_back_with_one_warning(llama_family: dict[str, Path], tmp_path: Path) -> None:
+    """A real compile failure: inductor pointed at a C++ compiler that does not exist (fresh process and
+    empty inductor cache, so nothing compiled earlier can be reused)."""
+    code = FALLBACK.format(paths=(str(llama_family["base"]), str(llama_family["a"]), str(llama_family["b"])))
+    env = {**os.environ, "CXX": "/nonexistent/c++", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("EVOMERGE_COMPILE", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ok" in done.stdout
