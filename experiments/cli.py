@@ -63,13 +63,38 @@ _run_dir_arg = click.argument("run_dir", type=click.Path(path_type=Path, file_ok
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a spec field, e.g. --set budget.evaluations=20 --set models.zoo.size=tiny.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run(spec: Path | None, preset: str | None, run_dir: Path | None, overrides: tuple[str, ...], quiet: bool) -> None:
+@click.option("--workers", type=click.IntRange(min=1), help="Start N local worker processes (one per visible GPU); see docs/scale-out.md.")
+def run(spec: Path | None, preset: str | None, run_dir: Path | None, overrides: tuple[str, ...], quiet: bool, workers: int | None) -> None:
     """Run the search described by SPEC (or --preset NAME); resumes if RUN_DIR holds the same spec."""
     from ._run import start
 
     if (spec is None) == (preset is None):
         raise UserError("give a SPEC file or --preset NAME (one of them)")
+    if workers is not None:
+        from ._workers import run_workers
+
+        if spec is None:
+            raise UserError("--workers needs a SPEC file")
+        sys.exit(run_workers(spec, run_dir=run_dir, workers=workers, overrides=list(overrides)))
     sys.exit(start(spec=spec, preset=preset, run_dir=run_dir, overrides=list(overrides), progress=not quiet))
+
+
+@main.command()
+@click.argument("spec", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--storage", help="Shared study storage, e.g. postgresql+psycopg2://user@host/db (default: the spec's).")
+@click.option("--worker-id", help="Name of this worker in the ledger (default: host-pid).")
+@click.option("--queue", type=click.IntRange(min=1), default=4, show_default=True, help="Candidates a nevergrad coordinator keeps in flight (about the number of workers).")
+@click.option("--heartbeat", type=click.IntRange(min=1), default=10, show_default=True, help="Trial heartbeat seconds (dead after 2).")
+@click.option("--lease-ttl", type=float, default=30.0, show_default=True, help="Seconds before a silent coordinator is replaced.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec field.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def worker(spec: Path, storage: str | None, worker_id: str | None, queue: int, heartbeat: int, lease_ttl: float,
+           overrides: tuple[str, ...], quiet: bool) -> None:
+    """Join the search of SPEC in a shared storage and evaluate its candidates (docs/scale-out.md)."""
+    from ._workers import worker_command
+
+    sys.exit(worker_command(spec, overrides=list(overrides), storage=storage, worker_id=worker_id, heartbeat=heartbeat,
+                            lease_ttl=lease_ttl, queue=queue, progress=not quiet))
 
 
 @main.command()

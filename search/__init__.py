@@ -9,6 +9,7 @@ Public API::
     Scalarization(kind="weighted_sum"|"chebyshev", weights=None, ideal=None, rho=1e-3)
     Ledger(storage, *, objectives, study_name="evomerge", seed=0, scalarization=None,
            reference_point=None, space=None)
+    run_worker(space, scorer, optimizer, ledger, *, budget_evals, worker_id, ...) -> WorkerResult  # docs/scale-out.md
     ParetoArchive(directions, reference_point=None)  # .add(number, values, *, feasible) .front .hypervolume() .history
     make_optimizer("nevergrad:CMA" | "optuna:tpe" | "random" | "grid", **kwargs) -> Optimizer
     NevergradOptimizer(optimizer="CMA"), OptunaOptimizer(sampler="tpe", **kw), RandomSearch(), GridSearch(...)
@@ -37,6 +38,7 @@ from ._optimizers import (
 from ._plots import plot_front, plot_hypervolume, plot_run
 from ._pareto import ParetoArchive, ParetoPoint, hypervolume, pareto_mask
 from ._scalarize import Scalarization, to_losses
+from ._workers import WorkerResult, run_worker
 from ._space import DEFAULT_BOUNDS, METHOD_KINDS, ParamKind, SearchSpace, SpaceTemplate
 
 __all__ = [
@@ -62,6 +64,7 @@ __all__ = [
     "SearchSpace",
     "SpaceTemplate",
     "TrialRecord",
+    "WorkerResult",
     "export_results",
     "export_trial_model",
     "hypervolume",
@@ -72,6 +75,7 @@ __all__ = [
     "plot_run",
     "resolve_storage",
     "run_search",
+    "run_worker",
     "to_losses",
     "trial_recipe",
 ]

@@ -16,7 +16,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from evomerge.merge import ExpertParams, GroupRule, MergeRecipe
 
 from ._base import genome_distributions
-from ._coordinator import CoordinatedOptimizer, Proposal
+from ._coordinator import CheckpointStore, CoordinatedOptimizer, Proposal
 
 if TYPE_CHECKING:
     from .._space import SearchSpace
@@ -57,7 +57,7 @@ class GridSearch(CoordinatedOptimizer):
         methods: Sequence[str] = ("task_arithmetic", "ties"),
         weights: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0),
         densities: Sequence[float] = (0.2, 0.5, 0.8),
-        checkpoint: str | os.PathLike[str] | None = None,
+        checkpoint: str | os.PathLike[str] | CheckpointStore | None = None,
     ) -> None:
         super().__init__(checkpoint=checkpoint)
         unknown = [m for m in methods if m not in ("task_arithmetic", "ties")]

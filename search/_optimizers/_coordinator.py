@@ -26,7 +26,7 @@ import tempfile
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 from optuna.distributions import BaseDistribution
@@ -71,11 +71,41 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+@runtime_checkable
+class CheckpointStore(Protocol):
+    """Where a coordinator's pickle lives: a file next to the ledger, or (several machines) a
+    row in the study's database guarded by the coordinator lease (`search._lease`)."""
+
+    def read(self) -> bytes | None:
+        """The last checkpoint, or None when there is none yet."""
+
+    def write(self, data: bytes) -> None:
+        """Replace the checkpoint atomically (a crash leaves the old or the new one)."""
+
+
+class FileCheckpoint:
+    """A checkpoint file, replaced atomically (`write_atomic`)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def read(self) -> bytes | None:
+        return self.path.read_bytes() if self.path.exists() else None
+
+    def write(self, data: bytes) -> None:
+        write_atomic(self.path, data)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
 class CoordinatedOptimizer(Optimizer):
     """Base for backends driven through ask/tell with a pickled state (see module docstring)."""
 
-    def __init__(self, *, checkpoint: str | os.PathLike[str] | None = None) -> None:
-        self._checkpoint_arg = None if checkpoint is None else Path(checkpoint)
+    def __init__(self, *, checkpoint: str | os.PathLike[str] | CheckpointStore | None = None) -> None:
+        self._checkpoint_arg: CheckpointStore | None = (
+            checkpoint if checkpoint is None or isinstance(checkpoint, CheckpointStore) else FileCheckpoint(checkpoint)
+        )
         self._pending: dict[int, tuple[Any, Proposal]] = {}
         self._told: set[int] = set()
         self._next_id = 0
@@ -99,12 +129,13 @@ class CoordinatedOptimizer(Optimizer):
     # ---------------------------------------------------------------- interface
     def bind(self, space: "SearchSpace", ledger: "Ledger", *, budget: int | None = None, batch_size: int = 1) -> None:
         self._space, self._ledger = space, ledger
-        self._path = self._checkpoint_arg or ledger.checkpoint_path("optimizer.pkl")
+        self._path = self._checkpoint_arg or FileCheckpoint(ledger.checkpoint_path("optimizer.pkl"))
         finished = {
             int(t.user_attrs["candidate"]): t for t in ledger.finished() if "candidate" in t.user_attrs
         }
-        if self._path.exists():
-            state = pickle.loads(self._path.read_bytes())
+        stored = self._path.read()
+        if stored is not None:
+            state = pickle.loads(stored)
             if state["name"] != self.name:
                 raise ValueError(f"checkpoint {self._path} belongs to optimizer {state['name']!r}, not {self.name!r}")
             self._backend, self._pending, self._told, self._next_id = (
@@ -128,7 +159,7 @@ class CoordinatedOptimizer(Optimizer):
             self._tell_backend(cid, Failure(trial.user_attrs.get("failure", "failed")) if values is None else values)
             reconciled = True
         self._requeue = sorted(cid for cid in self._pending if cid not in finished)
-        if reconciled or not self._path.exists():
+        if reconciled or stored is None:
             self.save()
 
     def ask(self, n: int) -> list[Candidate]:
@@ -162,8 +193,27 @@ class CoordinatedOptimizer(Optimizer):
             "told": self._told,
             "next_id": self._next_id,
         }
-        write_atomic(self._path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+        self._path.write(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
         self._dirty = False
+
+    def use_checkpoint(self, store: CheckpointStore) -> None:
+        """Keep the checkpoint in ``store`` (call before ``bind``): a coordinator lease's row."""
+        self._checkpoint_arg = store
+
+    @property
+    def pending_keys(self) -> set[int]:
+        """Ids of candidates asked but not told yet."""
+        return set(self._pending)
+
+    def outstanding(self) -> list[Candidate]:
+        """Every candidate asked but not told, and the caller takes over re-queueing them.
+
+        For a coordinator feeding several workers (`search._workers`): after ``bind`` it puts
+        back in the study's queue whichever of these the study no longer holds as waiting or
+        running, instead of the single-process ``ask`` that hands the re-queued ones out first.
+        """
+        self._requeue = []
+        return [self._candidate(cid) for cid in sorted(self._pending)]
 
     # ---------------------------------------------------------------- helpers
     def _candidate(self, cid: int) -> Candidate:

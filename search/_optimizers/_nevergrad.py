@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._base import genome_distributions
-from ._coordinator import CoordinatedOptimizer, Proposal
+from ._coordinator import CheckpointStore, CoordinatedOptimizer, Proposal
 
 if TYPE_CHECKING:
     from .._space import SearchSpace
@@ -36,7 +36,7 @@ choice is made picklable through ``enable_pickling``)."""
 class NevergradOptimizer(CoordinatedOptimizer):
     """A nevergrad optimizer by registry name, e.g. ``NevergradOptimizer("TwoPointsDE")``."""
 
-    def __init__(self, optimizer: str = "CMA", *, checkpoint: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, optimizer: str = "CMA", *, checkpoint: str | os.PathLike[str] | CheckpointStore | None = None) -> None:
         import nevergrad as ng
 
         if optimizer not in ng.optimizers.registry:

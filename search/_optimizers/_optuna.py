@@ -54,13 +54,16 @@ class OptunaOptimizer(Optimizer):
         self.sampler = sampler
         self.sampler_kwargs = sampler_kwargs
         self.name = f"optuna:{sampler}"
+        self.seed_offset = 0
+        """Added to the sampler seed: workers sharing a study set their own (`run_worker`), or
+        samplers with one seed and one history would propose the same points."""
 
     def bind(self, space: "SearchSpace", ledger: "Ledger", *, budget: int | None = None, batch_size: int = 1) -> None:
         if self.sampler in SINGLE_OBJECTIVE and len(ledger.study.directions) > 1:
             raise ValueError(f"optuna sampler {self.sampler!r} is single-objective; give the run a Scalarization")
         self._space, self._ledger = space, ledger
         self._distributions = genome_distributions(space)
-        seed = ledger.seed + len(ledger.finished())
+        seed = ledger.seed + self.seed_offset + len(ledger.finished())
         ledger.study.sampler = _make_sampler(self.sampler, seed, self.sampler_kwargs)
 
     def ask(self, n: int) -> list[Candidate]:

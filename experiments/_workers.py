@@ -1,0 +1,171 @@
+"""``evomerge worker`` and ``evomerge run --workers N``: one search shared by several processes.
+
+A worker loads its own engine and scorer (one per GPU) and runs `evomerge.search.run_worker` on
+the spec's (single) stage in a shared storage: PostgreSQL across machines, or the run folder's
+SQLite file on one machine (both are optuna RDB storages, so trials heartbeat and a dead worker's
+trial is retried once). ``run --workers N`` starts N local workers, one per visible GPU
+(``CUDA_VISIBLE_DEVICES``) or N CPU workers, and exports the results when they are done.
+See docs/scale-out.md.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+from ._errors import UserError
+from ._fitness import PenalizedScorer, constraint_function, ledger_objectives, scalarization
+from ._resolve import resolve
+from ._rundir import RunDir
+from ._spec import ExperimentSpec, StageSpec
+from ._spec_io import dump_spec
+
+if TYPE_CHECKING:
+    from evomerge.search import Ledger, SearchSpace
+
+HEARTBEAT_SECONDS = 10
+"""Trial heartbeat: a worker silent for two intervals is presumed dead and its trial retried."""
+
+
+def _single_stage(spec: ExperimentSpec) -> StageSpec:
+    stages = spec.resolved_stages()
+    if len(stages) != 1 or stages[0].budget is None or stages[0].budget.evaluations is None:
+        raise UserError("workers share single-stage specs with budget.evaluations (an exact, shared count)")
+    return stages[0]
+
+
+def _is_database(storage: str) -> bool:
+    return "://" in storage or Path(storage).suffix in (".db", ".sqlite", ".sqlite3")
+
+
+def open_shared_ledger(spec: ExperimentSpec, stage: StageSpec, storage: str, space: "SearchSpace", *, heartbeat: int) -> "Ledger":
+    """The stage's study in ``storage``, with trial heartbeats on databases."""
+    from evomerge.search import Ledger
+
+    import sqlalchemy
+
+    assert stage.optimizer is not None
+    objectives = ledger_objectives(spec, stage.optimizer)
+    for attempt in range(5):
+        try:
+            return Ledger(
+                storage, objectives=objectives, study_name=stage.name, seed=spec.seed,
+                scalarization=scalarization(objectives, stage.optimizer), space=space.to_dict(),
+                heartbeat=heartbeat if _is_database(storage) else None,
+            )
+        except sqlalchemy.exc.SQLAlchemyError:
+            # workers starting together race to create optuna's tables and the study; the
+            # loser's CREATE fails once the winner's is committed, and a retry then loads them
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
+
+
+def work(
+    spec: ExperimentSpec, *, storage: str, worker_id: str | None, heartbeat: int, lease_ttl: float, queue: int,
+    progress: bool,
+) -> int:
+    """``evomerge worker``: evaluate the shared study's trials until its budget is spent."""
+    from evomerge.search import make_optimizer, run_worker
+
+    from ._build import build_space
+    from ._run import Session
+
+    stage = _single_stage(spec)
+    assert stage.optimizer is not None and stage.budget is not None and stage.space is not None
+    worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    session = Session.open(spec, progress=progress)
+    try:
+        space = build_space(session.engine, stage.space)
+        ledger = open_shared_ledger(spec, stage, storage, space, heartbeat=heartbeat)
+        optimizer = make_optimizer(stage.optimizer.factory_name, **stage.optimizer.options)
+        scorer = PenalizedScorer(session.scorer, space) if stage.optimizer.l1_penalty > 0 else session.scorer
+        result = run_worker(
+            space, scorer, optimizer, ledger, budget_evals=stage.budget.evaluations, worker_id=worker_id,
+            constraints=constraint_function(spec.constraints), queue=queue, lease_ttl=lease_ttl,
+        )
+    finally:
+        session.close()
+    ratio = result.overhead_seconds / result.evaluation_seconds if result.evaluation_seconds else float("nan")
+    click.echo(
+        f"worker {worker_id}: {result.n_new} trials, {result.gave_back} claims given back, "
+        f"coordination overhead {100 * ratio:.1f}% of evaluation time, stopped by {result.stopped_by}"
+    )
+    return 130 if result.stopped_by == "interrupt" else 0
+
+
+def worker_command(
+    spec_path: Path, *, overrides: list[str], storage: str | None, worker_id: str | None, heartbeat: int,
+    lease_ttl: float, queue: int, progress: bool,
+) -> int:
+    """Parse and resolve the spec, then `work` (the CLI's ``worker`` command)."""
+    from ._run import load_spec_with_overrides
+
+    parsed, label = load_spec_with_overrides(spec_path, None, overrides)
+    storage = storage or parsed.storage
+    if storage is None:
+        raise UserError("give --storage URL (or set `storage:` in the spec): the study the workers share")
+    spec = resolve(parsed, label=label, progress=progress)
+    return work(spec, storage=storage, worker_id=worker_id, heartbeat=heartbeat, lease_ttl=lease_ttl, queue=queue,
+                progress=progress)
+
+
+def run_workers(spec_path: Path, *, run_dir: Path | None, workers: int, overrides: list[str]) -> int:
+    """``evomerge run SPEC --workers N`` (see `launch`)."""
+    from ._run import load_spec_with_overrides
+
+    parsed, _ = load_spec_with_overrides(spec_path, None, overrides)
+    return launch(parsed, spec_path, run_dir=run_dir, workers=workers, overrides=overrides)
+
+
+def launch(spec: ExperimentSpec, spec_path: Path, *, run_dir: Path | None, workers: int, overrides: list[str]) -> int:
+    """``evomerge run --workers N``: N local worker processes on the run's storage, then exports."""
+    from evomerge.search import export_results, plot_run
+
+    stage = _single_stage(spec)
+    rd = RunDir((run_dir or spec.run_dir()).resolve())
+    resolved = resolve(spec, label=str(spec_path), progress=False)
+    resolved = resolved.model_copy(update={"outputs": resolved.outputs.model_copy(update={"run_dir": str(rd.path)})})
+    storage = rd.storage(resolved)
+    if not rd.exists():
+        rd.path.mkdir(parents=True, exist_ok=True)
+        dump_spec(resolved, rd.spec_file)
+    gpus = _visible_gpus()
+    procs = []
+    for i in range(workers):
+        env = dict(os.environ)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        cmd = [sys.executable, "-m", "evomerge.experiments.cli", "worker", str(rd.spec_file), "--storage", storage,
+               "--worker-id", f"{socket.gethostname()}-w{i}", "--queue", str(workers), "--quiet"]
+        procs.append(subprocess.Popen(cmd, env=env))
+    codes = [p.wait() for p in procs]
+    click.echo(f"workers exited with {codes}")
+    from ._build import build_engine, build_space
+
+    ledger = open_shared_ledger(resolved, stage, storage, build_space(build_engine(resolved, progress=False), stage.space),  # type: ignore[arg-type]
+                                heartbeat=HEARTBEAT_SECONDS)
+    out = rd.results_dir(stage.name)
+    export_results(ledger, out)
+    if ledger.trials():
+        plot_run(ledger, out)
+    click.echo(f"{len(ledger.finished())} trials in {storage}; results in {out}")
+    return next((c for c in codes if c != 0), 0)
+
+
+def _visible_gpus() -> list[str]:
+    """GPU ids a worker may be pinned to: those of CUDA_VISIBLE_DEVICES, else all torch sees."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g for g in visible.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]

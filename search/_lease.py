@@ -1,0 +1,155 @@
+"""The coordinator lease: exactly one process at a time drives a coordinated optimizer.
+
+A coordinated optimizer (nevergrad, the baselines) keeps its state outside the study, so two
+processes driving it would fork its history. Whoever holds the study's lease is the coordinator;
+the others wait and take over, from the checkpoint, once the holder has stopped renewing it.
+
+* Database storages (`DatabaseLease`): one row per study in a table of our own,
+  ``evomerge_coordinator``: owner, heartbeat (seconds since the epoch, the holder's clock) and
+  the checkpoint itself, so a coordinator on another machine can resume it. Taking the lease is
+  one ``UPDATE ... WHERE owner = me OR heartbeat < now - ttl``: the database serializes the two
+  updates of a race, and the second one matches no row (its rowcount is 0), so two processes
+  that both saw an expired lease cannot both win. Checkpoint writes carry ``WHERE owner = me``:
+  a coordinator that lost the lease (paused past the ttl) can no longer overwrite its
+  successor's state, and stops. Clocks of the machines must agree to well within the ttl (NTP).
+* Journal files (`FileLease`, one machine): an exclusive ``flock`` on ``<study>.coordinator.lock``
+  next to the ledger; the kernel releases it when the holder dies, and the checkpoint stays the
+  pickle file next to the ledger.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from ._optimizers._coordinator import FileCheckpoint
+
+LEASE_TABLE = "evomerge_coordinator"
+
+_metadata = sa.MetaData()
+_table = sa.Table(
+    LEASE_TABLE,
+    _metadata,
+    sa.Column("study_name", sa.String(512), primary_key=True),
+    sa.Column("owner", sa.String(256), nullable=False),
+    sa.Column("heartbeat", sa.Float, nullable=False),
+    sa.Column("checkpoint", sa.LargeBinary, nullable=True),
+)
+
+
+class LeaseLost(RuntimeError):
+    """This process no longer holds the lease: another coordinator took over."""
+
+
+class Lease(ABC):
+    """Who coordinates a study; also the store of the coordinator's checkpoint (`CheckpointStore`)."""
+
+    owner: str
+
+    @abstractmethod
+    def acquire(self) -> bool:
+        """Take the lease if it is free, expired or already ours; True when we hold it."""
+
+    @abstractmethod
+    def renew(self) -> bool:
+        """Heartbeat; False when the lease was lost (the caller must stop coordinating)."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Let a waiting coordinator take over at once (a clean stop)."""
+
+    @abstractmethod
+    def read(self) -> bytes | None:
+        """The coordinator checkpoint, or None."""
+
+    @abstractmethod
+    def write(self, data: bytes) -> None:
+        """Store the checkpoint; raises `LeaseLost` when another process holds the lease."""
+
+
+class DatabaseLease(Lease):
+    """A lease row in the study's own database (PostgreSQL, SQLite); see the module docstring."""
+
+    def __init__(self, engine: sa.engine.Engine, study_name: str, owner: str, *, ttl: float) -> None:
+        self.engine, self.study_name, self.owner, self.ttl = engine, study_name, owner, float(ttl)
+        _metadata.create_all(engine, checkfirst=True)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.insert(_table).values(study_name=study_name, owner="", heartbeat=0.0))
+        except sa.exc.IntegrityError:
+            pass  # the row exists (another process created it first)
+
+    def _update(self, where: sa.ColumnElement[bool], **values: object) -> bool:
+        with self.engine.begin() as conn:
+            result = conn.execute(sa.update(_table).where(_table.c.study_name == self.study_name, where).values(**values))
+        return result.rowcount == 1
+
+    def acquire(self) -> bool:
+        now = time.time()
+        free = sa.or_(_table.c.owner == self.owner, _table.c.heartbeat < now - self.ttl)
+        return self._update(free, owner=self.owner, heartbeat=now)
+
+    def renew(self) -> bool:
+        return self._update(_table.c.owner == self.owner, heartbeat=time.time())
+
+    def release(self) -> None:
+        self._update(_table.c.owner == self.owner, owner="", heartbeat=0.0)
+
+    def read(self) -> bytes | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(_table.c.checkpoint).where(_table.c.study_name == self.study_name)).first()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def write(self, data: bytes) -> None:
+        if not self._update(_table.c.owner == self.owner, checkpoint=data, heartbeat=time.time()):
+            raise LeaseLost(f"coordinator {self.owner} lost the lease of study {self.study_name!r}")
+
+    def __str__(self) -> str:
+        return f"{LEASE_TABLE}[{self.study_name}]"
+
+
+class FileLease(Lease):
+    """An ``flock`` next to a journal ledger (one machine); the checkpoint is the pickle file."""
+
+    def __init__(self, run_dir: Path, study_name: str, owner: str) -> None:
+        self.owner = owner
+        self._lock_path = run_dir / f"{study_name}.coordinator.lock"
+        self._checkpoint = FileCheckpoint(run_dir / f"{study_name}.optimizer.pkl")
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        if self._fd is not None:
+            return True
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def renew(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def read(self) -> bytes | None:
+        return self._checkpoint.read()
+
+    def write(self, data: bytes) -> None:
+        if self._fd is None:
+            raise LeaseLost(f"coordinator {self.owner} does not hold {self._lock_path}")
+        self._checkpoint.write(data)
+
+    def __str__(self) -> str:
+        return str(self._checkpoint)

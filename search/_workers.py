@@ -1,0 +1,308 @@
+"""Several workers, one search: `run_worker` evaluates candidates from a shared ledger.
+
+Each worker process owns a scorer (one GPU) and loops: claim a trial, evaluate, finish it.
+
+* **optuna samplers** run inside every worker, as optuna intends for distributed studies: each
+  worker has its own sampler instance (seeded apart) and claims with ``study.ask``, which pops a
+  WAITING trial first. On a database a WAITING trial is claimed by exactly one worker: optuna
+  moves it to RUNNING under ``SELECT ... FOR UPDATE`` and a second claimant sees it RUNNING.
+* **coordinated optimizers** (nevergrad, baselines) run in one coordinator (`Coordinator`, a
+  thread in whichever worker holds the study's lease, `search._lease`). It asks, checkpoints,
+  enqueues candidates as WAITING trials carrying ``user_attrs["candidate"]``, and tells the
+  optimizer what the ledger finished. Workers only pop those queued trials.
+
+**Budget rule** (exact across workers): a trial counts when `Ledger.finished` counts it. A worker
+claims only while ``counted + running < budget``, then re-reads the ledger and keeps its claim
+only if ``counted + (RUNNING trials other than its own) + 1 <= budget``; otherwise it gives the
+claim back (failed as ``interrupted``, a queued trial re-queued) and backs off. Of any set of
+kept claims, the last to check saw all the others, so kept claims never exceed the budget; the
+ledger ends with exactly ``budget`` counted trials (claims may collide and retry, never overshoot).
+
+**Failures**: a worker heartbeats its RUNNING trial (database storages); when it dies, the
+first worker that checks (`optuna.storages.fail_stale_trials`, before every claim) fails the
+trial and optuna's `RetryFailedTrialCallback` re-queues it once, with its candidate id. A killed
+coordinator stops renewing its lease; after the lease's ttl another worker's coordinator takes
+it, restores the checkpoint and re-enqueues candidates that the study no longer holds.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import optuna
+from optuna.storages import RDBStorage, fail_stale_trials
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.objectives import Evaluation
+
+from ._lease import DatabaseLease, FileLease, Lease, LeaseLost
+from ._ledger import Ledger
+from ._loop import ScorerLike, _objective_values, _Signals
+from ._optimizers import CoordinatedOptimizer, Failure, Optimizer, OptunaOptimizer
+from ._optimizers._base import genome_distributions
+from ._space import SearchSpace
+
+
+@dataclass
+class WorkerResult:
+    """What one worker did; the shared ledger holds the trials."""
+
+    n_new: int = 0
+    evaluation_seconds: float = 0.0
+    overheads: list[float] = field(default_factory=list)
+    """Per evaluated trial: claim (fail_stale_trials, ask, budget re-check), heartbeat start,
+    decode and the trial's ledger write; waiting for work is not overhead."""
+    gave_back: int = 0
+    stopped_by: Literal["budget", "exhausted", "interrupt"] = "budget"
+    wall_seconds: float = 0.0
+
+    @property
+    def overhead_seconds(self) -> float:
+        return sum(self.overheads)
+
+
+def make_lease(ledger: Ledger, owner: str, *, ttl: float) -> Lease:
+    """The coordinator lease matching the ledger's storage (database row, or flock by the journal)."""
+    if isinstance(ledger.storage, RDBStorage):
+        return DatabaseLease(ledger.storage.engine, ledger.study_name, owner, ttl=ttl)
+    if ledger.run_dir is not None:
+        return FileLease(ledger.run_dir, ledger.study_name, owner)
+    raise ValueError("open the ledger with a heartbeat to share a database storage among workers")
+
+
+def counted_and_running(trials: Sequence[FrozenTrial]) -> tuple[int, list[FrozenTrial]]:
+    """How many trials count against the budget (as `Ledger.finished`), and the RUNNING ones."""
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    counted = sum(
+        1 for t in trials
+        if (t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and t.number not in retried))
+        and not t.user_attrs.get("interrupted", False)
+    )
+    return counted, [t for t in trials if t.state == TrialState.RUNNING]
+
+
+class _Heartbeat:
+    """Beats for one RUNNING trial in a thread, so a long evaluation is not taken for a dead one."""
+
+    def __init__(self, storage: RDBStorage, trial_id: int) -> None:
+        self._storage, self._trial_id = storage, trial_id
+        self._stop = threading.Event()
+        storage.record_heartbeat(trial_id)  # at once: a trial without a beat is never found stale
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = self._storage.get_heartbeat_interval() or 1
+        while not self._stop.wait(interval):
+            self._storage.record_heartbeat(self._trial_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Coordinator:
+    """Drives a coordinated optimizer for all workers while holding the study's lease."""
+
+    def __init__(
+        self, space: SearchSpace, optimizer: CoordinatedOptimizer, ledger: Ledger, lease: Lease,
+        *, budget: int, queue: int, poll: float,
+    ) -> None:
+        self.space, self.optimizer, self.ledger, self.lease = space, optimizer, ledger, lease
+        self.budget, self.queue, self.poll = budget, queue, poll
+        self.error: BaseException | None = None
+
+    def run(self, stop: threading.Event) -> None:
+        """Wait for the lease, then coordinate until the budget is spent or ``stop`` is set."""
+        try:
+            while not self.lease.acquire():
+                if stop.wait(self.poll) or self._budget_spent():
+                    return
+            try:
+                self._coordinate(stop)
+            finally:
+                self.lease.release()
+        except LeaseLost:
+            return  # a successor took over: it owns the optimizer from here
+        except BaseException as exc:  # surfaced by the worker, which stops
+            self.error = exc
+
+    def _budget_spent(self) -> bool:
+        return counted_and_running(self.ledger.trials())[0] >= self.budget
+
+    def _coordinate(self, stop: threading.Event) -> None:
+        opt, ledger = self.optimizer, self.ledger
+        opt.use_checkpoint(self.lease)
+        opt.bind(self.space, ledger, budget=self.budget, batch_size=self.queue)
+        queued = {int(t.user_attrs["candidate"]) for t in ledger.trials((TrialState.WAITING, TrialState.RUNNING))
+                  if "candidate" in t.user_attrs}
+        for cand in opt.outstanding():
+            if cand.key not in queued:  # asked by the predecessor, never enqueued (or lost)
+                self._enqueue(cand.params, cand.key)
+        while True:
+            if not self.lease.renew():
+                raise LeaseLost(f"coordinator {self.lease.owner} lost its lease")
+            finished = ledger.finished()
+            self._tell(finished)
+            # also on stop: the worker stops once the budget is counted, and the last results
+            # must still reach the optimizer (and its checkpoint)
+            if len(finished) >= self.budget or stop.is_set():
+                return
+            in_flight = len(opt.pending_keys)
+            n = min(self.queue - in_flight, self.budget - len(finished) - in_flight)
+            if n > 0:
+                asked = opt.ask(n)  # checkpointed before anyone can see the candidates
+                for cand in asked:
+                    self._enqueue(cand.params, cand.key)
+                if not asked and not in_flight:
+                    return  # a finite generator (grid) is exhausted
+            stop.wait(self.poll)
+
+    def _tell(self, finished: Sequence[FrozenTrial]) -> None:
+        """Tell the optimizer the counted trials of its pending candidates, then checkpoint."""
+        opt, pending, told = self.optimizer, self.optimizer.pending_keys, False
+        for trial in finished:
+            cid = trial.user_attrs.get("candidate")
+            if cid is not None and int(cid) in pending:
+                values = self.ledger.objective_values(trial)
+                result = Failure(trial.user_attrs.get("failure", "failed")) if values is None else values
+                opt.tell(opt._candidate(int(cid)), result)
+                told = True
+        if told:
+            opt.save()
+
+    def _enqueue(self, params: dict[str, object], cid: int) -> None:
+        self.ledger.study.enqueue_trial(params, user_attrs={"candidate": cid}, skip_if_exists=False)
+
+
+def run_worker(
+    space: SearchSpace,
+    scorer: ScorerLike,
+    optimizer: Optimizer,
+    ledger: Ledger,
+    *,
+    budget_evals: int,
+    worker_id: str,
+    constraints: Callable[[Evaluation], Sequence[float]] | None = None,
+    queue: int = 4,
+    lease_ttl: float = 10.0,
+    poll: float = 0.2,
+) -> WorkerResult:
+    """Evaluate trials of the shared ledger until it holds ``budget_evals`` counted trials (or
+    SIGINT/SIGTERM). ``queue``: candidates a coordinator keeps in flight (the number of workers
+    is a good value; it is nevergrad's ``num_workers``); ``lease_ttl``: seconds without a
+    lease renewal after which another worker's coordinator takes over."""
+    started = time.perf_counter()
+    result = WorkerResult()
+    coordinated = isinstance(optimizer, CoordinatedOptimizer)
+    stop = threading.Event()
+    coordinator_thread = None
+    coordinator = None
+    if coordinated:
+        lease = make_lease(ledger, worker_id, ttl=lease_ttl)
+        coordinator = Coordinator(space, optimizer, ledger, lease, budget=budget_evals, queue=queue, poll=poll)
+        coordinator_thread = threading.Thread(target=coordinator.run, args=(stop,), name="coordinator", daemon=True)
+        coordinator_thread.start()
+        # a claim that finds the queue empty (a race) gets a sampler proposal it gives back: cheap
+        ledger.study.sampler = optuna.samplers.RandomSampler()
+    else:
+        if isinstance(optimizer, OptunaOptimizer):
+            optimizer.seed_offset = zlib.crc32(worker_id.encode()) % 1_000_003
+        optimizer.bind(space, ledger, budget=budget_evals)
+    distributions = genome_distributions(space)
+    heartbeat_storage = ledger.storage if isinstance(ledger.storage, RDBStorage) and ledger.storage.get_heartbeat_interval() else None
+    names = ledger.objective_names
+    signals = _Signals()
+    claimed: FrozenTrial | None = None
+    try:
+        with signals.installed():
+            while True:
+                if coordinator is not None and coordinator.error is not None:
+                    raise coordinator.error
+                t0 = time.perf_counter()
+                fail_stale_trials(ledger.study)
+                trials = ledger.trials()
+                counted, running = counted_and_running(trials)
+                if counted >= budget_evals:
+                    break
+                waiting = any(t.state == TrialState.WAITING for t in trials)
+                if counted + len(running) >= budget_evals or (coordinated and not waiting):
+                    time.sleep(poll)  # work in flight elsewhere may finish, or go stale and return
+                    continue
+                with signals.deferred():
+                    trial = ledger.study.ask(distributions)
+                    ledger.study._storage.set_trial_user_attr(trial._trial_id, "worker", worker_id)
+                    claimed = ledger.study._storage.get_trial(trial._trial_id)
+                beat = _Heartbeat(heartbeat_storage, trial._trial_id) if heartbeat_storage is not None else None
+                try:
+                    reason = _keep_claim(ledger, claimed, budget_evals, coordinated)
+                    if reason is not None:
+                        with signals.deferred():
+                            ledger.give_back(claimed._trial_id, reason, requeue=_from_queue(claimed))
+                            claimed = None
+                        result.gave_back += 1
+                        time.sleep(random.uniform(0, poll))  # break the symmetry of a collision
+                        continue
+                    key = int(claimed.user_attrs.get("candidate", claimed.number))
+                    recipe = space.decode(space.from_params(claimed.params), seed=ledger.seed, trial=key)
+                    pre = time.perf_counter() - t0
+                    t1 = time.perf_counter()
+                    try:
+                        evaluation = scorer.evaluate(recipe)
+                    except Exception as exc:  # scorers should return failures; a wrapper may raise
+                        evaluation = Evaluation.failure(f"{type(exc).__name__}: {exc}")
+                    eval_seconds = time.perf_counter() - t1
+                    t2 = time.perf_counter()
+                    values, failure = _objective_values(evaluation, names)
+                    constraint_values = None
+                    if values is not None and constraints is not None:
+                        constraint_values = [float(c) for c in constraints(evaluation)]
+                    attrs = ledger.trial_attrs(
+                        recipe_json=recipe.to_json(),
+                        values=None if values is None else dict(zip(names, values)),
+                        details=evaluation.details,
+                        timings={**evaluation.timings, "search_overhead": pre},
+                        failure=failure, constraints=constraint_values, candidate=None,
+                    )
+                    with signals.deferred():
+                        ledger.finish_live(trial, attrs, None if values is None else dict(zip(names, values)))
+                        claimed = None
+                finally:
+                    if beat is not None:
+                        beat.stop()
+                result.n_new += 1
+                result.evaluation_seconds += eval_seconds
+                result.overheads.append(pre + time.perf_counter() - t2)
+        result.stopped_by = "budget"
+    except KeyboardInterrupt:
+        result.stopped_by = "interrupt"
+        if claimed is not None:
+            ledger.give_back(claimed._trial_id, "interrupted: the worker was stopped (SIGINT/SIGTERM)", requeue=True)
+    finally:
+        stop.set()
+        if coordinator_thread is not None:
+            coordinator_thread.join()
+    result.wall_seconds = time.perf_counter() - started
+    return result
+
+
+def _keep_claim(ledger: Ledger, claimed: FrozenTrial, budget: int, coordinated: bool) -> str | None:
+    """None to keep a fresh claim, else why it goes back (the budget rule, module docstring)."""
+    if coordinated and "candidate" not in claimed.user_attrs:
+        return "given back: the queue emptied before this claim (coordinated optimizers queue every candidate)"
+    counted, running = counted_and_running(ledger.trials())
+    others = sum(1 for t in running if t._trial_id != claimed._trial_id)
+    if counted + others + 1 > budget:
+        return f"given back: {counted} counted + {others} running reach the budget of {budget}"
+    return None
+
+
+def _from_queue(trial: FrozenTrial) -> bool:
+    """Whether a claim popped a queued trial (enqueued, re-queued or retried) rather than a
+    sampler's fresh proposal, which is simply dropped when given back."""
+    return bool({"fixed_params", "failed_trial"} & trial.system_attrs.keys()) or "candidate" in trial.user_attrs or "requeued_from" in trial.user_attrs

@@ -1,0 +1,193 @@
+"""Four `evomerge worker` processes share one search through a real PostgreSQL; one is SIGKILLed
+while its trial is RUNNING. The ledger must end with exactly the budget, the killed trial retried
+once and only once, no candidate evaluated twice, and a front that matches the ledger.
+
+Heartbeats (1 s, dead after 2 s) and the coordinator lease (2 s) are short so a kill is
+noticed quickly; each evaluation on the tiny zoo (8 items per objective) takes ~0.2-0.5 s.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import sqlalchemy as sa
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.search import ParetoArchive, pareto_mask
+from evomerge.search._lease import LEASE_TABLE
+from evomerge.search._workers import counted_and_running
+
+BUDGET = 14
+WORKERS = 4
+
+
+def _spec(tmp_path: Path, zoo: Path, stage: str, optimizer: dict) -> Path:
+    spec = {
+        "name": "scale",
+        "models": {"zoo": {"size": "tiny", "path": str(zoo)}},
+        "space": {"method": "ties", "params": ["weight", "density"], "granularity": "layer"},
+        "objectives": [
+            {"name": s, "metric": "answer_loss", "data": f"zoo:data/{s}/calib.jsonl", "size": 8} for s in ("rev", "sort")
+        ],
+        "scorer": {"batch_size": 16, "max_new_tokens": 6},
+        "stages": [{"name": stage, "optimizer": optimizer, "budget": {"evaluations": BUDGET}}],
+        "budget": {"evaluations": BUDGET},
+    }
+    path = tmp_path / f"{stage}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _start_workers(spec: Path, url: str, tmp_path: Path) -> dict[str, subprocess.Popen]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    procs = {}
+    for i in range(WORKERS):
+        wid = f"w{i}"
+        log = open(tmp_path / f"{wid}.log", "w")
+        procs[wid] = subprocess.Popen(
+            [sys.executable, "-m", "evomerge.experiments.cli", "worker", str(spec), "--storage", url,
+             "--worker-id", wid, "--heartbeat", "1", "--lease-ttl", "2", "--queue", str(WORKERS), "--quiet"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    return procs
+
+
+_storages: dict[str, optuna.storages.RDBStorage] = {}
+
+
+def _trials(url: str, stage: str) -> list[FrozenTrial]:
+    storage = _storages.get(url) or _storages.setdefault(url, optuna.storages.RDBStorage(url))  # one pool, polled often
+    try:
+        return optuna.load_study(study_name=stage, storage=storage).get_trials(deepcopy=False)
+    except KeyError:
+        return []  # the workers have not created the study yet
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _kill_while_running(url: str, stage: str, procs: dict[str, subprocess.Popen], victim: str) -> FrozenTrial:
+    """SIGKILL ``victim`` once the ledger shows it RUNNING a trial; returns that trial."""
+    def dead() -> None:
+        for wid, proc in procs.items():
+            if proc.poll() is not None:
+                raise AssertionError(f"{wid} exited with {proc.returncode} before the kill")
+
+    running = _wait(
+        lambda: dead() or next((t for t in _trials(url, stage) if t.state == TrialState.RUNNING and t.user_attrs.get("worker") == victim), None),
+        150, f"{victim} to run a trial",
+    )
+    procs[victim].send_signal(signal.SIGKILL)
+    procs[victim].wait()
+    return running
+
+
+def _finish(procs: dict[str, subprocess.Popen], tmp_path: Path, killed: str) -> None:
+    for wid, proc in procs.items():
+        code = proc.wait(timeout=150)
+        if wid != killed:
+            assert code == 0, (tmp_path / f"{wid}.log").read_text()
+
+
+def _check_ledger(url: str, stage: str, killed: FrozenTrial) -> list[FrozenTrial]:
+    """Budget, one retry of the killed trial, no duplicate evaluations, front; returns the counted trials."""
+    trials = _trials(url, stage)
+    counted, running = counted_and_running(trials)
+    assert counted == BUDGET and not running
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL) and not t.user_attrs.get("interrupted")]
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    finished = [t for t in finished if not (t.state == TrialState.FAIL and t.number in retried)]
+    # the killed attempt: failed by a heartbeat check (not by its evaluation), retried exactly once
+    failed = next(t for t in trials if t.number == killed.number)
+    assert failed.state == TrialState.FAIL and "failure" not in failed.user_attrs and failed.number in retried
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    completed_retries = [t for t in retries if t.state == TrialState.COMPLETE]
+    assert len(completed_retries) == 1, [(t.number, t.state) for t in retries]
+    assert completed_retries[0].params == killed.params
+    # no candidate evaluated twice
+    complete = [t for t in finished if t.state == TrialState.COMPLETE]
+    genomes = [tuple(sorted(t.params.items())) for t in complete]
+    assert len(set(genomes)) == len(genomes)
+    # the study's values are the recorded objectives, and optuna's front is the ledger's front
+    values = np.array([[t.user_attrs["objectives"][n] for n in ("rev", "sort")] for t in complete])
+    assert np.allclose(values, [t.values for t in complete])
+    archive = ParetoArchive(["minimize", "minimize"])
+    for t, v in zip(complete, values):
+        archive.add(t.number, list(v))
+    expected = {t.number for t, keep in zip(complete, pareto_mask(values, ["minimize", "minimize"])) if keep}
+    assert {p.number for p in archive.front} == expected
+    best = {t.number for t in optuna.load_study(study_name=stage, storage=_storages[url]).best_trials}
+    assert expected <= best and {tuple(t.values) for t in complete if t.number in best} == {tuple(values[[c.number for c in complete].index(n)]) for n in expected}
+    return finished
+
+
+def test_optuna_sampler_across_four_workers_survives_a_kill(postgres_url: str, tiny_zoo: Path, tmp_path: Path) -> None:
+    stage = f"tpe-{uuid.uuid4().hex[:8]}"
+    spec = _spec(tmp_path, tiny_zoo, stage, {"library": "optuna", "name": "tpe"})
+    procs = _start_workers(spec, postgres_url, tmp_path)
+    try:
+        killed = _kill_while_running(postgres_url, stage, procs, "w1")
+        _finish(procs, tmp_path, "w1")
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    counted = _check_ledger(postgres_url, stage, killed)
+    assert {t.user_attrs["worker"] for t in counted} >= {"w0", "w2", "w3"}
+
+
+def _lease_owner(url: str, stage: str) -> str | None:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(sa.text(f"SELECT owner FROM {LEASE_TABLE} WHERE study_name = :s"), {"s": stage}).first()
+    except sa.exc.ProgrammingError:
+        return None  # table not created yet
+    finally:
+        engine.dispose()
+    return row[0] if row and row[0] else None
+
+
+def test_nevergrad_coordinator_is_replaced_after_a_kill(postgres_url: str, tiny_zoo: Path, tmp_path: Path) -> None:
+    stage = f"ng-{uuid.uuid4().hex[:8]}"
+    spec = _spec(tmp_path, tiny_zoo, stage, {"library": "nevergrad", "name": "TwoPointsDE"})
+    procs = _start_workers(spec, postgres_url, tmp_path)
+    try:
+        coordinator = _wait(lambda: _lease_owner(postgres_url, stage), 150, "a coordinator")
+        _wait(lambda: sum(t.state == TrialState.COMPLETE for t in _trials(postgres_url, stage)) >= 3, 150, "3 trials")
+        killed = _kill_while_running(postgres_url, stage, procs, coordinator)
+        successor = _wait(
+            lambda: (o := _lease_owner(postgres_url, stage)) not in (None, coordinator) and o, 60, "a new coordinator"
+        )
+        _finish(procs, tmp_path, coordinator)
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    assert successor != coordinator
+    counted = _check_ledger(postgres_url, stage, killed)
+    complete = [int(t.user_attrs["candidate"]) for t in counted if t.state == TrialState.COMPLETE]
+    assert len(complete) == len(set(complete))  # every candidate completed at most once
+    # the successor told nevergrad every counted candidate (the checkpoint lives in the database)
+    engine = sa.create_engine(postgres_url)
+    with engine.connect() as conn:
+        blob = conn.execute(sa.text(f"SELECT checkpoint FROM {LEASE_TABLE} WHERE study_name = :s"), {"s": stage}).scalar_one()
+    engine.dispose()
+    state = pickle.loads(blob)
+    assert {int(t.user_attrs["candidate"]) for t in counted} <= state["told"]
