@@ -8,6 +8,7 @@ relative to the model size, against the engine's budget of (experts + 2) x model
     python -m evomerge.experiments.benchmarks.merge_speed --repeats 2      # synthetic ~0.5B Llama, bf16
     python -m evomerge.experiments.benchmarks.merge_speed --zoo small      # a cached toy zoo as well
     python -m evomerge.experiments.benchmarks.merge_speed --chunks 65536,262144,1048576   # tune the chunk
+    python -m evomerge.experiments.benchmarks.merge_speed --compile off  # eager chunked path, for comparison
 
 Each measurement runs in a fresh child process that loads the checkpoints from disk as a user would
 (the synthetic checkpoints are written by another child first), so its peak RSS (ru_maxrss) is the
@@ -103,19 +104,20 @@ def _rss() -> int:
 
 
 def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, chunk_sizes: list[int] | None = None,
-            threads: int | None = None) -> dict[str, float]:
+            threads: int | None = None, compile: str = "auto") -> dict[str, float]:
     """Load, build tables, time plain pass / TIES / DARE-TIES; runs inside a fresh process (see `_child`)."""
     if threads:
         torch.set_num_threads(threads)
     idle = _rss()
     start = time.perf_counter()
-    engine = MergeEngine.load(base, experts, progress=False)
+    mode = {"auto": "auto", "on": True, "off": False}[compile]
+    engine = MergeEngine.load(base, experts, progress=False, compile=mode)
     load_s = time.perf_counter() - start
     target = {n: torch.empty_like(engine.base_tensor(n)) for n in engine.layout.slots}
     model_bytes = sum(t.numel() * t.element_size() for t in target.values())
     names = list(engine.expert_names)
     result: dict[str, float] = {"params": engine.num_params, "model_gb": model_bytes / 1e9, "experts": len(names),
-                                "threads": torch.get_num_threads(), "load_s": load_s}
+                                "threads": torch.get_num_threads(), "load_s": load_s, "fused": engine.fused}
     start = time.perf_counter()
     for expert in names:  # what the first TIES apply would do: one table per (expert, tensor)
         for name in engine.layout.slots:
@@ -129,6 +131,7 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
         suffix = "" if chunk_sizes is None or len(chunk_sizes) == 1 else f"@{chunk}"
         for method in ("ties", "dare_ties"):
             recipe = per_layer_recipe(method, names, engine.layout.num_layers)
+            result[f"{method}{suffix}_first_s"] = best_of(lambda: engine.apply(recipe, target, stats=False), 1)  # compiles
             seconds = best_of(lambda: engine.apply(recipe, target, stats=False), repeats)
             with_stats = best_of(lambda: engine.apply(recipe, target, stats=True), 1)
             result[f"{method}{suffix}_s"] = seconds
@@ -144,7 +147,8 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
     result["engine_rss_over_model"] = (peak - idle) / model_bytes
     result["budget_over_model"] = len(names) + 2
     print(f"{label}: {engine.num_params / 1e6:.2f}M params, {model_bytes / 1e9:.4f} GB ({engine.dtype}), {len(names)} experts, "
-          f"{torch.get_num_threads()} threads, chunk {engine.chunk_elements if chunk_sizes is None else chunk_sizes}")
+          f"{torch.get_num_threads()} threads, chunk {engine.chunk_elements if chunk_sizes is None else chunk_sizes}, "
+          f"fused kernels {'on' if engine.fused else 'off'}")
     print(f"  load {load_s:.2f}s | magnitude tables {result['tables_s']:.2f}s | plain pass {plain:.3f}s (after merges {plain_after:.3f}s)")
     for chunk in chunk_sizes or [None]:
         suffix = "" if chunk is None or len(chunk_sizes or []) == 1 else f"@{chunk}"
@@ -153,6 +157,8 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
               f"(with stats {result[f'ties{suffix}_stats_ratio']:.2f}x) | "
               f"DARE-TIES {result[f'dare_ties{suffix}_s']:.3f}s = {result[f'dare_ties{suffix}_ratio']:.2f}x "
               f"(with stats {result[f'dare_ties{suffix}_stats_ratio']:.2f}x)   [x plain pass]")
+        print(f"{head}first apply (includes compiling): TIES {result[f'ties{suffix}_first_s']:.2f}s, "
+              f"DARE-TIES {result[f'dare_ties{suffix}_first_s']:.2f}s")
     print(f"  peak RSS {peak / 1e9:.2f} GB = {result['peak_rss_over_model']:.2f}x model "
           f"(interpreter + torch alone {idle / 1e9:.2f} GB; engine {result['engine_rss_over_model']:.2f}x model; "
           f"budget {len(names) + 2}x)")
@@ -196,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic 0.5B model")
     parser.add_argument("--chunks", help="comma-separated chunk lengths to compare (default: the engine's)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="fused compiled kernels (MergeEngine.load(compile=...)); auto = on for >= 50M params")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     chunk_sizes = [int(c) for c in args.chunks.split(",")] if args.chunks else None
@@ -211,11 +219,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         size, folder = zoo
         manifest = load_manifest(folder)
         experts = {n: folder / p for n, p in manifest["experts"].items()}
-        results[f"zoo-{size}"] = in_child(measure, f"zoo {size}", folder / "base", experts, args.repeats, chunk_sizes, args.threads)  # type: ignore[assignment]
+        results[f"zoo-{size}"] = in_child(measure, f"zoo {size}", folder / "base", experts, args.repeats, chunk_sizes, args.threads, args.compile)  # type: ignore[assignment]
     if not args.no_synthetic:
         with tempfile.TemporaryDirectory(prefix="merge_speed_") as tmp:
             base, experts = in_child(synthetic_llama, Path(tmp), args.experts, getattr(torch, args.dtype))  # type: ignore[misc]
-            results["synthetic-0.5B"] = in_child(measure, "synthetic Llama", base, experts, args.repeats, chunk_sizes, args.threads)  # type: ignore[assignment]
+            results["synthetic-0.5B"] = in_child(measure, "synthetic Llama", base, experts, args.repeats, chunk_sizes, args.threads, args.compile)  # type: ignore[assignment]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results
