@@ -97,7 +97,8 @@ def work(
     ratio = result.overhead_seconds / result.evaluation_seconds if result.evaluation_seconds else float("nan")
     click.echo(
         f"worker {worker_id}: {result.n_new} trials, {result.gave_back} claims given back, "
-        f"coordination overhead {100 * ratio:.1f}% of evaluation time, stopped by {result.stopped_by}"
+        f"evaluation {result.evaluation_seconds:.3f} s, coordination {result.overhead_seconds:.3f} s "
+        f"({100 * ratio:.1f}%), stopped by {result.stopped_by}"
     )
     return 130 if result.stopped_by == "interrupt" else 0
 
