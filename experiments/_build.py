@@ -48,14 +48,16 @@ def build_engine(spec: ExperimentSpec, *, progress: bool = True) -> "MergeEngine
 
 
 def build_objective(obj: ObjectiveSpec, *, seed: int, data: str | None = None) -> "Objective":
-    """One `Objective`; ``data`` overrides the calibration file (held-out scoring of the front)."""
+    """One `Objective`; ``data`` replaces the calibration file with a held-out set (scored in full)."""
     from evomerge.objectives import CalibrationSet, Objective
 
     path = data or obj.data
     calibration = None
     if path is not None:
+        # `size` bounds the per-candidate cost of the search; a held-out check scores every item.
+        size = None if data is not None else obj.size
         calibration = CalibrationSet.load(
-            path, name=obj.name, size=obj.size, seed=seed, chat_template=obj.chat_template, system_prompt=obj.system_prompt
+            path, name=obj.name, size=size, seed=seed, chat_template=obj.chat_template, system_prompt=obj.system_prompt
         )
     return Objective(
         name=obj.name,

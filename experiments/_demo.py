@@ -1,8 +1,8 @@
 """``evomerge demo``: the whole story on the toy zoo in about five minutes on a laptop CPU.
 
 1. build (or reuse) the zoo and show that each expert is good at its own skill only;
-2. run the ``pareto-layerwise`` preset (per-layer TIES weights and densities, NSGA-II over each
-   skill's accuracy and sparsity), plus the built-in uniform grid baseline;
+2. run the ``pareto-layerwise`` preset (per-layer TIES weights and densities, multi-objective TPE
+   over each skill's accuracy and sparsity), plus the built-in uniform grid baseline;
 3. re-score the best merge, the experts and the grid's best on held-out items;
 4. say, with the measured figures, whether the merge beats every expert and the grid on the mean
    over skills, and where the report, the front and the exports are.

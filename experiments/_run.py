@@ -185,6 +185,10 @@ def _run_stage(
     assert optimizer_spec is not None and stage.budget is not None
     ledger = open_ledger(rd, spec, stage.name, optimizer_spec, space)
     optimizer = make_optimizer(optimizer_spec.factory_name, **optimizer_spec.options)
+    if optimizer_spec.library == "optuna" and not ledger.trials():
+        # Optuna samplers start from random points; the template's starting point (e.g. plain
+        # TIES at the method's defaults) is the sensible first trial, as it is for nevergrad.
+        ledger.study.enqueue_trial(space.describe(space.x0))
     scorer = PenalizedScorer(session.scorer, space) if optimizer_spec.l1_penalty > 0 else session.scorer
     state = rd.read_state()
     elapsed = dict(state.get("elapsed", {}))

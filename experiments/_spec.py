@@ -179,7 +179,8 @@ class ObjectiveSpec(_Strict):
     direction: Literal["maximize", "minimize"] | None = None
     """Default: the metric's natural direction (accuracy up, loss and kept fraction down)."""
     size: int | None = Field(None, ge=1)
-    """Score on a fixed, seeded subset of this many items (all when unset)."""
+    """Score candidates on a fixed, seeded subset of this many items (all when unset); the
+    held-out check always uses every item of ``holdout``."""
     extract: Literal["strip", "first_line", "last_number", "regex"] = "strip"
     pattern: str | None = None
     normalization: Literal["sum", "mean"] = "sum"
