@@ -86,7 +86,8 @@ class Session:
 
 
 def _same_spec(a: ExperimentSpec, b: ExperimentSpec) -> bool:
-    dump = lambda s: s.model_dump(mode="json", by_alias=True, exclude={"outputs"})  # noqa: E731
+    """Whether two specs describe the same search (prose and output options do not count)."""
+    dump = lambda s: s.model_dump(mode="json", by_alias=True, exclude={"outputs", "description"})  # noqa: E731
     return dump(a) == dump(b)
 
 
