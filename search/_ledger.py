@@ -239,8 +239,10 @@ class Ledger:
             if reference_point is not None and self.reference_point is not None and list(map(float, reference_point)) != self.reference_point:
                 raise ValueError(f"ledger's reference point is {self.reference_point}, not {list(reference_point)}")
         else:
-            for key, value in meta.items():
-                self.study.set_user_attr(key, _jsonable(value))
+            # "objectives" last: it marks complete metadata, so a worker opening the study while
+            # another creates it never compares against half-written attributes
+            for key in sorted(meta, key=lambda k: k == "objectives"):
+                self.study.set_user_attr(key, _jsonable(meta[key]))
             self._sync()
             self.reference_point = None
         if self.reference_point is None and reference_point is not None:

@@ -132,10 +132,12 @@ def _check_ledger(url: str, stage: str, killed: FrozenTrial, budget: int = BUDGE
     # the study's values are the recorded objectives, and optuna's front is the ledger's front
     values = np.array([[t.user_attrs["objectives"][n] for n in ("rev", "sort")] for t in complete])
     assert np.allclose(values, [t.values for t in complete])
-    archive = ParetoArchive(["minimize", "minimize"])
+    directions = ["maximize" if d == optuna.study.StudyDirection.MAXIMIZE else "minimize"
+                  for d in optuna.load_study(study_name=stage, storage=_storages[url]).directions]
+    archive = ParetoArchive(directions)
     for t, v in zip(complete, values):
         archive.add(t.number, list(v))
-    expected = {t.number for t, keep in zip(complete, pareto_mask(values, ["minimize", "minimize"])) if keep}
+    expected = {t.number for t, keep in zip(complete, pareto_mask(values, directions)) if keep}
     assert {p.number for p in archive.front} == expected
     best = {t.number for t in optuna.load_study(study_name=stage, storage=_storages[url]).best_trials}
     assert expected <= best and {tuple(t.values) for t in complete if t.number in best} == {tuple(values[[c.number for c in complete].index(n)]) for n in expected}
