@@ -81,6 +81,7 @@ def run_batch(
     specs: list[Path], batch_dir: Path, *, retry_failed: bool = False, echo: Callable[[str], None] = print
 ) -> int:
     """Run the queue; returns 0 when every spec is done, 1 when some failed, 130/143 when stopped."""
+    batch_dir = batch_dir.resolve()
     batch_dir.mkdir(parents=True, exist_ok=True)
     (batch_dir / "logs").mkdir(exist_ok=True)
     state_path = batch_dir / STATE_FILE
@@ -108,7 +109,8 @@ def run_batch(
             state.save(state_path)
             t0 = time.monotonic()
             with open(entry.log, "a", encoding="utf-8") as log:
-                cmd = [sys.executable, "-m", "evomerge.experiments.cli", "run", entry.spec, "--run-dir", entry.run_dir]
+                # --quiet: progress bars would fill the log with carriage returns.
+                cmd = [sys.executable, "-m", "evomerge.experiments.cli", "run", entry.spec, "--run-dir", entry.run_dir, "--quiet"]
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
                 child[:] = [proc]
                 code = proc.wait()
