@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -90,13 +91,10 @@ def plain_pass(engine: MergeEngine, target: Mapping[str, torch.Tensor]) -> None:
             dst.add_(engine._delta(expert, name))
 
 
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def _rss() -> int:
@@ -123,23 +121,34 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
         for name in engine.layout.slots:
             engine._table(expert, name, engine._delta(expert, name))
     result["tables_s"] = time.perf_counter() - start
-    plain = best_of(lambda: plain_pass(engine, target), repeats)
-    result["plain_s"] = plain
+    # Warm-up: the first pass page-faults every target page and the first apply of each method
+    # compiles its fused kernels; neither is per-candidate cost, so they are timed apart.
+    plain_pass(engine, target)
     result["chunk"] = engine.chunk_elements
+    plains: list[float] = []
     for chunk in chunk_sizes or [engine.chunk_elements]:
         engine.chunk_elements = chunk
         suffix = "" if chunk_sizes is None or len(chunk_sizes) == 1 else f"@{chunk}"
-        for method in ("ties", "dare_ties"):
-            recipe = per_layer_recipe(method, names, engine.layout.num_layers)
-            result[f"{method}{suffix}_first_s"] = best_of(lambda: engine.apply(recipe, target, stats=False), 1)  # compiles
-            seconds = best_of(lambda: engine.apply(recipe, target, stats=False), repeats)
-            with_stats = best_of(lambda: engine.apply(recipe, target, stats=True), 1)
-            result[f"{method}{suffix}_s"] = seconds
-            result[f"{method}{suffix}_ratio"] = seconds / plain
-            result[f"{method}{suffix}_stats_ratio"] = with_stats / plain
-    # plain pass again at the end: the machine is shared, so bracket the merges
-    plain_after = best_of(lambda: plain_pass(engine, target), repeats)
-    result["plain_after_s"] = plain_after
+        recipes = {m: per_layer_recipe(m, names, engine.layout.num_layers) for m in ("ties", "dare_ties")}
+        for method, recipe in recipes.items():
+            result[f"{method}{suffix}_first_s"] = timed(lambda: engine.apply(recipe, target, stats=False))
+            timed(lambda: engine.apply(recipe, target, stats=True))  # compiles the stats variant
+        # Interleaved rounds, medians: the machine is shared, so every ratio compares times taken
+        # side by side rather than a plain pass measured minutes before the merges.
+        times: dict[str, list[float]] = {"plain": []}
+        for _ in range(repeats):
+            times["plain"].append(timed(lambda: plain_pass(engine, target)))
+            for method, recipe in recipes.items():
+                times.setdefault(method, []).append(timed(lambda: engine.apply(recipe, target, stats=False)))
+                times.setdefault(f"{method}_stats", []).append(timed(lambda: engine.apply(recipe, target, stats=True)))
+        plain = statistics.median(times["plain"])
+        plains += times["plain"]
+        for method in recipes:
+            result[f"{method}{suffix}_s"] = statistics.median(times[method])
+            result[f"{method}{suffix}_ratio"] = result[f"{method}{suffix}_s"] / plain
+            result[f"{method}{suffix}_stats_ratio"] = statistics.median(times[f"{method}_stats"]) / plain
+    plain = result["plain_s"] = statistics.median(plains)
+    plain_after = result["plain_after_s"] = max(plains)
     peak = _rss()
     result["peak_rss_gb"] = peak / 1e9
     result["peak_rss_over_model"] = peak / model_bytes
@@ -149,7 +158,7 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
     print(f"{label}: {engine.num_params / 1e6:.2f}M params, {model_bytes / 1e9:.4f} GB ({engine.dtype}), {len(names)} experts, "
           f"{torch.get_num_threads()} threads, chunk {engine.chunk_elements if chunk_sizes is None else chunk_sizes}, "
           f"fused kernels {'on' if engine.fused else 'off'}")
-    print(f"  load {load_s:.2f}s | magnitude tables {result['tables_s']:.2f}s | plain pass {plain:.3f}s (after merges {plain_after:.3f}s)")
+    print(f"  load {load_s:.2f}s | magnitude tables {result['tables_s']:.2f}s | plain pass median {plain:.3f}s (slowest {plain_after:.3f}s)")
     for chunk in chunk_sizes or [None]:
         suffix = "" if chunk is None or len(chunk_sizes or []) == 1 else f"@{chunk}"
         head = f"  chunk {chunk}: " if suffix else "  "
@@ -196,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--experts", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (medians are reported)")
     parser.add_argument("--zoo", choices=["tiny", "small"], default="small",
                         help="also benchmark this toy zoo if it is cached (small falls back to tiny; never built here)")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic 0.5B model")
