@@ -77,7 +77,16 @@ class DatabaseLease(Lease):
 
     def __init__(self, engine: sa.engine.Engine, study_name: str, owner: str, *, ttl: float) -> None:
         self.engine, self.study_name, self.owner, self.ttl = engine, study_name, owner, float(ttl)
-        _metadata.create_all(engine, checkfirst=True)
+        for attempt in range(5):
+            try:
+                _metadata.create_all(engine, checkfirst=True)
+                break
+            except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
+                # workers starting together race to create the table: PostgreSQL fails the
+                # loser's CREATE (duplicate type or relation); the next check finds it
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
         try:
             with engine.begin() as conn:
                 conn.execute(sa.insert(_table).values(study_name=study_name, owner="", heartbeat=0.0))

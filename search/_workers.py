@@ -22,7 +22,8 @@ ledger ends with exactly ``budget`` counted trials (claims may collide and retry
 first worker that checks (`optuna.storages.fail_stale_trials`, before every claim) fails the
 trial and optuna's `RetryFailedTrialCallback` re-queues it once, with its candidate id. A killed
 coordinator stops renewing its lease; after the lease's ttl another worker's coordinator takes
-it, restores the checkpoint and re-enqueues candidates that the study no longer holds.
+it, restores the checkpoint and enqueues the candidates the study never saw (`study_state`: one
+mechanism re-queues a candidate, never two).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
 import optuna
-from optuna.storages import RDBStorage, fail_stale_trials
+from optuna.storages import RDBStorage, RetryFailedTrialCallback, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.objectives import Evaluation
@@ -84,6 +85,57 @@ def counted_and_running(trials: Sequence[FrozenTrial]) -> tuple[int, list[Frozen
         and not t.user_attrs.get("interrupted", False)
     )
     return counted, [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def study_state(trials: Sequence[FrozenTrial], max_retry: int) -> tuple[list[FrozenTrial], set[int]]:
+    """From one snapshot of the study: its *final* counted trials, and the candidate ids it *owns*.
+
+    The **re-queue rule** of a coordinator: a candidate is re-queued by exactly one mechanism.
+
+    * Owned by the study (the coordinator never enqueues it): a WAITING or RUNNING trial holds it;
+      or its latest attempt was failed by a heartbeat check (FAIL, no ``failure`` attribute, not
+      yet in any ``retry_history``) and has retries left: optuna's `RetryFailedTrialCallback`
+      re-queues it right after failing it; or its latest attempt was given back (``interrupted``)
+      and no trial is ``requeued_from`` it yet: `Ledger.give_back` re-queues it right after.
+      Such a failed attempt is not told to the optimizer either: its retry's result will be.
+    * Final (told to the optimizer): counted trials (`Ledger.finished`) not owned as above; a
+      heartbeat failure with no retry left is final (a failure).
+    * Neither (a pending candidate the study never saw: its coordinator died between the
+      checkpoint and the enqueue): the coordinator enqueues it.
+
+    Each step of a candidate's lineage (enqueue, claim, fail, retry/requeue) moves it between
+    owned states or to final, never through "neither", so whatever moment the snapshot is taken
+    the coordinator and the study never both re-queue a candidate. Left: a process that dies
+    *between* failing a trial and re-queueing it (two storage writes) leaves that candidate owned
+    and never run; the coordinator keeps it pending (not told).
+    """
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    requeued = {t.user_attrs["requeued_from"] for t in trials if "requeued_from" in t.user_attrs}
+    owned: set[int] = set()
+    awaiting: set[int] = set()  # trial numbers failed by a heartbeat check, retry on the way
+    for t in trials:
+        cid = t.user_attrs.get("candidate")
+        if cid is None:
+            continue
+        if t.state in (TrialState.WAITING, TrialState.RUNNING):
+            owned.add(int(cid))
+        elif t.state == TrialState.FAIL:
+            if t.user_attrs.get("interrupted", False):
+                if t.number not in requeued:
+                    owned.add(int(cid))
+            elif (
+                "failure" not in t.user_attrs and t.number not in retried
+                and len(t.system_attrs.get("retry_history", ())) < max_retry
+            ):
+                owned.add(int(cid))  # failed by a heartbeat check; its retry is on the way
+                awaiting.add(t.number)
+    final = [
+        t for t in trials
+        if (t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and t.number not in retried))
+        and not t.user_attrs.get("interrupted", False)
+        and t.number not in awaiting
+    ]
+    return final, owned
 
 
 class _Heartbeat:
@@ -138,23 +190,26 @@ class Coordinator:
     def _coordinate(self, stop: threading.Event) -> None:
         opt, ledger = self.optimizer, self.ledger
         opt.use_checkpoint(self.lease)
-        opt.bind(self.space, ledger, budget=self.budget, batch_size=self.queue)
-        queued = {int(t.user_attrs["candidate"]) for t in ledger.trials((TrialState.WAITING, TrialState.RUNNING))
-                  if "candidate" in t.user_attrs}
+        # one snapshot for both the reconciliation and the re-queue (`study_state`): two reads
+        # could see a trial RUNNING in the first and failed-by-heartbeat, not yet retried, in the
+        # second, and the candidate would be queued twice (once here, once by the retry)
+        final, owned = study_state(ledger.trials(), self._max_retry())
+        opt.bind(self.space, ledger, budget=self.budget, batch_size=self.queue, finished=final)
         for cand in opt.outstanding():
-            if cand.key not in queued:  # asked by the predecessor, never enqueued (or lost)
+            if cand.key not in owned:  # asked by the predecessor, never enqueued
                 self._enqueue(cand.params, cand.key)
         while True:
             if not self.lease.renew():
                 raise LeaseLost(f"coordinator {self.lease.owner} lost its lease")
-            finished = ledger.finished()
-            self._tell(finished)
+            trials = ledger.trials()
+            counted = counted_and_running(trials)[0]
+            self._tell(study_state(trials, self._max_retry())[0])
             # also on stop: the worker stops once the budget is counted, and the last results
             # must still reach the optimizer (and its checkpoint)
-            if len(finished) >= self.budget or stop.is_set():
+            if counted >= self.budget or stop.is_set():
                 return
             in_flight = len(opt.pending_keys)
-            n = min(self.queue - in_flight, self.budget - len(finished) - in_flight)
+            n = min(self.queue - in_flight, self.budget - counted - in_flight)
             if n > 0:
                 asked = opt.ask(n)  # checkpointed before anyone can see the candidates
                 for cand in asked:
@@ -163,10 +218,18 @@ class Coordinator:
                     return  # a finite generator (grid) is exhausted
             stop.wait(self.poll)
 
-    def _tell(self, finished: Sequence[FrozenTrial]) -> None:
-        """Tell the optimizer the counted trials of its pending candidates, then checkpoint."""
+    def _max_retry(self) -> int:
+        """How often the storage's failed-trial callback re-queues a heartbeat-failed trial."""
+        get = getattr(self.ledger.storage, "get_heartbeat_stale_trial_callback", None)
+        callback = get() if get is not None else None
+        if isinstance(callback, RetryFailedTrialCallback):
+            return 1_000_000 if callback._max_retry is None else int(callback._max_retry)
+        return 0
+
+    def _tell(self, final: Sequence[FrozenTrial]) -> None:
+        """Tell the optimizer the final trials of its pending candidates, then checkpoint."""
         opt, pending, told = self.optimizer, self.optimizer.pending_keys, False
-        for trial in finished:
+        for trial in final:
             cid = trial.user_attrs.get("candidate")
             if cid is not None and int(cid) in pending:
                 values = self.ledger.objective_values(trial)
@@ -243,7 +306,9 @@ def run_worker(
                     reason = _keep_claim(ledger, claimed, budget_evals, coordinated)
                     if reason is not None:
                         with signals.deferred():
-                            ledger.give_back(claimed._trial_id, reason, requeue=_from_queue(claimed))
+                            # a coordinated claim without a candidate is a sampler proposal: dropped
+                            requeue = _from_queue(claimed) and not (coordinated and "candidate" not in claimed.user_attrs)
+                            ledger.give_back(claimed._trial_id, reason, requeue=requeue)
                             claimed = None
                         result.gave_back += 1
                         time.sleep(random.uniform(0, poll))  # break the symmetry of a collision

@@ -37,6 +37,10 @@ from .._scalarize import to_losses
 from ._base import Candidate, Failure, Optimizer, Result
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from optuna.trial import FrozenTrial
+
     from .._ledger import Ledger
     from .._space import SearchSpace
 
@@ -127,11 +131,20 @@ class CoordinatedOptimizer(Optimizer):
         """Tell the backend: ``losses`` (one per optimized value; lower is better) or None (failure)."""
 
     # ---------------------------------------------------------------- interface
-    def bind(self, space: "SearchSpace", ledger: "Ledger", *, budget: int | None = None, batch_size: int = 1) -> None:
+    def bind(
+        self, space: "SearchSpace", ledger: "Ledger", *, budget: int | None = None, batch_size: int = 1,
+        finished: "Sequence[FrozenTrial] | None" = None,
+    ) -> None:
+        """Restore (or start) the backend and reconcile it with the ledger (rule 3).
+
+        ``finished``: the trials to reconcile with, instead of ``ledger.finished()``; a multi-worker
+        coordinator passes the final ones of the same snapshot it re-queues from
+        (`search._workers.Coordinator`)."""
         self._space, self._ledger = space, ledger
         self._path = self._checkpoint_arg or FileCheckpoint(ledger.checkpoint_path("optimizer.pkl"))
         finished = {
-            int(t.user_attrs["candidate"]): t for t in ledger.finished() if "candidate" in t.user_attrs
+            int(t.user_attrs["candidate"]): t
+            for t in (ledger.finished() if finished is None else finished) if "candidate" in t.user_attrs
         }
         stored = self._path.read()
         if stored is not None:
@@ -208,9 +221,10 @@ class CoordinatedOptimizer(Optimizer):
     def outstanding(self) -> list[Candidate]:
         """Every candidate asked but not told, and the caller takes over re-queueing them.
 
-        For a coordinator feeding several workers (`search._workers`): after ``bind`` it puts
-        back in the study's queue whichever of these the study no longer holds as waiting or
-        running, instead of the single-process ``ask`` that hands the re-queued ones out first.
+        For a coordinator feeding several workers (`search._workers`): after ``bind`` it
+        enqueues whichever of these the study does not own (`search._workers.study_state`: not
+        waiting, running, or failed/given back with a re-queue on the way), instead of the
+        single-process ``ask`` that hands the re-queued ones out first.
         """
         self._requeue = []
         return [self._candidate(cid) for cid in sorted(self._pending)]
