@@ -225,18 +225,8 @@ def _record(
     archive: ParetoArchive,
 ) -> tuple[int, list[float] | None]:
     """Ledger write, then tell, then archive (the crash-safe order)."""
-    values, failure = _objective_values(evaluation, names)
-    constraint_values = None
-    if values is not None and constraints is not None:
-        constraint_values = [float(c) for c in constraints(evaluation)]
-    attrs = ledger.trial_attrs(
-        recipe_json=recipe.to_json(),
-        values=None if values is None else dict(zip(names, values)),
-        details=evaluation.details,
-        timings={**evaluation.timings, "search_overhead": pre_overhead},
-        failure=failure,
-        constraints=constraint_values,
-        candidate=cand.key if cand.coordinated else None,
+    values, failure, constraint_values, attrs = finished_attrs(
+        ledger, recipe, evaluation, names, constraints, pre_overhead, cand.key if cand.coordinated else None
     )
     value_map = None if values is None else dict(zip(names, values))
     if cand.trial is not None:
@@ -251,6 +241,36 @@ def _record(
     if not had_reference and archive.reference_point is not None:
         ledger.record_reference_point(archive.reference_point)
     return number, values
+
+
+def finished_attrs(
+    ledger: Ledger,
+    recipe: MergeRecipe,
+    evaluation: Evaluation,
+    names: Sequence[str],
+    constraints: Callable[[Evaluation], Sequence[float]] | None,
+    pre_overhead: float,
+    candidate: int | None,
+) -> tuple[list[float] | None, str | None, list[float] | None, dict[str, Any]]:
+    """(values, failure, constraint values, ledger attributes) of one finished evaluation.
+
+    Shared by the single-process loop and the workers, so a trial reads the same in the ledger
+    whichever of them evaluated it.
+    """
+    values, failure = _objective_values(evaluation, names)
+    constraint_values = None
+    if values is not None and constraints is not None:
+        constraint_values = [float(c) for c in constraints(evaluation)]
+    attrs = ledger.trial_attrs(
+        recipe_json=recipe.to_json(),
+        values=None if values is None else dict(zip(names, values)),
+        details=evaluation.details,
+        timings={**evaluation.timings, "search_overhead": pre_overhead},
+        failure=failure,
+        constraints=constraint_values,
+        candidate=candidate,
+    )
+    return values, failure, constraint_values, attrs
 
 
 def _progress_bar(enabled: bool, total: int | None, initial: int) -> Any:

@@ -43,7 +43,7 @@ from evomerge.objectives import Evaluation
 
 from ._lease import DatabaseLease, FileLease, Lease, LeaseLost
 from ._ledger import Ledger
-from ._loop import ScorerLike, _objective_values, _Signals
+from ._loop import ScorerLike, _Signals, finished_attrs
 from ._optimizers import CoordinatedOptimizer, Failure, Optimizer, OptunaOptimizer
 from ._optimizers._base import genome_distributions
 from ._space import SearchSpace
@@ -323,17 +323,7 @@ def run_worker(
                         evaluation = Evaluation.failure(f"{type(exc).__name__}: {exc}")
                     eval_seconds = time.perf_counter() - t1
                     t2 = time.perf_counter()
-                    values, failure = _objective_values(evaluation, names)
-                    constraint_values = None
-                    if values is not None and constraints is not None:
-                        constraint_values = [float(c) for c in constraints(evaluation)]
-                    attrs = ledger.trial_attrs(
-                        recipe_json=recipe.to_json(),
-                        values=None if values is None else dict(zip(names, values)),
-                        details=evaluation.details,
-                        timings={**evaluation.timings, "search_overhead": pre},
-                        failure=failure, constraints=constraint_values, candidate=None,
-                    )
+                    values, _, _, attrs = finished_attrs(ledger, recipe, evaluation, names, constraints, pre, None)
                     with signals.deferred():
                         ledger.finish_live(trial, attrs, None if values is None else dict(zip(names, values)))
                         claimed = None
