@@ -67,8 +67,9 @@ def test_any_trial_exports_as_a_model(finished_run, tmp_path: Path) -> None:
 
 
 def test_optuna_dashboard_opens_the_ledger(finished_run) -> None:
-    dashboard = pytest.importorskip("optuna_dashboard")
     from wsgiref.util import setup_testing_defaults
+
+    import optuna_dashboard as dashboard  # in the `test` extra
 
     _, _, _, ledger = finished_run
     app = dashboard.wsgi(ledger.storage)
