@@ -31,11 +31,11 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from .architecture import ARCHS, make_config
 from .arithmetic import task_arithmetic
 from .evaluation import accuracy
-from .manifest import MANIFEST, load_manifest, write_manifest
+from .manifest import load_manifest, write_manifest
 from .sizes import ZOO_SIZES, ZooSize
 from .skills import COPY, SKILLS, Example, sample_unique, skill_rng, write_jsonl
 from .tokenizer import build_tokenizer
-from .training import TrainResult, train
+from .training import train
 
 #: Bump whenever the output of a build changes; it is part of the cache key.
 BUILDER_VERSION = "3"

@@ -36,7 +36,7 @@ from ._base import chunks
 from ._breadcrumbs import BandSpec
 from ._dare import DareSpec
 from ._draws import _M1, _M2, _s32, keep_threshold
-from ._gta import DenseSpec, GtaPlan, ZeroSpec, _EPS
+from ._gta import DenseSpec, GtaPlan, _EPS
 from ._magnitude import MagnitudeTable, _strict_below
 from ._ties import ThresholdSpec
 

@@ -32,7 +32,7 @@ def recipe(weights: dict[str, float], method: str = "task_arithmetic") -> MergeR
     return MergeRecipe(rules=[GroupRule(method=method, experts={n: ExpertParams(weight=w) for n, w in weights.items()})], normalize=False)
 
 
-CANDIDATES = [recipe({"rev": 1.0}), recipe({"sort": 1.0, "rev": 0.4}, "ties"), recipe({"rev": 0.5, "sort": 0.5, "sort": 0.3})]
+CANDIDATES = [recipe({"rev": 1.0}), recipe({"sort": 1.0, "rev": 0.4}, "ties"), recipe({"rev": 0.5, "shift": 0.5, "sort": 0.3})]
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-import pytest
 import sqlalchemy as sa
 import yaml
 from optuna.trial import FrozenTrial, TrialState
