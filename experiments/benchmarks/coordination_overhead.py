@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from evomerge.experiments.zoo import load_manifest
+
 ZOO = Path.home() / ".cache" / "evomerge" / "zoo" / "small-llama-seed0"
 _LINE = re.compile(r"worker \S+: (\d+) trials, \d+ claims given back, evaluation ([\d.]+) s, coordination ([\d.]+) s")
 
@@ -34,7 +36,7 @@ def _spec(folder: Path, trials: int, optimizer: str, calib: int) -> Path:
         "space": {"method": "ties", "params": ["weight", "density"], "granularity": "layer"},
         "objectives": [
             {"name": s, "metric": "exact_match", "data": f"zoo:data/{s}/calib.jsonl", "size": calib}
-            for s in ("rev", "sort", "shift", "add")
+            for s in load_manifest(ZOO)["skills"]
         ],
         "scorer": {"batch_size": 64, "max_new_tokens": 8},
         "stages": [{"name": f"overhead-{uuid.uuid4().hex[:8]}", "optimizer": {"library": library, "name": name},
