@@ -177,12 +177,7 @@ def run_search(
                     t1 = time.perf_counter()
                     recipe = cand.recipe if cand.recipe is not None else space.decode(cand.x, seed=ledger.seed, trial=cand.key)
                     pre = ask_share + time.perf_counter() - t1
-                    t2 = time.perf_counter()
-                    try:
-                        evaluation = scorer.evaluate(recipe)
-                    except Exception as exc:  # scorers should return failures; a wrapper may raise
-                        evaluation = Evaluation.failure(f"{type(exc).__name__}: {exc}")
-                    eval_seconds = time.perf_counter() - t2
+                    evaluation, eval_seconds = evaluate_guarded(scorer, recipe)
                     t3 = time.perf_counter()
                     with signals.deferred():
                         number, values = _record(ledger, optimizer, cand, recipe, evaluation, names, constraints, pre, archive)
@@ -241,6 +236,20 @@ def _record(
     if not had_reference and archive.reference_point is not None:
         ledger.record_reference_point(archive.reference_point)
     return number, values
+
+
+def evaluate_guarded(scorer: ScorerLike, recipe: MergeRecipe) -> tuple[Evaluation, float]:
+    """The scorer's evaluation of `recipe` and its wall seconds.
+
+    Scorers return failures as failed evaluations; a wrapper may still raise, and that too must fail
+    the trial, never the run (or a worker).
+    """
+    start = time.perf_counter()
+    try:
+        evaluation = scorer.evaluate(recipe)
+    except Exception as exc:
+        evaluation = Evaluation.failure(f"{type(exc).__name__}: {exc}")
+    return evaluation, time.perf_counter() - start
 
 
 def finished_attrs(

@@ -43,7 +43,7 @@ from evomerge.objectives import Evaluation
 
 from ._lease import DatabaseLease, FileLease, Lease, LeaseLost
 from ._ledger import Ledger
-from ._loop import ScorerLike, _Signals, finished_attrs
+from ._loop import ScorerLike, _Signals, evaluate_guarded, finished_attrs
 from ._optimizers import CoordinatedOptimizer, Failure, Optimizer, OptunaOptimizer
 from ._optimizers._base import genome_distributions
 from ._space import SearchSpace
@@ -316,12 +316,7 @@ def run_worker(
                     key = int(claimed.user_attrs.get("candidate", claimed.number))
                     recipe = space.decode(space.from_params(claimed.params), seed=ledger.seed, trial=key)
                     pre = time.perf_counter() - t0
-                    t1 = time.perf_counter()
-                    try:
-                        evaluation = scorer.evaluate(recipe)
-                    except Exception as exc:  # scorers should return failures; a wrapper may raise
-                        evaluation = Evaluation.failure(f"{type(exc).__name__}: {exc}")
-                    eval_seconds = time.perf_counter() - t1
+                    evaluation, eval_seconds = evaluate_guarded(scorer, recipe)
                     t2 = time.perf_counter()
                     values, _, _, attrs = finished_attrs(ledger, recipe, evaluation, names, constraints, pre, None)
                     with signals.deferred():
