@@ -37,10 +37,14 @@ class Generation:
 
     text: str
     num_tokens: int
+    draft_logprobs: list[float] | None = None
+    """The draft's teacher-forced log-probs, when the backend computed them on the way (None if not)."""
 
 
-GenerateFn = Callable[[Sequence[TokenIds]], list[Generation]]
-"""Backend call: greedy generations for tokenized prompts (stop rules are the backend's)."""
+GenerateFn = Callable[[Sequence[tuple[TokenIds, TokenIds]]], list[Generation]]
+"""Backend call: greedy generations for tokenized (prompt, draft) pairs (stop rules are the
+backend's). The draft is the reference answer (or empty): a backend may use it to verify many
+greedy tokens in one forward, but the generation must not depend on it."""
 LogprobFn = Callable[[Sequence[tuple[TokenIds, TokenIds]]], list[list[float]]]
 """Backend call: log p(continuation token | prefix + earlier continuation) for each pair."""
 
@@ -51,6 +55,7 @@ class _SetRequests:
 
     calibration: CalibrationSet
     prompts: list[TokenIds] = field(default_factory=list)
+    drafts: list[TokenIds] = field(default_factory=list)
     needs_generation: bool = False
     answer_pairs: list[tuple[TokenIds, TokenIds]] = field(default_factory=list)
     choice_pairs: list[tuple[TokenIds, TokenIds]] = field(default_factory=list)
@@ -94,10 +99,20 @@ class ScoringPlan:
         # length-sorted across sets (4 sets of 16 prompts make one batch of 64, not four of 16).
         generation_requests: list[tuple[int, str, list[Any]]] = []
         logprob_requests: list[tuple[int, str, list[Any]]] = []
+        outputs: dict[int, dict[str, Any]] = {key: {} for key in self._sets}
+        for key, req in self._sets.items():
+            if req.needs_generation:
+                generation_requests.append((key, "generations", list(zip(req.prompts, req.drafts))))
+        n_sequences = _run_packed(generate, generation_requests, outputs)
         for key, req in self._sets.items():
             metrics = {o.metric for o in self.objectives if o.calibration is req.calibration}
-            if req.needs_generation:
-                generation_requests.append((key, "generations", req.prompts))
+            # The drafts of a generation set are its answers: a backend that verified them
+            # returned their log-probs, and the answer loss needs no second forward.
+            drafted = [g.draft_logprobs for g in outputs[key].get("generations", [])]
+            if "answer_loss" in metrics and drafted and all(lp is not None for lp in drafted):
+                outputs[key]["answer_lp"] = drafted
+                metrics.discard("answer_loss")
+                n_sequences += len(drafted)
             for metric, pairs, slot in (
                 ("answer_loss", req.answer_pairs, "answer_lp"),
                 ("mc_accuracy", req.choice_pairs, "choice_lp"),
@@ -105,8 +120,7 @@ class ScoringPlan:
             ):
                 if metric in metrics:
                     logprob_requests.append((key, slot, pairs))
-        outputs: dict[int, dict[str, Any]] = {key: {} for key in self._sets}
-        n_sequences = _run_packed(generate, generation_requests, outputs) + _run_packed(logprobs, logprob_requests, outputs)
+        n_sequences += _run_packed(logprobs, logprob_requests, outputs)
         for obj in self.objectives:
             if obj.is_cost:
                 values[obj.name] = COSTS[obj.metric](costs)
@@ -198,6 +212,8 @@ def _tokenize(cal: CalibrationSet, tokenizer: Any) -> _SetRequests:
         req.prompts.append(encode(prompt, special))
         if cal.kind == "generation":
             req.answer_pairs.append(split(prompt, item.answer))  # type: ignore[arg-type]
+            req.drafts.append(req.answer_pairs[-1][1])
         else:
             req.choice_pairs.extend(split(prompt, choice) for choice in item.choices)  # type: ignore[union-attr]
+            req.drafts.append([])
     return req

@@ -106,9 +106,9 @@ class Scorer(ABC):
         timings["total"] = time.perf_counter() - start
         return Evaluation.failure(reason, timings)
 
-    def _checked_generate(self, prompts: Sequence[TokenIds]) -> list[Generation]:
+    def _checked_generate(self, requests: Sequence[tuple[TokenIds, TokenIds]]) -> list[Generation]:
         self._deadline.check()
-        return self._generate(prompts, self._deadline)
+        return self._generate(requests, self._deadline)
 
     def _checked_logprobs(self, pairs: Sequence[tuple[TokenIds, TokenIds]]) -> list[list[float]]:
         self._deadline.check()
@@ -119,8 +119,10 @@ class Scorer(ABC):
         """Make the backend's model use ``recipe``'s merged weights."""
 
     @abstractmethod
-    def _generate(self, prompts: Sequence[TokenIds], deadline: Deadline) -> list[Generation]:
-        """Greedy generations for ``prompts``, in order, honouring the scorer's stop rules."""
+    def _generate(self, requests: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[Generation]:
+        """Greedy generations for (prompt, draft) requests, in order, honouring the scorer's stop
+        rules. The draft (the reference answer, possibly empty) may speed generation up and let the
+        backend return its log-probs (`Generation.draft_logprobs`); it must not change the text."""
 
     @abstractmethod
     def _logprobs(self, pairs: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[list[float]]:

@@ -64,10 +64,10 @@ class TransformersScorer(Scorer):
             torch.cuda.synchronize(self.device)
         return SwapResult(stats=stats, merge_seconds=t1 - t0, swap_seconds=time.perf_counter() - t1)
 
-    def _generate(self, prompts: Sequence[TokenIds], deadline: Deadline) -> list[Generation]:
+    def _generate(self, requests: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[Generation]:
         return greedy_generate(
             self.model,
-            prompts,
+            requests,
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
             pad_id=self._pad_id,
             eos_ids=self._eos_ids,

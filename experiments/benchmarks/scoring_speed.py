@@ -68,8 +68,8 @@ def score_from_disk(folder: Path, engine: MergeEngine, objectives: list[Objectiv
     deadline = Deadline(None)
     pad = tokenizer.pad_token_id
     plan.run(
-        lambda prompts: greedy_generate(
-            model, prompts, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), pad_id=pad,
+        lambda requests: greedy_generate(
+            model, requests, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), pad_id=pad,
             eos_ids=eos_token_ids(tokenizer, model.generation_config), stop=("\n",), max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size, deadline=deadline,
         ),

@@ -1,12 +1,13 @@
 """The greedy loop and teacher-forced log-probs against unbatched references on a real model."""
 
+import itertools
 import math
 
 import pytest
 import torch
 
 from evomerge.objectives import Deadline, EvaluationTimeout
-from evomerge.objectives._generation import continuation_logprobs, greedy_generate
+from evomerge.objectives._generation import FORWARD_OVERHEAD_TOKENS, continuation_logprobs, greedy_generate, length_batches
 
 PROMPTS = ["rev abc=", "sort zyxw=", "add 1+2=", "shift q=", "a"]
 
@@ -24,7 +25,7 @@ def reference_greedy(model, prompt_ids, n):
 def test_batched_greedy_equals_unbatched_generate(tiny_lm):
     model, tok = tiny_lm
     prompts = [ids(tok, p) for p in PROMPTS]
-    gens = greedy_generate(model, prompts, decode=lambda x: tok.decode(x, skip_special_tokens=True), pad_id=0,
+    gens = greedy_generate(model, [(p, []) for p in prompts], decode=lambda x: tok.decode(x, skip_special_tokens=True), pad_id=0,
                            eos_ids=frozenset(), stop=(), max_new_tokens=6, batch_size=3, deadline=Deadline(None))
     for p, g in zip(prompts, gens):
         ref = reference_greedy(model, p, 6)
@@ -38,13 +39,13 @@ def test_stop_rules(tiny_lm):
     ref = reference_greedy(model, p, 8)
     decode = lambda x: tok.decode(x, skip_special_tokens=True)  # noqa: E731
     # EOS: make the 3rd generated token an EOS id -> 2 tokens, text of those 2 tokens
-    gen = greedy_generate(model, [p], decode=decode, pad_id=0, eos_ids=frozenset({ref[2]}), stop=(),
+    gen = greedy_generate(model, [(p, [])], decode=decode, pad_id=0, eos_ids=frozenset({ref[2]}), stop=(),
                           max_new_tokens=8, batch_size=1, deadline=Deadline(None))[0]
     first = ref.index(ref[2])  # the EOS id may already occur earlier
     assert gen.num_tokens == first and gen.text == decode(ref[:first])
     # stop string: the 2nd generated character; the text is cut before it, the token counted
     stop_char = decode([ref[1]])
-    gen = greedy_generate(model, [p], decode=decode, pad_id=0, eos_ids=frozenset(), stop=(stop_char,),
+    gen = greedy_generate(model, [(p, [])], decode=decode, pad_id=0, eos_ids=frozenset(), stop=(stop_char,),
                           max_new_tokens=8, batch_size=1, deadline=Deadline(None))[0]
     full = decode(ref)
     assert gen.text == full[: full.index(stop_char)]
@@ -69,5 +70,92 @@ def test_continuation_logprobs_match_manual_forward(tiny_lm):
 def test_deadline_stops_generation(tiny_lm):
     model, tok = tiny_lm
     with pytest.raises(EvaluationTimeout, match="timeout"):
-        greedy_generate(model, [ids(tok, "a")], decode=tok.decode, pad_id=0, eos_ids=frozenset(), stop=(),
+        greedy_generate(model, [(ids(tok, "a"), [])], decode=tok.decode, pad_id=0, eos_ids=frozenset(), stop=(),
                         max_new_tokens=4, batch_size=1, deadline=Deadline(0.0))
+
+
+def _generate(model, tok, requests, **kw):
+    args = dict(decode=lambda x: tok.decode(x, skip_special_tokens=True), pad_id=0, eos_ids=frozenset(), stop=(),
+                max_new_tokens=6, batch_size=3, deadline=Deadline(None))
+    return greedy_generate(model, requests, **{**args, **kw})
+
+
+@pytest.mark.parametrize("stop", [(), ("\n",)])
+def test_drafts_change_the_work_not_the_generation(tiny_lm, stop):
+    """Right, partly right, wrong, over-long and empty drafts give the undrafted greedy text, and
+    their log-probs are the teacher-forced ones."""
+    model, tok = tiny_lm
+    prompts = [ids(tok, p) for p in PROMPTS]
+    plain = _generate(model, tok, [(p, []) for p in prompts], stop=stop)
+    drafts = []
+    for i, p in enumerate(prompts):
+        ref = reference_greedy(model, p, 8)
+        drafts += [ref, ref[:3] + [(ref[3] + 1) % 40 + 4] + ref[4:], [(ref[0] + 7) % 40 + 4], ref + [5, 6, 7, 8], []][i % 5 : i % 5 + 1]
+    drafts += [reference_greedy(model, prompts[0], 2)]
+    requests = list(zip(prompts + prompts[:1], drafts))
+    drafted = _generate(model, tok, requests, stop=stop)
+    for want, got in zip(plain + plain[:1], drafted):
+        assert (got.text, got.num_tokens) == (want.text, want.num_tokens)
+    teacher = continuation_logprobs(model, requests, pad_id=0, batch_size=2, deadline=Deadline(None))
+    for got, lp in zip(drafted, teacher):
+        assert got.draft_logprobs == pytest.approx(lp, abs=1e-5)
+
+
+def test_draft_stops_at_eos_and_stop_strings_inside_it(tiny_lm):
+    model, tok = tiny_lm
+    p = ids(tok, PROMPTS[1])
+    ref = reference_greedy(model, p, 8)
+    decode = lambda x: tok.decode(x, skip_special_tokens=True)  # noqa: E731
+    gen = _generate(model, tok, [(p, ref)], eos_ids=frozenset({ref[3]}), max_new_tokens=8)[0]
+    first = ref.index(ref[3])
+    assert (gen.num_tokens, gen.text) == (first, decode(ref[:first]))
+    stop_char = decode([ref[2]])
+    full = decode(ref)
+    gen = _generate(model, tok, [(p, ref)], stop=(stop_char,), max_new_tokens=8)[0]
+    assert (gen.text, gen.num_tokens) == (full[: full.index(stop_char)], full.index(stop_char) + 1)
+    gen = _generate(model, tok, [(p, ref)], max_new_tokens=2)[0]
+    assert (gen.text, gen.num_tokens) == (decode(ref[:2]), 2)
+
+
+def _padded_work(batches, lengths):
+    return sum(len(b) * max(lengths[i] for i in b) + FORWARD_OVERHEAD_TOKENS for b in batches)
+
+
+@pytest.mark.parametrize("lengths", [[5, 5, 5, 40], [3, 9, 9, 10, 30, 31, 2], [7] * 9, [1], []])
+def test_length_batches_minimize_padded_work(lengths):
+    """The DP's batches cover every index once, respect the size cap, and match the best
+    contiguous split of the sorted lengths found by brute force."""
+    cap = 3
+    batches = length_batches(lengths, cap)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(0 < len(b) <= cap for b in batches)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = min(
+        (_padded_work([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], lengths)
+         for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k)
+         if all(b - a <= cap for a, b in zip((0, *cuts), (*cuts, len(order))))),
+        default=0,
+    )
+    assert _padded_work(batches, lengths) == best
+
+
+def test_drafts_on_a_trained_model(zoo_dir):
+    """On a model trained on the task, wrong drafts are in-context garbage it would copy: the
+    verified prefix and positions must exclude them exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.objectives import CalibrationSet
+    from evomerge.objectives._transformers_scorer import load_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(zoo_dir / "experts" / "rev").eval()
+    tok = load_tokenizer(zoo_dir / "experts" / "rev")
+    items = CalibrationSet.load(zoo_dir / "data" / "rev" / "calib.jsonl", size=12, seed=0).items
+    prompts = [ids(tok, it.prompt) for it in items]
+    answers = [tok(it.answer, add_special_tokens=False)["input_ids"] for it in items]
+    wrong = [a[:1] + [a[0]] * 3 + a[1:] for a in answers]  # right first token, then a wrong run
+    kw = dict(eos_ids=frozenset({tok.eos_token_id}), stop=("\n",), max_new_tokens=12, batch_size=5)
+    plain = _generate(model, tok, [(p, []) for p in prompts], **kw)
+    assert sum(g.text == it.answer for g, it in zip(plain, items)) >= 6  # the expert mostly answers right
+    for drafts in (answers, wrong, [a[::-1] for a in answers]):
+        drafted = _generate(model, tok, list(zip(prompts, drafts)), **kw)
+        assert [(g.text, g.num_tokens) for g in drafted] == [(g.text, g.num_tokens) for g in plain]
