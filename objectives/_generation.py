@@ -12,7 +12,10 @@ when the model does not stop). The result is the greedy generation, whatever the
 changes how many steps are needed), and the same forward yields the draft's log-probabilities,
 which is what the answer cross-entropy objective needs. A candidate that answers most items right
 thus costs about one forward per batch instead of a prefill, up to ``max_new_tokens`` decoding
-steps and a separate loss forward. Rows that are done leave the batch (and the KV cache).
+steps and a separate loss forward. The rows a draft did not finish are continued together, from
+their verified prefix, in one KV-cached decode loop for all batches (a decoding step costs mostly
+its fixed per-call overhead on small models, so one loop beats one per batch); rows that are done
+leave that batch and its cache.
 
 A small loop with a KV cache instead of `model.generate`: it is trivially deterministic, and it
 lets the scorer check stop strings and its deadline between steps.
@@ -104,6 +107,19 @@ class _Row:
         return Generation(text=text, num_tokens=len(self.tokens), draft_logprobs=draft_logprobs)
 
 
+def _teacher_forced(model: torch.nn.Module, seqs: Sequence[TokenIds], keep: int, pad_id: int) -> torch.Tensor:
+    """fp32 logits of the last ``keep`` positions of each left-padded sequence (one forward)."""
+    ids, mask, positions = _left_padded(seqs, pad_id, next(model.parameters()).device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep)
+    return out.logits.float()
+
+
+def _logprobs_of(logits: torch.Tensor, tokens: TokenIds) -> list[float]:
+    """log p(tokens[t]) under the t-th row of ``logits``, log-softmax in fp32."""
+    target = torch.tensor(tokens, dtype=torch.long, device=logits.device).unsqueeze(-1)
+    return logits.log_softmax(-1).gather(-1, target).squeeze(-1).tolist()
+
+
 @torch.inference_mode()
 def greedy_generate(
     model: torch.nn.Module,
@@ -123,62 +139,53 @@ def greedy_generate(
     (the text is cut before it; the completing token is counted), or after ``max_new_tokens``.
     Each result carries the draft's teacher-forced log-probabilities (`draft_logprobs`).
     """
-    device = next(model.parameters()).device
-    results: list[Generation | None] = [None] * len(requests)
+    rows = [_Row(decode, eos_ids, stop, max_new_tokens) for _ in requests]
+    draft_logprobs: list[list[float]] = [[] for _ in requests]
     for batch in length_batches([len(p) + len(d) for p, d in requests], batch_size):
         deadline.check()
-        drafts = [requests[i][1] for i in batch]
-        ids, mask, positions = _left_padded([requests[i][0] + requests[i][1] for i in batch], pad_id, device)
-        keep = 1 + max(len(d) for d in drafts)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep)
-        logits = out.logits.float()
-        rows = [_Row(decode, eos_ids, stop, max_new_tokens) for _ in batch]
-        draft_logprobs: list[list[float]] = []
-        next_ids: list[int] = []
-        for row, (state, draft) in enumerate(zip(rows, drafts)):
-            # This row's predictions after its prompt: the last len(draft) + 1 kept positions.
-            preds = logits[row, keep - len(draft) - 1 :]
+        keep = 1 + max(len(requests[i][1]) for i in batch)
+        logits = _teacher_forced(model, [requests[i][0] + requests[i][1] for i in batch], keep, pad_id)
+        for row, i in enumerate(batch):
+            draft = requests[i][1]
+            preds = logits[row, keep - len(draft) - 1 :]  # the predictions after the prompt
             greedy = preds.argmax(-1).tolist()
             agree = next((j for j, token in enumerate(draft) if greedy[j] != token), len(draft))
-            state.accept(greedy[: agree + 1])
-            target = torch.tensor(draft, dtype=torch.long, device=device).unsqueeze(-1)
-            draft_logprobs.append(preds[:-1].log_softmax(-1).gather(-1, target).squeeze(-1).tolist())
-            # The draft's cache entries from the disagreement on are not this row's context.
-            mask[row, mask.shape[1] - len(draft) + agree :] = 0
-            next_ids.append(greedy[agree])
-        _decode_rest(model, out.past_key_values, rows, next_ids, mask, deadline)
-        for i, state, lps in zip(batch, rows, draft_logprobs):
-            results[i] = state.result(lps)
-    return results  # type: ignore[return-value]
+            rows[i].accept(greedy[: agree + 1])
+            draft_logprobs[i] = _logprobs_of(preds[:-1], draft)
+    # Rows the draft did not finish continue from their verified prefix, all in one decode loop.
+    live = [i for i, row in enumerate(rows) if not row.done]
+    prefixes = [requests[i][0] + rows[i].tokens for i in live]
+    for batch in length_batches([len(p) for p in prefixes], batch_size):
+        _decode(model, [prefixes[b] for b in batch], [rows[live[b]] for b in batch], pad_id, deadline)
+    return [row.result(lps) for row, lps in zip(rows, draft_logprobs)]
 
 
-def _decode_rest(
-    model: torch.nn.Module, past: object, rows: list[_Row], next_ids: list[int], mask: torch.Tensor, deadline: Deadline
-) -> None:
-    """Step the unfinished rows one greedy token at a time from the verified prefix's cache.
-
-    ``next_ids`` are each row's next input token, ``mask`` the batch's attention mask over the
-    cache. Finished rows leave the batch, so late steps cost only what is still generating.
-    """
+def _decode(model: torch.nn.Module, prefixes: list[TokenIds], rows: list[_Row], pad_id: int, deadline: Deadline) -> None:
+    """Greedy steps with a KV cache from the given prefixes until every row has ended; rows that
+    end leave the batch and the cache, so late steps cost only what is still generating."""
+    deadline.check()
+    ids, mask, positions = _left_padded(prefixes, pad_id, next(model.parameters()).device)
+    positions_next = positions[:, -1:] + 1
     live = list(range(len(rows)))
+    past = None
     while True:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+        tokens = out.logits[:, -1, :].argmax(-1)
+        for r, token in zip(live, tokens.tolist()):
+            rows[r].accept([token])
         still = [slot for slot, r in enumerate(live) if not rows[r].done]
         if not still:
             return
         if len(still) < len(live):
             index = torch.tensor(still, dtype=torch.long, device=mask.device)
-            past.batch_select_indices(index)  # type: ignore[attr-defined]
-            mask = mask.index_select(0, index)
-            live, next_ids = [live[s] for s in still], [next_ids[s] for s in still]
+            past.batch_select_indices(index)
+            mask, tokens, positions_next = mask[index], tokens[index], positions_next[index]
+            live = [live[s] for s in still]
         deadline.check()
-        positions = mask.sum(-1, keepdim=True)  # real tokens so far: the new token's position
+        ids, positions = tokens.unsqueeze(-1), positions_next
+        positions_next = positions_next + 1
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
-        ids = torch.tensor(next_ids, dtype=torch.long, device=mask.device).unsqueeze(-1)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
-        next_ids = out.logits[:, -1, :].argmax(-1).tolist()
-        for slot, r in enumerate(live):
-            rows[r].accept([next_ids[slot]])
 
 
 @torch.inference_mode()
@@ -190,21 +197,14 @@ def continuation_logprobs(
     batch_size: int,
     deadline: Deadline,
 ) -> list[list[float]]:
-    """log p(c_t | prefix, c_<t) for every continuation token, in batched teacher-forced forwards.
-
-    The log-softmax is taken in fp32 on the continuation positions only.
-    """
-    device = next(model.parameters()).device
+    """log p(c_t | prefix, c_<t) for every continuation token, in batched teacher-forced forwards."""
     results: list[list[float]] = [[] for _ in pairs]
     todo = [i for i, (_, cont) in enumerate(pairs) if cont]  # an empty continuation scores nothing
     for batch in length_batches([len(pairs[i][0]) + len(pairs[i][1]) - 1 for i in todo], batch_size):
         deadline.check()
         conts = [pairs[todo[b]][1] for b in batch]
-        ids, mask, positions = _left_padded([pairs[todo[b]][0] + c[:-1] for b, c in zip(batch, conts)], pad_id, device)
         keep = max(len(c) for c in conts)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep).logits
+        logits = _teacher_forced(model, [pairs[todo[b]][0] + c[:-1] for b, c in zip(batch, conts)], keep, pad_id)
         for row, (b, cont) in enumerate(zip(batch, conts)):
-            rows = logits[row, keep - len(cont) :].float().log_softmax(-1)
-            target = torch.tensor(cont, dtype=torch.long, device=device).unsqueeze(-1)
-            results[todo[b]] = rows.gather(-1, target).squeeze(-1).tolist()
+            results[todo[b]] = _logprobs_of(logits[row, keep - len(cont) :], cont)
     return results
