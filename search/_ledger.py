@@ -45,7 +45,7 @@ except ImportError:  # Windows: optuna's own lock file
     fcntl = None  # type: ignore[assignment]
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import IO, Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import optuna
 from optuna.distributions import BaseDistribution
@@ -112,18 +112,17 @@ class _FlockLock(JournalFileOpenLock):
 
     def __init__(self, filepath: str) -> None:
         super().__init__(filepath)
-        self._fd: int | None = None
+        self._file: IO[bytes] | None = None  # opened once: a lock per append costs no open/close
 
     def acquire(self) -> bool:
-        self._fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        if self._file is None:
+            self._file = open(self._lock_file, "ab")
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
         return True
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
 
 
 class _JournalFile(JournalFileBackend):
@@ -132,26 +131,42 @@ class _JournalFile(JournalFileBackend):
     optuna fsyncs every append, and a native sampler's ``study.ask`` appends one line per
     parameter: 16 parameters cost 16 fsyncs (~50 ms here). Lines still reach the OS at once, so
     a killed process (SIGKILL, Ctrl-C) loses nothing. `sync` makes them durable against power
-    loss; the run loop calls it before every ask, ahead of the optimizer's checkpoint, so after
-    a machine restart the checkpoint is never ahead of the ledger, and lines lost since the last
-    sync are trials whose candidates the checkpoint still holds as pending (re-evaluated).
+    loss; the run loop calls it after every ask and a coordinated optimizer before every
+    checkpoint write, so after a machine restart the checkpoint is never ahead of the ledger, and
+    lines lost since the last sync are trials whose candidates the checkpoint still holds as
+    pending (re-evaluated). The file stays open (one ``write`` per append) and a read that finds
+    it unchanged opens nothing: optuna's storage reads before every call.
     """
 
+    def __init__(self, file_path: str, lock_obj: JournalFileOpenLock) -> None:
+        super().__init__(file_path, lock_obj=lock_obj)
+        # kept open: O_APPEND puts every write at the end whoever else appended meanwhile
+        self._out = open(file_path, "ab", buffering=0)
+        self._synced = -1  # size at the last fsync (none yet: a killed writer's lines may be unsynced)
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+        # optuna's storage re-reads the file before every call (a native sampler makes a few per
+        # parameter); when the file has not grown since the last read there is nothing to open
+        if self._log_number_offset.get(log_number_from) == os.fstat(self._out.fileno()).st_size:
+            return
+        yield from super().read_logs(log_number_from)
+
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+        data = memoryview(("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8"))
         self._lock.acquire()
         try:
-            with open(self._file_path, "ab") as f:
-                f.write(text.encode("utf-8"))
+            while data:
+                data = data[self._out.write(data):]
         finally:
             self._lock.release()
 
     def sync(self) -> None:
-        fd = os.open(self._file_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        """fsync the file, unless nothing was appended since the last one (the run loop and a
+        checkpoint write may both ask for the same lines)."""
+        size = os.fstat(self._out.fileno()).st_size
+        if size != self._synced:
+            os.fsync(self._out.fileno())
+            self._synced = size
 
 
 def _journal(path: Path) -> optuna.storages.JournalStorage:
@@ -269,9 +284,11 @@ class Ledger:
         self._sync()
 
     def sync(self) -> None:
-        """Make everything written so far durable against power loss (journal: one fsync; other
-        storages commit per write). The run loop calls it before every ask, so an optimizer
-        checkpoint never becomes durable ahead of the trials it has been told."""
+        """Make everything written so far durable against power loss (journal: one fsync, none if
+        nothing was written since the last; other storages commit per write). A coordinated
+        optimizer calls it before each checkpoint write, so a checkpoint never becomes durable
+        ahead of the trials it has been told; the run loop once per ask batch. Thread-safe: the
+        run loop calls it from its background writer (`search._durable`)."""
         self._sync()
 
     def checkpoint_path(self, suffix: str) -> Path:

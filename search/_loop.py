@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 from evomerge.merge import MergeRecipe
 from evomerge.objectives import Evaluation
 
+from ._durable import WriteBehind
 from ._ledger import Ledger
 from ._optimizers import Candidate, Failure, Optimizer
 from ._pareto import ParetoArchive
@@ -149,6 +150,8 @@ def run_search(
     started = time.perf_counter()
     ledger.fail_running("interrupted: the process stopped before the evaluation finished")
     optimizer.bind(space, ledger, budget=budget_evals, batch_size=batch_size)
+    durability = WriteBehind()
+    optimizer.write_behind(durability)
     archive = ledger.archive()
     done = len(ledger.finished())
     result = SearchResult(archive=archive, n_finished=done, n_new=0)
@@ -167,8 +170,11 @@ def run_search(
                 n = batch_size if budget_evals is None else min(batch_size, budget_evals - done)
                 t0 = time.perf_counter()
                 with signals.deferred():
-                    ledger.sync()  # durable trials before a checkpoint that has seen them
+                    # a coordinated optimizer queues its checkpoint (after a ledger fsync); the
+                    # fsync of the lines this ask wrote (optuna) comes after: both run while the
+                    # batch evaluates, not while optuna appends, which an fsync would stall
                     candidates = optimizer.ask(n)
+                    durability.submit(ledger.sync)
                 ask_share = (time.perf_counter() - t0) / max(len(candidates), 1)
                 if not candidates:
                     result.stopped_by = "exhausted"
@@ -180,6 +186,7 @@ def run_search(
                     evaluation, eval_seconds = evaluate_guarded(scorer, recipe)
                     t3 = time.perf_counter()
                     with signals.deferred():
+                        durability.wait()  # the checkpoint holding this candidate is durable
                         number, values = _record(ledger, optimizer, cand, recipe, evaluation, names, constraints, pre, archive)
                     overhead = pre + time.perf_counter() - t3
                     done += 1
@@ -193,14 +200,18 @@ def run_search(
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(hv=f"{record.hypervolume:.4g}", front=len(archive.front), refresh=False)
+        durability.close()
         ledger.sync()
         optimizer.save()
     except KeyboardInterrupt:
         result.stopped_by = "interrupt"
+        durability.close()  # no queued checkpoint may land after the one saved below
         ledger.fail_running("interrupted: the run was stopped (SIGINT/SIGTERM)")
         ledger.sync()
         optimizer.save()
     finally:
+        optimizer.write_behind(None)
+        durability.close()
         if bar is not None:
             bar.close()
     result.n_finished = done

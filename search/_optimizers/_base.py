@@ -19,6 +19,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from evomerge.merge import MergeRecipe
 
 if TYPE_CHECKING:
+    from .._durable import WriteBehind
     from .._ledger import Ledger
     from .._space import SearchSpace
 
@@ -79,3 +80,8 @@ class Optimizer(ABC):
     def save(self) -> None:
         """Persist the optimizer's state now (no-op where the ledger is the state); the run loop
         calls it when it stops."""
+
+    def write_behind(self, queue: "WriteBehind | None") -> None:
+        """Let ``ask`` queue its checkpoint write on ``queue`` (the run loop's background writer,
+        which it waits for before writing a result); None: write at once. No-op without a
+        checkpoint."""

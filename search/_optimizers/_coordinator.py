@@ -4,14 +4,16 @@ Crash safety rests on three rules:
 
 1. Every ``ask`` batch ends with the whole state (backend optimizer, candidates asked but not
    told, ids told) pickled atomically: temp file, fsync, ``os.replace``, directory fsync. A
-   candidate thus exists in the checkpoint before anyone evaluates it.
+   candidate thus exists in the checkpoint before its result reaches the ledger. The run loop
+   has the file written behind (`write_behind`: on its background thread, during the batch's
+   evaluation, and waited for before the batch's first result is written).
 2. A finished trial reaches the ledger (one append, with its candidate id) *before* the
-   optimizer is told, so the ledger is never behind the optimizer; the run loop fsyncs the
-   ledger (`Ledger.sync`) before each ask, so that also holds for what survives a power loss.
+   optimizer is told, so the ledger is never behind the optimizer; every checkpoint write
+   starts with a ledger fsync (`Ledger.sync`), so that also holds for what survives a power loss.
    The tell itself is not checkpointed on its own: the next ask's checkpoint includes it, and if
    the process dies first, rule 3 replays it from the ledger with the same values. Durability
    thus costs three fsyncs per ask batch (ledger, checkpoint file, its directory), whatever the
-   batch size; `save` also runs when a run stops.
+   batch size, all off the critical path in the run loop; `save` also runs when a run stops.
 3. On ``bind`` (resume): finished ledger trials the checkpoint has not told are told now; pending
    candidates with no finished trial are re-queued, and the next ``ask`` hands out those alone
    (the rest of the interrupted batch). Every candidate is evaluated to completion exactly once,
@@ -33,6 +35,7 @@ from optuna.distributions import BaseDistribution
 
 from evomerge.merge import MergeRecipe
 
+from .._durable import WriteBehind
 from .._scalarize import to_losses
 from ._base import Candidate, Failure, Optimizer, Result
 
@@ -116,6 +119,7 @@ class CoordinatedOptimizer(Optimizer):
         self._requeue: list[int] = []
         self._backend: Any = None
         self._dirty = False
+        self._write_behind: WriteBehind | None = None
 
     # ---------------------------------------------------------------- backend hooks
     @abstractmethod
@@ -192,13 +196,35 @@ class CoordinatedOptimizer(Optimizer):
             self._dirty = True
             out.append(self._candidate(cid))
         if self._dirty:
-            self.save()
+            self._save_after_ask()
         return out
 
     def tell(self, candidate: Candidate, result: Result) -> None:
         self._tell_backend(candidate.key, result)
 
     def save(self) -> None:
+        self._persist(self._state())
+        self._dirty = False
+
+    def write_behind(self, queue: WriteBehind | None) -> None:
+        """Queue the checkpoint of each ``ask`` on ``queue`` instead of writing it at once."""
+        self._write_behind = queue
+
+    def _save_after_ask(self) -> None:
+        # pickled now (the state of this moment); a file checkpoint may be written behind, other
+        # stores (a lease's database row) are written at once
+        queue, data = self._write_behind, self._state()
+        self._dirty = False
+        if queue is None or not isinstance(self._path, FileCheckpoint):
+            self._persist(data)
+        else:
+            queue.submit(lambda: self._persist(data))
+
+    def _persist(self, data: bytes) -> None:
+        self._ledger.sync()  # rule 2: the trials this state has been told are durable first
+        self._path.write(data)
+
+    def _state(self) -> bytes:
         state = {
             "name": self.name,
             "backend": self._backend,
@@ -206,8 +232,7 @@ class CoordinatedOptimizer(Optimizer):
             "told": self._told,
             "next_id": self._next_id,
         }
-        self._path.write(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
-        self._dirty = False
+        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
 
     def use_checkpoint(self, store: CheckpointStore) -> None:
         """Keep the checkpoint in ``store`` (call before ``bind``): a coordinator lease's row."""
