@@ -150,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
           f"{args.calib_size} items/skill, {args.threads} threads")
     print(f"in-place ({len(runs)} candidates, median s): merge {med['merge']:.4f}  swap {med['swap']:.5f}  "
           f"scoring {med['inference']:.3f}  total {med['total']:.3f}  ({med['items_per_s']:.0f} items/s)")
+    for method in sorted({r.rules[0].method for r in recipes[1:]}):
+        own = [e for e, r in zip(runs, recipes[1:]) if r.rules[0].method == method]
+        merge, total = (statistics.median(e.timings[k] for e in own) for k in ("merge", "total"))
+        print(f"  {method:16s} ({len(own)}): merge {merge:.4f}  total {total:.3f}  (merge + swap) / total {merge / total:.1%}")
     result = {"overhead": overhead, "per_hour": per_hour}
     for name, m in medians.items():
         print(f"{name:8s} ({args.naive_candidates} candidates, median s): merge+save {m['merge+save']:.4f}  "
