@@ -3,8 +3,8 @@
 Each worker process owns a scorer (one GPU) and loops: claim a trial, evaluate, finish it.
 
 * **optuna samplers** run inside every worker, as optuna intends for distributed studies: each
-  worker has its own sampler instance (seeded apart) and claims with ``study.ask``, which pops a
-  WAITING trial first. On a database a WAITING trial is claimed by exactly one worker: optuna
+  worker has its own sampler instance (seeded apart) and claims as ``study.ask`` does (popping a
+  WAITING trial first; `TrialStore.claim` batches its writes). On a database a WAITING trial is claimed by exactly one worker: optuna
   moves it to RUNNING under ``SELECT ... FOR UPDATE`` and a second claimant sees it RUNNING.
 * **coordinated optimizers** (nevergrad, baselines) run in one coordinator (`Coordinator`, a
   thread in whichever worker holds the study's lease, `search._lease`). It asks, checkpoints,
@@ -12,14 +12,15 @@ Each worker process owns a scorer (one GPU) and loops: claim a trial, evaluate, 
   optimizer what the ledger finished. Workers only pop those queued trials.
 
 **Budget rule** (exact across workers): a trial counts when `Ledger.finished` counts it. A worker
-claims only while ``counted + running < budget``, then re-reads the ledger and keeps its claim
+claims only while ``counted + running < budget``, then re-reads the counts and keeps its claim
 only if ``counted + (RUNNING trials other than its own) + 1 <= budget``; otherwise it gives the
 claim back (failed as ``interrupted``, a queued trial re-queued) and backs off. Of any set of
 kept claims, the last to check saw all the others, so kept claims never exceed the budget; the
 ledger ends with exactly ``budget`` counted trials (claims may collide and retry, never overshoot).
 
 **Failures**: a worker heartbeats its RUNNING trial (database storages); when it dies, the
-first worker that checks (`optuna.storages.fail_stale_trials`, before every claim) fails the
+first worker that checks (`optuna.storages.fail_stale_trials`, once per heartbeat interval and
+worker, before a claim) fails the
 trial and optuna's `RetryFailedTrialCallback` re-queues it once, with its candidate id. A killed
 coordinator stops renewing its lease; after the lease's ttl another worker's coordinator takes
 it, restores the checkpoint and enqueues the candidates the study never saw (`study_state`: one
@@ -42,11 +43,12 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.objectives import Evaluation
 
 from ._lease import DatabaseLease, FileLease, Lease, LeaseLost
-from ._ledger import Ledger
+from ._ledger import CONSTRAINTS_PREFIX, Ledger
 from ._loop import ScorerLike, _Signals, evaluate_guarded, finished_attrs
 from ._optimizers import CoordinatedOptimizer, Failure, Optimizer, OptunaOptimizer
 from ._optimizers._base import genome_distributions
 from ._space import SearchSpace
+from ._worker_store import Claim, TrialStore, counted_and_running, counts_toward_budget, retried_numbers, trial_store
 
 
 @dataclass
@@ -76,17 +78,6 @@ def make_lease(ledger: Ledger, owner: str, *, ttl: float) -> Lease:
     raise ValueError("open the ledger with a heartbeat to share a database storage among workers")
 
 
-def counted_and_running(trials: Sequence[FrozenTrial]) -> tuple[int, list[FrozenTrial]]:
-    """How many trials count against the budget (as `Ledger.finished`), and the RUNNING ones."""
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-    counted = sum(
-        1 for t in trials
-        if (t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and t.number not in retried))
-        and not t.user_attrs.get("interrupted", False)
-    )
-    return counted, [t for t in trials if t.state == TrialState.RUNNING]
-
-
 def study_state(trials: Sequence[FrozenTrial], max_retry: int) -> tuple[list[FrozenTrial], set[int]]:
     """From one snapshot of the study: its *final* counted trials, and the candidate ids it *owns*.
 
@@ -109,7 +100,7 @@ def study_state(trials: Sequence[FrozenTrial], max_retry: int) -> tuple[list[Fro
     *between* failing a trial and re-queueing it (two storage writes) leaves that candidate owned
     and never run; the coordinator keeps it pending (not told).
     """
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    retried = retried_numbers(trials)
     requeued = {t.user_attrs["requeued_from"] for t in trials if "requeued_from" in t.user_attrs}
     owned: set[int] = set()
     awaiting: set[int] = set()  # trial numbers failed by a heartbeat check, retry on the way
@@ -131,8 +122,7 @@ def study_state(trials: Sequence[FrozenTrial], max_retry: int) -> tuple[list[Fro
                 awaiting.add(t.number)
     final = [
         t for t in trials
-        if (t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and t.number not in retried))
-        and not t.user_attrs.get("interrupted", False)
+        if counts_toward_budget(t.state, t.number, bool(t.user_attrs.get("interrupted", False)), retried)
         and t.number not in awaiting
     ]
     return final, owned
@@ -144,7 +134,7 @@ class _Heartbeat:
     def __init__(self, storage: RDBStorage, trial_id: int) -> None:
         self._storage, self._trial_id = storage, trial_id
         self._stop = threading.Event()
-        storage.record_heartbeat(trial_id)  # at once: a trial without a beat is never found stale
+        # the first beat went with the claim (`TrialStore.claim`): a trial without one is never found stale
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -271,57 +261,62 @@ def run_worker(
         coordinator = Coordinator(space, optimizer, ledger, lease, budget=budget_evals, queue=queue, poll=poll)
         coordinator_thread = threading.Thread(target=coordinator.run, args=(stop,), name="coordinator", daemon=True)
         coordinator_thread.start()
-        # a claim that finds the queue empty (a race) gets a sampler proposal it gives back: cheap
+        # queued candidates carry all their params: the study's sampler is only consulted for
+        # hooks, and optuna's default (TPE) would be the costlier one to consult
         ledger.study.sampler = optuna.samplers.RandomSampler()
     else:
         if isinstance(optimizer, OptunaOptimizer):
             optimizer.seed_offset = zlib.crc32(worker_id.encode()) % 1_000_003
         optimizer.bind(space, ledger, budget=budget_evals)
     distributions = genome_distributions(space)
+    store = trial_store(ledger.study, ledger.storage)
     heartbeat_storage = ledger.storage if isinstance(ledger.storage, RDBStorage) and ledger.storage.get_heartbeat_interval() else None
+    stale_check = _StaleCheck(ledger.study, heartbeat_storage)
     names = ledger.objective_names
     signals = _Signals()
-    claimed: FrozenTrial | None = None
+    claim: Claim | None = None
     try:
         with signals.installed():
             while True:
                 if coordinator is not None and coordinator.error is not None:
                     raise coordinator.error
                 t0 = time.perf_counter()
-                fail_stale_trials(ledger.study)
-                trials = ledger.trials()
-                counted, running = counted_and_running(trials)
-                if counted >= budget_evals:
+                stale_check()
+                counts = store.counts()
+                if counts.counted >= budget_evals:
                     break
-                waiting = any(t.state == TrialState.WAITING for t in trials)
-                if counted + len(running) >= budget_evals or (coordinated and not waiting):
+                if counts.counted + len(counts.running) >= budget_evals or (coordinated and not counts.waiting):
                     time.sleep(poll)  # work in flight elsewhere may finish, or go stale and return
                     continue
                 with signals.deferred():
-                    trial = ledger.study.ask(distributions)
-                    ledger.study._storage.set_trial_user_attr(trial._trial_id, "worker", worker_id)
-                    claimed = ledger.study._storage.get_trial(trial._trial_id)
-                beat = _Heartbeat(heartbeat_storage, trial._trial_id) if heartbeat_storage is not None else None
+                    # coordinated optimizers queue every candidate: their workers only pop
+                    claim = store.claim(distributions, {"worker": worker_id}, pop=counts.waiting > 0, fresh=not coordinated)
+                if claim is None:  # another worker popped the last queued trial first
+                    time.sleep(random.uniform(0, poll))
+                    continue
+                beat = _Heartbeat(heartbeat_storage, claim.trial_id) if heartbeat_storage is not None else None
                 try:
-                    reason = _keep_claim(ledger, claimed, budget_evals, coordinated)
+                    reason = _keep_claim(store, claim, budget_evals, coordinated)
                     if reason is not None:
                         with signals.deferred():
-                            # a coordinated claim without a candidate is a sampler proposal: dropped
-                            requeue = _from_queue(claimed) and not (coordinated and "candidate" not in claimed.user_attrs)
-                            ledger.give_back(claimed._trial_id, reason, requeue=requeue)
-                            claimed = None
+                            # a queued trial without a candidate cannot be told to a coordinator: dropped
+                            requeue = claim.queued and not (coordinated and claim.candidate is None)
+                            ledger.give_back(claim.trial_id, reason, requeue=requeue)
+                            claim = None
                         result.gave_back += 1
                         time.sleep(random.uniform(0, poll))  # break the symmetry of a collision
                         continue
-                    key = int(claimed.user_attrs.get("candidate", claimed.number))
-                    recipe = space.decode(space.from_params(claimed.params), seed=ledger.seed, trial=key)
+                    trial = claim.trial
+                    key = trial.number if claim.candidate is None else claim.candidate
+                    recipe = space.decode(space.from_params(trial.params), seed=ledger.seed, trial=key)
                     pre = time.perf_counter() - t0
                     evaluation, eval_seconds = evaluate_guarded(scorer, recipe)
                     t2 = time.perf_counter()
                     values, _, _, attrs = finished_attrs(ledger, recipe, evaluation, names, constraints, pre, None)
+                    system_attrs = {f"{CONSTRAINTS_PREFIX}{i}": float(c) for i, c in enumerate(attrs.get("constraints", ()))}
                     with signals.deferred():
-                        ledger.finish_live(trial, attrs, None if values is None else dict(zip(names, values)))
-                        claimed = None
+                        store.finish(trial, attrs, system_attrs, None if values is None else ledger.study_values(dict(zip(names, values))))
+                        claim = None
                 finally:
                     if beat is not None:
                         beat.stop()
@@ -331,8 +326,8 @@ def run_worker(
         result.stopped_by = "budget"
     except KeyboardInterrupt:
         result.stopped_by = "interrupt"
-        if claimed is not None:
-            ledger.give_back(claimed._trial_id, "interrupted: the worker was stopped (SIGINT/SIGTERM)", requeue=True)
+        if claim is not None:
+            ledger.give_back(claim.trial_id, "interrupted: the worker was stopped (SIGINT/SIGTERM)", requeue=True)
     finally:
         stop.set()
         if coordinator_thread is not None:
@@ -341,18 +336,29 @@ def run_worker(
     return result
 
 
-def _keep_claim(ledger: Ledger, claimed: FrozenTrial, budget: int, coordinated: bool) -> str | None:
+class _StaleCheck:
+    """`optuna.storages.fail_stale_trials` at most once per heartbeat interval: a trial is stale
+    only after two silent intervals, so checking more often finds nothing sooner; before every
+    claim it was a query per trial and per worker."""
+
+    def __init__(self, study: optuna.Study, storage: RDBStorage | None) -> None:
+        self.study = study
+        self.interval = None if storage is None else float(storage.get_heartbeat_interval() or 1)
+        self.due = 0.0
+
+    def __call__(self) -> None:
+        if self.interval is None or time.monotonic() < self.due:
+            return
+        fail_stale_trials(self.study)
+        self.due = time.monotonic() + self.interval
+
+
+def _keep_claim(store: TrialStore, claim: Claim, budget: int, coordinated: bool) -> str | None:
     """None to keep a fresh claim, else why it goes back (the budget rule, module docstring)."""
-    if coordinated and "candidate" not in claimed.user_attrs:
-        return "given back: the queue emptied before this claim (coordinated optimizers queue every candidate)"
-    counted, running = counted_and_running(ledger.trials())
-    others = sum(1 for t in running if t._trial_id != claimed._trial_id)
-    if counted + others + 1 > budget:
-        return f"given back: {counted} counted + {others} running reach the budget of {budget}"
+    if coordinated and claim.candidate is None:
+        return "given back: a queued trial without a candidate (coordinated optimizers queue every candidate)"
+    counts = store.counts()
+    others = len(counts.running - {claim.trial_id})
+    if counts.counted + others + 1 > budget:
+        return f"given back: {counts.counted} counted + {others} running reach the budget of {budget}"
     return None
-
-
-def _from_queue(trial: FrozenTrial) -> bool:
-    """Whether a claim popped a queued trial (enqueued, re-queued or retried) rather than a
-    sampler's fresh proposal, which is simply dropped when given back."""
-    return bool({"fixed_params", "failed_trial"} & trial.system_attrs.keys()) or "candidate" in trial.user_attrs or "requeued_from" in trial.user_attrs

@@ -1,0 +1,109 @@
+"""A worker's batched claims, finishes and budget counts (`search._worker_store`) on a real SQLite
+database: the rows it writes must read back exactly as optuna's own API writes them, and its
+three-query budget count must agree with the count over loaded trials."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy as sa
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+from evomerge.search._worker_store import RDBTrialStore, TrialStore, trial_store
+
+DISTRIBUTIONS = {
+    **{f"w{i}": FloatDistribution(0.0, 1.0) for i in range(12)},
+    "log": FloatDistribution(1e-3, 1.0, log=True),
+    "kind": CategoricalDistribution(["ties", "dare"]),
+}
+
+
+def _storage(path: Path) -> optuna.storages.RDBStorage:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            f"sqlite:///{path}", heartbeat_interval=60, grace_period=120,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+        )
+
+
+def _study(storage: optuna.storages.RDBStorage, name: str) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(storage=storage, study_name=name, directions=["maximize", "minimize"],
+                               sampler=optuna.samplers.RandomSampler(seed=7))
+
+
+def _comparable(t: optuna.trial.FrozenTrial) -> tuple:
+    return (t.number, t.state, t.params, t.distributions, t.user_attrs, t.system_attrs, t.values)
+
+
+def test_batched_store_writes_the_rows_optuna_writes(tmp_path: Path) -> None:
+    storage = _storage(tmp_path / "ledger.db")
+    batched, plain = _study(storage, "batched"), _study(storage, "plain")
+    assert isinstance(trial_store(batched, storage), RDBTrialStore)
+    attrs = {"objectives": {"a": 0.5, "b": 2.0}, "recipe": "{}", "timings": {"evaluate": 1.5}, "worker": "w1"}
+    for study, store in ((batched, RDBTrialStore(batched, storage)), (plain, None)):
+        study.enqueue_trial({"w0": 0.25, "kind": "dare"}, user_attrs={"candidate": 3})
+        for _ in range(3):
+            if store is not None:
+                claim = store.claim(DISTRIBUTIONS, {"worker": "w0"}, pop=True, fresh=True)
+                assert claim is not None
+                store.finish(claim.trial, attrs, {"constraints:0": -1.0}, [0.5, 2.0])
+            else:  # what the workers did before: optuna's API, one call per row
+                trial = study.ask(DISTRIBUTIONS)
+                trial.set_user_attr("worker", "w0")
+                for key, value in attrs.items():
+                    trial.set_user_attr(key, value)
+                trial.set_constraint("0", -1.0)
+                study.tell(trial, [0.5, 2.0])
+    got, want = batched.get_trials(), plain.get_trials()
+    assert [_comparable(t) for t in got] == [_comparable(t) for t in want]
+    assert got[0].params["w0"] == 0.25 and got[0].user_attrs["candidate"] == 3  # the queued trial went first
+    with storage.engine.connect() as conn:  # the claim wrote each trial's first heartbeat
+        beats = conn.execute(sa.text("SELECT count(*) FROM trial_heartbeats JOIN trials USING (trial_id) WHERE study_id = :s"),
+                             {"s": batched._study_id}).scalar_one()
+    assert beats == 3
+
+
+def test_claims_pop_the_queue_and_refuse_finished_trials(tmp_path: Path) -> None:
+    storage = _storage(tmp_path / "ledger.db")
+    study = _study(storage, "queue")
+    store = RDBTrialStore(study, storage)
+    assert store.claim(DISTRIBUTIONS, {}, pop=True, fresh=False) is None  # nothing queued, no fresh trial
+    assert study.get_trials() == []
+    study.enqueue_trial({"w1": 0.5})
+    claim = store.claim(DISTRIBUTIONS, {}, pop=True, fresh=False)
+    assert claim is not None and claim.queued and claim.candidate is None and claim.trial.params["w1"] == 0.5
+    fresh = store.claim(DISTRIBUTIONS, {}, pop=True, fresh=True)
+    assert fresh is not None and not fresh.queued
+    study.tell(fresh.trial, state=TrialState.FAIL)
+    with pytest.raises(UpdateFinishedTrialError):  # e.g. failed meanwhile by a heartbeat check
+        store.finish(fresh.trial, {"objectives": {}}, {}, [1.0, 1.0])
+
+
+def test_budget_counts_agree_with_the_loaded_trials(tmp_path: Path) -> None:
+    storage = _storage(tmp_path / "ledger.db")
+    study = _study(storage, "counts")
+    complete = [study.ask(DISTRIBUTIONS) for _ in range(3)]
+    for t in complete:
+        study.tell(t, [1.0, 1.0])
+    study.tell(study.ask(DISTRIBUTIONS), state=TrialState.FAIL)  # failed by its evaluation: counts
+    interrupted = study.ask(DISTRIBUTIONS)  # given back: does not count
+    interrupted.set_user_attr("interrupted", True)
+    study.tell(interrupted, state=TrialState.FAIL)
+    stale = study.ask(DISTRIBUTIONS)  # failed by a heartbeat check: counts until its retry exists
+    study.tell(stale, state=TrialState.FAIL)
+    plain, batched = TrialStore(study), RDBTrialStore(study, storage)
+    assert plain.counts() == batched.counts() and batched.counts().counted == 5
+    optuna.storages.RetryFailedTrialCallback(max_retry=1)(study, study.get_trials()[stale.number])
+    running = study.ask(DISTRIBUTIONS)  # pops the retry
+    assert running.number == stale.number + 1
+    study.enqueue_trial({"w0": 0.1})
+    counts = batched.counts()
+    assert counts == plain.counts()
+    assert counts.counted == 4 and counts.running == {running._trial_id} and counts.waiting == 1
