@@ -13,18 +13,23 @@ ledger's readers see no difference.
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Collection, Iterable, Mapping, Sequence
 
 import optuna
 import sqlalchemy as sa
+from optuna import pruners
 from optuna.distributions import BaseDistribution, distribution_to_json
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.storages._rdb import models
-from optuna.study._tell import _tell_with_warning
+from optuna.study._tell import _check_values_are_feasible
+from sqlalchemy.dialects import postgresql, sqlite
 from optuna.trial import FrozenTrial, TrialState
 
 
@@ -65,6 +70,8 @@ class Claim:
 
     trial: optuna.Trial
     queued: bool
+    counts: Counts
+    """the budget counts read once the claim was written (the budget rule's second look)"""
 
     @property
     def trial_id(self) -> int:
@@ -76,19 +83,35 @@ class Claim:
         return None if cid is None else int(cid)
 
 
-class _ParamBuffer:
-    """Stands in for the study's storage while a claimed trial suggests its genome: the parameter
-    writes are kept (the store writes them together), every other call goes to the storage."""
+class _ClaimStorage:
+    """The storage a claimed trial sees while it is opened and fills its genome: it answers the
+    trial's read with what the claim already knows (a trial created a moment ago is empty), keeps
+    the parameter writes (the store writes them together) and passes every other call on."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage) -> None:
-        self.storage = storage
+    def __init__(self, storage: optuna.storages.BaseStorage, known: FrozenTrial | None) -> None:
+        self.storage, self.known = storage, known
         self.params: list[tuple[str, float, BaseDistribution]] = []
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        if self.known is not None and trial_id == self.known._trial_id:
+            return copy.deepcopy(self.known)
+        return self.storage.get_trial(trial_id)
 
     def set_trial_param(self, trial_id: int, name: str, value: float, distribution: BaseDistribution) -> None:
         self.params.append((name, value, distribution))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.storage, name)
+
+
+def _open_trial(study: optuna.Study, trial_id: int, storage: _ClaimStorage) -> optuna.Trial:
+    """``optuna.Trial(study, trial_id)`` (the sampler's ``before_trial`` included) on ``storage``:
+    a Trial reads itself through its study's storage, so it is opened on a copy of the study."""
+    view = copy.copy(study)
+    view._storage = storage  # type: ignore[assignment]
+    trial = optuna.Trial(view, trial_id)
+    trial.study = study
+    return trial
 
 
 class TrialStore:
@@ -109,36 +132,50 @@ class TrialStore:
         """``study.ask(distributions)`` with the parameter and ``user_attrs`` writes batched (and,
         on a heartbeat storage, the trial's first heartbeat with them): pops a queued trial (when
         ``pop``: `counts` saw one), else (when ``fresh``) creates one the study's sampler fills;
-        None when there was nothing to claim."""
+        None when there was nothing to claim. The claim carries the counts read after it."""
         study = self.study
         study._thread_local.cached_all_trials = None  # as study.ask: samplers read the latest trials
-        trial_id = self._pop() if pop else None
-        queued = trial_id is not None
+        trial_id = self._pop(user_attrs) if pop else None
+        queued, known = trial_id is not None, None
         if trial_id is None:
             if not fresh:
                 return None
-            trial_id = study._storage.create_new_trial(study._study_id)
-        trial = optuna.Trial(study, trial_id)
-        buffer = _ParamBuffer(trial.storage)
-        trial.storage = buffer  # type: ignore[assignment]
+            trial_id, known = self._create(user_attrs)
+        storage = _ClaimStorage(study._storage, known)
+        trial = _open_trial(study, trial_id, storage)
         try:
             for name, distribution in distributions.items():
                 trial._suggest(name, distribution)  # what study.ask does: fixed, relative or independent
         finally:
-            trial.storage = buffer.storage
-        self._write_claim(trial_id, buffer.params, user_attrs)
-        return Claim(trial, queued)
+            trial.storage = study._storage
+        return Claim(trial, queued, self._write_claim(trial_id, storage.params))
 
-    def _pop(self) -> int | None:
-        """Move the oldest WAITING trial to RUNNING, as ``study.ask`` does: optuna's state write
-        takes the row ``FOR UPDATE`` and refuses a trial no longer WAITING, so one claimant wins."""
+    def _create(self, user_attrs: Mapping[str, Any]) -> tuple[int, FrozenTrial | None]:
+        """A new RUNNING trial with ``user_attrs`` and its first heartbeat: its id, and the trial
+        itself when known without a read."""
+        trial_id = self.study._storage.create_new_trial(self.study._study_id)
+        self._mark(trial_id, user_attrs)
+        return trial_id, None
+
+    def _pop(self, user_attrs: Mapping[str, Any]) -> int | None:
+        """Move the oldest WAITING trial to RUNNING, as ``study.ask`` does (optuna's state write
+        takes the row ``FOR UPDATE`` and refuses a trial no longer WAITING, so one claimant wins),
+        with ``user_attrs`` and its first heartbeat."""
         for trial_id in self._waiting_ids():
             try:
                 if self.study._storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    self._mark(trial_id, user_attrs)
                     return trial_id
             except UpdateFinishedTrialError:
                 continue
         return None
+
+    def _mark(self, trial_id: int, user_attrs: Mapping[str, Any]) -> None:
+        storage = self.study._storage
+        for key, value in user_attrs.items():
+            storage.set_trial_user_attr(trial_id, key, value)
+        if is_heartbeat_enabled(storage):
+            storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
 
     def _waiting_ids(self) -> list[int]:
         return [t._trial_id for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))]
@@ -147,125 +184,210 @@ class TrialStore:
         self, trial: optuna.Trial, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any],
         values: Sequence[float] | None,
     ) -> None:
-        """Write a trial's attributes, then tell the study (COMPLETE with ``values``, else FAIL).
-
-        optuna's own tell (the sampler's ``after_trial``, the state write), without the re-read
-        of the finished trial that ``study.tell`` returns."""
-        self._write_attrs(trial._trial_id, user_attrs, system_attrs)
-        if values is None:
-            _tell_with_warning(self.study, trial, state=TrialState.FAIL)
-        else:
-            _tell_with_warning(self.study, trial, list(values))
-
-    def _write_claim(self, trial_id: int, params: list[tuple[str, float, BaseDistribution]], user_attrs: Mapping[str, Any]) -> None:
-        storage = self.study._storage
-        for name, value, distribution in params:
-            storage.set_trial_param(trial_id, name, value, distribution)
-        self._write_attrs(trial_id, user_attrs, {})
-        if is_heartbeat_enabled(storage):
-            storage.record_heartbeat(trial_id)  # type: ignore[attr-defined]
-
-    def _write_attrs(self, trial_id: int, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any]) -> None:
+        """Write a trial's attributes, then tell the study (COMPLETE with ``values``, else FAIL)."""
         storage = self.study._storage
         for key, value in user_attrs.items():
-            storage.set_trial_user_attr(trial_id, key, value)
+            storage.set_trial_user_attr(trial._trial_id, key, value)
         for key, value in system_attrs.items():
-            storage.set_trial_system_attr(trial_id, key, value)
+            storage.set_trial_system_attr(trial._trial_id, key, value)
+        if values is None:
+            self.study.tell(trial, state=TrialState.FAIL)
+        else:
+            self.study.tell(trial, list(values))
+
+    def _write_claim(self, trial_id: int, params: list[tuple[str, float, BaseDistribution]]) -> Counts:
+        """Write the genome a claimed trial suggested; the counts read after it."""
+        for name, value, distribution in params:
+            self.study._storage.set_trial_param(trial_id, name, value, distribution)
+        return self.counts()
 
 
+_studies = models.StudyModel.__table__
 _trials = models.TrialModel.__table__
 _params = models.TrialParamModel.__table__
+_values = models.TrialValueModel.__table__
 _user_attrs = models.TrialUserAttributeModel.__table__
 _system_attrs = models.TrialSystemAttributeModel.__table__
 _heartbeats = models.TrialHeartbeatModel.__table__
 
 
+def _utc(when: datetime | None = None) -> datetime:
+    """optuna's RDB storage keeps trial datetimes as naive UTC (default: now)."""
+    return (datetime.now() if when is None else when).astimezone(timezone.utc).replace(tzinfo=None)
+
+
 class RDBTrialStore(TrialStore):
-    """`TrialStore` on a database: a claim's parameters, attributes and first heartbeat are one
-    transaction, a finished trial's attributes another, and the budget check three small queries
-    (no trial rows loaded). The rows are optuna's (same tables, columns and JSON encoding)."""
+    """`TrialStore` on PostgreSQL or SQLite, in few round trips: the budget count is one query
+    (no trial rows loaded); a claim is one transaction (the trial moved to RUNNING with its
+    ``worker`` attribute and first heartbeat), one insert of its genome and a count; a finished
+    trial (attributes, values, state) is one transaction.
+    The rows are optuna's: same tables, columns and encodings (``tests/search/test_worker_store.py``
+    compares them with optuna's own writes)."""
 
     def __init__(self, study: optuna.Study, storage: RDBStorage) -> None:
         super().__init__(study)
         self.engine = storage.engine
         self.heartbeat = storage.get_heartbeat_interval() is not None
+        self._count_query = _count_query(study._study_id)
 
     def counts(self) -> Counts:
-        """Three statements, in an order that can over-count (a trial RUNNING in the first and
-        COMPLETE in the second counts twice: a conservative check) but never misses a trial that
-        was claimed before the check began: trials only move WAITING -> RUNNING -> COMPLETE/FAIL,
-        an interruption is written before its FAIL, and a retry lists its attempt once created."""
-        sid = self.study._study_id
-        interrupted = (
-            sa.exists()
-            .where(_user_attrs.c.trial_id == _trials.c.trial_id, _user_attrs.c.key == "interrupted",
-                   _user_attrs.c.value_json == json.dumps(True))
-        )
-        complete = _trials.c.state == TrialState.COMPLETE
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(_trials.c.trial_id, _trials.c.number, _trials.c.state, interrupted)
-                .where(_trials.c.study_id == sid, sa.or_(~complete, interrupted))
-            ).all()
-            n_complete = conn.execute(
-                sa.select(sa.func.count()).select_from(_trials).where(_trials.c.study_id == sid, complete, ~interrupted)
-            ).scalar_one()
-            histories = conn.execute(
-                sa.select(_system_attrs.c.value_json)
-                .join(_trials, _trials.c.trial_id == _system_attrs.c.trial_id)
-                .where(_trials.c.study_id == sid, _system_attrs.c.key == "retry_history")
-            ).scalars()
-            retried = {n for history in histories for n in json.loads(history)}
+        # one statement needs no transaction: autocommit spares a BEGIN and a ROLLBACK round trip
+        with self._autocommit() as conn:
+            return self._counts(conn)
+
+    def _autocommit(self) -> sa.Connection:
+        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+
+    def _counts(self, conn: sa.Connection) -> Counts:
+        """One statement, so one snapshot of the study (`_count_query`)."""
+        rows, n_complete = [], 0
+        for row in conn.execute(self._count_query):
+            if row[0] is None:
+                n_complete = row[1]
+            else:
+                rows.append(row)
+        retried = {n for *_, history in rows if history is not None for n in json.loads(history)}
         counted = n_complete + sum(
-            1 for _, number, state, stopped in rows if state != TrialState.COMPLETE and counts_toward_budget(state, number, stopped, retried)
+            1 for _, number, state, stopped, _ in rows
+            if state != TrialState.COMPLETE and counts_toward_budget(state, number, bool(stopped), retried)
         )
-        running = frozenset(tid for tid, _, state, _ in rows if state == TrialState.RUNNING)
+        running = frozenset(tid for tid, _, state, _, _ in rows if state == TrialState.RUNNING)
         return Counts(counted, running, sum(1 for row in rows if row[2] == TrialState.WAITING))
 
-    def _waiting_ids(self) -> list[int]:
-        query = (
-            sa.select(_trials.c.trial_id)
-            .where(_trials.c.study_id == self.study._study_id, _trials.c.state == TrialState.WAITING)
-            .order_by(_trials.c.trial_id)
-        )
-        with self.engine.connect() as conn:
-            return list(conn.execute(query).scalars())
-
-    def _write_claim(self, trial_id: int, params: list[tuple[str, float, BaseDistribution]], user_attrs: Mapping[str, Any]) -> None:
+    def _create(self, user_attrs: Mapping[str, Any]) -> tuple[int, FrozenTrial | None]:
+        """optuna's trial creation in one insert (the study's row is locked, so the trial's number,
+        the count of the study's trials before it, is unique, as optuna numbers them), in one
+        transaction with ``user_attrs`` and the first heartbeat."""
+        start = datetime.now()  # FrozenTrial: local time; the database: naive UTC
+        sid = self.study._study_id
         with self.engine.begin() as conn:
-            self._lock_running(conn, trial_id)
+            conn.execute(sa.select(_studies.c.study_id).where(_studies.c.study_id == sid).with_for_update())
+            number = sa.select(sa.func.count()).select_from(_trials).where(_trials.c.study_id == sid).scalar_subquery()
+            trial_id, number = conn.execute(
+                sa.insert(_trials)
+                .values(number=number, study_id=sid, state=TrialState.RUNNING, datetime_start=_utc(start))
+                .returning(_trials.c.trial_id, _trials.c.number)
+            ).one()
+            self._mark_in(conn, trial_id, user_attrs)
+        return trial_id, FrozenTrial(
+            number=number, state=TrialState.RUNNING, value=None, values=None, datetime_start=start,
+            datetime_complete=None, params={}, distributions={}, user_attrs=dict(user_attrs), system_attrs={},
+            intermediate_values={}, trial_id=trial_id,
+        )
+
+    def _pop(self, user_attrs: Mapping[str, Any]) -> int | None:
+        # optuna's pop (a state write that refuses a trial no longer WAITING) in one statement,
+        # in one transaction with the user attributes and the first heartbeat
+        with self.engine.connect() as conn:
+            waiting = conn.execute(
+                sa.select(_trials.c.trial_id)
+                .where(_trials.c.study_id == self.study._study_id, _trials.c.state == TrialState.WAITING)
+                .order_by(_trials.c.trial_id)
+            ).scalars().all()
+            for trial_id in waiting:
+                won = conn.execute(
+                    sa.update(_trials)
+                    .where(_trials.c.trial_id == trial_id, _trials.c.state == TrialState.WAITING)
+                    .values(state=TrialState.RUNNING, datetime_start=_utc())
+                ).rowcount
+                if won:
+                    self._mark_in(conn, trial_id, user_attrs)
+                conn.commit()
+                if won:
+                    return trial_id
+        return None
+
+    def _mark_in(self, conn: sa.Connection, trial_id: int, user_attrs: Mapping[str, Any]) -> None:
+        """`TrialStore._mark` inside the claim's transaction."""
+        self._put(conn, _user_attrs, trial_id, user_attrs)
+        if self.heartbeat:
+            conn.execute(sa.insert(_heartbeats).values(trial_id=trial_id))  # the database's clock, as optuna's beats
+
+    def _write_claim(self, trial_id: int, params: list[tuple[str, float, BaseDistribution]]) -> Counts:
+        # one multi-row insert, no transaction: optuna too writes parameters one statement at a
+        # time. No state check: this worker moved the trial to RUNNING a moment ago with its
+        # first heartbeat, and no one fails a trial before it has gone two intervals without one
+        with self._autocommit() as conn:
             if params:
                 conn.execute(sa.insert(_params), [
                     {"trial_id": trial_id, "param_name": name, "param_value": value, "distribution_json": distribution_to_json(dist)}
                     for name, value, dist in params
                 ])
-            self._put(conn, _user_attrs, trial_id, user_attrs)
-            if self.heartbeat:
-                conn.execute(sa.insert(_heartbeats).values(trial_id=trial_id))  # the database's clock, as optuna's beats
+            return self._counts(conn)
 
-    def _write_attrs(self, trial_id: int, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any]) -> None:
+    def finish(
+        self, trial: optuna.Trial, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any],
+        values: Sequence[float] | None,
+    ) -> None:
+        """optuna's tell (values checked, the sampler's ``after_trial``, values and state written)
+        with the attributes, in one transaction and without reading the trial back."""
+        study, state = self.study, TrialState.COMPLETE
+        study._thread_local.cached_all_trials = None
+        if values is not None and (problem := _check_values_are_feasible(study, values)) is not None:
+            warnings.warn(problem, stacklevel=2)  # what study.tell does with such values: FAIL
+            values = None
+        if values is None:
+            state = TrialState.FAIL
+        frozen = trial._get_latest_trial()
+        study.sampler.after_trial(pruners._filter_study(study, frozen), frozen, state, values)
         with self.engine.begin() as conn:
-            self._lock_running(conn, trial_id)
-            self._put(conn, _user_attrs, trial_id, user_attrs)
-            self._put(conn, _system_attrs, trial_id, system_attrs)
+            # first: takes the row lock, and refuses a trial a heartbeat check failed meanwhile
+            if not conn.execute(
+                sa.update(_trials).where(_trials.c.trial_id == trial._trial_id, _trials.c.state == TrialState.RUNNING)
+                .values(state=state, datetime_complete=_utc())
+            ).rowcount:
+                raise UpdateFinishedTrialError(f"trial {trial.number} is no longer RUNNING; it cannot be finished")
+            self._put(conn, _user_attrs, trial._trial_id, user_attrs)
+            self._put(conn, _system_attrs, trial._trial_id, system_attrs)
+            if values:
+                rows = []
+                for objective, value in enumerate(values):
+                    stored, kind = models.TrialValueModel.value_to_stored_repr(float(value))
+                    rows.append({"trial_id": trial._trial_id, "objective": objective, "value": stored, "value_type": kind})
+                conn.execute(sa.insert(_values), rows)
 
-    @staticmethod
-    def _lock_running(conn: sa.Connection, trial_id: int) -> None:
-        """Hold the trial's row for the transaction, as optuna's state writes do, and refuse a
-        finished trial, as optuna's attribute writes do (a heartbeat check may have failed it)."""
-        state = conn.execute(sa.select(_trials.c.state).where(_trials.c.trial_id == trial_id).with_for_update()).scalar_one()
-        if state.is_finished():
-            raise UpdateFinishedTrialError(f"trial {trial_id} is already {state.name}; it cannot be updated")
-
-    @staticmethod
-    def _put(conn: sa.Connection, table: sa.Table, trial_id: int, attrs: Mapping[str, Any]) -> None:
-        """Upsert attributes in two statements (any dialect): delete the keys, insert them."""
+    def _put(self, conn: sa.Connection, table: sa.Table, trial_id: int, attrs: Mapping[str, Any]) -> None:
+        """Upsert attributes in one ``INSERT ... ON CONFLICT DO UPDATE``, as optuna writes one."""
         if not attrs:
             return
-        conn.execute(sa.delete(table).where(table.c.trial_id == trial_id, table.c.key.in_(list(attrs))))
-        conn.execute(sa.insert(table), [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()])
+        stmt = _UPSERT[self.engine.dialect.name](table)
+        conn.execute(
+            stmt.on_conflict_do_update(index_elements=[table.c.trial_id, table.c.key], set_={"value_json": stmt.excluded.value_json}),
+            [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()],
+        )
+
+
+_UPSERT = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+"""The dialects `RDBTrialStore` writes (upserts, ``RETURNING``); other databases use `TrialStore`."""
+
+
+def _count_query(study_id: int) -> sa.CompoundSelect:
+    """`RDBTrialStore._counts`'s statement: (trial_id, number, state, interrupted, retry_history)
+    per trial that is not COMPLETE (or is interrupted, or is a retry), and one row without a
+    trial_id whose ``number`` is the count of the COMPLETE trials that are not interrupted."""
+    interrupted = (
+        sa.exists()
+        .where(_user_attrs.c.trial_id == _trials.c.trial_id, _user_attrs.c.key == "interrupted",
+               _user_attrs.c.value_json == json.dumps(True))
+    )
+    history = _system_attrs.alias("history")
+    complete = _trials.c.state == TrialState.COMPLETE
+    rows = (
+        sa.select(_trials.c.trial_id, _trials.c.number, _trials.c.state, interrupted, history.c.value_json)
+        .select_from(_trials.outerjoin(history, sa.and_(history.c.trial_id == _trials.c.trial_id, history.c.key == "retry_history")))
+        .where(_trials.c.study_id == study_id, sa.or_(~complete, interrupted, history.c.value_json.is_not(None)))
+    )
+    n_complete = (
+        sa.select(sa.null(), sa.func.count(), sa.null(), sa.null(), sa.null())
+        .select_from(_trials)
+        .where(_trials.c.study_id == study_id, complete, ~interrupted)
+    )
+    return sa.union_all(rows, n_complete)
 
 
 def trial_store(study: optuna.Study, storage: optuna.storages.BaseStorage) -> TrialStore:
-    """The batched store for a database ledger, optuna's API otherwise (the journal file)."""
-    return RDBTrialStore(study, storage) if isinstance(storage, RDBStorage) else TrialStore(study)
+    """The batched store for a PostgreSQL or SQLite ledger, optuna's API otherwise (the journal
+    file, other databases)."""
+    if isinstance(storage, RDBStorage) and storage.engine.dialect.name in _UPSERT:
+        return RDBTrialStore(study, storage)
+    return TrialStore(study)

@@ -48,7 +48,7 @@ from ._loop import ScorerLike, _Signals, evaluate_guarded, finished_attrs
 from ._optimizers import CoordinatedOptimizer, Failure, Optimizer, OptunaOptimizer
 from ._optimizers._base import genome_distributions
 from ._space import SearchSpace
-from ._worker_store import Claim, TrialStore, counted_and_running, counts_toward_budget, retried_numbers, trial_store
+from ._worker_store import Claim, counted_and_running, counts_toward_budget, retried_numbers, trial_store
 
 
 @dataclass
@@ -129,21 +129,26 @@ def study_state(trials: Sequence[FrozenTrial], max_retry: int) -> tuple[list[Fro
 
 
 class _Heartbeat:
-    """Beats for one RUNNING trial in a thread, so a long evaluation is not taken for a dead one."""
+    """Beats for the worker's RUNNING trial, from one thread for the worker's life, so a long
+    evaluation is not taken for a dead one. A trial's first beat goes with its claim
+    (`TrialStore.claim`); the next ones come at most an interval apart. A beat that lands just
+    after its trial finished is harmless: stale checks look at RUNNING trials only."""
 
-    def __init__(self, storage: RDBStorage, trial_id: int) -> None:
-        self._storage, self._trial_id = storage, trial_id
+    def __init__(self, storage: RDBStorage) -> None:
+        self._storage = storage
+        self._interval = storage.get_heartbeat_interval() or 1
+        self.trial_id: int | None = None
         self._stop = threading.Event()
-        # the first beat went with the claim (`TrialStore.claim`): a trial without one is never found stale
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        interval = self._storage.get_heartbeat_interval() or 1
-        while not self._stop.wait(interval):
-            self._storage.record_heartbeat(self._trial_id)
+        while not self._stop.wait(self._interval):
+            trial_id = self.trial_id
+            if trial_id is not None:
+                self._storage.record_heartbeat(trial_id)
 
-    def stop(self) -> None:
+    def close(self) -> None:
         self._stop.set()
         self._thread.join()
 
@@ -272,6 +277,7 @@ def run_worker(
     store = trial_store(ledger.study, ledger.storage)
     heartbeat_storage = ledger.storage if isinstance(ledger.storage, RDBStorage) and ledger.storage.get_heartbeat_interval() else None
     stale_check = _StaleCheck(ledger.study, heartbeat_storage)
+    beat = _Heartbeat(heartbeat_storage) if heartbeat_storage is not None else None
     names = ledger.objective_names
     signals = _Signals()
     claim: Claim | None = None
@@ -294,9 +300,10 @@ def run_worker(
                 if claim is None:  # another worker popped the last queued trial first
                     time.sleep(random.uniform(0, poll))
                     continue
-                beat = _Heartbeat(heartbeat_storage, claim.trial_id) if heartbeat_storage is not None else None
+                if beat is not None:
+                    beat.trial_id = claim.trial_id
                 try:
-                    reason = _keep_claim(store, claim, budget_evals, coordinated)
+                    reason = _keep_claim(claim, budget_evals, coordinated)
                     if reason is not None:
                         with signals.deferred():
                             # a queued trial without a candidate cannot be told to a coordinator: dropped
@@ -319,7 +326,7 @@ def run_worker(
                         claim = None
                 finally:
                     if beat is not None:
-                        beat.stop()
+                        beat.trial_id = None
                 result.n_new += 1
                 result.evaluation_seconds += eval_seconds
                 result.overheads.append(pre + time.perf_counter() - t2)
@@ -330,6 +337,8 @@ def run_worker(
             ledger.give_back(claim.trial_id, "interrupted: the worker was stopped (SIGINT/SIGTERM)", requeue=True)
     finally:
         stop.set()
+        if beat is not None:
+            beat.close()
         if coordinator_thread is not None:
             coordinator_thread.join()
     result.wall_seconds = time.perf_counter() - started
@@ -353,11 +362,11 @@ class _StaleCheck:
         self.due = time.monotonic() + self.interval
 
 
-def _keep_claim(store: TrialStore, claim: Claim, budget: int, coordinated: bool) -> str | None:
+def _keep_claim(claim: Claim, budget: int, coordinated: bool) -> str | None:
     """None to keep a fresh claim, else why it goes back (the budget rule, module docstring)."""
     if coordinated and claim.candidate is None:
         return "given back: a queued trial without a candidate (coordinated optimizers queue every candidate)"
-    counts = store.counts()
+    counts = claim.counts
     others = len(counts.running - {claim.trial_id})
     if counts.counted + others + 1 > budget:
         return f"given back: {counts.counted} counted + {others} running reach the budget of {budget}"

@@ -49,21 +49,24 @@ def test_batched_store_writes_the_rows_optuna_writes(tmp_path: Path) -> None:
     attrs = {"objectives": {"a": 0.5, "b": 2.0}, "recipe": "{}", "timings": {"evaluate": 1.5}, "worker": "w1"}
     for study, store in ((batched, RDBTrialStore(batched, storage)), (plain, None)):
         study.enqueue_trial({"w0": 0.25, "kind": "dare"}, user_attrs={"candidate": 3})
-        for _ in range(3):
+        for values in ([0.5, 2.0], [float("inf"), -1.0], None):  # the last one failed
             if store is not None:
                 claim = store.claim(DISTRIBUTIONS, {"worker": "w0"}, pop=True, fresh=True)
                 assert claim is not None
-                store.finish(claim.trial, attrs, {"constraints:0": -1.0}, [0.5, 2.0])
+                store.finish(claim.trial, attrs, {"constraints:0": -1.0}, values)
             else:  # what the workers did before: optuna's API, one call per row
                 trial = study.ask(DISTRIBUTIONS)
                 trial.set_user_attr("worker", "w0")
                 for key, value in attrs.items():
                     trial.set_user_attr(key, value)
                 trial.set_constraint("0", -1.0)
-                study.tell(trial, [0.5, 2.0])
+                study.tell(trial, values, state=None if values else TrialState.FAIL)
     got, want = batched.get_trials(), plain.get_trials()
     assert [_comparable(t) for t in got] == [_comparable(t) for t in want]
     assert got[0].params["w0"] == 0.25 and got[0].user_attrs["candidate"] == 3  # the queued trial went first
+    for a, b in zip(got, want):  # optuna keeps naive UTC in the database and returns local time
+        assert abs((a.datetime_start - b.datetime_start).total_seconds()) < 60
+        assert abs((a.datetime_complete - b.datetime_complete).total_seconds()) < 60
     with storage.engine.connect() as conn:  # the claim wrote each trial's first heartbeat
         beats = conn.execute(sa.text("SELECT count(*) FROM trial_heartbeats JOIN trials USING (trial_id) WHERE study_id = :s"),
                              {"s": batched._study_id}).scalar_one()
