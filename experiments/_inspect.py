@@ -35,7 +35,9 @@ def _study(rd: RunDir, stage: str) -> "optuna.Study":
     from evomerge.search import resolve_storage
 
     spec = rd.load_spec(check_paths=False)
-    storage, _ = resolve_storage(rd.storage(spec))
+    if not rd.has_ledger(spec):
+        raise UserError(f"{rd.path}: stage {stage!r} has no trials yet")
+    storage, _ = resolve_storage(rd.storage(spec, shared=False))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return optuna.load_study(study_name=stage, storage=storage)

@@ -139,7 +139,7 @@ def open_ledger(rd: RunDir, spec: ExperimentSpec, stage: str, optimizer: Optimiz
 
     objectives = ledger_objectives(spec, optimizer)
     return Ledger(
-        rd.storage(spec), objectives=objectives, study_name=stage, seed=spec.seed,
+        rd.storage(spec, shared=False), objectives=objectives, study_name=stage, seed=spec.seed,
         scalarization=scalarization(objectives, optimizer), space=None if space is None else space.to_dict(),
     )
 

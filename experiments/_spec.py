@@ -365,7 +365,8 @@ class ExperimentSpec(_Strict):
     baseline: bool = False
     """Also score the built-in uniform grid (one global coefficient) for comparison in reports."""
     storage: str | None = None
-    """Optuna storage URL; default ``sqlite:///<run_dir>/ledger.db``."""
+    """Optuna storage URL; default ``<run_dir>/ledger.log`` (journal file), ``sqlite:///<run_dir>/ledger.db``
+    with ``run --workers``."""
     outputs: OutputsSpec = Field(default_factory=OutputsSpec)
 
     @model_validator(mode="after")

@@ -170,17 +170,32 @@ class _JournalFile(JournalFileBackend):
 
 
 def _journal(path: Path) -> optuna.storages.JournalStorage:
-    # A kill in the middle of an append can leave a torn last line; optuna would refuse the file
-    # once a new line follows it. Single writer: cut back to the last complete line.
-    if path.exists() and path.stat().st_size:
-        data = path.read_bytes()
-        if not data.endswith(b"\n"):
-            with open(path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
-                f.flush()
-                os.fsync(f.fileno())
     lock = _FlockLock(str(path)) if fcntl is not None else JournalFileOpenLock(str(path))
+    if _torn(path):
+        # A kill in the middle of an append leaves a torn last line; optuna would refuse the file
+        # once a new line follows it: cut back to the last complete line. Checked again under
+        # the append lock: a reader (`evomerge status` on a live run) must not cut a line that
+        # its writer is appending right now.
+        lock.acquire()
+        try:
+            if _torn(path):
+                data = path.read_bytes()
+                with open(path, "r+b") as f:
+                    f.truncate(data.rfind(b"\n") + 1)
+                    f.flush()
+                    os.fsync(f.fileno())
+        finally:
+            lock.release()
     return optuna.storages.JournalStorage(_JournalFile(str(path), lock_obj=lock))
+
+
+def _torn(path: Path) -> bool:
+    """Whether the file's last line is incomplete (read from its end: a ledger grows large)."""
+    if not path.exists() or not path.stat().st_size:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def _sqlite(path: Path, heartbeat: int | None) -> optuna.storages.RDBStorage:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.experiments._spec_io import preset_names
+from evomerge.search import resolve_storage
 
 from .conftest import EVOMERGE, evomerge, front_json, tiny_spec
 
@@ -35,7 +35,7 @@ def finished_run(zoo_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 
 def test_run_writes_the_run_folder_and_inspection_commands_read_it(finished_run: tuple[Path, Path]) -> None:
     cwd, run = finished_run
-    for name in ("spec.yaml", "state.json", "ledger.db", "comparison.json", "report.html",
+    for name in ("spec.yaml", "state.json", "ledger.log", "comparison.json", "report.html",
                  "results/search/front.csv", "results/grid/trials.json", "grid.optimizer.pkl"):
         assert (run / name).exists(), name
     assert json.loads((run / "state.json").read_text())["status"] == "done"
@@ -102,13 +102,15 @@ def test_bad_spec_exits_2_with_one_line_naming_the_field(zoo_copy: Path, tmp_pat
 
 
 def _finished_trials(run: Path) -> int:
-    if not (run / "ledger.db").exists():
+    """Finished trials of every stage, read from the journal while the run appends to it."""
+    if not (run / "ledger.log").exists():
         return 0
-    with sqlite3.connect(run / "ledger.db") as conn:
-        try:
-            return conn.execute("SELECT COUNT(*) FROM trials WHERE state IN ('COMPLETE', 'FAIL')").fetchone()[0]
-        except sqlite3.OperationalError:
-            return 0
+    storage, _ = resolve_storage(run / "ledger.log")
+    return sum(
+        t.state.is_finished()
+        for study in storage.get_all_studies()
+        for t in storage.get_all_trials(study._study_id, deepcopy=False)
+    )
 
 
 def test_sigterm_stops_cleanly_and_resume_finishes_the_budget(zoo_copy: Path, tmp_path: Path) -> None:
