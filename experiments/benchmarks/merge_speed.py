@@ -171,6 +171,8 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
     print(f"  peak RSS {peak / 1e9:.2f} GB = {result['peak_rss_over_model']:.2f}x model "
           f"(interpreter + torch alone {idle / 1e9:.2f} GB; engine {result['engine_rss_over_model']:.2f}x model; "
           f"budget {len(names) + 2}x)")
+    print(f"  (peak RSS = ru_maxrss of this process: loading, tables, compiling and merging, with the interpreter and "
+          f"torch; the data alone, base + {len(names)} task vectors + target, is {len(names) + 2}.00x model)")
     return result
 
 

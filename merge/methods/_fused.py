@@ -16,6 +16,10 @@ Design rules:
   `Spec`s): thresholds are the same `_strict_below` values hardshrink uses, DARE masks are the same
   lowbias32 integer ops on the global element index (`_draws.hash_bits`), so masks are bit-identical
   and results differ from eager only by fused multiply-add rounding (~1e-7 relative).
+* 0/1 indicators are `torch.where` selects, never `mask.float() * x`: inductor's AVX-512 mask -> fp32
+  conversions cost more than the arithmetic (DARE-TIES -7%, measured per pass, docs/merge-engine.md).
+  `where(keep, x, x * 0)` and `where(c, w, w * 0)` give the same values, signed zeros included, so
+  results are bit-identical to the `mask * x` form.
 * A failing compile (no C++ compiler, unsupported platform, ...) never crashes a run: the first call
   of each variant is guarded, the failure disables fusing for the process with ONE warning, and the
   caller falls back to the eager chunked path (`FusedUnavailable`).
@@ -81,10 +85,10 @@ def _sparsified(kinds: tuple[str, ...], deltas: Sequence[torch.Tensor], lo: torc
         elif kind == "band":  # hardshrink(lo) - hardshrink(hi)
             a = x.abs()
             out.append(torch.where((a > lo[i]) & ~(a > hi[i]), x, 0.0))
-        else:  # "dare": (hash < bound) as 0/1 fp32, times the delta
+        else:  # "dare": x where hash < bound, else x * 0 (the signed zero of `mask * x`, bit for bit)
             if index is None:
                 index = torch.arange(d.shape[0], dtype=torch.int32, device=d.device) + start
-            out.append((_hash(index, k0[i], k1[i]) < bound[i]).float() * x)
+            out.append(torch.where(_hash(index, k0[i], k1[i]) < bound[i], x, x * 0.0))
     return out
 
 
@@ -106,16 +110,17 @@ def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats
                 total = t * coef[i] if total is None else total + t * coef[i]
                 positive = part * coef[i] if positive is None else positive + part * coef[i]
                 if normalize:
-                    flag_all = (t != 0).float() * weight[i]
-                    flag_pos = (part != 0).float() * weight[i]
+                    zero_w = weight[i] * 0.0  # where(c, w, w * 0) == c.float() * w, signed zeros included
+                    flag_all = torch.where(t != 0, weight[i], zero_w)
+                    flag_pos = torch.where(part != 0, weight[i], zero_w)
                     div_all = flag_all if div_all is None else div_all + flag_all
                     div_pos = flag_pos if div_pos is None else div_pos + flag_pos
             merged = torch.maximum(positive, positive - total)
             merged = torch.copysign(merged, total)
             if normalize:
-                elected = (total >= 0).float()
+                elected = torch.where(total >= 0, 1.0, 0.0)
                 divisor = div_pos * elected - (div_all - div_pos) * (elected - 1)
-                divisor = divisor + (divisor == 0).float()
+                divisor = divisor + torch.where(divisor == 0, 1.0, 0.0)
                 merged = merged / divisor
             merged = merged * lam
         out.copy_(base.float() + merged)
