@@ -16,9 +16,10 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Collection, Iterable, Mapping, Sequence
+from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 import optuna
 import sqlalchemy as sa
@@ -183,8 +184,9 @@ class TrialStore:
     def finish(
         self, trial: optuna.Trial, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any],
         values: Sequence[float] | None,
-    ) -> None:
-        """Write a trial's attributes, then tell the study (COMPLETE with ``values``, else FAIL)."""
+    ) -> Counts:
+        """Write a trial's attributes, then tell the study (COMPLETE with ``values``, else FAIL);
+        the counts read after it (the next claim's first look)."""
         storage = self.study._storage
         for key, value in user_attrs.items():
             storage.set_trial_user_attr(trial._trial_id, key, value)
@@ -194,6 +196,7 @@ class TrialStore:
             self.study.tell(trial, state=TrialState.FAIL)
         else:
             self.study.tell(trial, list(values))
+        return self.counts()
 
     def _write_claim(self, trial_id: int, params: list[tuple[str, float, BaseDistribution]]) -> Counts:
         """Write the genome a claimed trial suggested; the counts read after it."""
@@ -229,14 +232,27 @@ class RDBTrialStore(TrialStore):
         self.engine = storage.engine
         self.heartbeat = storage.get_heartbeat_interval() is not None
         self._count_query = _count_query(study._study_id)
+        self._autocommit = (
+            sa.create_engine(self.engine.url, isolation_level="AUTOCOMMIT", pool_size=2)
+            if self.engine.dialect.name == "postgresql" else None
+        )
+        self._upserts = {t.name: _upsert(self.engine.dialect.name, t) for t in (_user_attrs, _system_attrs)}
 
     def counts(self) -> Counts:
-        # one statement needs no transaction: autocommit spares a BEGIN and a ROLLBACK round trip
-        with self._autocommit() as conn:
+        with self._statements() as conn:
             return self._counts(conn)
 
-    def _autocommit(self) -> sa.Connection:
-        return self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    @contextmanager
+    def _statements(self) -> Iterator[sa.Connection]:
+        """A connection for statements that need no transaction together: on PostgreSQL one in
+        autocommit mode (no BEGIN and COMMIT round trips; from a pool of its own, as switching a
+        pooled connection's mode costs round trips too), elsewhere a transaction."""
+        if self._autocommit is None:
+            with self.engine.begin() as conn:
+                yield conn
+        else:
+            with self._autocommit.connect() as conn:
+                yield conn
 
     def _counts(self, conn: sa.Connection) -> Counts:
         """One statement, so one snapshot of the study (`_count_query`)."""
@@ -307,7 +323,7 @@ class RDBTrialStore(TrialStore):
         # one multi-row insert, no transaction: optuna too writes parameters one statement at a
         # time. No state check: this worker moved the trial to RUNNING a moment ago with its
         # first heartbeat, and no one fails a trial before it has gone two intervals without one
-        with self._autocommit() as conn:
+        with self._statements() as conn:
             if params:
                 conn.execute(sa.insert(_params), [
                     {"trial_id": trial_id, "param_name": name, "param_value": value, "distribution_json": distribution_to_json(dist)}
@@ -318,9 +334,10 @@ class RDBTrialStore(TrialStore):
     def finish(
         self, trial: optuna.Trial, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any],
         values: Sequence[float] | None,
-    ) -> None:
+    ) -> Counts:
         """optuna's tell (values checked, the sampler's ``after_trial``, values and state written)
-        with the attributes, in one transaction and without reading the trial back."""
+        with the attributes and the counts that follow, in one transaction and without reading
+        the trial back."""
         study, state = self.study, TrialState.COMPLETE
         study._thread_local.cached_all_trials = None
         if values is not None and (problem := _check_values_are_feasible(study, values)) is not None:
@@ -345,20 +362,23 @@ class RDBTrialStore(TrialStore):
                     stored, kind = models.TrialValueModel.value_to_stored_repr(float(value))
                     rows.append({"trial_id": trial._trial_id, "objective": objective, "value": stored, "value_type": kind})
                 conn.execute(sa.insert(_values), rows)
+            return self._counts(conn)
 
     def _put(self, conn: sa.Connection, table: sa.Table, trial_id: int, attrs: Mapping[str, Any]) -> None:
         """Upsert attributes in one ``INSERT ... ON CONFLICT DO UPDATE``, as optuna writes one."""
-        if not attrs:
-            return
-        stmt = _UPSERT[self.engine.dialect.name](table)
-        conn.execute(
-            stmt.on_conflict_do_update(index_elements=[table.c.trial_id, table.c.key], set_={"value_json": stmt.excluded.value_json}),
-            [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()],
-        )
+        if attrs:
+            conn.execute(self._upserts[table.name], [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()])
 
 
 _UPSERT = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 """The dialects `RDBTrialStore` writes (upserts, ``RETURNING``); other databases use `TrialStore`."""
+
+
+def _upsert(dialect: str, table: sa.Table) -> sa.Insert:
+    """``INSERT ... ON CONFLICT (trial_id, key) DO UPDATE`` of an attribute table, as optuna upserts
+    one attribute (built once per store: building it costs more than running it)."""
+    stmt = _UPSERT[dialect](table)
+    return stmt.on_conflict_do_update(index_elements=[table.c.trial_id, table.c.key], set_={"value_json": stmt.excluded.value_json})
 
 
 def _count_query(study_id: int) -> sa.CompoundSelect:

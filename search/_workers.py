@@ -48,7 +48,7 @@ from ._loop import ScorerLike, _Signals, evaluate_guarded, finished_attrs
 from ._optimizers import CoordinatedOptimizer, Failure, Optimizer, OptunaOptimizer
 from ._optimizers._base import genome_distributions
 from ._space import SearchSpace
-from ._worker_store import Claim, counted_and_running, counts_toward_budget, retried_numbers, trial_store
+from ._worker_store import Claim, Counts, counted_and_running, counts_toward_budget, retried_numbers, trial_store
 
 
 @dataclass
@@ -278,25 +278,28 @@ def run_worker(
     heartbeat_storage = ledger.storage if isinstance(ledger.storage, RDBStorage) and ledger.storage.get_heartbeat_interval() else None
     stale_check = _StaleCheck(ledger.study, heartbeat_storage)
     beat = _Heartbeat(heartbeat_storage) if heartbeat_storage is not None else None
-    names = ledger.objective_names
+    names, seed = ledger.objective_names, ledger.seed  # the seed is a study attribute: one read, not one per trial
     signals = _Signals()
     claim: Claim | None = None
+    counts: Counts | None = None  # the last finish's, while nothing else happened since
     try:
         with signals.installed():
             while True:
                 if coordinator is not None and coordinator.error is not None:
                     raise coordinator.error
                 t0 = time.perf_counter()
-                stale_check()
-                counts = store.counts()
+                if stale_check() or counts is None:
+                    counts = store.counts()
                 if counts.counted >= budget_evals:
                     break
                 if counts.counted + len(counts.running) >= budget_evals or (coordinated and not counts.waiting):
                     time.sleep(poll)  # work in flight elsewhere may finish, or go stale and return
+                    counts = None
                     continue
                 with signals.deferred():
                     # coordinated optimizers queue every candidate: their workers only pop
                     claim = store.claim(distributions, {"worker": worker_id}, pop=counts.waiting > 0, fresh=not coordinated)
+                counts = None
                 if claim is None:  # another worker popped the last queued trial first
                     time.sleep(random.uniform(0, poll))
                     continue
@@ -315,14 +318,14 @@ def run_worker(
                         continue
                     trial = claim.trial
                     key = trial.number if claim.candidate is None else claim.candidate
-                    recipe = space.decode(space.from_params(trial.params), seed=ledger.seed, trial=key)
+                    recipe = space.decode(space.from_params(trial.params), seed=seed, trial=key)
                     pre = time.perf_counter() - t0
                     evaluation, eval_seconds = evaluate_guarded(scorer, recipe)
                     t2 = time.perf_counter()
                     values, _, _, attrs = finished_attrs(ledger, recipe, evaluation, names, constraints, pre, None)
                     system_attrs = {f"{CONSTRAINTS_PREFIX}{i}": float(c) for i, c in enumerate(attrs.get("constraints", ()))}
                     with signals.deferred():
-                        store.finish(trial, attrs, system_attrs, None if values is None else ledger.study_values(dict(zip(names, values))))
+                        counts = store.finish(trial, attrs, system_attrs, None if values is None else ledger.study_values(dict(zip(names, values))))
                         claim = None
                 finally:
                     if beat is not None:
@@ -355,11 +358,13 @@ class _StaleCheck:
         self.interval = None if storage is None else float(storage.get_heartbeat_interval() or 1)
         self.due = 0.0
 
-    def __call__(self) -> None:
+    def __call__(self) -> bool:
+        """Check if one is due; True when it ran (it may have failed and re-queued trials)."""
         if self.interval is None or time.monotonic() < self.due:
-            return
+            return False
         fail_stale_trials(self.study)
         self.due = time.monotonic() + self.interval
+        return True
 
 
 def _keep_claim(claim: Claim, budget: int, coordinated: bool) -> str | None:

@@ -53,7 +53,8 @@ def test_batched_store_writes_the_rows_optuna_writes(tmp_path: Path) -> None:
             if store is not None:
                 claim = store.claim(DISTRIBUTIONS, {"worker": "w0"}, pop=True, fresh=True)
                 assert claim is not None
-                store.finish(claim.trial, attrs, {"constraints:0": -1.0}, values)
+                assert claim.counts == store.counts() and claim.counts.running == {claim.trial_id}
+                assert store.finish(claim.trial, attrs, {"constraints:0": -1.0}, values) == store.counts()
             else:  # what the workers did before: optuna's API, one call per row
                 trial = study.ask(DISTRIBUTIONS)
                 trial.set_user_attr("worker", "w0")
