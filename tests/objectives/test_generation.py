@@ -159,3 +159,35 @@ def test_drafts_on_a_trained_model(zoo_dir):
     for drafts in (answers, wrong, [a[::-1] for a in answers]):
         drafted = _generate(model, tok, list(zip(prompts, drafts)), **kw)
         assert [(g.text, g.num_tokens) for g in drafted] == [(g.text, g.num_tokens) for g in plain]
+
+
+ARCHS = {
+    "qwen2": lambda: __import__("transformers").Qwen2Config(),
+    "mistral-sliding": lambda: __import__("transformers").MistralConfig(head_dim=32, sliding_window=6),
+    "gemma2": lambda: __import__("transformers").Gemma2Config(head_dim=32, sliding_window=6),
+    "phi3": lambda: __import__("transformers").Phi3Config(),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_drafted_generation_on_other_architectures(arch, tiny_lm):
+    """Left padding, position ids, `logits_to_keep` and the shrinking KV cache on the other supported
+    decoder families (sliding-window caches included): drafted == undrafted == unbatched generate."""
+    from transformers import AutoModelForCausalLM
+
+    config = ARCHS[arch]()
+    for key, value in dict(vocab_size=48, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2, tie_word_embeddings=False).items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)
+    tok = tiny_lm[1]
+    prompts = [ids(tok, p) for p in PROMPTS]
+    refs = [reference_greedy(model, p, 8) for p in prompts]
+    drafts = [refs[0], refs[1][:2] + [(refs[1][2] + 1) % 40 + 4], [], refs[3] + [9, 9], [(refs[4][0] + 3) % 40 + 4]]
+    for requests in ([(p, []) for p in prompts], list(zip(prompts, drafts))):
+        gens = _generate(model, tok, requests, max_new_tokens=8, batch_size=3)
+        assert [g.text for g in gens] == [tok.decode(r, skip_special_tokens=True) for r in refs]
