@@ -71,10 +71,12 @@ class ParetoArchive:
 
     def __init__(self, directions: Sequence[Direction], reference_point: Sequence[float] | None = None) -> None:
         self.directions: tuple[Direction, ...] = tuple(directions)
-        _maximise(self.directions)
+        # values times this sign are losses: lower is better in every objective
+        self._sign = np.where(_maximise(self.directions), -1.0, 1.0)
         self._numbers: list[int] = []
-        self._points = np.empty((0, len(self.directions)))
-        self._front_idx = np.empty(0, dtype=int)
+        self._rows: list[np.ndarray] = []
+        self._front_idx: list[int] = []
+        self._front_losses = np.empty((0, len(self.directions)))
         self.history: list[tuple[int, float]] = []
         """(trial number, hypervolume after it) for every evaluation added, failures included."""
         self._hv = 0.0  # cached: the hypervolume changes only when the front does
@@ -91,38 +93,48 @@ class ParetoArchive:
     def add(self, number: int, values: Sequence[float] | None, *, feasible: bool = True) -> float:
         """Record one evaluation (``values`` None for a failed trial); returns the hypervolume after it."""
         if values is not None and feasible:
-            row = np.asarray(values, dtype=float).reshape(1, -1)
-            if row.shape[1] != len(self.directions):
-                raise ValueError(f"{row.shape[1]} values for {len(self.directions)} objectives")
+            row = np.asarray(values, dtype=float).reshape(-1)
+            if len(row) != len(self.directions):
+                raise ValueError(f"{len(row)} values for {len(self.directions)} objectives")
             if np.all(np.isfinite(row)):
                 if self.reference_point is None:
-                    self.set_reference_point(default_reference_point(row[0].tolist(), self.directions))
+                    self.set_reference_point(default_reference_point(row.tolist(), self.directions))
                 self._numbers.append(number)
-                self._points = np.vstack([self._points, row])
-                # the new front is among the old front plus the new point
-                candidates = np.append(self._front_idx, len(self._points) - 1)
-                self._front_idx = candidates[pareto_mask(self._points[candidates], self.directions)]
-                if self._front_idx[-1] == len(self._points) - 1:
+                self._rows.append(row)
+                if self._update_front(len(self._rows) - 1, row * self._sign):
                     self._hv = self._compute_hypervolume()
         self.history.append((number, self._hv))
         return self._hv
 
+    def _update_front(self, index: int, loss: np.ndarray) -> bool:
+        """Put row ``index`` on the front unless a member weakly dominates it (an equal member
+        too: of identical points the first stays), dropping the members it dominates; returns
+        whether the front changed. Incremental, in numpy: the new front is among the old front
+        plus the new point, and per trial this is a few vector comparisons."""
+        front = self._front_losses
+        if np.any(np.all(front <= loss, axis=1)):
+            return False
+        keep = ~np.all(loss <= front, axis=1)  # not equal to any member (checked above): dominated
+        self._front_idx = [i for i, k in zip(self._front_idx, keep) if k] + [index]
+        self._front_losses = np.vstack([front[keep], loss])
+        return True
+
     @property
     def front(self) -> list[ParetoPoint]:
         """Front members, by trial number."""
-        members = [ParetoPoint(self._numbers[i], tuple(self._points[i].tolist())) for i in self._front_idx]
+        members = [ParetoPoint(self._numbers[i], tuple(self._rows[i].tolist())) for i in self._front_idx]
         return sorted(members, key=lambda p: p.number)
 
     @property
     def points(self) -> np.ndarray:
         """All feasible values added so far (rows), in order of addition."""
-        return self._points.copy()
+        return np.array(self._rows).reshape(-1, len(self.directions))
 
     def hypervolume(self) -> float:
         """Hypervolume of the current front (0 before any feasible point or without a reference)."""
         return self._hv
 
     def _compute_hypervolume(self) -> float:
-        if self.reference_point is None or len(self._front_idx) == 0:
+        if self.reference_point is None or not self._front_idx:
             return 0.0
-        return hypervolume(self._points[self._front_idx], self.reference_point, self.directions)
+        return hypervolume(self._front_losses * self._sign, self.reference_point, self.directions)
