@@ -58,8 +58,9 @@ class WorkerResult:
     n_new: int = 0
     evaluation_seconds: float = 0.0
     overheads: list[float] = field(default_factory=list)
-    """Per evaluated trial: claim (fail_stale_trials, ask, budget re-check), heartbeat start,
-    decode and the trial's ledger write; waiting for work is not overhead."""
+    """Per evaluated trial: claim (stale-trial check when due, budget counts, the claim and its
+    genome, budget re-check), decode and the trial's ledger write with the counts that follow;
+    waiting for work is not overhead."""
     gave_back: int = 0
     stopped_by: Literal["budget", "exhausted", "interrupt"] = "budget"
     wall_seconds: float = 0.0

@@ -2,11 +2,12 @@
 
 Starts ``--workers`` `evomerge worker` processes on the small zoo against ``--storage`` (a
 PostgreSQL URL; each run uses a fresh study) and prints, summed over the workers, evaluation time
-and coordination time per trial (claim: stale-trial check, ask, budget re-check; heartbeat start;
-decode; the trial's ledger write) and their ratio; the target is <= 5%.
+and coordination time per trial (claim: stale-trial check when due, budget counts, the claim and
+its genome, budget re-check; decode; the trial's ledger write) and their ratio; the target is
+<= 5% (docs/scale-out.md, Overhead).
 
     python -m evomerge.experiments.benchmarks.coordination_overhead --storage postgresql+psycopg2://... \\
-        --workers 4 --trials 40 --optimizer optuna:random
+        --workers 4 --trials 40 --optimizer optuna:random --calib-size 64
 """
 
 from __future__ import annotations
