@@ -224,17 +224,24 @@ def _jsonable(value: Any) -> Any:
     return value if _is_plain_json(value) else json.loads(json.dumps(value, default=float))
 
 
-_JSON_SCALARS = (str, float, int, bool, type(None))
+_JSON_SCALARS = frozenset((str, float, int, bool, type(None)))
 
 
 def _is_plain_json(value: Any) -> bool:
     """Only dicts with str keys, lists and JSON scalars, by exact type (numpy floats, enums,
-    tuples are not: their JSON reads back as something else)."""
+    tuples are not: their JSON reads back as something else). Loops, not ``all`` over
+    generators: half the time on the detail records."""
     kind = type(value)
     if kind is dict:
-        return all(type(k) is str and (type(v) in _JSON_SCALARS or _is_plain_json(v)) for k, v in value.items())
+        for key, item in value.items():
+            if type(key) is not str or (type(item) not in _JSON_SCALARS and not _is_plain_json(item)):
+                return False
+        return True
     if kind is list:
-        return all(type(v) in _JSON_SCALARS or _is_plain_json(v) for v in value)
+        for item in value:
+            if type(item) not in _JSON_SCALARS and not _is_plain_json(item):
+                return False
+        return True
     return kind in _JSON_SCALARS
 
 

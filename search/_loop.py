@@ -8,6 +8,11 @@ Order per trial: the ledger write comes before ``optimizer.tell`` (see `Coordina
 and both run with SIGINT/SIGTERM deferred, so a stop never splits them. A stop during an
 evaluation aborts that evaluation: its candidate stays pending (coordinated optimizers re-queue
 it from their checkpoint; optuna's RUNNING trial is failed as interrupted and re-queued).
+
+Durability I/O (the ledger fsync, a coordinated optimizer's checkpoint file) is written behind on
+a background thread while the batch evaluates (`search._durable.WriteBehind`); the loop waits for
+it before it writes the batch's first result, so the crash-safety order is unchanged and the
+fsyncs cost the search nothing unless the disk is slower than an evaluation.
 """
 
 from __future__ import annotations
