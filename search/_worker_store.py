@@ -24,7 +24,7 @@ from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 import optuna
 import sqlalchemy as sa
 from optuna import pruners
-from optuna.distributions import BaseDistribution, distribution_to_json
+from optuna.distributions import BaseDistribution, distribution_to_json, json_to_distribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.storages._heartbeat import is_heartbeat_enabled
@@ -136,12 +136,13 @@ class TrialStore:
         None when there was nothing to claim. The claim carries the counts read after it."""
         study = self.study
         study._thread_local.cached_all_trials = None  # as study.ask: samplers read the latest trials
-        trial_id = self._pop(user_attrs) if pop else None
-        queued, known = trial_id is not None, None
-        if trial_id is None:
+        popped = self._pop(user_attrs) if pop else None
+        queued = popped is not None
+        if popped is None:
             if not fresh:
                 return None
-            trial_id, known = self._create(user_attrs)
+            popped = self._create(user_attrs)
+        trial_id, known = popped
         storage = _ClaimStorage(study._storage, known)
         trial = _open_trial(study, trial_id, storage)
         try:
@@ -158,15 +159,15 @@ class TrialStore:
         self._mark(trial_id, user_attrs)
         return trial_id, None
 
-    def _pop(self, user_attrs: Mapping[str, Any]) -> int | None:
+    def _pop(self, user_attrs: Mapping[str, Any]) -> tuple[int, FrozenTrial | None] | None:
         """Move the oldest WAITING trial to RUNNING, as ``study.ask`` does (optuna's state write
         takes the row ``FOR UPDATE`` and refuses a trial no longer WAITING, so one claimant wins),
-        with ``user_attrs`` and its first heartbeat."""
+        with ``user_attrs`` and its first heartbeat; as `_create`, or None when none was left."""
         for trial_id in self._waiting_ids():
             try:
                 if self.study._storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
                     self._mark(trial_id, user_attrs)
-                    return trial_id
+                    return trial_id, None
             except UpdateFinishedTrialError:
                 continue
         return None
@@ -212,6 +213,7 @@ _values = models.TrialValueModel.__table__
 _user_attrs = models.TrialUserAttributeModel.__table__
 _system_attrs = models.TrialSystemAttributeModel.__table__
 _heartbeats = models.TrialHeartbeatModel.__table__
+_intermediate = models.TrialIntermediateValueModel.__table__
 
 
 def _utc(when: datetime | None = None) -> datetime:
@@ -291,9 +293,10 @@ class RDBTrialStore(TrialStore):
             intermediate_values={}, trial_id=trial_id,
         )
 
-    def _pop(self, user_attrs: Mapping[str, Any]) -> int | None:
+    def _pop(self, user_attrs: Mapping[str, Any]) -> tuple[int, FrozenTrial | None] | None:
         # optuna's pop (a state write that refuses a trial no longer WAITING) in one statement,
-        # in one transaction with the user attributes and the first heartbeat
+        # in one transaction with the user attributes, the first heartbeat and the trial's read
+        start = datetime.now()
         with self.engine.connect() as conn:
             waiting = conn.execute(
                 sa.select(_trials.c.trial_id)
@@ -301,17 +304,49 @@ class RDBTrialStore(TrialStore):
                 .order_by(_trials.c.trial_id)
             ).scalars().all()
             for trial_id in waiting:
-                won = conn.execute(
+                number = conn.execute(
                     sa.update(_trials)
                     .where(_trials.c.trial_id == trial_id, _trials.c.state == TrialState.WAITING)
-                    .values(state=TrialState.RUNNING, datetime_start=_utc())
-                ).rowcount
-                if won:
-                    self._mark_in(conn, trial_id, user_attrs)
+                    .values(state=TrialState.RUNNING, datetime_start=_utc(start))
+                    .returning(_trials.c.number)
+                ).scalar_one_or_none()
+                if number is None:
+                    conn.commit()
+                    continue
+                self._mark_in(conn, trial_id, user_attrs)
+                known = self._read_queued(conn, trial_id, number, start)
                 conn.commit()
-                if won:
-                    return trial_id
+                return trial_id, known
         return None
+
+    @staticmethod
+    def _read_queued(conn: sa.Connection, trial_id: int, number: int, start: datetime) -> FrozenTrial | None:
+        """A popped trial as optuna's ``get_trial`` reads it (two queries instead of its six); None
+        for one with intermediate values (none of ours has any), which optuna then reads."""
+        params = conn.execute(
+            sa.select(_params.c.param_name, _params.c.param_value, _params.c.distribution_json)
+            .where(_params.c.trial_id == trial_id).order_by(_params.c.param_id)
+        ).all()
+        attrs: dict[str, dict[str, Any]] = {"user": {}, "system": {}, "intermediate": {}}
+        for kind, key, value_json in conn.execute(sa.union_all(
+            sa.select(sa.literal("user"), _user_attrs.c.key, _user_attrs.c.value_json).where(_user_attrs.c.trial_id == trial_id),
+            sa.select(sa.literal("system"), _system_attrs.c.key, _system_attrs.c.value_json).where(_system_attrs.c.trial_id == trial_id),
+            sa.select(sa.literal("intermediate"), sa.cast(_intermediate.c.step, sa.String), sa.literal("null"))
+            .where(_intermediate.c.trial_id == trial_id),
+        )):
+            attrs[kind][key] = value_json
+        if attrs["intermediate"]:
+            return None
+        distributions = {name: json_to_distribution(dist) for name, _, dist in params}
+        return FrozenTrial(
+            number=number, state=TrialState.RUNNING, value=None, values=None, datetime_start=start,
+            datetime_complete=None,
+            params={name: distributions[name].to_external_repr(value) for name, value, _ in params},
+            distributions=distributions,
+            user_attrs={k: json.loads(v) for k, v in attrs["user"].items()},
+            system_attrs={k: json.loads(v) for k, v in attrs["system"].items()},
+            intermediate_values={}, trial_id=trial_id,
+        )
 
     def _mark_in(self, conn: sa.Connection, trial_id: int, user_attrs: Mapping[str, Any]) -> None:
         """`TrialStore._mark` inside the claim's transaction."""

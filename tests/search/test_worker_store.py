@@ -83,6 +83,8 @@ def test_claims_pop_the_queue_and_refuse_finished_trials(tmp_path: Path) -> None
     study.enqueue_trial({"w1": 0.5})
     claim = store.claim(DISTRIBUTIONS, {}, pop=True, fresh=False)
     assert claim is not None and claim.queued and claim.candidate is None and claim.trial.params["w1"] == 0.5
+    stored = storage.get_trial(claim.trial_id)  # the pop's own read of the trial is optuna's
+    assert (claim.trial.number, claim.trial.user_attrs) == (stored.number, stored.user_attrs)
     fresh = store.claim(DISTRIBUTIONS, {}, pop=True, fresh=True)
     assert fresh is not None and not fresh.queued
     study.tell(fresh.trial, state=TrialState.FAIL)
