@@ -33,6 +33,8 @@ from optuna.study._tell import _check_values_are_feasible
 from sqlalchemy.dialects import postgresql, sqlite
 from optuna.trial import FrozenTrial, TrialState
 
+from ._study_watch import TrialLike
+
 
 def counts_toward_budget(state: TrialState, number: int, interrupted: bool, retried: Collection[int]) -> bool:
     """Whether a trial counts against the budget, as `Ledger.finished` counts: completed, or
@@ -40,7 +42,7 @@ def counts_toward_budget(state: TrialState, number: int, interrupted: bool, retr
     return (state == TrialState.COMPLETE or (state == TrialState.FAIL and number not in retried)) and not interrupted
 
 
-def retried_numbers(trials: Iterable[FrozenTrial]) -> set[int]:
+def retried_numbers(trials: Iterable[TrialLike]) -> set[int]:
     """Numbers of trials that optuna's `RetryFailedTrialCallback` re-queued (their retries list them)."""
     return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
 
@@ -55,7 +57,7 @@ class Counts:
     waiting: int
 
 
-def counted_and_running(trials: Sequence[FrozenTrial]) -> tuple[int, list[FrozenTrial]]:
+def counted_and_running(trials: Sequence[TrialLike]) -> tuple[int, list[TrialLike]]:
     """How many trials count against the budget (as `Ledger.finished`), and the RUNNING ones."""
     retried = retried_numbers(trials)
     counted = sum(

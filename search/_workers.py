@@ -24,7 +24,8 @@ worker, before a claim) fails the
 trial and optuna's `RetryFailedTrialCallback` re-queues it once, with its candidate id. A killed
 coordinator stops renewing its lease; after the lease's ttl another worker's coordinator takes
 it, restores the checkpoint and enqueues the candidates the study never saw (`study_state`: one
-mechanism re-queues a candidate, never two).
+mechanism re-queues a candidate, never two). The coordinator reads the study through
+`search._study_watch`: one aggregate query per poll, the trials only when one finished or appeared.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import Callable, Literal, Sequence
 
 import optuna
 from optuna.storages import RDBStorage, RetryFailedTrialCallback, fail_stale_trials
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from evomerge.objectives import Evaluation
 
@@ -48,6 +49,7 @@ from ._loop import ScorerLike, _Signals, evaluate_guarded, finished_attrs
 from ._optimizers import CoordinatedOptimizer, Failure, Optimizer, OptunaOptimizer
 from ._optimizers._base import genome_distributions
 from ._space import SearchSpace
+from ._study_watch import TrialLike, study_watch
 from ._worker_store import Claim, Counts, counted_and_running, counts_toward_budget, retried_numbers, trial_store
 
 
@@ -79,7 +81,7 @@ def make_lease(ledger: Ledger, owner: str, *, ttl: float) -> Lease:
     raise ValueError("open the ledger with a heartbeat to share a database storage among workers")
 
 
-def study_state(trials: Sequence[FrozenTrial], max_retry: int) -> tuple[list[FrozenTrial], set[int]]:
+def study_state(trials: Sequence[TrialLike], max_retry: int) -> tuple[list[TrialLike], set[int]]:
     """From one snapshot of the study: its *final* counted trials, and the candidate ids it *owns*.
 
     The **re-queue rule** of a coordinator: a candidate is re-queued by exactly one mechanism.
@@ -159,17 +161,22 @@ class Coordinator:
 
     def __init__(
         self, space: SearchSpace, optimizer: CoordinatedOptimizer, ledger: Ledger, lease: Lease,
-        *, budget: int, queue: int, poll: float,
+        *, budget: int, queue: int, poll: float, renew_every: float,
     ) -> None:
+        """``renew_every``: seconds between lease renewals, and between a waiting coordinator's
+        attempts to take the lease (a quarter of the lease's ttl: every renewal is a committed
+        write, and a lease renewed more often than it can expire is no safer)."""
         self.space, self.optimizer, self.ledger, self.lease = space, optimizer, ledger, lease
-        self.budget, self.queue, self.poll = budget, queue, poll
+        self.budget, self.queue, self.poll, self.renew_every = budget, queue, poll, renew_every
         self.error: BaseException | None = None
+        self.watch = study_watch(ledger.study, ledger.storage)
+        self.store = trial_store(ledger.study, ledger.storage)
 
     def run(self, stop: threading.Event) -> None:
         """Wait for the lease, then coordinate until the budget is spent or ``stop`` is set."""
         try:
             while not self.lease.acquire():
-                if stop.wait(self.poll) or self._budget_spent():
+                if stop.wait(max(self.poll, self.renew_every)) or self._budget_spent():
                     return
             try:
                 self._coordinate(stop)
@@ -181,7 +188,7 @@ class Coordinator:
             self.error = exc
 
     def _budget_spent(self) -> bool:
-        return counted_and_running(self.ledger.trials())[0] >= self.budget
+        return self.store.counts().counted >= self.budget
 
     def _coordinate(self, stop: threading.Event) -> None:
         opt, ledger = self.optimizer, self.ledger
@@ -189,17 +196,27 @@ class Coordinator:
         # one snapshot for both the reconciliation and the re-queue (`study_state`): two reads
         # could see a trial RUNNING in the first and failed-by-heartbeat, not yet retried, in the
         # second, and the candidate would be queued twice (once here, once by the retry)
-        final, owned = study_state(ledger.trials(), self._max_retry())
+        trials = self.watch.trials()
+        final, owned = study_state(trials, self._max_retry())
+        counted = counted_and_running(trials)[0]
         opt.bind(self.space, ledger, budget=self.budget, batch_size=self.queue, finished=final)
         for cand in opt.outstanding():
             if cand.key not in owned:  # asked by the predecessor, never enqueued
                 self._enqueue(cand.params, cand.key)
+        renewed = time.monotonic()  # acquired
         while True:
-            if not self.lease.renew():
-                raise LeaseLost(f"coordinator {self.lease.owner} lost its lease")
-            trials = ledger.trials()
-            counted = counted_and_running(trials)[0]
-            self._tell(study_state(trials, self._max_retry())[0])
+            # no one can take a lease renewed less than a ttl ago: renewing when due (a
+            # coordinator stalled past the ttl renews first thing, and learns it lost the lease)
+            if time.monotonic() - renewed >= self.renew_every:
+                if not self.lease.renew():
+                    raise LeaseLost(f"coordinator {self.lease.owner} lost its lease")
+                renewed = time.monotonic()
+            # nothing finished or appeared since the last look: nothing to tell, and what to ask
+            # was asked then (the in-flight count changes only with this coordinator's tells)
+            trials = self.watch.changed()
+            if trials is not None:
+                counted = counted_and_running(trials)[0]
+                self._tell(study_state(trials, self._max_retry())[0])
             # also on stop: the worker stops once the budget is counted, and the last results
             # must still reach the optimizer (and its checkpoint)
             if counted >= self.budget or stop.is_set():
@@ -222,7 +239,7 @@ class Coordinator:
             return 1_000_000 if callback._max_retry is None else int(callback._max_retry)
         return 0
 
-    def _tell(self, final: Sequence[FrozenTrial]) -> None:
+    def _tell(self, final: Sequence[TrialLike]) -> None:
         """Tell the optimizer the final trials of its pending candidates, then checkpoint."""
         opt, pending, told = self.optimizer, self.optimizer.pending_keys, False
         for trial in final:
@@ -264,7 +281,9 @@ def run_worker(
     coordinator = None
     if coordinated:
         lease = make_lease(ledger, worker_id, ttl=lease_ttl)
-        coordinator = Coordinator(space, optimizer, ledger, lease, budget=budget_evals, queue=queue, poll=poll)
+        coordinator = Coordinator(
+            space, optimizer, ledger, lease, budget=budget_evals, queue=queue, poll=poll, renew_every=lease_ttl / 4,
+        )
         coordinator_thread = threading.Thread(target=coordinator.run, args=(stop,), name="coordinator", daemon=True)
         coordinator_thread.start()
         # queued candidates carry all their params: the study's sampler is only consulted for

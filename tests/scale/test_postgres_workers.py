@@ -114,10 +114,26 @@ def _kill_while_running(
         again = next((t for t in _trials(url, stage) if t.number in first and t.state == TrialState.RUNNING), None)
         return None if again is None else (again.user_attrs["worker"], again)
 
-    victim, running = _wait(lambda: evaluating() or finished_without_a_kill(), 150, f"one of {sorted(candidates)} to evaluate a trial")
-    procs[victim].send_signal(signal.SIGKILL)
-    procs[victim].wait()
-    return victim, running
+    def frozen_while_running() -> tuple[str, FrozenTrial] | None:
+        # the victim may finish its trial between the last look and the kill (a tiny zoo trial
+        # takes a fraction of a second): stop it first, let the server finish what it had sent,
+        # and kill it only if its trial is still RUNNING (a transaction it left open is rolled
+        # back by the kill, so RUNNING now is RUNNING for good)
+        found = evaluating()
+        if found is None:
+            return finished_without_a_kill()
+        victim, running = found
+        procs[victim].send_signal(signal.SIGSTOP)
+        time.sleep(0.2)
+        still = next((t for t in _trials(url, stage) if t.number == running.number and t.state == TrialState.RUNNING), None)
+        if still is None:
+            procs[victim].send_signal(signal.SIGCONT)
+            return None
+        procs[victim].send_signal(signal.SIGKILL)
+        procs[victim].wait()
+        return victim, still
+
+    return _wait(frozen_while_running, 150, f"one of {sorted(candidates)} to evaluate a trial")
 
 
 def _finish(procs: dict[str, subprocess.Popen], tmp_path: Path, killed: str) -> None:
