@@ -100,32 +100,30 @@ def _kill_while_running(
             codes = {wid: proc.returncode for wid, proc in procs.items()}
             raise AssertionError(f"the search ended ({codes}) before a worker of {sorted(candidates)} was seen evaluating")
 
-    def evaluating() -> tuple[str, FrozenTrial] | None:
-        # RUNNING in two looks 0.1 s apart: evaluating, not a claim about to be given back
+    def evaluating() -> str | None:
+        """A live candidate the ledger shows holding a RUNNING trial."""
         trials = _trials(url, stage)
         if before is not None and counted_and_running(trials)[0] >= before:
             return None
-        first = {t.number for t in trials
-                 if t.state == TrialState.RUNNING and t.user_attrs.get("worker") in candidates
-                 and procs[t.user_attrs["worker"]].poll() is None}
-        if not first:
-            return None
-        time.sleep(0.1)
-        again = next((t for t in _trials(url, stage) if t.number in first and t.state == TrialState.RUNNING), None)
-        return None if again is None else (again.user_attrs["worker"], again)
+        return next((w for t in trials if t.state == TrialState.RUNNING and (w := t.user_attrs.get("worker")) in candidates
+                     and procs[w].poll() is None), None)
 
     def frozen_while_running() -> tuple[str, FrozenTrial] | None:
         # the victim may finish its trial between the last look and the kill (a tiny zoo trial
         # takes a fraction of a second): stop it first, let the server finish what it had sent,
-        # and kill it only if its trial is still RUNNING (a transaction it left open is rolled
-        # back by the kill, so RUNNING now is RUNNING for good)
-        found = evaluating()
-        if found is None:
+        # and kill it only while it holds a RUNNING trial with its genome and not being given
+        # back (a transaction it left open is rolled back by the kill, so RUNNING now is RUNNING
+        # for good); that trial, or the next one it claimed meanwhile, is the killed one
+        victim = evaluating()
+        if victim is None:
             return finished_without_a_kill()
-        victim, running = found
         procs[victim].send_signal(signal.SIGSTOP)
-        time.sleep(0.2)
-        still = next((t for t in _trials(url, stage) if t.number == running.number and t.state == TrialState.RUNNING), None)
+        time.sleep(0.1)
+        still = next((
+            t for t in _trials(url, stage)
+            if t.state == TrialState.RUNNING and t.user_attrs.get("worker") == victim and t.params
+            and "interrupted" not in t.user_attrs
+        ), None)
         if still is None:
             procs[victim].send_signal(signal.SIGCONT)
             return None
