@@ -57,7 +57,7 @@ def _start_workers(spec: Path, url: str, tmp_path: Path) -> dict[str, subprocess
         wid = f"w{i}"
         log = open(tmp_path / f"{wid}.log", "w")
         procs[wid] = subprocess.Popen(
-            [sys.executable, "-m", "evomerge.experiments.cli", "worker", str(spec), "--storage", url,
+            [sys.executable, "-m", "evomerge.experiments.cli", "worker", str(spec), "--storage", _named(url, wid),
              "--worker-id", wid, "--heartbeat", "1", "--lease-ttl", "2", "--queue", str(WORKERS), "--quiet"],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )
@@ -65,6 +65,19 @@ def _start_workers(spec: Path, url: str, tmp_path: Path) -> dict[str, subprocess
 
 
 _storages: dict[str, optuna.storages.RDBStorage] = {}
+
+
+def _named(url: str, worker: str) -> str:
+    """The storage URL with libpq's application_name set to the worker id, so the test can see
+    that worker's sessions on the server (pg_stat_activity)."""
+    return f"{url}{'&' if '?' in url else '?'}application_name={worker}"
+
+
+def _busy_sessions(url: str, worker: str) -> int:
+    """How many of ``worker``'s server sessions are executing a statement right now."""
+    with _storages[url].engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :w AND state = 'active'"),
+                            {"w": worker}).scalar_one()
 
 
 def _trials(url: str, stage: str) -> list[FrozenTrial]:
@@ -119,6 +132,9 @@ def _kill_while_running(
             return finished_without_a_kill()
         procs[victim].send_signal(signal.SIGSTOP)
         time.sleep(0.1)
+        # a statement the victim sent before it stopped (a finishing commit) may still be running
+        # on the server: wait until it is done, so the look below sees the final state
+        _wait(lambda: _busy_sessions(url, victim) == 0, 30, f"{victim}'s last statements to finish")
         still = next((
             t for t in _trials(url, stage)
             if t.state == TrialState.RUNNING and t.user_attrs.get("worker") == victim and t.params
