@@ -22,7 +22,7 @@ import torch
 
 from .._recipe import ExpertParams
 from ._draws import bernoulli_mask
-from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec
+from ._gta import GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, trivial_spec
 from ._magnitude import MagnitudeTable
 from ._options import MethodOptions
 from ._rescale import l1_restore_factor
@@ -82,10 +82,9 @@ def dare_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable | None
               key: tuple[int, int] | None) -> Spec:
     """DARE per tensor: no draw at density >= 1, nothing kept at <= 0; the L1 factor is set by the plan."""
     density = float(p.density)
-    if density >= 1:
-        return DenseSpec()
-    if density <= 0 or delta.numel() == 0:
-        return ZeroSpec()
+    trivial = trivial_spec(delta, density)
+    if trivial is not None:
+        return trivial
     assert key is not None
     return DareSpec(density, key, 1.0 / density if options.rescale == "paper" else 1.0)
 

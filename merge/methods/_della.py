@@ -28,7 +28,7 @@ import torch
 from .._recipe import ExpertParams
 from ._dare import work_dtype
 from ._draws import uniform_
-from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec
+from ._gta import GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, trivial_spec
 from ._magnitude import MagnitudeTable
 from ._options import MethodOptions
 from ._rescale import l1_restore_factor
@@ -103,10 +103,9 @@ class DellaSpec(Spec):
 def della_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable | None, options: MethodOptions,
                key: tuple[int, int] | None) -> Spec:
     density, epsilon = float(p.density), float(p.epsilon)
-    if density >= 1:
-        return DenseSpec()
-    if density <= 0 or delta.numel() == 0:
-        return ZeroSpec()
+    trivial = trivial_spec(delta, density)
+    if trivial is not None:
+        return trivial
     _check_epsilon(density, epsilon)
     if table is None:
         table = MagnitudeTable.build(delta, resolution=1)

@@ -233,6 +233,16 @@ class ZeroSpec(Spec):
         return None
 
 
+def trivial_spec(delta: torch.Tensor, density: float) -> Spec | None:
+    """The spec a density decides alone: keep everything at density >= 1, nothing at <= 0 or for an
+    empty tensor; None when the density needs the method's own sparsification."""
+    if density >= 1:
+        return DenseSpec()
+    if density <= 0 or delta.numel() == 0:
+        return ZeroSpec()
+    return None
+
+
 SpecBuilder = Callable[
     [torch.Tensor, ExpertParams, "MagnitudeTable | None", MethodOptions, "tuple[int, int] | None"], Spec
 ]

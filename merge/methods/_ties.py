@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .._recipe import ExpertParams
-from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec
+from ._gta import GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, trivial_spec
 from ._magnitude import MagnitudeTable, prune_magnitude
 from ._options import MethodOptions
 
@@ -62,10 +62,9 @@ def magnitude_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable |
                    key: tuple[int, int] | None) -> Spec:
     """`magnitude_sparsify` resolved once per tensor: the threshold comes from the table."""
     density = float(p.density)
-    if density >= 1:
-        return DenseSpec()
-    if density <= 0 or delta.numel() == 0:
-        return ZeroSpec()
+    trivial = trivial_spec(delta, density)
+    if trivial is not None:
+        return trivial
     if table is None:  # slow path: exact table, one sort per call
         table = MagnitudeTable.build(delta, resolution=max(1, delta.numel()))
     return ThresholdSpec(table.threshold(density))
