@@ -44,17 +44,11 @@ class TransformersScorer(Scorer):
         if tokenizer is None:
             tokenizer = load_tokenizer(engine.base_path)
         super().__init__(objectives, tokenizer, timeout=timeout)
-        if batch_size < 1 or max_new_tokens < 1:
-            raise ValueError("batch_size and max_new_tokens must be >= 1")
         self.engine = engine
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens
-        self.stop = tuple(stop)
         self.model = engine.new_target_model().to(device=self.device, dtype=dtype).eval()
-        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._eos_ids = eos_token_ids(tokenizer, getattr(self.model, "generation_config", None))
+        self.inference = ModelInference(self.model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop)
 
     def _swap_in(self, recipe: Any) -> SwapResult:
         t0 = time.perf_counter()
@@ -65,25 +59,49 @@ class TransformersScorer(Scorer):
         return SwapResult(stats=stats, merge_seconds=t1 - t0, swap_seconds=time.perf_counter() - t1)
 
     def _generate(self, requests: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[Generation]:
+        return self.inference.generate(requests, deadline)
+
+    def _logprobs(self, pairs: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[list[float]]:
+        return self.inference.logprobs(pairs, deadline)
+
+    def close(self) -> None:
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+class ModelInference:
+    """Greedy generation and teacher-forced log-probs on one live model with its tokenizer's ids.
+
+    What `TransformersScorer` runs on its live model, usable on any loaded model too (the scoring
+    benchmark's on-disk loops score exactly as the scorer does). ``stop``: strings that end a
+    generation besides EOS.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, batch_size: int, max_new_tokens: int,
+                 stop: Sequence[str] = ("\n",)) -> None:
+        if batch_size < 1 or max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be >= 1")
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.max_new_tokens, self.stop = batch_size, max_new_tokens, tuple(stop)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
+
+    def generate(self, requests: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[Generation]:
         return greedy_generate(
             self.model,
             requests,
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
-            pad_id=self._pad_id,
-            eos_ids=self._eos_ids,
+            pad_id=self.pad_id,
+            eos_ids=self.eos_ids,
             stop=self.stop,
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
             deadline=deadline,
         )
 
-    def _logprobs(self, pairs: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[list[float]]:
-        return continuation_logprobs(self.model, pairs, pad_id=self._pad_id, batch_size=self.batch_size, deadline=deadline)
-
-    def close(self) -> None:
-        del self.model
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+    def logprobs(self, pairs: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[list[float]]:
+        return continuation_logprobs(self.model, pairs, pad_id=self.pad_id, batch_size=self.batch_size, deadline=deadline)
 
 
 def load_tokenizer(path: str | Path) -> Any:

@@ -33,9 +33,8 @@ from transformers import AutoModelForCausalLM
 from evomerge.experiments.zoo import build_zoo, load_manifest
 from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe, recipe_to_mergekit
 from evomerge.objectives import CalibrationSet, Deadline, Objective, TransformersScorer
-from evomerge.objectives._generation import continuation_logprobs, greedy_generate
 from evomerge.objectives._plan import ScoringPlan
-from evomerge.objectives._transformers_scorer import eos_token_ids, load_tokenizer
+from evomerge.objectives._transformers_scorer import ModelInference, load_tokenizer
 
 
 def make_objectives(zoo: Path, skills: Sequence[str], calib_size: int) -> list[Objective]:
@@ -65,17 +64,9 @@ def score_from_disk(folder: Path, engine: MergeEngine, objectives: list[Objectiv
     tokenizer = load_tokenizer(folder)
     plan = ScoringPlan(objectives, tokenizer)
     t1 = time.perf_counter()
+    inference = ModelInference(model, tokenizer, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     deadline = Deadline(None)
-    pad = tokenizer.pad_token_id
-    plan.run(
-        lambda requests: greedy_generate(
-            model, requests, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True), pad_id=pad,
-            eos_ids=eos_token_ids(tokenizer, model.generation_config), stop=("\n",), max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size, deadline=deadline,
-        ),
-        lambda pairs: continuation_logprobs(model, pairs, pad_id=pad, batch_size=args.batch_size, deadline=deadline),
-        None,
-    )
+    plan.run(lambda requests: inference.generate(requests, deadline), lambda pairs: inference.logprobs(pairs, deadline), None)
     return {"load": t1 - t0, "inference": time.perf_counter() - t1}
 
 
