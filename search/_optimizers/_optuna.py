@@ -3,9 +3,11 @@
 The sampler is the study's sampler, so optuna sees every trial exactly as it would in any optuna
 program, and resume is reopening the study. Trials left RUNNING by a dead process are failed and
 their params re-queued as WAITING (the run loop does this before ``bind``); ``study.ask`` hands
-those out first. The sampler's random state is not persisted: a resumed run reseeds it with
-``(seed, number of finished trials)``, so a resume is deterministic for a given interruption point,
-but it need not repeat the uninterrupted run's sequence (for that, use a coordinated optimizer).
+those out first; every other trial is proposed by the sampler before it is stored, in one write
+(`search._propose`: one journal line instead of one per parameter). The sampler's random state
+is not persisted: a resumed run reseeds it with ``(seed, number of finished trials)``, so a resume
+is deterministic for a given interruption point, but it need not repeat the uninterrupted run's
+sequence (for that, use a coordinated optimizer).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 
+from .._propose import propose
 from ._base import Candidate, Optimizer, Result, genome_distributions
 
 if TYPE_CHECKING:
@@ -69,7 +72,8 @@ class OptunaOptimizer(Optimizer):
     def ask(self, n: int) -> list[Candidate]:
         out = []
         for _ in range(n):
-            trial = self._ledger.study.ask(self._distributions)
+            study = self._ledger.study
+            trial = propose(study, self._distributions) or study.ask(self._distributions)
             params = dict(trial.params)
             out.append(
                 Candidate(key=trial.number, params=params, distributions=dict(self._distributions),
