@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from ._errors import MergeError
 from ._io import CheckpointReader, config_dtype, load_config, require_dir
 from ._layout import ModelLayout
 from ._lora import LoraAdapter, LoraModule, is_adapter
+from ._packed import PACK_MAX_NUMEL, PackedArena
 from ._plan import TensorPlan, plan_recipe
 from ._recipe import ExpertParams, MergeRecipe
 from .methods._base import ChunkPlan, chunk_buffer, chunk_elements, chunks, run_plan
@@ -87,6 +88,8 @@ class MergeEngine:
         self._zeros: dict[tuple[int, ...], torch.Tensor] = {}
         self._scratch: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
         self._target: nn.Module | None = None
+        self._arena: PackedArena | None = None
+        self._arena_tried = False
         self._chunk: int | None = None
         self.num_params = sum(t.numel() for t in base.values())
         if compile not in ("auto", True, False):
@@ -212,7 +215,21 @@ class MergeEngine:
         chunk = self.chunk_elements
         out_buf = None
         fuse = self.fused
-        for name, source in self._sources(recipe):
+        items: Iterable[tuple[TensorPlan, Any]] = self._sources(recipe)  # lazy: adapter deltas share buffers
+        packed_names: set[str] = set()
+        if fuse and recipe.lora_mode != "adapter":
+            items = list(items)
+            packed = self._apply_packed(items, tensors, chunk, stats)
+            if packed is not None:
+                packed_names, result = packed
+                if stats:
+                    nonzero.append(result[0])
+                    l1_parts.append(result[1])
+            fuse = self.fused  # False once a compile failed
+        for item, source in items:
+            name = item.name
+            if name in packed_names:
+                continue
             dst, base = tensors[name], self._base[name]
             if source is None:
                 dst.copy_(base)
@@ -294,6 +311,51 @@ class MergeEngine:
             return None
         return result if result is not None else ()
 
+    def _apply_packed(self, items: "list[tuple[TensorPlan, ChunkPlan | torch.Tensor | None]]",
+                      tensors: Mapping[str, torch.Tensor], chunk: int,
+                      stats: bool) -> "tuple[set[str], tuple[torch.Tensor, torch.Tensor] | None] | None":
+        """Merge the packed small tensors in one fused call (`_packed.py`); the names it wrote and
+        its stats, or None when it did nothing (no arena, plans that cannot share it, failed compile)."""
+        from .methods._fused import FusedUnavailable, PackedGta
+
+        arena = self._packed_arena()
+        if arena is None:
+            return None
+        index = {e: i for i, e in enumerate(self.expert_names)}
+        plans = {item.name: (source, [index[e] for e in item.experts]) for item, source in items
+                 if source is not None and not isinstance(source, torch.Tensor)}
+        dsts = [tensors[name] for name in arena.names]
+        if any(d.device != self.device or not d.is_contiguous() or d.dtype != dsts[0].dtype for d in dsts):
+            return None
+        fused = PackedGta.of([plans.get(name) for name in arena.names], len(self.expert_names), arena.row_starts)
+        if fused is None:
+            return None
+        out = arena.out(dsts[0].dtype)
+        try:
+            result = fused.apply(out, arena.base, arena.deltas, arena.segment, max(chunk, FUSED_CHUNK_MIN), stats)
+        except FusedUnavailable:
+            return None
+        written = [i for i, joined in enumerate(fused.handled) if joined]
+        torch._foreach_copy_([dsts[i] for i in written], [arena.view(out, i) for i in written])
+        return {arena.names[i] for i in written}, result
+
+    def _packed_arena(self) -> "PackedArena | None":
+        """The arena of tensors <= PACK_MAX_NUMEL entries, packed on first use (None: fewer than two, or
+        a cache that is not on the merge device: the per-tensor path then serves them)."""
+        if self._arena is None and not self._arena_tried:
+            self._arena_tried = True
+            names = [n for n in self.layout.slots if self._base[n].numel() <= PACK_MAX_NUMEL]
+            if len(names) < 2 or self._cache_device != self.device:
+                return None
+            for expert in self.expert_names:
+                for name in names:
+                    self._delta(expert, name)  # materializes LoRA products and shared zeros into the cache
+            tensors = [self._base[n] for n in names] + [self._deltas[e][n] for e in self.expert_names for n in names]
+            if any(t.dtype != tensors[0].dtype or t.device != tensors[0].device for t in tensors):
+                return None
+            self._arena = PackedArena.pack(names, self._base, [self._deltas[e] for e in self.expert_names])
+        return self._arena
+
     @property
     def chunk_elements(self) -> int:
         """Flat chunk length of the in-place merge (by device type; see `methods.CHUNK_ELEMENTS`)."""
@@ -317,7 +379,8 @@ class MergeEngine:
 
     def _merged_deltas(self, recipe: MergeRecipe) -> Iterator[tuple[str, torch.Tensor | None]]:
         """Per tensor the whole merged task vector in a reused fp32 buffer (valid until the next item)."""
-        for name, source in self._sources(recipe):
+        for item, source in self._sources(recipe):
+            name = item.name
             if source is None or isinstance(source, torch.Tensor):
                 yield name, source
                 continue
@@ -325,7 +388,7 @@ class MergeEngine:
             run_plan(source, out, self.chunk_elements)
             yield name, out
 
-    def _sources(self, recipe: MergeRecipe) -> Iterator[tuple[str, "ChunkPlan | torch.Tensor | None"]]:
+    def _sources(self, recipe: MergeRecipe) -> Iterator[tuple[TensorPlan, "ChunkPlan | torch.Tensor | None"]]:
         """Per tensor: None (keep the base), a chunk plan (dense), or a whole fp32 delta (adapter mode)."""
         # Imported here, not at module level: `methods` imports `_recipe` from this package, and
         # `evomerge.merge` must import cleanly for code that only needs recipes or layouts.
@@ -333,14 +396,14 @@ class MergeEngine:
         options = MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=None)
         for item in self.check(recipe):
             if item.rule is None:
-                yield item.name, None
+                yield item, None
                 continue
             opts = options if item.rule.t is None else MethodOptions(
                 normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=item.rule.t)
             if recipe.lora_mode == "adapter":
-                yield item.name, self._adapter_delta(recipe, item, opts)
+                yield item, self._adapter_delta(recipe, item, opts)
             else:
-                yield item.name, self._dense_plan(recipe, item, opts)
+                yield item, self._dense_plan(recipe, item, opts)
 
     def _dense_plan(self, recipe: MergeRecipe, item: TensorPlan, options: MethodOptions) -> "ChunkPlan":
         from .methods import mask_generator

@@ -119,6 +119,54 @@ def test_engine_compiled_equals_eager(engines: tuple[MergeEngine, MergeEngine], 
     assert s_fused.l1_distance == pytest.approx(s_eager.l1_distance, rel=1e-5)
 
 
+def _apply_both(engines: tuple[MergeEngine, MergeEngine], recipe: MergeRecipe) -> None:
+    """The compiled engine (packed small tensors + per-tensor kernels) gives the eager engine's merge."""
+    results = []
+    for engine in engines:
+        target = {n: torch.empty_like(engine.base_tensor(n)) for n in engine.layout.slots}
+        results.append((target, engine.apply(recipe, target, stats=True)))
+    (t_fused, s_fused), (t_eager, s_eager) = results
+    for name in t_eager:
+        torch.testing.assert_close(t_fused[name], t_eager[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert abs(s_fused.changed_params - s_eager.changed_params) <= 2
+    assert s_fused.l1_distance == pytest.approx(s_eager.l1_distance, rel=1e-5)
+
+
+PER_LAYER = [
+    GroupRule(method="ties", experts={"a": ExpertParams(weight=0.6, density=0.5), "b": ExpertParams(weight=-0.3, density=0.7)}),
+    # a band for one expert in layer 0 (the packed kernel then bands every tensor of that expert)
+    GroupRule(layers=[0], method="breadcrumbs_ties", experts={
+        "a": ExpertParams(weight=0.9, density=0.6, gamma=0.05), "b": ExpertParams(weight=0.4, density=1.0)}),
+    # only one expert, one with weight 0: the packed tables carry zeros for the others
+    GroupRule(layers=[1], kinds=["mlp"], method="ties", experts={
+        "b": ExpertParams(weight=0.5, density=0.3), "a": ExpertParams(weight=0.0, density=0.5)}),
+    # another method family (linear combine) and a non-task-vector method: both stay per tensor
+    GroupRule(layers=[1], kinds=["attention"], method="task_arithmetic", experts={
+        "a": ExpertParams(weight=0.3), "b": ExpertParams(weight=0.2)}),
+    GroupRule(layers=["embed"], method="slerp", t=0.3, experts={"a": ExpertParams()}),
+]
+
+
+@pytest.mark.parametrize("case", ["per_layer", "dare_paper", "keep_base_groups"])
+def test_packed_small_tensors_equal_eager(engines: tuple[MergeEngine, MergeEngine], case: str) -> None:
+    """Per-layer parameters, mixed methods, experts missing from a rule, DARE drawn per tensor index,
+    and groups without a rule (their base is kept): the packed arena merges each exactly as eager."""
+    fused, _ = engines
+    if os.environ.get("EVOMERGE_COMPILE") == "0":
+        pytest.skip("EVOMERGE_COMPILE=0 forces the eager path")
+    if case == "per_layer":
+        recipe = MergeRecipe(rules=PER_LAYER, normalize=True)
+    elif case == "dare_paper":
+        recipe = MergeRecipe(rules=[GroupRule(method="dare_ties", experts={
+            "a": ExpertParams(weight=0.7, density=0.4), "b": ExpertParams(weight=0.5, density=0.8)})],
+            rescale="paper", seed=5, trial=11)
+    else:
+        recipe = MergeRecipe(rules=[GroupRule(layers=[0], method="ties", experts={
+            "a": ExpertParams(weight=0.6, density=0.5), "b": ExpertParams(weight=0.3, density=0.7)})])
+    _apply_both(engines, recipe)
+    assert fused._arena is not None and len(fused._arena.names) == len(fused.layout.slots)  # all tiny: all packed
+
+
 def test_compile_policy(engines: tuple[MergeEngine, MergeEngine], monkeypatch: pytest.MonkeyPatch) -> None:
     fused, eager = engines
     auto = MergeEngine.__new__(MergeEngine)
