@@ -12,6 +12,12 @@ differences are the loops, not the kernels:
   writes the merged model), then `from_pretrained`, tokenize, score.
 
     python -m evomerge.experiments.benchmarks.scoring_speed --size small
+    python -m evomerge.experiments.benchmarks.scoring_speed --size small --compile off   # eager merges
+
+`--compile on` (default) merges with the fused compiled kernels, as a search does for large models,
+for long runs (>= 1000 evaluations or >= 1 h) and with `models.compile: true`; their one-time
+compile happens during the warm-up (one candidate per method) and is printed, not counted per
+candidate. `--compile off` is the eager path of short runs on small models.
 
 Acceptance (issue "Objectives and scorers"): (merge + swap) <= 10% of candidate time, and in-place
 throughput >= 5x the naive loop.
@@ -110,17 +116,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="on",
+                        help="fused compiled merge kernels (MergeEngine.load(compile=...)); see the module doc")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     zoo = build_zoo(args.size, progress=False)
     manifest = load_manifest(zoo)
     experts = {name: zoo / path for name, path in manifest["experts"].items()}
-    engine = MergeEngine.load(zoo / "base", experts, progress=False)
+    engine = MergeEngine.load(zoo / "base", experts, progress=False,
+                              compile={"auto": "auto", "on": True, "off": False}[args.compile])
     objectives = make_objectives(zoo, manifest["skills"], args.calib_size)
-    recipes = random_recipes(list(experts), args.candidates + 1, args.seed)
+    recipes = random_recipes(list(experts), args.candidates + 2, args.seed)
     scorer = TransformersScorer(engine, objectives, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    scorer.evaluate(recipes[0])  # warm-up: first-call allocations are not per-candidate cost
+    start = time.perf_counter()
+    for warm in recipes[:2]:  # warm-up, one per method: compiles and first-call allocations are once per run
+        scorer.evaluate(warm)
+    warm_s = time.perf_counter() - start
+    recipes = recipes[1:]  # recipes[0] stays the naive loops' warm-up
 
     runs = [scorer.evaluate(r) for r in recipes[1:]]
     failed = [e.reason for e in runs if e.failed]
@@ -138,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     overhead = (med["merge"] + med["swap"]) / med["total"]
     per_hour = 3600 / med["total"]
     print(f"zoo {args.size}: {engine.num_params:,} params, {len(experts)} experts, {len(objectives)} objectives, "
-          f"{args.calib_size} items/skill, {args.threads} threads")
+          f"{args.calib_size} items/skill, {args.threads} threads, fused merge kernels {'on' if engine.fused else 'off'}")
+    print(f"warm-up (2 candidates, once per run: kernel compiles, first allocations): {warm_s:.1f} s")
     print(f"in-place ({len(runs)} candidates, median s): merge {med['merge']:.4f}  swap {med['swap']:.5f}  "
           f"scoring {med['inference']:.3f}  total {med['total']:.3f}  ({med['items_per_s']:.0f} items/s)")
     for method in sorted({r.rules[0].method for r in recipes[1:]}):
