@@ -224,10 +224,10 @@ def _utc(when: datetime | None = None) -> datetime:
 
 
 class RDBTrialStore(TrialStore):
-    """`TrialStore` on PostgreSQL or SQLite, in few round trips: the budget count is one query
-    (no trial rows loaded); a claim is one transaction (the trial moved to RUNNING with its
-    ``worker`` attribute and first heartbeat), one insert of its genome and a count; a finished
-    trial (attributes, values, state) is one transaction.
+    """`TrialStore` on SQLite (and the base of PostgreSQL's, `search._pg_trial_store`), in few
+    round trips: the budget count is one query (no trial rows loaded); a claim is one transaction
+    (the trial moved to RUNNING with its ``worker`` attribute and first heartbeat), one insert of
+    its genome and a count; a finished trial (attributes, values, state) is one transaction.
     The rows are optuna's: same tables, columns and encodings (``tests/search/test_worker_store.py``
     compares them with optuna's own writes)."""
 
@@ -235,44 +235,18 @@ class RDBTrialStore(TrialStore):
         super().__init__(study)
         self.engine = storage.engine
         self.heartbeat = storage.get_heartbeat_interval() is not None
-        self._count_query = _count_query(study._study_id)
-        self._autocommit = (
-            sa.create_engine(self.engine.url, isolation_level="AUTOCOMMIT", pool_size=2)
-            if self.engine.dialect.name == "postgresql" else None
-        )
+        self._count_query = count_query(study._study_id)
         self._upserts = {t.name: _upsert(self.engine.dialect.name, t) for t in (_user_attrs, _system_attrs)}
 
     def counts(self) -> Counts:
         with self._statements() as conn:
-            return self._counts(conn)
+            return tally(conn.execute(self._count_query))
 
     @contextmanager
     def _statements(self) -> Iterator[sa.Connection]:
-        """A connection for statements that need no transaction together: on PostgreSQL one in
-        autocommit mode (no BEGIN and COMMIT round trips; from a pool of its own, as switching a
-        pooled connection's mode costs round trips too), elsewhere a transaction."""
-        if self._autocommit is None:
-            with self.engine.begin() as conn:
-                yield conn
-        else:
-            with self._autocommit.connect() as conn:
-                yield conn
-
-    def _counts(self, conn: sa.Connection) -> Counts:
-        """One statement, so one snapshot of the study (`_count_query`)."""
-        rows, n_complete = [], 0
-        for row in conn.execute(self._count_query):
-            if row[0] is None:
-                n_complete = row[1]
-            else:
-                rows.append(row)
-        retried = {n for *_, history in rows if history is not None for n in json.loads(history)}
-        counted = n_complete + sum(
-            1 for _, number, state, stopped, _ in rows
-            if state != TrialState.COMPLETE and counts_toward_budget(state, number, bool(stopped), retried)
-        )
-        running = frozenset(tid for tid, _, state, _, _ in rows if state == TrialState.RUNNING)
-        return Counts(counted, running, sum(1 for row in rows if row[2] == TrialState.WAITING))
+        """A connection for statements that need no transaction together (SQLite: a transaction)."""
+        with self.engine.begin() as conn:
+            yield conn
 
     def _create(self, user_attrs: Mapping[str, Any]) -> tuple[int, FrozenTrial | None]:
         """optuna's trial creation in one insert (the study's row is locked, so the trial's number,
@@ -296,8 +270,9 @@ class RDBTrialStore(TrialStore):
         )
 
     def _pop(self, user_attrs: Mapping[str, Any]) -> tuple[int, FrozenTrial | None] | None:
-        # optuna's pop (a state write that refuses a trial no longer WAITING) in one statement,
-        # in one transaction with the user attributes, the first heartbeat and the trial's read
+        # optuna's pop (a state write that refuses a trial no longer WAITING) in one statement, in
+        # one transaction with the user attributes, the first heartbeat and the trial's read
+        # (SQLite: one writer at a time; PostgreSQL's pop is one statement, `search._pg_trial_store`)
         start = datetime.now()
         with self.engine.connect() as conn:
             waiting = conn.execute(
@@ -323,32 +298,8 @@ class RDBTrialStore(TrialStore):
 
     @staticmethod
     def _read_queued(conn: sa.Connection, trial_id: int, number: int, start: datetime) -> FrozenTrial | None:
-        """A popped trial as optuna's ``get_trial`` reads it (two queries instead of its six); None
-        for one with intermediate values (none of ours has any), which optuna then reads."""
-        params = conn.execute(
-            sa.select(_params.c.param_name, _params.c.param_value, _params.c.distribution_json)
-            .where(_params.c.trial_id == trial_id).order_by(_params.c.param_id)
-        ).all()
-        attrs: dict[str, dict[str, Any]] = {"user": {}, "system": {}, "intermediate": {}}
-        for kind, key, value_json in conn.execute(sa.union_all(
-            sa.select(sa.literal("user"), _user_attrs.c.key, _user_attrs.c.value_json).where(_user_attrs.c.trial_id == trial_id),
-            sa.select(sa.literal("system"), _system_attrs.c.key, _system_attrs.c.value_json).where(_system_attrs.c.trial_id == trial_id),
-            sa.select(sa.literal("intermediate"), sa.cast(_intermediate.c.step, sa.String), sa.literal("null"))
-            .where(_intermediate.c.trial_id == trial_id),
-        )):
-            attrs[kind][key] = value_json
-        if attrs["intermediate"]:
-            return None
-        distributions = {name: json_to_distribution(dist) for name, _, dist in params}
-        return FrozenTrial(
-            number=number, state=TrialState.RUNNING, value=None, values=None, datetime_start=start,
-            datetime_complete=None,
-            params={name: distributions[name].to_external_repr(value) for name, value, _ in params},
-            distributions=distributions,
-            user_attrs={k: json.loads(v) for k, v in attrs["user"].items()},
-            system_attrs={k: json.loads(v) for k, v in attrs["system"].items()},
-            intermediate_values={}, trial_id=trial_id,
-        )
+        """A popped trial as optuna's ``get_trial`` reads it, in one query instead of its six."""
+        return queued_trial(trial_id, number, start, conn.execute(trial_rows(sa.literal(trial_id))))
 
     def _mark_in(self, conn: sa.Connection, trial_id: int, user_attrs: Mapping[str, Any]) -> None:
         """`TrialStore._mark` inside the claim's transaction."""
@@ -366,7 +317,7 @@ class RDBTrialStore(TrialStore):
                     {"trial_id": trial_id, "param_name": name, "param_value": value, "distribution_json": distribution_to_json(dist)}
                     for name, value, dist in params
                 ])
-            return self._counts(conn)
+            return tally(conn.execute(self._count_query))
 
     def finish(
         self, trial: optuna.Trial, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any],
@@ -384,22 +335,25 @@ class RDBTrialStore(TrialStore):
             state = TrialState.FAIL
         frozen = trial._get_latest_trial()
         study.sampler.after_trial(pruners._filter_study(study, frozen), frozen, state, values)
+        return self._write_finish(trial._trial_id, trial.number, state, user_attrs, system_attrs, values)
+
+    def _write_finish(
+        self, trial_id: int, number: int, state: TrialState, user_attrs: Mapping[str, Any],
+        system_attrs: Mapping[str, Any], values: Sequence[float] | None,
+    ) -> Counts:
+        """State, attributes and values in one transaction, and the counts that follow."""
         with self.engine.begin() as conn:
             # first: takes the row lock, and refuses a trial a heartbeat check failed meanwhile
             if not conn.execute(
-                sa.update(_trials).where(_trials.c.trial_id == trial._trial_id, _trials.c.state == TrialState.RUNNING)
+                sa.update(_trials).where(_trials.c.trial_id == trial_id, _trials.c.state == TrialState.RUNNING)
                 .values(state=state, datetime_complete=_utc())
             ).rowcount:
-                raise UpdateFinishedTrialError(f"trial {trial.number} is no longer RUNNING; it cannot be finished")
-            self._put(conn, _user_attrs, trial._trial_id, user_attrs)
-            self._put(conn, _system_attrs, trial._trial_id, system_attrs)
+                raise _no_longer_running(number)
+            self._put(conn, _user_attrs, trial_id, user_attrs)
+            self._put(conn, _system_attrs, trial_id, system_attrs)
             if values:
-                rows = []
-                for objective, value in enumerate(values):
-                    stored, kind = models.TrialValueModel.value_to_stored_repr(float(value))
-                    rows.append({"trial_id": trial._trial_id, "objective": objective, "value": stored, "value_type": kind})
-                conn.execute(sa.insert(_values), rows)
-            return self._counts(conn)
+                conn.execute(sa.insert(_values), [{"trial_id": trial_id, **row} for row in value_rows(values)])
+            return tally(conn.execute(self._count_query))
 
     def _put(self, conn: sa.Connection, table: sa.Table, trial_id: int, attrs: Mapping[str, Any]) -> None:
         """Upsert attributes in one ``INSERT ... ON CONFLICT DO UPDATE``, as optuna writes one."""
@@ -418,10 +372,11 @@ def _upsert(dialect: str, table: sa.Table) -> sa.Insert:
     return stmt.on_conflict_do_update(index_elements=[table.c.trial_id, table.c.key], set_={"value_json": stmt.excluded.value_json})
 
 
-def _count_query(study_id: int) -> sa.CompoundSelect:
-    """`RDBTrialStore._counts`'s statement: (trial_id, number, state, interrupted, retry_history)
-    per trial that is not COMPLETE (or is interrupted, or is a retry), and one row without a
-    trial_id whose ``number`` is the count of the COMPLETE trials that are not interrupted."""
+def count_query(study_id: int) -> sa.CompoundSelect:
+    """The budget count's statement (read by `tally`): a ``("trial", trial_id, number, state,
+    interrupted, retry_history)`` row per trial that is not COMPLETE (or is interrupted, or is a
+    retry), and one ``("complete", None, n)`` row whose ``n`` counts the COMPLETE trials that are
+    not interrupted."""
     interrupted = (
         sa.exists()
         .where(_user_attrs.c.trial_id == _trials.c.trial_id, _user_attrs.c.key == "interrupted",
@@ -430,21 +385,92 @@ def _count_query(study_id: int) -> sa.CompoundSelect:
     history = _system_attrs.alias("history")
     complete = _trials.c.state == TrialState.COMPLETE
     rows = (
-        sa.select(_trials.c.trial_id, _trials.c.number, _trials.c.state, interrupted, history.c.value_json)
+        sa.select(sa.literal("trial"), _trials.c.trial_id, _trials.c.number, _trials.c.state, interrupted, history.c.value_json)
         .select_from(_trials.outerjoin(history, sa.and_(history.c.trial_id == _trials.c.trial_id, history.c.key == "retry_history")))
         .where(_trials.c.study_id == study_id, sa.or_(~complete, interrupted, history.c.value_json.is_not(None)))
     )
     n_complete = (
-        sa.select(sa.null(), sa.func.count(), sa.null(), sa.null(), sa.null())
+        sa.select(sa.literal("complete"), sa.null(), sa.func.count(), sa.null(), sa.null(), sa.null())
         .select_from(_trials)
         .where(_trials.c.study_id == study_id, complete, ~interrupted)
     )
     return sa.union_all(rows, n_complete)
 
 
-def trial_store(study: optuna.Study, storage: optuna.storages.BaseStorage) -> TrialStore:
-    """The batched store for a PostgreSQL or SQLite ledger, optuna's API otherwise (the journal
-    file, other databases)."""
-    if isinstance(storage, RDBStorage) and storage.engine.dialect.name in _UPSERT:
-        return RDBTrialStore(study, storage)
-    return TrialStore(study)
+def tally(rows: Iterable[Sequence[Any]], finished: tuple[int, TrialState] | None = None) -> Counts:
+    """The `Counts` of `count_query`'s rows, one snapshot of the study. ``finished``: a trial the
+    same statement moved from RUNNING to this state (a statement does not see its own writes),
+    counted as the snapshot right after it would count it: a trial finished by its worker counts
+    (its retry cannot exist: a retry exists only once a heartbeat check failed it, and then the
+    worker's finish is refused)."""
+    trials, n_complete = [], 0
+    for kind, trial_id, number, state, stopped, history in rows:
+        if kind == "complete":
+            n_complete = number
+        elif kind == "trial":
+            trials.append((trial_id, number, state, bool(stopped), history))
+    if finished is not None:
+        trials = [row for row in trials if row[0] != finished[0]]
+        n_complete += 1
+    retried = {n for *_, history in trials if history is not None for n in json.loads(history)}
+    counted = n_complete + sum(
+        1 for _, number, state, stopped, _ in trials
+        if state != TrialState.COMPLETE and counts_toward_budget(state, number, stopped, retried)
+    )
+    running = frozenset(tid for tid, _, state, _, _ in trials if state == TrialState.RUNNING)
+    return Counts(counted, running, sum(1 for row in trials if row[2] == TrialState.WAITING))
+
+
+def trial_rows(trial_id: sa.ColumnElement[int]) -> sa.CompoundSelect:
+    """What a popped trial needs read (`queued_trial`): ``(kind, key, text, value, seq)`` rows, one
+    per parameter (name, distribution JSON, internal value, param_id), user and system attribute
+    (key, value JSON) and intermediate value (step) of the trial ``trial_id`` (a literal, or a
+    column of the statement's own pop)."""
+    return sa.union_all(
+        sa.select(sa.literal("param"), _params.c.param_name, _params.c.distribution_json, _params.c.param_value, _params.c.param_id)
+        .where(_params.c.trial_id == trial_id),
+        *(
+            sa.select(sa.literal(kind), table.c.key, table.c.value_json, sa.cast(sa.null(), sa.Float), sa.literal(0))
+            .where(table.c.trial_id == trial_id)
+            for kind, table in (("user", _user_attrs), ("system", _system_attrs))
+        ),
+        sa.select(sa.literal("intermediate"), sa.cast(_intermediate.c.step, sa.String), sa.null(), sa.cast(sa.null(), sa.Float), sa.literal(0))
+        .where(_intermediate.c.trial_id == trial_id),
+    )
+
+
+def queued_trial(trial_id: int, number: int, start: datetime, rows: Iterable[Sequence[Any]]) -> FrozenTrial | None:
+    """The RUNNING trial optuna's ``get_trial`` would read from `trial_rows`; None for one with
+    intermediate values (none of ours has any), which optuna then reads itself."""
+    params: list[tuple[int, str, str, float]] = []
+    attrs: dict[str, dict[str, Any]] = {"user": {}, "system": {}}
+    for kind, key, text, value, seq in rows:
+        if kind == "param":
+            params.append((seq, key, text, value))
+        elif kind == "intermediate":
+            return None
+        elif kind in attrs:
+            attrs[kind][key] = json.loads(text)
+    params.sort()
+    distributions = {name: json_to_distribution(dist) for _, name, dist, _ in params}
+    return FrozenTrial(
+        number=number, state=TrialState.RUNNING, value=None, values=None, datetime_start=start,
+        datetime_complete=None,
+        params={name: distributions[name].to_external_repr(value) for _, name, _, value in params},
+        distributions=distributions, user_attrs=attrs["user"], system_attrs=attrs["system"],
+        intermediate_values={}, trial_id=trial_id,
+    )
+
+
+def value_rows(values: Sequence[float]) -> list[dict[str, Any]]:
+    """A finished trial's ``trial_values`` rows (objective, stored value, value type), as optuna
+    encodes them (infinities as a type with no value)."""
+    rows = []
+    for objective, value in enumerate(values):
+        stored, kind = models.TrialValueModel.value_to_stored_repr(float(value))
+        rows.append({"objective": objective, "value": stored, "value_type": kind})
+    return rows
+
+
+def _no_longer_running(number: int) -> UpdateFinishedTrialError:
+    return UpdateFinishedTrialError(f"trial {number} is no longer RUNNING; it cannot be finished")

@@ -50,7 +50,8 @@ from ._optimizers import CoordinatedOptimizer, Failure, Optimizer, OptunaOptimiz
 from ._optimizers._base import genome_distributions
 from ._space import SearchSpace
 from ._study_watch import TrialLike, study_watch
-from ._worker_store import Claim, Counts, counted_and_running, counts_toward_budget, retried_numbers, trial_store
+from ._pg_trial_store import trial_store
+from ._worker_store import Claim, Counts, counted_and_running, counts_toward_budget, retried_numbers
 
 
 @dataclass

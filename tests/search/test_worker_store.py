@@ -1,9 +1,11 @@
-"""A worker's batched claims, finishes and budget counts (`search._worker_store`) on a real SQLite
-database: the rows it writes must read back exactly as optuna's own API writes them, and its
-three-query budget count must agree with the count over loaded trials."""
+"""A worker's batched claims, finishes and budget counts on real SQLite (`search._worker_store`)
+and PostgreSQL (`search._pg_trial_store`, one statement per step) databases: the rows it writes
+must read back exactly as optuna's own API writes them, and its one-query budget count must
+agree with the count over loaded trials."""
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from evomerge.search._worker_store import RDBTrialStore, TrialStore, trial_store
+from evomerge.search._pg_trial_store import PostgresTrialStore, trial_store
+from evomerge.search._worker_store import RDBTrialStore, TrialStore
 
 DISTRIBUTIONS = {
     **{f"w{i}": FloatDistribution(0.0, 1.0) for i in range(12)},
@@ -23,31 +26,42 @@ DISTRIBUTIONS = {
 }
 
 
-def _storage(path: Path) -> optuna.storages.RDBStorage:
+STORES = {"sqlite": RDBTrialStore, "postgresql": PostgresTrialStore}
+
+
+@pytest.fixture(params=sorted(STORES))
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> optuna.storages.RDBStorage:
+    """A heartbeat storage on a SQLite file, or on the session's PostgreSQL database (each test
+    names its studies apart)."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
-            f"sqlite:///{path}", heartbeat_interval=60, grace_period=120,
+            url, heartbeat_interval=60, grace_period=120,
             failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
         )
 
 
 def _study(storage: optuna.storages.RDBStorage, name: str) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(storage=storage, study_name=name, directions=["maximize", "minimize"],
+    return optuna.create_study(storage=storage, study_name=f"{name}-{uuid.uuid4().hex[:8]}", directions=["maximize", "minimize"],
                                sampler=optuna.samplers.RandomSampler(seed=7))
+
+
+def _store(study: optuna.Study, storage: optuna.storages.RDBStorage) -> RDBTrialStore:
+    store = trial_store(study, storage)
+    assert type(store) is STORES[storage.engine.dialect.name]
+    return store
 
 
 def _comparable(t: optuna.trial.FrozenTrial) -> tuple:
     return (t.number, t.state, t.params, t.distributions, t.user_attrs, t.system_attrs, t.values)
 
 
-def test_batched_store_writes_the_rows_optuna_writes(tmp_path: Path) -> None:
-    storage = _storage(tmp_path / "ledger.db")
+def test_batched_store_writes_the_rows_optuna_writes(storage: optuna.storages.RDBStorage) -> None:
     batched, plain = _study(storage, "batched"), _study(storage, "plain")
-    assert isinstance(trial_store(batched, storage), RDBTrialStore)
     attrs = {"objectives": {"a": 0.5, "b": 2.0}, "recipe": "{}", "timings": {"evaluate": 1.5}, "worker": "w1"}
-    for study, store in ((batched, RDBTrialStore(batched, storage)), (plain, None)):
+    for study, store in ((batched, _store(batched, storage)), (plain, None)):
         study.enqueue_trial({"w0": 0.25, "kind": "dare"}, user_attrs={"candidate": 3})
         for values in ([0.5, 2.0], [float("inf"), -1.0], None):  # the last one failed
             if store is not None:
@@ -74,10 +88,9 @@ def test_batched_store_writes_the_rows_optuna_writes(tmp_path: Path) -> None:
     assert beats == 3
 
 
-def test_claims_pop_the_queue_and_refuse_finished_trials(tmp_path: Path) -> None:
-    storage = _storage(tmp_path / "ledger.db")
+def test_claims_pop_the_queue_and_refuse_finished_trials(storage: optuna.storages.RDBStorage) -> None:
     study = _study(storage, "queue")
-    store = RDBTrialStore(study, storage)
+    store = _store(study, storage)
     assert store.claim(DISTRIBUTIONS, {}, pop=True, fresh=False) is None  # nothing queued, no fresh trial
     assert study.get_trials() == []
     study.enqueue_trial({"w1": 0.5})
@@ -92,8 +105,7 @@ def test_claims_pop_the_queue_and_refuse_finished_trials(tmp_path: Path) -> None
         store.finish(fresh.trial, {"objectives": {}}, {}, [1.0, 1.0])
 
 
-def test_budget_counts_agree_with_the_loaded_trials(tmp_path: Path) -> None:
-    storage = _storage(tmp_path / "ledger.db")
+def test_budget_counts_agree_with_the_loaded_trials(storage: optuna.storages.RDBStorage) -> None:
     study = _study(storage, "counts")
     complete = [study.ask(DISTRIBUTIONS) for _ in range(3)]
     for t in complete:
@@ -104,7 +116,7 @@ def test_budget_counts_agree_with_the_loaded_trials(tmp_path: Path) -> None:
     study.tell(interrupted, state=TrialState.FAIL)
     stale = study.ask(DISTRIBUTIONS)  # failed by a heartbeat check: counts until its retry exists
     study.tell(stale, state=TrialState.FAIL)
-    plain, batched = TrialStore(study), RDBTrialStore(study, storage)
+    plain, batched = TrialStore(study), _store(study, storage)
     assert plain.counts() == batched.counts() and batched.counts().counted == 5
     optuna.storages.RetryFailedTrialCallback(max_retry=1)(study, study.get_trials()[stale.number])
     running = study.ask(DISTRIBUTIONS)  # pops the retry
