@@ -108,9 +108,8 @@ def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats
                hi: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor,
                k1: torch.Tensor, start: torch.Tensor, lam: torch.Tensor, seg: torch.Tensor | None = None):
         if packed:
-            lo, hi, coef, weight, bound, k0, k1 = (t[:, seg, None] for t in (lo, hi, coef, weight, bound, k0, k1))
-            rows = torch.arange(seg.shape[0], dtype=torch.int32, device=seg.device)
-            start = (start[seg] + rows * out.shape[-1])[:, None]
+            (lo, hi, coef, weight, bound, k0, k1), start = _per_row((lo, hi, coef, weight, bound, k0, k1), start, seg,
+                                                                    out.shape[-1])
         ts = _sparsified(kinds, deltas, lo, hi, bound, k0, k1, start)
         if not consensus:  # linear_combine: coef = rescale * w * lambda / divisor
             merged = ts[0] * coef[0]
@@ -144,14 +143,25 @@ def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats
     return kernel
 
 
-def _make_l1_kernel(count: int) -> Callable:
-    """Pass 1 of mergekit's L1 rescale: the kept L1 (fp64) of `count` DARE experts' masked chunks."""
+def _per_row(tables: Sequence[torch.Tensor], start: torch.Tensor, seg: torch.Tensor,
+             block: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Packed kernels: each (experts, segments) table as (experts, rows, 1) through each row's segment,
+    and each row's first element index within its own tensor, as (rows, 1)."""
+    rows = torch.arange(seg.shape[0], dtype=torch.int32, device=seg.device)
+    return [t[:, seg, None] for t in tables], (start[seg] + rows * block)[:, None]
+
+
+def _make_l1_kernel(count: int, packed: bool = False) -> Callable:
+    """Pass 1 of mergekit's L1 rescale: the kept L1 (fp64) of `count` DARE experts' masked chunks;
+    `packed`: per row of a (rows, block) chunk (see `_make_kernel`), summed per tensor by the caller."""
     kinds = ("dare",) * count
 
     def kernel(deltas: list[torch.Tensor], bound: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor,
-               start: torch.Tensor) -> torch.Tensor:
+               start: torch.Tensor, seg: torch.Tensor | None = None) -> torch.Tensor:
+        if packed:
+            (bound, k0, k1), start = _per_row((bound, k0, k1), start, seg, deltas[0].shape[-1])
         ts = _sparsified(kinds, deltas, bound, bound, bound, k0, k1, start)
-        return torch.stack([t.double().abs().sum() for t in ts])
+        return torch.stack([t.double().abs().sum(-1) for t in ts])
 
     return kernel
 
@@ -355,9 +365,11 @@ class PackedGta:
         joined: list[tuple[int, GtaPlan, Sequence[int]]] = []
         first: GtaPlan | None = None
         for s, item in enumerate(segments):
-            if item is None or not isinstance(item[0], GtaPlan) or item[0].pending_rescale is not None:
+            if item is None or not isinstance(item[0], GtaPlan):
                 continue
             plan, experts = item
+            if plan.pending_rescale is not None and plan.pending_rescale[0] is None:
+                continue  # no tables, so no |d|_1: the per-tensor path computes it
             if any(type(spec) not in _SPEC_KIND for spec in plan.specs if not spec.zero):
                 continue  # DELLA's per-entry probabilities: the per-tensor path
             if first is None:
@@ -384,17 +396,26 @@ class PackedGta:
         nothing = _encode(_ZERO, torch.float32) + (0.0, 0.0)
         values = {name: [[v] * n_seg for _ in live] for name, v in zip(fields, nothing)}
         handled = [False] * n_seg
+        before = [[0.0] * n_seg for _ in live]  # |d|_1 of the cells whose L1 rescale is pending, else 0
         for s, plan, experts in joined:
             handled[s] = True
-            for spec, w, e, flat in zip(plan.specs, plan.weights, experts, plan.flats):
+            tables = plan.pending_rescale[0] if plan.pending_rescale is not None else None
+            for i, (spec, w, e, flat) in enumerate(zip(plan.specs, plan.weights, experts, plan.flats)):
                 if spec.zero or w == 0:
                     continue
                 coef = float(spec.rescale) * (w if plan.consensus else w * plan.scale)
                 for name, v in zip(fields, _encode(spec, flat.dtype) + (coef, w)):
                     values[name][row[e]][s] = v
+                if tables is not None and spec.random:
+                    before[row[e]][s] = float(tables[i].l1)
         device = row_starts.device
-        tables = {name: torch.tensor(v, dtype=torch.int32 if name in ("bound", "k0", "k1") else torch.float32,
-                                     device=device) for name, v in values.items()}
+        pending = any(any(r) for r in before)
+        dtypes = {"bound": torch.int32, "k0": torch.int32, "k1": torch.int32,
+                  "coef": torch.float64 if pending else torch.float32}  # rescaled first, rounded after
+        tables = {name: torch.tensor(v, dtype=dtypes.get(name, torch.float32), device=device)
+                  for name, v in values.items()}
+        if pending:
+            tables["before"] = torch.tensor(before, dtype=torch.float64, device=device)
         return cls(handled, live, kinds, first.consensus, first.normalize, tables, first.lambda_, row_starts)
 
     def apply(self, out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor], segment: torch.Tensor,
@@ -405,8 +426,10 @@ class PackedGta:
         `segment`: each row's segment (int32); `chunk`: entries per call (rounded to whole rows).
         Returns (changed entries, fp64 L1 of the merged task vector) when `stats`, else None.
         Raises `FusedUnavailable` (before writing anything) when the kernel cannot be compiled."""
-        t = self.tables
         deltas = [deltas[e] for e in self.experts]
+        if "before" in self.tables:
+            self._l1_rescale(deltas, segment, chunk)
+        t = self.tables
         block = out.shape[1]
         key = ("packed", self.kinds, self.consensus, self.normalize, stats, tuple(d.dtype for d in deltas),
                base.dtype, out.dtype)
@@ -420,6 +443,29 @@ class PackedGta:
                 nnz = result[0] if nnz is None else nnz + result[0]
                 l1 = result[1] if l1 is None else l1 + result[1]
         return (nnz, l1) if stats else None
+
+    def _l1_rescale(self, deltas: Sequence[torch.Tensor], segment: torch.Tensor, chunk: int) -> None:
+        """mergekit's L1 rescale of the pending DARE cells, as `FusedGta._fused_l1_rescale` per tensor:
+        pass 1 sums each row's kept |x| in fp64 (one kernel call per chunk), rows are added up per
+        tensor, and the fp32 factor `|d|_1 / kept` (1 when either < 1e-7) multiplies the coefficient."""
+        t = self.tables
+        dare = [r for r, kind in enumerate(self.kinds) if kind == "dare"]
+        block = deltas[0].shape[1]
+        kept = torch.zeros(len(dare), t["before"].shape[1], dtype=torch.float64, device=segment.device)
+        key = ("l1-packed", len(dare), tuple(deltas[r].dtype for r in dare))
+        bound, k0, k1 = (t[name][dare] for name in ("bound", "k0", "k1"))
+        for lo, hi in chunks(segment.shape[0], max(1, chunk // block)):
+            rows = _call(key, lambda: _make_l1_kernel(len(dare), packed=True), [deltas[r][lo:hi] for r in dare],
+                         bound, k0, k1, (lo - self.row_starts) * block, segment[lo:hi])
+            kept.index_add_(1, segment[lo:hi].long(), rows)
+        before = t["before"][dare]
+        ok = (before >= _EPS) & (kept >= _EPS)
+        factor = torch.where(ok, before / torch.where(ok, kept, 1), 1).to(torch.float32)
+        coef = t["coef"].clone()
+        coef[dare] = torch.where(before > 0, coef[dare] * factor.double(), coef[dare])
+        t["coef"] = coef.float()
+        del t["before"]
+
 
 def _keep_above(threshold: float, dtype: torch.dtype) -> float:
     """The hardshrink bound of `prune_magnitude`: keep `|x| > result` (-1 keeps all, inf keeps none)."""

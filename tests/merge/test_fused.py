@@ -147,10 +147,11 @@ PER_LAYER = [
 ]
 
 
-@pytest.mark.parametrize("case", ["per_layer", "dare_paper", "keep_base_groups"])
+@pytest.mark.parametrize("case", ["per_layer", "dare_paper", "dare_mergekit", "keep_base_groups"])
 def test_packed_small_tensors_equal_eager(engines: tuple[MergeEngine, MergeEngine], case: str) -> None:
-    """Per-layer parameters, mixed methods, experts missing from a rule, DARE drawn per tensor index,
-    and groups without a rule (their base is kept): the packed arena merges each exactly as eager."""
+    """Per-layer parameters, mixed methods, experts missing from a rule, DARE drawn per tensor index
+    and rescaled per tensor, and groups without a rule (their base is kept): the packed arena merges
+    each exactly as eager."""
     fused, _ = engines
     if os.environ.get("EVOMERGE_COMPILE") == "0":
         pytest.skip("EVOMERGE_COMPILE=0 forces the eager path")
@@ -160,6 +161,11 @@ def test_packed_small_tensors_equal_eager(engines: tuple[MergeEngine, MergeEngin
         recipe = MergeRecipe(rules=[GroupRule(method="dare_ties", experts={
             "a": ExpertParams(weight=0.7, density=0.4), "b": ExpertParams(weight=0.5, density=0.8)})],
             rescale="paper", seed=5, trial=11)
+    elif case == "dare_mergekit":  # the L1 rescale: kept L1 per tensor from the packed pass 1
+        recipe = MergeRecipe(rules=[GroupRule(method="dare_linear", experts={
+            "a": ExpertParams(weight=0.7, density=0.4), "b": ExpertParams(weight=0.5, density=0.8)}),
+            GroupRule(layers=[1], method="dare_linear", experts={"b": ExpertParams(weight=0.9, density=0.2)})],
+            seed=6, trial=2)
     else:
         recipe = MergeRecipe(rules=[GroupRule(layers=[0], method="ties", experts={
             "a": ExpertParams(weight=0.6, density=0.5), "b": ExpertParams(weight=0.3, density=0.7)})])
