@@ -335,9 +335,10 @@ def _shared_kind(kinds: set[str]) -> str | None:
 class PackedGta:
     """Many small tensors' `GtaPlan`s merged by ONE fused kernel call over their packed storage.
 
-    The caller packs the tensors end to end (base, each expert's task vector, the output: one flat
-    buffer each) and passes one plan per segment; per-expert values become (experts, segments)
-    tables that the kernel looks up through each entry's segment id. Values are exactly those of the
+    The caller packs the tensors row-aligned (`merge/_packed.py`: base, each expert's task vector and
+    the output, one (rows, block) buffer each) and passes one plan per segment (tensor); per-expert
+    values become (experts, segments) tables that the kernel looks up through each row's segment
+    id. Values are exactly those of the
     per-tensor kernel (`FusedGta`): the same encodings, the same arithmetic, DARE hashed on each
     tensor's own element index. A segment whose plan cannot join (no plan: keep the base; another
     method; mergekit's pending L1 rescale; other lambda/normalize/consensus) gets zero coefficients,
