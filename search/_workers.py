@@ -12,7 +12,9 @@ Each worker process owns a scorer (one GPU) and loops: claim a trial, evaluate, 
   optimizer what the ledger finished. Workers only pop those queued trials.
 
 **Budget rule** (exact across workers): a trial counts when `Ledger.finished` counts it. A worker
-claims only while ``counted + running < budget``, then re-reads the counts and keeps its claim
+claims only after a look at the counts saw ``counted + running < budget`` (a coordinated worker
+that saw room but an empty queue pops after its poll without a new look), then re-reads the
+counts and keeps its claim
 only if ``counted + (RUNNING trials other than its own) + 1 <= budget``; otherwise it gives the
 claim back (failed as ``interrupted``, a queued trial re-queued) and backs off. Of any set of
 kept claims, the last to check saw all the others, so kept claims never exceed the budget; the
@@ -35,7 +37,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Collection, Literal, Sequence
 
 import optuna
 from optuna.storages import RDBStorage, RetryFailedTrialCallback, fail_stale_trials
@@ -100,36 +102,43 @@ def study_state(trials: Sequence[TrialLike], max_retry: int) -> tuple[list[Trial
 
     Each step of a candidate's lineage (enqueue, claim, fail, retry/requeue) moves it between
     owned states or to final, never through "neither", so whatever moment the snapshot is taken
-    the coordinator and the study never both re-queue a candidate. Left: a process that dies
-    *between* failing a trial and re-queueing it (two storage writes) leaves that candidate owned
-    and never run; the coordinator keeps it pending (not told).
+    the coordinator and the study never both re-queue a candidate. A process that dies *between*
+    failing a trial by heartbeat and re-queueing it (two storage writes) would leave that
+    candidate owned and never run: the coordinator re-queues such an attempt itself once it has
+    waited ``grace`` seconds for its retry (`Coordinator`, `awaiting_retry`).
     """
     retried = retried_numbers(trials)
     requeued = {t.user_attrs["requeued_from"] for t in trials if "requeued_from" in t.user_attrs}
+    awaiting = {t.number for t in awaiting_retry(trials, max_retry, retried)}
     owned: set[int] = set()
-    awaiting: set[int] = set()  # trial numbers failed by a heartbeat check, retry on the way
     for t in trials:
         cid = t.user_attrs.get("candidate")
         if cid is None:
             continue
-        if t.state in (TrialState.WAITING, TrialState.RUNNING):
+        if t.state in (TrialState.WAITING, TrialState.RUNNING) or t.number in awaiting:
             owned.add(int(cid))
-        elif t.state == TrialState.FAIL:
-            if t.user_attrs.get("interrupted", False):
-                if t.number not in requeued:
-                    owned.add(int(cid))
-            elif (
-                "failure" not in t.user_attrs and t.number not in retried
-                and len(t.system_attrs.get("retry_history", ())) < max_retry
-            ):
-                owned.add(int(cid))  # failed by a heartbeat check; its retry is on the way
-                awaiting.add(t.number)
+        elif t.state == TrialState.FAIL and t.user_attrs.get("interrupted", False) and t.number not in requeued:
+            owned.add(int(cid))
     final = [
         t for t in trials
         if counts_toward_budget(t.state, t.number, bool(t.user_attrs.get("interrupted", False)), retried)
         and t.number not in awaiting
     ]
     return final, owned
+
+
+def awaiting_retry(trials: Sequence[TrialLike], max_retry: int, retried: Collection[int] | None = None) -> list[TrialLike]:
+    """The candidates' attempts failed by a heartbeat check (FAIL, no ``failure`` attribute) that
+    no trial retries yet and that have retries left: optuna's `RetryFailedTrialCallback` re-queues
+    one right after failing it, in the process that failed it. ``retried``: `retried_numbers` of
+    ``trials``, when known."""
+    retried = retried_numbers(trials) if retried is None else retried
+    return [
+        t for t in trials
+        if t.state == TrialState.FAIL and "candidate" in t.user_attrs and not t.user_attrs.get("interrupted", False)
+        and "failure" not in t.user_attrs and t.number not in retried
+        and len(t.system_attrs.get("retry_history", ())) < max_retry
+    ]
 
 
 class _Heartbeat:
@@ -162,13 +171,16 @@ class Coordinator:
 
     def __init__(
         self, space: SearchSpace, optimizer: CoordinatedOptimizer, ledger: Ledger, lease: Lease,
-        *, budget: int, queue: int, poll: float, renew_every: float,
+        *, budget: int, queue: int, poll: float, renew_every: float, grace: float,
     ) -> None:
         """``renew_every``: seconds between lease renewals, and between a waiting coordinator's
         attempts to take the lease (a quarter of the lease's ttl: every renewal is a committed
-        write, and a lease renewed more often than it can expire is no safer)."""
+        write, and a lease renewed more often than it can expire is no safer). ``grace``: seconds
+        a heartbeat failure may wait for its retry before the coordinator re-queues it itself (the
+        failing process re-queues it milliseconds after failing it, unless it died in between)."""
         self.space, self.optimizer, self.ledger, self.lease = space, optimizer, ledger, lease
-        self.budget, self.queue, self.poll, self.renew_every = budget, queue, poll, renew_every
+        self.budget, self.queue, self.poll, self.renew_every, self.grace = budget, queue, poll, renew_every, grace
+        self._awaiting: dict[int, float] = {}  # trial id -> when this coordinator first saw it await its retry
         self.error: BaseException | None = None
         self.watch = study_watch(ledger.study, ledger.storage)
         self.store = trial_store(ledger.study, ledger.storage)
@@ -199,6 +211,7 @@ class Coordinator:
         # second, and the candidate would be queued twice (once here, once by the retry)
         trials = self.watch.trials()
         final, owned = study_state(trials, self._max_retry())
+        self._note_awaiting(trials)
         counted = counted_and_running(trials)[0]
         opt.bind(self.space, ledger, budget=self.budget, batch_size=self.queue, finished=final)
         for cand in opt.outstanding():
@@ -218,6 +231,8 @@ class Coordinator:
             if trials is not None:
                 counted = counted_and_running(trials)[0]
                 self._tell(study_state(trials, self._max_retry())[0])
+                self._note_awaiting(trials)
+            self._retry_orphans()
             # also on stop: the worker stops once the budget is counted, and the last results
             # must still reach the optimizer (and its checkpoint)
             if counted >= self.budget or stop.is_set():
@@ -239,6 +254,26 @@ class Coordinator:
         if isinstance(callback, RetryFailedTrialCallback):
             return 1_000_000 if callback._max_retry is None else int(callback._max_retry)
         return 0
+
+    def _note_awaiting(self, trials: Sequence[TrialLike]) -> None:
+        """Remember since when each heartbeat failure of a snapshot awaits its retry."""
+        now = time.monotonic()
+        self._awaiting = {t._trial_id: self._awaiting.get(t._trial_id, now) for t in awaiting_retry(trials, self._max_retry())}
+
+    def _retry_orphans(self) -> None:
+        """Re-queue, as the storage's retry callback would have, the heartbeat failures that
+        awaited their retry for ``grace`` seconds: the process that failed them died before
+        re-queueing them. Checked again on a fresh read of the study first, so a retry that
+        appeared meanwhile is not doubled."""
+        now = time.monotonic()
+        if not any(now - since >= self.grace for since in self._awaiting.values()):
+            return
+        self._note_awaiting(self.watch.trials())
+        callback = self.ledger.storage.get_heartbeat_stale_trial_callback()  # type: ignore[attr-defined]
+        for trial_id, since in list(self._awaiting.items()):
+            if now - since >= self.grace:
+                callback(self.ledger.study, self.ledger.storage.get_trial(trial_id))
+                del self._awaiting[trial_id]
 
     def _tell(self, final: Sequence[TrialLike]) -> None:
         """Tell the optimizer the final trials of its pending candidates, then checkpoint."""
@@ -284,6 +319,7 @@ def run_worker(
         lease = make_lease(ledger, worker_id, ttl=lease_ttl)
         coordinator = Coordinator(
             space, optimizer, ledger, lease, budget=budget_evals, queue=queue, poll=poll, renew_every=lease_ttl / 4,
+            grace=lease_ttl,
         )
         coordinator_thread = threading.Thread(target=coordinator.run, args=(stop,), name="coordinator", daemon=True)
         coordinator_thread.start()
@@ -303,24 +339,32 @@ def run_worker(
     signals = _Signals()
     claim: Claim | None = None
     counts: Counts | None = None  # the last finish's, while nothing else happened since
+    room = False  # the last look saw budget room but an empty queue: the next pop needs no new look
     try:
         with signals.installed():
             while True:
                 if coordinator is not None and coordinator.error is not None:
                     raise coordinator.error
                 t0 = time.perf_counter()
-                if stale_check() or counts is None:
+                if stale_check() or (counts is None and not room):
                     counts = store.counts()
-                if counts.counted >= budget_evals:
-                    break
-                if counts.counted + len(counts.running) >= budget_evals or (coordinated and not counts.waiting):
-                    time.sleep(poll)  # work in flight elsewhere may finish, or go stale and return
-                    counts = None
-                    continue
+                if counts is not None:
+                    if counts.counted >= budget_evals:
+                        break
+                    if counts.counted + len(counts.running) >= budget_evals or (coordinated and not counts.waiting):
+                        # work in flight elsewhere may finish, or go stale and return; or the
+                        # coordinator refills the queue: then pop at once (the claim's second look
+                        # keeps the budget exact; this look only spares claims bound to go back)
+                        room = coordinated and counts.counted + len(counts.running) < budget_evals
+                        time.sleep(poll)
+                        counts = None
+                        continue
                 with signals.deferred():
                     # coordinated optimizers queue every candidate: their workers only pop
-                    claim = store.claim(distributions, {"worker": worker_id}, pop=counts.waiting > 0, fresh=not coordinated)
-                counts = None
+                    claim = store.claim(
+                        distributions, {"worker": worker_id}, pop=counts is None or counts.waiting > 0, fresh=not coordinated,
+                    )
+                counts, room = None, False
                 if claim is None:  # another worker popped the last queued trial first
                     time.sleep(random.uniform(0, poll))
                     continue
