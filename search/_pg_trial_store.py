@@ -26,6 +26,7 @@ SQLite keeps `RDBTrialStore`'s path (it has one writer at a time and no writes i
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Iterator, Mapping, Sequence
@@ -52,6 +53,7 @@ class PostgresTrialStore(RDBTrialStore):
         # statements that are their own transaction: no BEGIN and COMMIT round trips (a pool of
         # its own, as switching a pooled connection's mode costs round trips too)
         self._autocommit = sa.create_engine(self.engine.url, isolation_level="AUTOCOMMIT", pool_size=2)
+        self._looks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="second-look")
         sid = study._study_id
         self._pop_query = _pop_query(sid, self.heartbeat)
         self._claim_query = count_query(sid).add_cte(_insert_from(_params, ("trial_id", "param_name", "param_value", "distribution_json"), None))
@@ -74,6 +76,16 @@ class PostgresTrialStore(RDBTrialStore):
         if known is not None:  # the statement's read predates its own attribute writes
             known.user_attrs.update(user_attrs)
         return trial_id, known
+
+    def _second_look(self, trial_id: int, params: list[tuple[str, float, BaseDistribution]], queued: bool) -> Future[Counts]:
+        """A queued trial's genome and second look run on the store's thread while the worker
+        decodes and evaluates (its round trip, a few ms on busy cores, is then off the worker's
+        path); the worker checks the look before the finish. A queued trial's genome is also in
+        its ``fixed_params``, so a worker killed before the write leaves a retry that needs none;
+        a fresh trial's genome is written before the claim returns."""
+        if not queued:
+            return super()._second_look(trial_id, params, queued)
+        return self._looks.submit(self._write_claim, trial_id, params)
 
     def _write_claim(self, trial_id: int, params: list[tuple[str, float, BaseDistribution]]) -> Counts:
         # no state check: this worker moved the trial to RUNNING a moment ago with its first

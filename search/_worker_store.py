@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -73,8 +74,14 @@ class Claim:
 
     trial: optuna.Trial
     queued: bool
-    counts: Counts
-    """the budget counts read once the claim was written (the budget rule's second look)"""
+    look: Future[Counts]
+    """the budget counts read once the claim and its genome were written (the budget rule's second
+    look); PostgreSQL's store reads it while a queued trial is evaluated (`search._pg_trial_store`)"""
+
+    @property
+    def counts(self) -> Counts:
+        """The second look (waits for it)."""
+        return self.look.result()
 
     @property
     def trial_id(self) -> int:
@@ -152,7 +159,13 @@ class TrialStore:
                 trial._suggest(name, distribution)  # what study.ask does: fixed, relative or independent
         finally:
             trial.storage = study._storage
-        return Claim(trial, queued, self._write_claim(trial_id, storage.params))
+        return Claim(trial, queued, self._second_look(trial_id, storage.params, queued))
+
+    def _second_look(self, trial_id: int, params: list[tuple[str, float, BaseDistribution]], queued: bool) -> Future[Counts]:
+        """`_write_claim`, done by the time it returns."""
+        look: Future[Counts] = Future()
+        look.set_result(self._write_claim(trial_id, params))
+        return look
 
     def _create(self, user_attrs: Mapping[str, Any]) -> tuple[int, FrozenTrial | None]:
         """A new RUNNING trial with ``user_attrs`` and its first heartbeat: its id, and the trial

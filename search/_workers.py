@@ -36,6 +36,7 @@ import random
 import threading
 import time
 import zlib
+from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Literal, Sequence
 
@@ -371,7 +372,19 @@ def run_worker(
                 if beat is not None:
                     beat.trial_id = claim.trial_id
                 try:
-                    reason = _keep_claim(claim, budget_evals, coordinated)
+                    # the second look may still be on its way (PostgreSQL reads it while a queued
+                    # trial evaluates): then it is checked after the evaluation, before the finish
+                    looked = claim.look.done()
+                    reason = _keep_claim(claim, budget_evals, coordinated, look=looked)
+                    if reason is None:
+                        trial = claim.trial
+                        key = trial.number if claim.candidate is None else claim.candidate
+                        recipe = space.decode(space.from_params(trial.params), seed=seed, trial=key)
+                        pre = time.perf_counter() - t0
+                        evaluation, eval_seconds = evaluate_guarded(scorer, recipe)
+                        t2 = time.perf_counter()
+                        if not looked:
+                            reason = _keep_claim(claim, budget_evals, coordinated)
                     if reason is not None:
                         with signals.deferred():
                             # a queued trial without a candidate cannot be told to a coordinator: dropped
@@ -381,12 +394,6 @@ def run_worker(
                         result.gave_back += 1
                         time.sleep(random.uniform(0, poll))  # break the symmetry of a collision
                         continue
-                    trial = claim.trial
-                    key = trial.number if claim.candidate is None else claim.candidate
-                    recipe = space.decode(space.from_params(trial.params), seed=seed, trial=key)
-                    pre = time.perf_counter() - t0
-                    evaluation, eval_seconds = evaluate_guarded(scorer, recipe)
-                    t2 = time.perf_counter()
                     values, _, _, attrs = finished_attrs(ledger, recipe, evaluation, names, constraints, pre, None)
                     system_attrs = {f"{CONSTRAINTS_PREFIX}{i}": float(c) for i, c in enumerate(attrs.get("constraints", ()))}
                     with signals.deferred():
@@ -402,6 +409,7 @@ def run_worker(
     except KeyboardInterrupt:
         result.stopped_by = "interrupt"
         if claim is not None:
+            wait([claim.look])  # its genome write first: the give-back copies the trial
             ledger.give_back(claim.trial_id, "interrupted: the worker was stopped (SIGINT/SIGTERM)", requeue=True)
     finally:
         stop.set()
@@ -432,10 +440,13 @@ class _StaleCheck:
         return True
 
 
-def _keep_claim(claim: Claim, budget: int, coordinated: bool) -> str | None:
-    """None to keep a fresh claim, else why it goes back (the budget rule, module docstring)."""
+def _keep_claim(claim: Claim, budget: int, coordinated: bool, *, look: bool = True) -> str | None:
+    """None to keep a fresh claim, else why it goes back (the budget rule, module docstring);
+    ``look=False``: only what needs no second look."""
     if coordinated and claim.candidate is None:
         return "given back: a queued trial without a candidate (coordinated optimizers queue every candidate)"
+    if not look:
+        return None
     counts = claim.counts
     others = len(counts.running - {claim.trial_id})
     if counts.counted + others + 1 > budget:

@@ -5,6 +5,7 @@ agree with the count over loaded trials."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -34,6 +35,10 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> optuna.storages.R
     """A heartbeat storage on a SQLite file, or on the session's PostgreSQL database (each test
     names its studies apart)."""
     url = f"sqlite:///{tmp_path / 'ledger.db'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    return _heartbeat_storage(url)
+
+
+def _heartbeat_storage(url: str) -> optuna.storages.RDBStorage:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
@@ -125,3 +130,31 @@ def test_budget_counts_agree_with_the_loaded_trials(storage: optuna.storages.RDB
     counts = batched.counts()
     assert counts == plain.counts()
     assert counts.counted == 4 and counts.running == {running._trial_id} and counts.waiting == 1
+
+
+def test_concurrent_pops_take_every_queued_trial_exactly_once(postgres_url: str) -> None:
+    """Four claimants (each with its own connections, as four workers) race for one queue: the
+    one-statement pop (``FOR UPDATE SKIP LOCKED``) gives every queued trial to exactly one."""
+    first = _study(_heartbeat_storage(postgres_url), "race")
+    for cid in range(24):
+        first.enqueue_trial({"w0": cid / 24}, user_attrs={"candidate": cid})
+    popped: list[list[int]] = [[] for _ in range(4)]
+
+    def claimant(mine: list[int]) -> None:
+        storage = _heartbeat_storage(postgres_url)
+        study = optuna.load_study(study_name=first.study_name, storage=storage)
+        store = _store(study, storage)
+        while (claim := store.claim(DISTRIBUTIONS, {"worker": "w"}, pop=True, fresh=False)) is not None or store.counts().waiting:
+            if claim is not None:
+                assert claim.counts.running >= {claim.trial_id}
+                mine.append(int(claim.trial.user_attrs["candidate"]))
+
+    threads = [threading.Thread(target=claimant, args=(mine,)) for mine in popped]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(c for mine in popped for c in mine) == list(range(24))
+    trials = first.get_trials()
+    assert [t.state for t in trials] == [TrialState.RUNNING] * 24
+    assert all(t.params["w0"] == t.user_attrs["candidate"] / 24 and len(t.params) == len(DISTRIBUTIONS) for t in trials)
