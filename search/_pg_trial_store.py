@@ -53,7 +53,10 @@ class PostgresTrialStore(RDBTrialStore):
         # statements that are their own transaction: no BEGIN and COMMIT round trips (a pool of
         # its own, as switching a pooled connection's mode costs round trips too)
         self._autocommit = sa.create_engine(self.engine.url, isolation_level="AUTOCOMMIT", pool_size=2)
-        self._looks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="second-look")
+        # one thread for the writes a worker does not wait for (a queued trial's genome and
+        # second look, its finish), so they land in the order they were made
+        self._writes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="writes-behind")
+        self._behind: list[Future[Counts | None]] = []  # finishes written behind, not yet settled
         sid = study._study_id
         self._pop_query = _pop_query(sid, self.heartbeat)
         self._claim_query = count_query(sid).add_cte(_insert_from(_params, ("trial_id", "param_name", "param_value", "distribution_json"), None))
@@ -64,7 +67,23 @@ class PostgresTrialStore(RDBTrialStore):
         with self._autocommit.connect() as conn:
             yield conn
 
+    def counts(self) -> Counts:
+        self._settle()
+        return super().counts()
+
+    def close(self) -> None:
+        self._writes.shutdown(wait=True)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Raise the error of a finish written behind, once it is done."""
+        done = [f for f in self._behind if f.done()]
+        self._behind = [f for f in self._behind if not f.done()]
+        for finished in done:
+            finished.result()
+
     def _pop(self, user_attrs: Mapping[str, Any]) -> tuple[int, FrozenTrial | None] | None:
+        self._settle()
         start = datetime.now()  # FrozenTrial: local time; the database: naive UTC
         with self._statements() as conn:
             rows = conn.execute(self._pop_query, {"start": _utc(start), **_attr_binds("user_", user_attrs)}).all()
@@ -85,7 +104,7 @@ class PostgresTrialStore(RDBTrialStore):
         a fresh trial's genome is written before the claim returns."""
         if not queued:
             return super()._second_look(trial_id, params, queued)
-        return self._looks.submit(self._write_claim, trial_id, params)
+        return self._writes.submit(self._write_claim, trial_id, params)
 
     def _write_claim(self, trial_id: int, params: list[tuple[str, float, BaseDistribution]]) -> Counts:
         # no state check: this worker moved the trial to RUNNING a moment ago with its first
@@ -99,8 +118,16 @@ class PostgresTrialStore(RDBTrialStore):
 
     def _write_finish(
         self, trial_id: int, number: int, state: TrialState, user_attrs: Mapping[str, Any],
-        system_attrs: Mapping[str, Any], values: Sequence[float] | None,
-    ) -> Counts:
+        system_attrs: Mapping[str, Any], values: Sequence[float] | None, *, behind: bool = False,
+    ) -> Counts | None:
+        """``behind``: on the store's thread, after the trial's genome (one thread, in order),
+        while the worker pops its next candidate; a failed write is raised by the worker's next
+        pop or count, or by `close`. A worker killed before it lands leaves its trial RUNNING:
+        failed by heartbeat and retried, as if killed while evaluating."""
+        if behind:
+            self._settle()
+            self._behind.append(self._writes.submit(self._write_finish, trial_id, number, state, user_attrs, system_attrs, values))
+            return None
         rows = value_rows(values or ())
         with self._statements() as conn:
             result = conn.execute(self._finish_query, {

@@ -199,10 +199,11 @@ class TrialStore:
 
     def finish(
         self, trial: optuna.Trial, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any],
-        values: Sequence[float] | None,
-    ) -> Counts:
+        values: Sequence[float] | None, *, behind: bool = False,
+    ) -> Counts | None:
         """Write a trial's attributes, then tell the study (COMPLETE with ``values``, else FAIL);
-        the counts read after it (the next claim's first look)."""
+        the counts read after it (the next claim's first look). ``behind``: the write may go on
+        while the worker moves on (PostgreSQL's store); then None, and `close` waits for it."""
         storage = self.study._storage
         for key, value in user_attrs.items():
             storage.set_trial_user_attr(trial._trial_id, key, value)
@@ -213,6 +214,9 @@ class TrialStore:
         else:
             self.study.tell(trial, list(values))
         return self.counts()
+
+    def close(self) -> None:
+        """Wait for the writes still on their way, raising the first that failed."""
 
     def _write_claim(self, trial_id: int, params: list[tuple[str, float, BaseDistribution]]) -> Counts:
         """Write the genome a claimed trial suggested; the counts read after it."""
@@ -334,11 +338,11 @@ class RDBTrialStore(TrialStore):
 
     def finish(
         self, trial: optuna.Trial, user_attrs: Mapping[str, Any], system_attrs: Mapping[str, Any],
-        values: Sequence[float] | None,
-    ) -> Counts:
+        values: Sequence[float] | None, *, behind: bool = False,
+    ) -> Counts | None:
         """optuna's tell (values checked, the sampler's ``after_trial``, values and state written)
         with the attributes and the counts that follow, in one transaction and without reading
-        the trial back."""
+        the trial back (``behind``: `TrialStore.finish`)."""
         study, state = self.study, TrialState.COMPLETE
         study._thread_local.cached_all_trials = None
         if values is not None and (problem := _check_values_are_feasible(study, values)) is not None:
@@ -348,13 +352,14 @@ class RDBTrialStore(TrialStore):
             state = TrialState.FAIL
         frozen = trial._get_latest_trial()
         study.sampler.after_trial(pruners._filter_study(study, frozen), frozen, state, values)
-        return self._write_finish(trial._trial_id, trial.number, state, user_attrs, system_attrs, values)
+        return self._write_finish(trial._trial_id, trial.number, state, user_attrs, system_attrs, values, behind=behind)
 
     def _write_finish(
         self, trial_id: int, number: int, state: TrialState, user_attrs: Mapping[str, Any],
-        system_attrs: Mapping[str, Any], values: Sequence[float] | None,
-    ) -> Counts:
-        """State, attributes and values in one transaction, and the counts that follow."""
+        system_attrs: Mapping[str, Any], values: Sequence[float] | None, *, behind: bool = False,
+    ) -> Counts | None:
+        """State, attributes and values in one transaction, and the counts that follow (written
+        now, ``behind`` or not: SQLite has one writer, and a write behind would hold it)."""
         with self.engine.begin() as conn:
             # first: takes the row lock, and refuses a trial a heartbeat check failed meanwhile
             if not conn.execute(

@@ -340,7 +340,7 @@ def run_worker(
     signals = _Signals()
     claim: Claim | None = None
     counts: Counts | None = None  # the last finish's, while nothing else happened since
-    room = False  # the last look saw budget room but an empty queue: the next pop needs no new look
+    room = False  # the last look saw budget room but an empty queue, or the last finish went behind: pop with no new look
     try:
         with signals.installed():
             while True:
@@ -397,8 +397,14 @@ def run_worker(
                     values, _, _, attrs = finished_attrs(ledger, recipe, evaluation, names, constraints, pre, None)
                     system_attrs = {f"{CONSTRAINTS_PREFIX}{i}": float(c) for i, c in enumerate(attrs.get("constraints", ()))}
                     with signals.deferred():
-                        counts = store.finish(trial, attrs, system_attrs, None if values is None else ledger.study_values(dict(zip(names, values))))
+                        # a coordinated worker does not wait for its finish (PostgreSQL writes it
+                        # behind), and pops its next candidate at once: the second look decides
+                        counts = store.finish(
+                            trial, attrs, system_attrs, None if values is None else ledger.study_values(dict(zip(names, values))),
+                            behind=coordinated,
+                        )
                         claim = None
+                    room = counts is None
                 finally:
                     if beat is not None:
                         beat.trial_id = None
@@ -413,6 +419,7 @@ def run_worker(
             ledger.give_back(claim.trial_id, "interrupted: the worker was stopped (SIGINT/SIGTERM)", requeue=True)
     finally:
         stop.set()
+        store.close()
         if beat is not None:
             beat.close()
         if coordinator_thread is not None:

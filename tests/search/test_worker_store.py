@@ -158,3 +158,20 @@ def test_concurrent_pops_take_every_queued_trial_exactly_once(postgres_url: str)
     trials = first.get_trials()
     assert [t.state for t in trials] == [TrialState.RUNNING] * 24
     assert all(t.params["w0"] == t.user_attrs["candidate"] / 24 and len(t.params) == len(DISTRIBUTIONS) for t in trials)
+
+
+def test_a_finish_written_behind_lands_and_its_refusal_is_raised(postgres_url: str) -> None:
+    storage = _heartbeat_storage(postgres_url)
+    study = _study(storage, "behind")
+    store = _store(study, storage)
+    for cid in range(2):
+        study.enqueue_trial({"w0": 0.5}, user_attrs={"candidate": cid})
+    kept, failed = (store.claim(DISTRIBUTIONS, {}, pop=True, fresh=False) for _ in range(2))
+    assert kept is not None and failed is not None
+    assert store.finish(kept.trial, {"objectives": {}}, {}, [1.0, 2.0], behind=True) is None
+    study.tell(failed.trial, state=TrialState.FAIL)  # e.g. failed by a heartbeat check meanwhile
+    assert store.finish(failed.trial, {"objectives": {}}, {}, [1.0, 2.0], behind=True) is None
+    with pytest.raises(UpdateFinishedTrialError):
+        store.close()
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL] and trials[0].values == [1.0, 2.0]
