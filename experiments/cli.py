@@ -85,7 +85,7 @@ def run(spec: Path | None, preset: str | None, run_dir: Path | None, overrides: 
 @click.option("--worker-id", help="Name of this worker in the ledger (default: host-pid).")
 @click.option("--queue", type=click.IntRange(min=1), default=4, show_default=True, help="Candidates a nevergrad coordinator keeps in flight (about the number of workers).")
 @click.option("--heartbeat", type=click.IntRange(min=1), default=10, show_default=True, help="Trial heartbeat seconds (dead after 2).")
-@click.option("--lease-ttl", type=float, default=30.0, show_default=True, help="Seconds before a silent coordinator is replaced.")
+@click.option("--lease-ttl", type=float, default=30.0, show_default=True, help="Seconds before a silent coordinator is replaced (and a stale trial whose retry never came is re-queued).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec field.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def worker(spec: Path, storage: str | None, worker_id: str | None, queue: int, heartbeat: int, lease_ttl: float,

@@ -5,7 +5,7 @@ statements, the genome insert and a count two more, a finish a transaction of si
 milliseconds while the cores are busy evaluating: 7% of a nevergrad trial's evaluation time on
 the small zoo (docs/scale-out.md, Overhead). PostgreSQL runs several writes in one statement
 (data-modifying ``WITH``) and one statement in autocommit mode is its own transaction, so a
-trial is now three round trips:
+trial is now three statements:
 
 * **pop**: ``UPDATE trials ... WHERE trial_id = (SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1)``
   with the ``worker`` attribute and the first heartbeat written from its ``RETURNING`` and the
@@ -19,6 +19,11 @@ trial is now three round trips:
 * **finish**: state (only while RUNNING: a trial a heartbeat check failed meanwhile is refused),
   attributes and values in one statement, with the budget count. The count reads the snapshot
   the statement began with (it does not see its own writes); `tally` applies the finish to it.
+
+Each round trip still costs milliseconds while the cores evaluate (the server and the worker
+wait for a core), so for a popped candidate only the pop stays on the worker's path: its genome
+and second look run on the store's thread while it evaluates, and its finish while the worker
+pops the next one (`_second_look`, `_write_finish`; one thread, so they land in order).
 
 SQLite keeps `RDBTrialStore`'s path (it has one writer at a time and no writes in ``WITH``).
 """

@@ -13,9 +13,9 @@ Each worker process owns a scorer (one GPU) and loops: claim a trial, evaluate, 
 
 **Budget rule** (exact across workers): a trial counts when `Ledger.finished` counts it. A worker
 claims only after a look at the counts saw ``counted + running < budget`` (a coordinated worker
-that saw room but an empty queue pops after its poll without a new look), then re-reads the
-counts and keeps its claim
-only if ``counted + (RUNNING trials other than its own) + 1 <= budget``; otherwise it gives the
+that saw room but an empty queue, or whose finish is written behind, pops without a new look),
+then re-reads the counts and keeps its claim only if ``counted + (RUNNING trials other than its
+own) + 1 <= budget`` (on PostgreSQL read while a queued trial evaluates); otherwise it gives the
 claim back (failed as ``interrupted``, a queued trial re-queued) and backs off. Of any set of
 kept claims, the last to check saw all the others, so kept claims never exceed the budget; the
 ledger ends with exactly ``budget`` counted trials (claims may collide and retry, never overshoot).
