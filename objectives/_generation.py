@@ -30,17 +30,19 @@ import torch
 from ._plan import Generation, TokenIds
 from ._scorer import Deadline
 
-FORWARD_OVERHEAD_TOKENS = 16
-"""The cost of one extra forward call in token-equivalents, for choosing batch boundaries: on CPU
-one call of the zoo models costs about as much as 10-20 tokens of compute (measured: 64x1 tokens
-7 ms, 8x1 1.4 ms, 1x1 1.1 ms). It only trades padding against the number of calls."""
+FORWARD_OVERHEAD_TOKENS = 48
+"""The cost of one extra forward call in token-equivalents, for choosing batch boundaries. Small zoo
+on CPU: a call costs ~1 ms besides its tokens, a prefill token ~16 us on 2 threads and ~30 us on one
+(measured: 1x1 tokens 0.96 ms, 16x32 7.4 ms, 64x32 34 ms on 2 threads), so ~35-60 tokens. It only
+trades padding against the number of calls (the earlier 16, estimated from decode steps, split
+teacher-forced batches too eagerly)."""
 
 
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+def length_batches(lengths: Sequence[int], batch_size: int, overhead: int = FORWARD_OVERHEAD_TOKENS) -> list[list[int]]:
     """Indices grouped into batches of at most ``batch_size`` that minimize padded work.
 
     Requests are sorted by length and cut into contiguous runs; the cut points minimize
-    sum(rows x longest + FORWARD_OVERHEAD_TOKENS) exactly (a dynamic program over the sorted
+    sum(rows x longest + overhead) exactly (a dynamic program over the sorted
     lengths, O(n x batch_size)), so a few long requests do not pad a whole batch to their length.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -50,7 +52,7 @@ def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     for j in range(1, n + 1):
         longest = lengths[order[j - 1]]
         for i in range(max(0, j - batch_size), j):
-            cost = best[i] + (j - i) * longest + FORWARD_OVERHEAD_TOKENS
+            cost = best[i] + (j - i) * longest + overhead
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     batches: list[list[int]] = []
@@ -155,7 +157,8 @@ def greedy_generate(
     # Rows the draft did not finish continue from their verified prefix, all in one decode loop.
     live = [i for i, row in enumerate(rows) if not row.done]
     prefixes = [requests[i][0] + rows[i].tokens for i in live]
-    for batch in length_batches([len(p) for p in prefixes], batch_size):
+    # A decode batch costs up to max_new_tokens forward calls, so padding is cheap next to a split.
+    for batch in length_batches([len(p) for p in prefixes], batch_size, FORWARD_OVERHEAD_TOKENS * max_new_tokens):
         _decode(model, [prefixes[b] for b in batch], [rows[live[b]] for b in batch], pad_id, deadline)
     return [row.result(lps) for row, lps in zip(rows, draft_logprobs)]
 

@@ -117,26 +117,27 @@ def test_draft_stops_at_eos_and_stop_strings_inside_it(tiny_lm):
     assert (gen.text, gen.num_tokens) == (decode(ref[:2]), 2)
 
 
-def _padded_work(batches, lengths):
-    return sum(len(b) * max(lengths[i] for i in b) + FORWARD_OVERHEAD_TOKENS for b in batches)
+def _padded_work(batches, lengths, overhead):
+    return sum(len(b) * max(lengths[i] for i in b) + overhead for b in batches)
 
 
-@pytest.mark.parametrize("lengths", [[5, 5, 5, 40], [3, 9, 9, 10, 30, 31, 2], [7] * 9, [1], []])
-def test_length_batches_minimize_padded_work(lengths):
+@pytest.mark.parametrize("overhead", [FORWARD_OVERHEAD_TOKENS, 4])
+@pytest.mark.parametrize("lengths", [[5, 5, 5, 40, 90, 91], [3, 9, 9, 10, 30, 31, 2], [7] * 9, [1], []])
+def test_length_batches_minimize_padded_work(lengths, overhead):
     """The DP's batches cover every index once, respect the size cap, and match the best
     contiguous split of the sorted lengths found by brute force."""
     cap = 3
-    batches = length_batches(lengths, cap)
+    batches = length_batches(lengths, cap, overhead)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(0 < len(b) <= cap for b in batches)
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     best = min(
-        (_padded_work([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], lengths)
+        (_padded_work([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], lengths, overhead)
          for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k)
          if all(b - a <= cap for a, b in zip((0, *cuts), (*cuts, len(order))))),
         default=0,
     )
-    assert _padded_work(batches, lengths) == best
+    assert _padded_work(batches, lengths, overhead) == best
 
 
 def test_drafts_on_a_trained_model(zoo_dir):
