@@ -406,13 +406,15 @@ class MergeEngine:
                 yield item, self._dense_plan(recipe, item, opts)
 
     def _dense_plan(self, recipe: MergeRecipe, item: TensorPlan, options: MethodOptions) -> "ChunkPlan":
-        from .methods import mask_generator
-
         name, method = item.name, item.method
         base = self._base[name]
         deltas = [self._delta(e, name) for e in item.experts]
         tables = [self._table(e, name, d) for e, d in zip(item.experts, deltas)] if item.needs_tables else None
-        generator = mask_generator(recipe.seed, recipe.trial, name, self.device) if method.is_random else None
+        generator = None
+        if method.is_random:
+            from .methods import mask_generator
+
+            generator = mask_generator(recipe.seed, recipe.trial, name, self.device)
         try:
             return method.prepare(deltas, item.params, base=base.to(self.device), options=options, tables=tables,
                                   generator=generator, chunk=self.chunk_elements)

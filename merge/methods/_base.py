@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+import functools
 import threading
 from collections.abc import Sequence
 from typing import ClassVar
@@ -175,7 +176,13 @@ def scaled_into(out: torch.Tensor, x: torch.Tensor, coef: Coefficient) -> torch.
 
 def total_weight_divisor(weights: Sequence[float]) -> float:
     """mergekit's non-consensus divisor: sum of weights, 1 when |sum| < 1e-8."""
-    total = float(torch.tensor(list(weights), dtype=torch.float32).sum())
+    return _divisor(tuple(weights))
+
+
+@functools.lru_cache(maxsize=1024)
+def _divisor(weights: tuple[float, ...]) -> float:
+    # Cached: every tensor of a rule asks for the same weights, once per tensor and candidate.
+    total = float(torch.tensor(weights, dtype=torch.float32).sum())
     return 1.0 if abs(total) < 1e-8 else total
 
 

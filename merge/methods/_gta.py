@@ -30,6 +30,7 @@ from typing import ClassVar
 import torch
 
 from .._recipe import ExpertParams
+from ._draws import expert_keys
 from ._base import _CHUNK_POOL, ChunkPlan, Coefficient, MergeMethod, axpy_, chunks, scaled_into, total_weight_divisor
 from ._magnitude import MagnitudeTable
 from ._options import MethodOptions
@@ -354,8 +355,6 @@ class GeneralizedTaskArithmetic(MergeMethod):
         generator: torch.Generator | None,
         chunk: int,
     ) -> ChunkPlan:
-        from ._draws import expert_keys
-
         if self.whole_tensor(options):
             raise ValueError(f"{self.name} with draws='mergekit' runs on whole tensors: call merge()")
         self._check_params(params, options)
