@@ -397,26 +397,29 @@ class PackedGta:
         nothing = _encode(_ZERO, torch.float32) + (0.0, 0.0)
         values = {name: [[v] * n_seg for _ in live] for name, v in zip(fields, nothing)}
         handled = [False] * n_seg
-        before = [[0.0] * n_seg for _ in live]  # |d|_1 of the cells whose L1 rescale is pending, else 0
+        rescaled: list[tuple[int, int, torch.Tensor]] = []  # (row, segment, |d|_1): L1 rescale pending
         for s, plan, experts in joined:
             handled[s] = True
-            tables = plan.pending_rescale[0] if plan.pending_rescale is not None else None
+            magnitude = plan.pending_rescale[0] if plan.pending_rescale is not None else None
             for i, (spec, w, e, flat) in enumerate(zip(plan.specs, plan.weights, experts, plan.flats)):
                 if spec.zero or w == 0:
                     continue
                 coef = float(spec.rescale) * (w if plan.consensus else w * plan.scale)
                 for name, v in zip(fields, _encode(spec, flat.dtype) + (coef, w)):
                     values[name][row[e]][s] = v
-                if tables is not None and spec.random:
-                    before[row[e]][s] = float(tables[i].l1)
+                if magnitude is not None and spec.random:
+                    rescaled.append((row[e], s, magnitude[i].l1))
         device = row_starts.device
-        pending = any(any(r) for r in before)
         dtypes = {"bound": torch.int32, "k0": torch.int32, "k1": torch.int32,
-                  "coef": torch.float64 if pending else torch.float32}  # rescaled first, rounded after
+                  "coef": torch.float64 if rescaled else torch.float32}  # rescaled first, rounded after
         tables = {name: torch.tensor(v, dtype=dtypes.get(name, torch.float32), device=device)
                   for name, v in values.items()}
-        if pending:
-            tables["before"] = torch.tensor(before, dtype=torch.float64, device=device)
+        if rescaled:  # the |d|_1 stay on the device: no sync per cell
+            where = torch.tensor([(r, s) for r, s, _ in rescaled], device=device).T
+            tables["before"] = torch.zeros(len(live), n_seg, dtype=torch.float64, device=device)
+            tables["before"][where[0], where[1]] = torch.stack([l1 for *_, l1 in rescaled]).to(device, torch.float64)
+            tables["pending"] = torch.zeros(len(live), n_seg, dtype=torch.bool, device=device)
+            tables["pending"][where[0], where[1]] = True
         return cls(handled, live, kinds, first.consensus, first.normalize, tables, first.lambda_, row_starts)
 
     def apply(self, out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor], segment: torch.Tensor,
@@ -463,9 +466,9 @@ class PackedGta:
         ok = (before >= _EPS) & (kept >= _EPS)
         factor = torch.where(ok, before / torch.where(ok, kept, 1), 1).to(torch.float32)
         coef = t["coef"].clone()
-        coef[dare] = torch.where(before > 0, coef[dare] * factor.double(), coef[dare])
+        coef[dare] = torch.where(t["pending"][dare], coef[dare] * factor.double(), coef[dare])
         t["coef"] = coef.float()
-        del t["before"]
+        del t["before"], t["pending"]
 
 
 def _keep_above(threshold: float, dtype: torch.dtype) -> float:
