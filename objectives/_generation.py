@@ -12,10 +12,10 @@ when the model does not stop). The result is the greedy generation, whatever the
 changes how many steps are needed), and the same forward yields the draft's log-probabilities,
 which is what the answer cross-entropy objective needs. A candidate that answers most items right
 thus costs about one forward per batch instead of a prefill, up to ``max_new_tokens`` decoding
-steps and a separate loss forward. The rows a draft did not finish are continued together, from
-their verified prefix, in one KV-cached decode loop for all batches (a decoding step costs mostly
-its fixed per-call overhead on small models, so one loop beats one per batch); rows that are done
-leave that batch and its cache.
+steps and a separate loss forward. The rows a draft did not finish go on from the verification
+forward's own KV cache (the rejected draft tokens masked out, `_Resume`), the rows of all batches
+together in one decode loop (a decoding step costs mostly its fixed per-call overhead on small
+models, so one loop beats one per batch); rows that are done leave the batch and its cache.
 
 A small loop with a KV cache instead of `model.generate`: it is trivially deterministic, and it
 lets the scorer check stop strings and its deadline between steps.
@@ -23,9 +23,10 @@ lets the scorer check stop strings and its deadline between steps.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from ._plan import Generation, TokenIds
 from ._scorer import Deadline
@@ -109,11 +110,13 @@ class _Row:
         return Generation(text=text, num_tokens=len(self.tokens), draft_logprobs=draft_logprobs)
 
 
-def _teacher_forced(model: torch.nn.Module, seqs: Sequence[TokenIds], keep: int, pad_id: int) -> torch.Tensor:
-    """fp32 logits of the last ``keep`` positions of each left-padded sequence (one forward)."""
+def _teacher_forced(model: torch.nn.Module, seqs: Sequence[TokenIds], keep: int, pad_id: int,
+                    cache: bool = False) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """fp32 logits of the last ``keep`` positions of each left-padded sequence (one forward), the
+    attention mask, and the KV cache when ``cache``."""
     ids, mask, positions = _left_padded(seqs, pad_id, next(model.parameters()).device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep)
-    return out.logits.float()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=cache, logits_to_keep=keep)
+    return out.logits.float(), mask, out.past_key_values if cache else None
 
 
 def _logprobs_of(logits: torch.Tensor, tokens: TokenIds) -> list[float]:
@@ -143,10 +146,12 @@ def greedy_generate(
     """
     rows = [_Row(decode, eos_ids, stop, max_new_tokens) for _ in requests]
     draft_logprobs: list[list[float]] = [[] for _ in requests]
+    resumes: list[_Resume] = []
     for batch in length_batches([len(p) + len(d) for p, d in requests], batch_size):
         deadline.check()
         keep = 1 + max(len(requests[i][1]) for i in batch)
-        logits = _teacher_forced(model, [requests[i][0] + requests[i][1] for i in batch], keep, pad_id)
+        logits, mask, past = _teacher_forced(model, [requests[i][0] + requests[i][1] for i in batch], keep, pad_id,
+                                             cache=True)
         for row, i in enumerate(batch):
             draft = requests[i][1]
             preds = logits[row, keep - len(draft) - 1 :]  # the predictions after the prompt
@@ -154,23 +159,92 @@ def greedy_generate(
             agree = next((j for j, token in enumerate(draft) if greedy[j] != token), len(draft))
             rows[i].accept(greedy[: agree + 1])
             draft_logprobs[i] = _logprobs_of(preds[:-1], draft)
-    # Rows the draft did not finish continue from their verified prefix, all in one decode loop.
-    live = [i for i, row in enumerate(rows) if not row.done]
-    prefixes = [requests[i][0] + rows[i].tokens for i in live]
+        unfinished = [r for r, i in enumerate(batch) if not rows[i].done]
+        if unfinished:
+            resumes.append(_Resume(past, mask, unfinished, [batch[r] for r in unfinished], requests, rows))
+        del past
+    # Rows the draft did not finish go on from the verification's own KV cache where the model's
+    # cache allows it (rows of several batches joined into one decode loop), else re-prefilled.
+    prefill = [i for r in resumes if not r.reusable for i in r.indices]
+    reused = [r for r in resumes if r.reusable]
+    while reused:
+        group, size = [], 0
+        while reused and (not group or size + len(reused[0].indices) <= batch_size):
+            size += len(reused[0].indices)
+            group.append(reused.pop(0))
+        _decode_cached(model, group, rows, deadline)
+    prefixes = [requests[i][0] + rows[i].tokens for i in prefill]
     # A decode batch costs up to max_new_tokens forward calls, so padding is cheap next to a split.
     for batch in length_batches([len(p) for p in prefixes], batch_size, FORWARD_OVERHEAD_TOKENS * max_new_tokens):
-        _decode(model, [prefixes[b] for b in batch], [rows[live[b]] for b in batch], pad_id, deadline)
+        _decode(model, [prefixes[b] for b in batch], [rows[prefill[b]] for b in batch], pad_id, deadline)
     return [row.result(lps) for row, lps in zip(rows, draft_logprobs)]
 
 
+class _Resume:
+    """The unfinished rows of one verification forward and its KV cache, cut to those rows.
+
+    A row's cache holds its prompt and its whole draft; the draft tokens after the first
+    disagreement are masked out (zeros in the attention mask, wherever they sit), and the row goes
+    on from its last accepted token at the position after its verified prefix. Only plain growing
+    layers (`DynamicLayer`) are reused: a sliding-window layer keeps only its window, so rows of
+    models with one (Mistral, Gemma 2) are re-prefilled from their verified prefix instead."""
+
+    def __init__(self, past: Any, mask: torch.Tensor, slots: list[int], indices: list[int],
+                 requests: Sequence[tuple[TokenIds, TokenIds]], rows: Sequence[_Row]) -> None:
+        self.indices = indices
+        self.reusable = past is not None and all(type(layer) is DynamicLayer for layer in getattr(past, "layers", [None]))
+        if not self.reusable:
+            return
+        index = torch.tensor(slots, dtype=torch.long, device=mask.device)
+        past.batch_select_indices(index)
+        self.past, self.mask = past, mask[index].clone()
+        width = self.mask.shape[1]
+        last, position = [], []
+        for row, i in enumerate(indices):
+            prompt, draft = requests[i]
+            agree = len(rows[i].tokens) - 1  # the tokens are draft[:agree] and one more
+            if len(draft) > agree:
+                self.mask[row, width - (len(draft) - agree) :] = 0
+            last.append(rows[i].tokens[-1])
+            position.append(len(prompt) + agree)
+        self.last = torch.tensor(last, dtype=torch.long, device=mask.device)
+        self.position = torch.tensor(position, dtype=torch.long, device=mask.device)
+
+
+def _decode_cached(model: torch.nn.Module, group: list[_Resume], rows: Sequence[_Row], deadline: Deadline) -> None:
+    """`_decode_from` over several resumes' rows: caches and masks left-padded to one width."""
+    width = max(r.mask.shape[1] for r in group)
+    past = group[0].past
+    for layer, *others in zip(past.layers, *(r.past.layers for r in group[1:])):
+        parts = [layer, *others]
+        layer.keys = torch.cat([_pad_time(p.keys, width) for p in parts])
+        layer.values = torch.cat([_pad_time(p.values, width) for p in parts])
+    mask = torch.cat([torch.nn.functional.pad(r.mask, (width - r.mask.shape[1], 0)) for r in group])
+    ids = torch.cat([r.last for r in group]).unsqueeze(-1)
+    positions = torch.cat([r.position for r in group]).unsqueeze(-1)
+    mask = torch.cat([mask, mask.new_ones((len(ids), 1))], dim=-1)
+    _decode_from(model, [rows[i] for r in group for i in r.indices], ids, mask, positions, past, deadline)
+
+
+def _pad_time(states: torch.Tensor, width: int) -> torch.Tensor:
+    """(batch, heads, time, dim) states left-padded with zeros to ``width`` time steps."""
+    return torch.nn.functional.pad(states, (0, 0, width - states.shape[-2], 0))
+
+
 def _decode(model: torch.nn.Module, prefixes: list[TokenIds], rows: list[_Row], pad_id: int, deadline: Deadline) -> None:
-    """Greedy steps with a KV cache from the given prefixes until every row has ended; rows that
-    end leave the batch and the cache, so late steps cost only what is still generating."""
-    deadline.check()
+    """`_decode_from` the given prefixes (one prefill forward, then the steps)."""
     ids, mask, positions = _left_padded(prefixes, pad_id, next(model.parameters()).device)
+    _decode_from(model, rows, ids, mask, positions, None, deadline)
+
+
+def _decode_from(model: torch.nn.Module, rows: list[_Row], ids: torch.Tensor, mask: torch.Tensor,
+                 positions: torch.Tensor, past: Any, deadline: Deadline) -> None:
+    """Greedy steps with a KV cache until every row has ended; rows that end leave the batch and
+    the cache, so late steps cost only what is still generating. ``ids``/``positions``: the first
+    forward's input (a prefill, or one token per row on a given cache); ``mask`` covers cache + ids."""
+    deadline.check()
     positions_next = positions[:, -1:] + 1
     live = list(range(len(rows)))
-    past = None
     while True:
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
@@ -207,7 +281,7 @@ def continuation_logprobs(
         deadline.check()
         conts = [pairs[todo[b]][1] for b in batch]
         keep = max(len(c) for c in conts)
-        logits = _teacher_forced(model, [pairs[todo[b]][0] + c[:-1] for b, c in zip(batch, conts)], keep, pad_id)
+        logits = _teacher_forced(model, [pairs[todo[b]][0] + c[:-1] for b, c in zip(batch, conts)], keep, pad_id)[0]
         for row, (b, cont) in enumerate(zip(batch, conts)):
             results[todo[b]] = _logprobs_of(logits[row, keep - len(cont) :], cont)
     return results
