@@ -146,7 +146,8 @@ def greedy_generate(
     """
     rows = [_Row(decode, eos_ids, stop, max_new_tokens) for _ in requests]
     draft_logprobs: list[list[float]] = [[] for _ in requests]
-    resumes: list[_Resume] = []
+    resumes: list[_Resume] = []  # reusable caches waiting for their decode loop
+    prefill: list[int] = []  # the rest: re-prefilled from their verified prefix
     for batch in length_batches([len(p) + len(d) for p, d in requests], batch_size):
         deadline.check()
         keep = 1 + max(len(requests[i][1]) for i in batch)
@@ -159,20 +160,20 @@ def greedy_generate(
             agree = next((j for j, token in enumerate(draft) if greedy[j] != token), len(draft))
             rows[i].accept(greedy[: agree + 1])
             draft_logprobs[i] = _logprobs_of(preds[:-1], draft)
+        # Rows the draft did not finish go on from this forward's own KV cache where the model's
+        # cache allows it (the rows of several batches joined into one decode loop), else re-prefilled.
         unfinished = [r for r, i in enumerate(batch) if not rows[i].done]
         if unfinished:
-            resumes.append(_Resume(past, mask, unfinished, [batch[r] for r in unfinished], requests, rows))
+            resume = _Resume(past, mask, unfinished, [batch[r] for r in unfinished], requests, rows)
+            if resume.reusable:
+                resumes.append(resume)
+            else:
+                prefill.extend(resume.indices)
         del past
-    # Rows the draft did not finish go on from the verification's own KV cache where the model's
-    # cache allows it (rows of several batches joined into one decode loop), else re-prefilled.
-    prefill = [i for r in resumes if not r.reusable for i in r.indices]
-    reused = [r for r in resumes if r.reusable]
-    while reused:
-        group, size = [], 0
-        while reused and (not group or size + len(reused[0].indices) <= batch_size):
-            size += len(reused[0].indices)
-            group.append(reused.pop(0))
-        _decode_cached(model, group, rows, deadline)
+        while sum(len(r.indices) for r in resumes) >= batch_size:  # decode as soon as a batch is full:
+            _decode_cached(model, _take_group(resumes, batch_size), rows, deadline)  # caches held <= 2 batches
+    while resumes:
+        _decode_cached(model, _take_group(resumes, batch_size), rows, deadline)
     prefixes = [requests[i][0] + rows[i].tokens for i in prefill]
     # A decode batch costs up to max_new_tokens forward calls, so padding is cheap next to a split.
     for batch in length_batches([len(p) for p in prefixes], batch_size, FORWARD_OVERHEAD_TOKENS * max_new_tokens):
@@ -209,6 +210,15 @@ class _Resume:
             position.append(len(prompt) + agree)
         self.last = torch.tensor(last, dtype=torch.long, device=mask.device)
         self.position = torch.tensor(position, dtype=torch.long, device=mask.device)
+
+
+def _take_group(resumes: list[_Resume], batch_size: int) -> list[_Resume]:
+    """The first resumes, in order, up to ``batch_size`` rows together (at least one), removed."""
+    group, size = [], 0
+    while resumes and (not group or size + len(resumes[0].indices) <= batch_size):
+        size += len(resumes[0].indices)
+        group.append(resumes.pop(0))
+    return group
 
 
 def _decode_cached(model: torch.nn.Module, group: list[_Resume], rows: Sequence[_Row], deadline: Deadline) -> None:
