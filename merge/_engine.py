@@ -330,13 +330,13 @@ class MergeEngine:
         fused = PackedGta.of([plans.get(name) for name in arena.names], len(self.expert_names), arena.row_starts)
         if fused is None:
             return None
-        out = arena.out(dsts[0].dtype)
+        out, views = arena.out(dsts[0].dtype)
         try:
             result = fused.apply(out, arena.base, arena.deltas, arena.segment, max(chunk, FUSED_CHUNK_MIN), stats)
         except FusedUnavailable:
             return None
         written = [i for i, joined in enumerate(fused.handled) if joined]
-        torch._foreach_copy_([dsts[i] for i in written], [arena.view(out, i) for i in written])
+        torch._foreach_copy_([dsts[i] for i in written], [views[i] for i in written])
         return {arena.names[i] for i in written}, result
 
     def _packed_arena(self) -> "PackedArena | None":
@@ -416,7 +416,8 @@ class MergeEngine:
 
             generator = mask_generator(recipe.seed, recipe.trial, name, self.device)
         try:
-            return method.prepare(deltas, item.params, base=base.to(self.device), options=options, tables=tables,
+            return method.prepare(deltas, item.params, base=base if base.device == self.device else base.to(self.device),
+                                  options=options, tables=tables,
                                   generator=generator, chunk=self.chunk_elements)
         except ValueError as exc:  # parameter combinations only the method can judge (e.g. DELLA's epsilon)
             raise MergeError(f"tensor {name}, method {method.name!r}: {exc}") from None
@@ -493,12 +494,12 @@ class MergeEngine:
         return self._zeros[shape]
 
     def _table(self, expert: str, name: str, delta: torch.Tensor) -> MagnitudeTable:
-        from .methods import MagnitudeTable
+        table = self._tables.get((expert, name))
+        if table is None:  # built once per (expert, tensor); looked up per candidate
+            from .methods import MagnitudeTable
 
-        key = (expert, name)
-        if key not in self._tables:
-            self._tables[key] = MagnitudeTable.build(delta)
-        return self._tables[key]
+            table = self._tables[(expert, name)] = MagnitudeTable.build(delta)
+        return table
 
     def _buffer(self, shape: tuple[int, ...], slot: int) -> torch.Tensor:
         key = (shape, slot)

@@ -41,7 +41,7 @@ class PackedArena:
         """One packed (rows, PACK_BLOCK) task vector per expert, in the engine's expert order."""
         self.segment = segment
         """int32, the tensor of each row."""
-        self._out: dict[torch.dtype, torch.Tensor] = {}
+        self._out: dict[torch.dtype, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
     @classmethod
     def pack(cls, names: Sequence[str], base: dict[str, torch.Tensor],
@@ -80,9 +80,11 @@ class PackedArena:
         shape = self.shapes[index]
         return packed.view(-1)[start:start + shape.numel()].view(shape)
 
-    def out(self, dtype: torch.dtype) -> torch.Tensor:
-        """The packed (rows, PACK_BLOCK) output buffer in `dtype` (one per dtype, reused across merges)."""
-        buf = self._out.get(dtype)
-        if buf is None:
-            buf = self._out[dtype] = torch.empty(self.base.shape, dtype=dtype, device=self.base.device)
-        return buf
+    def out(self, dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The packed (rows, PACK_BLOCK) output buffer in `dtype` and its per-tensor views (one
+        buffer per dtype, reused across merges)."""
+        out = self._out.get(dtype)
+        if out is None:
+            buf = torch.empty(self.base.shape, dtype=dtype, device=self.base.device)
+            out = self._out[dtype] = (buf, [self.view(buf, i) for i in range(len(self.names))])
+        return out

@@ -395,7 +395,7 @@ class PackedGta:
         n_seg = len(segments)
         fields = ("lo", "hi", "bound", "k0", "k1", "coef", "weight")
         nothing = _encode(_ZERO, torch.float32) + (0.0, 0.0)
-        values = {name: [[v] * n_seg for _ in live] for name, v in zip(fields, nothing)}
+        columns = [[[v] * n_seg for _ in live] for v in nothing]  # per field: (experts, segments)
         handled = [False] * n_seg
         rescaled: list[tuple[int, int, torch.Tensor]] = []  # (row, segment, |d|_1): L1 rescale pending
         for s, plan, experts in joined:
@@ -405,15 +405,16 @@ class PackedGta:
                 if spec.zero or w == 0:
                     continue
                 coef = float(spec.rescale) * (w if plan.consensus else w * plan.scale)
-                for name, v in zip(fields, _encode(spec, flat.dtype) + (coef, w)):
-                    values[name][row[e]][s] = v
+                r = row[e]
+                for column, v in zip(columns, _encode(spec, flat.dtype) + (coef, w)):
+                    column[r][s] = v
                 if magnitude is not None and spec.random:
                     rescaled.append((row[e], s, magnitude[i].l1))
         device = row_starts.device
         dtypes = {"bound": torch.int32, "k0": torch.int32, "k1": torch.int32,
                   "coef": torch.float64 if rescaled else torch.float32}  # rescaled first, rounded after
         tables = {name: torch.tensor(v, dtype=dtypes.get(name, torch.float32), device=device)
-                  for name, v in values.items()}
+                  for name, v in zip(fields, columns)}
         if rescaled:  # the |d|_1 stay on the device: no sync per cell
             where = torch.tensor([(r, s) for r, s, _ in rescaled], device=device).T
             tables["before"] = torch.zeros(len(live), n_seg, dtype=torch.float64, device=device)
