@@ -15,6 +15,9 @@ Within one proposal, TPE's split of the trials into good and bad ones (a non-dom
 all trials with several objectives) is the same for every parameter, and optuna recomputes it
 per parameter (about 6 ms of independent TPE's 21 ms per trial at 32 parameters): `propose`
 computes it once per proposal (`_split_once`), so the proposals are the same, only cheaper.
+Independent TPE's per-parameter work itself (two Parzen estimators, 24 candidates and their
+scores per parameter) is done for all float parameters of the proposal at once
+(`search._tpe_batch`, same proposals bit for bit).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import optuna
 import optuna.samplers._tpe.sampler as _tpe
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
+
+from . import _tpe_batch
 
 _PENDING_ID = -1
 """Trial id of the proposal while the sampler runs (it has none until it is stored)."""
@@ -88,7 +93,7 @@ def propose(study: optuna.Study, distributions: Mapping[str, BaseDistribution]) 
     )
     view = copy.copy(study)
     view._storage = _ProposalStorage(study._storage, pending, trials)  # type: ignore[assignment]
-    with _split_once():
+    with _split_once(), _tpe_batch.batched(pending.number, distributions):
         trial = optuna.Trial(view, _PENDING_ID)
         for name, distribution in distributions.items():
             trial._suggest(name, distribution)
