@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping
 
@@ -393,13 +393,13 @@ class MergeEngine:
         # Imported here, not at module level: `methods` imports `_recipe` from this package, and
         # `evomerge.merge` must import cleanly for code that only needs recipes or layouts.
         from .methods import MethodOptions
-        options = MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=None)
+        options = MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=None,
+                                seed=recipe.seed)
         for item in self.check(recipe):
             if item.rule is None:
                 yield item, None
                 continue
-            opts = options if item.rule.t is None else MethodOptions(
-                normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=item.rule.t)
+            opts = options if item.rule.t is None else replace(options, t=item.rule.t)
             if recipe.lora_mode == "adapter":
                 yield item, self._adapter_delta(recipe, item, opts)
             else:
@@ -457,7 +457,8 @@ class MergeEngine:
         """Adapter-mode merge of the LoRA factors per base tensor (scale folded into B)."""
         from .methods import MethodOptions
 
-        options = MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=None)
+        options = MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=None,
+                                seed=recipe.seed)
         result: dict[str, LoraModule] = {}
         with torch.no_grad():
             for item in self.check(recipe):
@@ -498,7 +499,7 @@ class MergeEngine:
         if table is None:  # built once per (expert, tensor); looked up per candidate
             from .methods import MagnitudeTable
 
-            table = self._tables[(expert, name)] = MagnitudeTable.build(delta)
+            table = self._tables[(expert, name)] = MagnitudeTable.build(delta, identity=f"{expert}\x1f{name}")
         return table
 
     def _buffer(self, shape: tuple[int, ...], slot: int) -> torch.Tensor:

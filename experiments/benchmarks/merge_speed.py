@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe
+from evomerge.merge.methods._draws import field_key
 
 
 def synthetic_llama(folder: Path, num_experts: int, dtype: torch.dtype, seed: int = 0) -> tuple[Path, dict[str, Path]]:
@@ -73,13 +74,16 @@ def synthetic_llama(folder: Path, num_experts: int, dtype: torch.dtype, seed: in
     return paths.pop("base"), paths
 
 
+RECIPE_SEED = 1
+
+
 def per_layer_recipe(method: str, experts: list[str], num_layers: int, trial: int = 0) -> MergeRecipe:
     """A global rule plus one rule per layer, densities varying by layer and expert."""
     rules = [GroupRule(method=method, experts={e: ExpertParams(weight=0.5, density=0.5) for e in experts})]
     for layer in range(num_layers):
         rules.append(GroupRule(layers=[layer], method=method, experts={
             e: ExpertParams(weight=0.3 + 0.1 * j, density=0.2 + 0.6 * ((layer * 7 + j * 3) % 10) / 10) for j, e in enumerate(experts)}))
-    return MergeRecipe(rules=rules, normalize=True, seed=1, trial=trial)
+    return MergeRecipe(rules=rules, normalize=True, seed=RECIPE_SEED, trial=trial)
 
 
 def plain_pass(engine: MergeEngine, target: Mapping[str, torch.Tensor]) -> None:
@@ -121,6 +125,12 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
         for name in engine.layout.slots:
             engine._table(expert, name, engine._delta(expert, name))
     result["tables_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for expert in names:  # what the first DARE apply with mergekit's L1 rescale adds: one WindowL1 per large tensor
+        for name in engine.layout.slots:
+            table = engine._table(expert, name, engine._delta(expert, name))
+            table.window_l1(engine._delta(expert, name), field_key(RECIPE_SEED, table.identity))
+    result["window_tables_s"] = time.perf_counter() - start
     # Warm-up: the first pass page-faults every target page and the first apply of each method
     # compiles its fused kernels; neither is per-candidate cost, so they are timed apart.
     plain_pass(engine, target)
@@ -158,7 +168,8 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
     print(f"{label}: {engine.num_params / 1e6:.2f}M params, {model_bytes / 1e9:.4f} GB ({engine.dtype}), {len(names)} experts, "
           f"{torch.get_num_threads()} threads, chunk {engine.chunk_elements if chunk_sizes is None else chunk_sizes}, "
           f"fused kernels {'on' if engine.fused else 'off'}")
-    print(f"  load {load_s:.2f}s | magnitude tables {result['tables_s']:.2f}s | plain pass median {plain:.3f}s (slowest {plain_after:.3f}s)")
+    print(f"  load {load_s:.2f}s | magnitude tables {result['tables_s']:.2f}s | DARE window-L1 tables "
+          f"{result['window_tables_s']:.2f}s | plain pass median {plain:.3f}s (slowest {plain_after:.3f}s)")
     for chunk in chunk_sizes or [None]:
         suffix = "" if chunk is None or len(chunk_sizes or []) == 1 else f"@{chunk}"
         head = f"  chunk {chunk}: " if suffix else "  "

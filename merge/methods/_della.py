@@ -5,7 +5,8 @@ magnitude ranks r = 0..n-1, keep probability `p = (density - epsilon) + 2 * epsi
 Bernoulli mask, then rescale. The ranks come from the `MagnitudeTable` (built once, int16 per entry),
 and `p` is computed with the same fp32 operations as mergekit. With `options.draws == "mergekit"` the
 mask is `torch.bernoulli(p, generator)`, identical to mergekit's on CPU under the same generator state
-(parity tests); the default "fast" draws `rand(generator) < p` (same distribution, ~4x faster on CPU).
+(parity tests); the default "fast" draws compare a counter-based uniform per entry (`_draws.uniform_`)
+with p, chunk by chunk (same distribution, several times faster on CPU).
 
 * `della` (mergekit `della`, TIES sign election, mergekit default normalize true) and
   `della_linear` (mergekit `della_linear`, plain weighted sum).
@@ -43,6 +44,7 @@ def della_sparsify(
     scratch: Scratch,
     index: int,
 ) -> Sparsified:
+    """mergekit's `della_magprune`, drawing exactly as it does (`draws="mergekit"` only)."""
     density, epsilon = float(p.density), float(p.epsilon)
     if density >= 1:
         return delta, 1.0
@@ -52,7 +54,7 @@ def della_sparsify(
     if table is None:
         table = MagnitudeTable.build(delta, resolution=1)
     ranks, row_len = table.row_ranks(delta)
-    dtype = work_dtype(delta) if options.draws == "mergekit" else torch.float32
+    dtype = work_dtype(delta)
     probs = scratch.get("della_probs", dtype).view(ranks.shape)
     if row_len > 1:
         torch.div(ranks, row_len - 1, out=probs)
@@ -61,11 +63,7 @@ def della_sparsify(
     else:
         probs.fill_(density)
     mask = scratch.get("mask", dtype).view(ranks.shape)
-    if options.draws == "mergekit":
-        torch.bernoulli(probs, generator=generator, out=mask)
-    else:
-        torch.rand(mask.shape, generator=generator, out=mask)
-        torch.lt(mask, probs, out=mask)
+    torch.bernoulli(probs, generator=generator, out=mask)
     if options.rescale == "paper":
         mask.div_(probs)
     masked = mask.mul_(delta.reshape(ranks.shape)).view(delta.shape)
@@ -83,6 +81,7 @@ class DellaSpec(Spec):
                  paper: bool) -> None:
         self.density, self.epsilon, self.key = density, epsilon, key
         self.ranks, self.row_len, self.paper = ranks.reshape(-1), row_len, paper
+        self.pending = not paper  # mergekit's L1 restore: a pass over the masked chunks
 
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
         probs = scratch.get("della_probs", torch.float32)

@@ -40,9 +40,9 @@ import torch
 from ._base import chunks
 from ._breadcrumbs import BandSpec
 from ._dare import DareSpec
-from ._draws import _M1, _M2, _s32, keep_threshold
+from ._draws import _M1, _M2, _M3, _s32
 from ._gta import DenseSpec, GtaPlan, ZeroSpec, _EPS
-from ._magnitude import MagnitudeTable, _strict_below
+from ._magnitude import _strict_below
 from ._ties import ThresholdSpec
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -63,18 +63,19 @@ def disabled_reason() -> str | None:
     return _DISABLED[0] if _DISABLED else None
 
 
-def _hash(index: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
-    """`_draws.hash_bits` on int32 tensors: the same wrap-around ops, so the same bits."""
+def _field_hash(index: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
+    """`_draws.field_hash` on int32 tensors: the same wrap-around ops, so the same bits."""
     h = (index + k0) * _M1
     h = h ^ k1
     h = h ^ ((h >> 16) & 0xFFFF)
     h = h * _M2
     h = h ^ ((h >> 15) & 0x1FFFF)
-    return h ^ ((h >> 16) & 0xFFFF)
+    return h * _M3
 
 
 def _sparsified(kinds: tuple[str, ...], deltas: Sequence[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor,
-                bound: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, start: torch.Tensor) -> list[torch.Tensor]:
+                bound: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, shift: torch.Tensor,
+                start: torch.Tensor) -> list[torch.Tensor]:
     """Each expert's sparsified chunk in fp32, as the eager `Spec.chunk` computes it."""
     index = None
     out = []
@@ -87,10 +88,10 @@ def _sparsified(kinds: tuple[str, ...], deltas: Sequence[torch.Tensor], lo: torc
         elif kind == "band":  # hardshrink(lo) - hardshrink(hi)
             a = x.abs()
             out.append(torch.where((a > lo[i]) & ~(a > hi[i]), x, 0.0))
-        else:  # "dare": x where hash < bound, else x * 0 (the signed zero of `mask * x`, bit for bit)
+        else:  # "dare": x inside the window, else x * 0 (the signed zero of `mask * x`, bit for bit)
             if index is None:
                 index = torch.arange(d.shape[-1], dtype=torch.int32, device=d.device) + start
-            out.append(torch.where(_hash(index, k0[i], k1[i]) < bound[i], x, x * 0.0))
+            out.append(torch.where(_field_hash(index, k0[i], k1[i]) - shift[i] < bound[i], x, x * 0.0))
     return out
 
 
@@ -106,34 +107,32 @@ def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats
 
     def kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], lo: torch.Tensor,
                hi: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor,
-               k1: torch.Tensor, start: torch.Tensor, lam: torch.Tensor, seg: torch.Tensor | None = None):
+               k1: torch.Tensor, shift: torch.Tensor, start: torch.Tensor, lam: torch.Tensor,
+               seg: torch.Tensor | None = None):
         if packed:
-            (lo, hi, coef, weight, bound, k0, k1), start = _per_row((lo, hi, coef, weight, bound, k0, k1), start, seg,
-                                                                    out.shape[-1])
-        ts = _sparsified(kinds, deltas, lo, hi, bound, k0, k1, start)
+            (lo, hi, coef, weight, bound, k0, k1, shift), start = _per_row(
+                (lo, hi, coef, weight, bound, k0, k1, shift), start, seg, out.shape[-1])
+        ts = _sparsified(kinds, deltas, lo, hi, bound, k0, k1, shift, start)
         if not consensus:  # linear_combine: coef = rescale * w * lambda / divisor
             merged = ts[0] * coef[0]
             for i in range(1, len(ts)):
                 merged = merged + ts[i] * coef[i]
-        else:  # ties_combine, same ops (see its docstring)
-            total = positive = div_all = div_pos = None
-            for i, t in enumerate(ts):
-                part = torch.where(weight[i] > 0, t.clamp(min=0), t.clamp(max=0))
-                total = t * coef[i] if total is None else total + t * coef[i]
-                positive = part * coef[i] if positive is None else positive + part * coef[i]
+        else:  # ties_combine's values (see its docstring): the agreeing entries and weights, in expert order
+            xs = [t * coef[i] for i, t in enumerate(ts)]
+            total = xs[0]
+            for x in xs[1:]:
+                total = total + x
+            plus = total >= 0
+            merged = divisor = None
+            for i, x in enumerate(xs):
+                agree = torch.where(plus, x > 0, x < 0)
+                kept = torch.where(agree, x, 0.0)
+                merged = kept if merged is None else merged + kept
                 if normalize:
-                    zero_w = weight[i] * 0.0  # where(c, w, w * 0) == c.float() * w, signed zeros included
-                    flag_all = torch.where(t != 0, weight[i], zero_w)
-                    flag_pos = torch.where(part != 0, weight[i], zero_w)
-                    div_all = flag_all if div_all is None else div_all + flag_all
-                    div_pos = flag_pos if div_pos is None else div_pos + flag_pos
-            merged = torch.maximum(positive, positive - total)
-            merged = torch.copysign(merged, total)
+                    w = torch.where(agree, weight[i], 0.0)
+                    divisor = w if divisor is None else divisor + w
             if normalize:
-                elected = torch.where(total >= 0, 1.0, 0.0)
-                divisor = div_pos * elected - (div_all - div_pos) * (elected - 1)
-                divisor = divisor + torch.where(divisor == 0, 1.0, 0.0)
-                merged = merged / divisor
+                merged = merged / torch.where(divisor == 0, 1.0, divisor)
             merged = merged * lam
         out.copy_(base.float() + merged)
         if stats:
@@ -151,16 +150,16 @@ def _per_row(tables: Sequence[torch.Tensor], start: torch.Tensor, seg: torch.Ten
     return [t[:, seg, None] for t in tables], (start[seg] + rows * block)[:, None]
 
 
-def _make_l1_kernel(count: int, packed: bool = False) -> Callable:
-    """Pass 1 of mergekit's L1 rescale: the kept L1 (fp64) of `count` DARE experts' masked chunks;
-    `packed`: per row of a (rows, block) chunk (see `_make_kernel`), summed per tensor by the caller."""
+def _make_l1_kernel(count: int) -> Callable:
+    """Pass 1 of mergekit's L1 rescale for packed small tensors (`PackedGta`): the kept L1 (fp64) of
+    `count` DARE experts' masked entries per row of a (rows, block) chunk, summed per tensor by the
+    caller. (Large tensors look their kept L1 up in a `WindowL1` instead.)"""
     kinds = ("dare",) * count
 
     def kernel(deltas: list[torch.Tensor], bound: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor,
-               start: torch.Tensor, seg: torch.Tensor | None = None) -> torch.Tensor:
-        if packed:
-            (bound, k0, k1), start = _per_row((bound, k0, k1), start, seg, deltas[0].shape[-1])
-        ts = _sparsified(kinds, deltas, bound, bound, bound, k0, k1, start)
+               shift: torch.Tensor, start: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        (bound, k0, k1, shift), start = _per_row((bound, k0, k1, shift), start, seg, deltas[0].shape[-1])
+        ts = _sparsified(kinds, deltas, bound, bound, bound, k0, k1, shift, start)
         return torch.stack([t.double().abs().sum(-1) for t in ts])
 
     return kernel
@@ -211,9 +210,10 @@ class FusedGta:
         self.deltas = [plan.flats[i] for i in experts]
         f32 = dict(dtype=torch.float32, device=device)
         i32 = dict(dtype=torch.int32, device=device)
-        lo, hi, bound, k0, k1 = zip(*(_encode(spec, d.dtype) for spec, d in zip(specs, self.deltas)))
+        lo, hi, bound, k0, k1, shift = zip(*(_encode(spec, d.dtype) for spec, d in zip(specs, self.deltas)))
         self.lo, self.hi = torch.tensor(lo, **f32), torch.tensor(hi, **f32)
         self.bound, self.k0, self.k1 = torch.tensor(bound, **i32), torch.tensor(k0, **i32), torch.tensor(k1, **i32)
+        self.shift = torch.tensor(shift, **i32)
         self.weight = torch.tensor([plan.weights[i] for i in experts], **f32)
         self.lam = torch.tensor(plan.lambda_, **f32)
         self._start = torch.zeros((), **i32)
@@ -243,40 +243,16 @@ class FusedGta:
         self._start.fill_(_s32(start))
         return self._start
 
-    def _resolve_rescale(self, chunk: int) -> None:
-        """mergekit's L1 rescale factors (fused pass-1 kernel when tables give |d|_1), then the coefficients."""
+    def _resolve_rescale(self) -> None:
+        """The coefficients, after mergekit's pending L1 rescale factors (an eager pass: only small
+        tensors, or tables that do not name their task vector, leave them pending)."""
         plan = self.plan
-        if plan.pending_rescale is not None:
-            tables = plan.pending_rescale[0]
-            todo = [i for i, kind in zip(self.experts, self.kinds) if kind == "dare"]
-            if tables is None or not todo:  # no tables: the eager pass also computes |d|_1
-                plan.resolve_rescale()
-            else:
-                self._fused_l1_rescale(todo, tables, chunk)
-                plan.pending_rescale = None
+        plan.resolve_rescale()
         consensus, scale = plan.consensus, plan.scale
         coefs = [plan.specs[i].rescale * (plan.weights[i] if consensus else plan.weights[i] * scale)
                  for i in self.experts]
         self.coef = torch.stack([torch.as_tensor(c, dtype=torch.float32, device=self.lam.device).reshape(())
                                  for c in coefs])
-
-    def _fused_l1_rescale(self, todo: list[int], tables: Sequence[MagnitudeTable], chunk: int) -> None:
-        plan = self.plan
-        pos = [self.experts.index(i) for i in todo]
-        deltas = [plan.flats[i] for i in todo]
-        bound, k0, k1 = self.bound[pos], self.k0[pos], self.k1[pos]
-        key = ("l1", len(todo), tuple(d.dtype for d in deltas))
-        kept = torch.zeros(len(todo), dtype=torch.float64, device=deltas[0].device)
-        for lo, hi in chunks(plan.numel, chunk):
-            kept += _call(key, lambda: _make_l1_kernel(len(todo)), [d[lo:hi] for d in deltas], bound, k0, k1,
-                          self._set_start(lo))
-        on_cpu = deltas[0].device.type == "cpu"
-        for j, i in enumerate(todo):
-            before = tables[i].l1.to(torch.float64)
-            after = kept[j]
-            ok = (before >= _EPS) & (after >= _EPS)
-            factor = torch.where(ok, before / torch.where(ok, after, 1), 1).to(torch.float32)
-            plan.specs[i].rescale = float(factor) if on_cpu else factor
 
     def apply(self, out: torch.Tensor, base: torch.Tensor, chunk: int,
               stats: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -286,34 +262,35 @@ class FusedGta:
         Raises `FusedUnavailable` (before writing anything) when the kernel cannot be compiled.
         """
         if self.coef is None:
-            self._resolve_rescale(chunk)
+            self._resolve_rescale()
         key = ("gta", self.kinds, self.plan.consensus, self.plan.normalize, stats,
                tuple(d.dtype for d in self.deltas), base.dtype, out.dtype)
         build = lambda: _make_kernel(self.kinds, self.plan.consensus, self.plan.normalize, stats)  # noqa: E731
         nnz = l1 = None
         for lo, hi in chunks(self.plan.numel, chunk):
             result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in self.deltas], self.lo, self.hi,
-                           self.coef, self.weight, self.bound, self.k0, self.k1, self._set_start(lo), self.lam)
+                           self.coef, self.weight, self.bound, self.k0, self.k1, self.shift, self._set_start(lo),
+                           self.lam)
             if stats:
                 nnz = result[0] if nnz is None else nnz + result[0]
                 l1 = result[1] if l1 is None else l1 + result[1]
         return (nnz, l1) if stats else None
 
 
-def _encode(spec: object, dtype: torch.dtype) -> tuple[float, float, int, int, int]:
-    """One expert's spec as the kernel reads it: (lo, hi, bound, k0, k1).
+def _encode(spec: object, dtype: torch.dtype) -> tuple[float, float, int, int, int, int]:
+    """One expert's spec as the kernel reads it: (lo, hi, bound, k0, k1, shift).
 
     lo/hi: keep `lo < |x|` and not `hi < |x|` (kinds "thr", "band"; lo = -1 keeps all, inf none);
-    bound, k0, k1: DARE keeps where `hash(k0, k1, index) < bound` (INT32_MIN keeps none)."""
+    bound, k0, k1, shift: DARE keeps where `field_hash(k0, k1, index) - shift < bound` (INT32_MIN keeps none)."""
     if isinstance(spec, ThresholdSpec):
-        return _keep_above(spec.threshold, dtype), math.inf, 0, 0, 0
+        return _keep_above(spec.threshold, dtype), math.inf, 0, 0, 0, 0
     if isinstance(spec, BandSpec):
-        return _keep_above(spec.lo, dtype), spec.hi, 0, 0, 0
+        return _keep_above(spec.lo, dtype), spec.hi, 0, 0, 0, 0
     if isinstance(spec, DareSpec):
-        return 0.0, math.inf, keep_threshold(spec.density), _s32(spec.key[0]), _s32(spec.key[1])
+        return 0.0, math.inf, spec.bound, _s32(spec.key[0]), _s32(spec.key[1]), spec.shift
     if getattr(spec, "zero", False):
-        return math.inf, math.inf, _INT32_MIN, 0, 0
-    return -1.0, math.inf, 0, 0, 0  # DenseSpec
+        return math.inf, math.inf, _INT32_MIN, 0, 0, 0
+    return -1.0, math.inf, 0, 0, 0, 0  # DenseSpec
 
 
 _ZERO = ZeroSpec()
@@ -393,7 +370,7 @@ class PackedGta:
             return None  # one expert both drawn (DARE) and thresholded across tensors: per tensor
         row = {e: r for r, e in enumerate(live)}
         n_seg = len(segments)
-        fields = ("lo", "hi", "bound", "k0", "k1", "coef", "weight")
+        fields = ("lo", "hi", "bound", "k0", "k1", "shift", "coef", "weight")
         nothing = _encode(_ZERO, torch.float32) + (0.0, 0.0)
         columns = [[[v] * n_seg for _ in live] for v in nothing]  # per field: (experts, segments)
         handled = [False] * n_seg
@@ -408,10 +385,10 @@ class PackedGta:
                 r = row[e]
                 for column, v in zip(columns, _encode(spec, flat.dtype) + (coef, w)):
                     column[r][s] = v
-                if magnitude is not None and spec.random:
+                if magnitude is not None and spec.pending:
                     rescaled.append((row[e], s, magnitude[i].l1))
         device = row_starts.device
-        dtypes = {"bound": torch.int32, "k0": torch.int32, "k1": torch.int32,
+        dtypes = {"bound": torch.int32, "k0": torch.int32, "k1": torch.int32, "shift": torch.int32,
                   "coef": torch.float64 if rescaled else torch.float32}  # rescaled first, rounded after
         tables = {name: torch.tensor(v, dtype=dtypes.get(name, torch.float32), device=device)
                   for name, v in zip(fields, columns)}
@@ -443,14 +420,15 @@ class PackedGta:
         for lo, hi in chunks(out.shape[0], max(1, chunk // block)):
             starts = (lo - self.row_starts) * block  # each segment's own element index at this chunk's first row
             result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in deltas], t["lo"], t["hi"],
-                           t["coef"], t["weight"], t["bound"], t["k0"], t["k1"], starts, self.lam, segment[lo:hi])
+                           t["coef"], t["weight"], t["bound"], t["k0"], t["k1"], t["shift"], starts, self.lam,
+                           segment[lo:hi])
             if stats:
                 nnz = result[0] if nnz is None else nnz + result[0]
                 l1 = result[1] if l1 is None else l1 + result[1]
         return (nnz, l1) if stats else None
 
     def _l1_rescale(self, deltas: Sequence[torch.Tensor], segment: torch.Tensor, chunk: int) -> None:
-        """mergekit's L1 rescale of the pending DARE cells, as `FusedGta._fused_l1_rescale` per tensor:
+        """mergekit's L1 rescale of the pending DARE cells (`GtaPlan.resolve_rescale` per tensor):
         pass 1 sums each row's kept |x| in fp64 (one kernel call per chunk), rows are added up per
         tensor, and the fp32 factor `|d|_1 / kept` (1 when either < 1e-7) multiplies the coefficient."""
         t = self.tables
@@ -458,10 +436,10 @@ class PackedGta:
         block = deltas[0].shape[1]
         kept = torch.zeros(len(dare), t["before"].shape[1], dtype=torch.float64, device=segment.device)
         key = ("l1-packed", len(dare), tuple(deltas[r].dtype for r in dare))
-        bound, k0, k1 = (t[name][dare] for name in ("bound", "k0", "k1"))
+        bound, k0, k1, shift = (t[name][dare] for name in ("bound", "k0", "k1", "shift"))
         for lo, hi in chunks(segment.shape[0], max(1, chunk // block)):
-            rows = _call(key, lambda: _make_l1_kernel(len(dare), packed=True), [deltas[r][lo:hi] for r in dare],
-                         bound, k0, k1, (lo - self.row_starts) * block, segment[lo:hi])
+            rows = _call(key, lambda: _make_l1_kernel(len(dare)), [deltas[r][lo:hi] for r in dare],
+                         bound, k0, k1, shift, (lo - self.row_starts) * block, segment[lo:hi])
             kept.index_add_(1, segment[lo:hi].long(), rows)
         before = t["before"][dare]
         ok = (before >= _EPS) & (kept >= _EPS)

@@ -7,18 +7,17 @@ plus our `topk`, restructured so that no (n_experts, ...) stack is ever material
   r_i its rescale factor and s = lambda / divisor folded into the coefficient, so the whole merge is one
   multiply-add pass per expert over `out` (the first expert writes `out` directly, no zeroing).
 * **TIES combine** (sign election, mergekit's "sum" consensus on *weighted* deltas), in ONE pass over the
-  experts with sign-split accumulators instead of mergekit's stack + mask:
-  `S = sum_i c_i T_i` (elects the sign) and `P = sum_i c_i T_i [c_i T_i > 0]` (the positive part).
-  The merged value is `P` where `S >= 0` and `S - P` (the negative part) where `S < 0`, because an
-  entry agrees with the elected sign exactly when its weighted value has that sign; zero entries agree
-  with nothing, as in mergekit (`sign(0) == 0`). With `normalize`, two more accumulators collect
-  `sum_i w_i [c_i T_i != 0]` and `sum_i w_i [c_i T_i > 0]`; the divisor is the elected one of
-  `DP` and `DA - DP`, with 0 replaced by 1 as in mergekit. Each delta is therefore read once, and random
-  masks are drawn once and never stored.
+  experts with sign-split accumulators instead of mergekit's stack + mask: `S = sum_i x_i` (elects
+  the sign), `P = sum_i x_i [x_i > 0]` and `N = sum_i x_i [x_i < 0]` with `x_i = c_i T_i`. The merged
+  value is `P` where `S >= 0` and `N` where `S < 0`, because an entry agrees with the elected sign
+  exactly when its weighted value has that sign; zero entries agree with nothing, as in mergekit
+  (`sign(0) == 0`). With `normalize`, `DP = sum_i w_i [x_i > 0]` and `DN = sum_i w_i [x_i < 0]` give
+  the divisor the same way, with 0 replaced by 1 as in mergekit. Each delta is read once, random masks
+  are drawn once and never stored, and every sum adds mergekit's numbers in mergekit's order: TIES is
+  bit-exact (fp32; tests/merge/test_methods_parity.py).
 
-Rounding differs from mergekit only in summation order/fusing (torch's `add_(alpha=)` may fuse the
-multiply-add): results agree to ~1e-7 relative. An entry whose weighted sum is within rounding of 0
-could elect a different sign than mergekit; for continuous data this has probability ~1e-7 per entry.
+The linear combine folds `lambda / divisor` into the coefficients (one multiply-add per expert), so it
+rounds differently from mergekit's sum-then-divide: ~1e-7 relative.
 """
 
 from __future__ import annotations
@@ -143,63 +142,57 @@ def ties_combine(
     lambda_: float,
     scratch: Scratch,
 ) -> None:
-    """Sign election on weighted deltas with sign-split accumulators (see module docstring).
+    """Sign election on weighted deltas, mergekit's arithmetic in one pass over the experts.
 
-    CPU note: `torch.where` and bool-typed compares/adds are 5-20x slower than plain fp32 kernels in
-    torch 2.x, so the selection uses `maximum`/`copysign` and 0/1 fp32 indicators instead.
+    With `x_i = c_i T_i` (c_i = rescale * weight) it accumulates, in expert order, `S = sum x_i`, the
+    agreeing sums for either elected sign, `P = sum max(x_i, 0)` and `N = sum min(x_i, 0)`, and with
+    `normalize` their weight sums `DP = sum w_i [x_i > 0]`, `DN = sum w_i [x_i < 0]`. The elected sign
+    (S >= 0: +) then picks (P, DP) or (N, DN): every one of these sums adds the same numbers in the
+    same order as mergekit's `(deltas * mask).sum(0)` and `(weights * mask).sum(0)` (the others add
+    zeros, which change nothing), so the merge is mergekit's to the bit, signed zeros aside.
+
+    CPU note: eager `torch.where` and bool-typed ops are slow, so selections are exact 0/1 fp32
+    products (`v * 1 == v`, `v * 0 == 0`).
     """
     total = scratch.get("ties_sum")  # S
     positive = out  # P
+    negative = scratch.get("ties_neg")  # N
+    x = scratch.get("ties_x")
+    part = scratch.get("ties_part")
     if normalize:
-        div_all = scratch.get("ties_div_all")  # sum of weights of the non-zero entries
-        div_pos = scratch.get("ties_div_pos")  # sum of weights of the positively weighted entries
+        div_pos = scratch.get("ties_div_pos")
+        div_neg = scratch.get("ties_div_neg")
         flag = scratch.get("ties_flag")  # 0/1 fp32 indicator
     first = True
     for (tensor, rescale), w in zip(items, weights):
         if tensor is None or w == 0:
             continue  # contributes 0, and sign(0) never agrees: not in the divisor either
-        coef = _times(rescale, w)
-        part = scratch.get("ties_part", tensor.dtype)  # clamp cannot widen into another dtype
-        # part = the entries of T whose weighted value is positive (T's own sign flipped for w < 0)
-        if w > 0:
-            torch.clamp(tensor, min=0, out=part)
-        else:
-            torch.clamp(tensor, max=0, out=part)
+        scaled_into(x, tensor, _times(rescale, w))
         if first:
-            scaled_into(total, tensor, coef)
-            scaled_into(positive, part, coef)
+            total.copy_(x)
+            torch.clamp(x, min=0, out=positive)
+            torch.clamp(x, max=0, out=negative)
         else:
-            axpy_(total, tensor, coef)
-            axpy_(positive, part, coef)
+            total.add_(x)
+            positive.add_(torch.clamp(x, min=0, out=part))
+            negative.add_(torch.clamp(x, max=0, out=part))
         if normalize:
-            torch.ne(tensor, 0, out=flag)
-            if first:
-                torch.mul(flag, w, out=div_all)
-            else:
-                div_all.add_(flag, alpha=w)
-            torch.ne(part, 0, out=flag)
-            if first:
-                torch.mul(flag, w, out=div_pos)
-            else:
-                div_pos.add_(flag, alpha=w)
+            for divisor, compare in ((div_pos, torch.gt), (div_neg, torch.lt)):
+                compare(x, 0, out=flag)
+                if first:
+                    torch.mul(flag, w, out=divisor)
+                else:
+                    divisor.add_(flag, alpha=w)
         first = False
     if first:
         out.zero_()
         return
-    # Q = P - S = -(negative part) >= 0. S >= 0 elects P (and then Q <= P); S < 0 elects -Q (Q >= P).
-    # So the merged value is copysign(max(P, Q), S); S == +0 elects +, as mergekit's `sum >= 0`.
-    negated_negative = torch.sub(positive, total, out=scratch.get("ties_q"))
-    torch.maximum(positive, negated_negative, out=out)
+    elected = torch.ge(total, 0, out=part)  # 1 where S >= 0 (+ elected, as mergekit's `sum >= 0`)
+    rejected = torch.sub(1, elected, out=x)
+    positive.mul_(elected).add_(negative.mul_(rejected))  # out = P where S >= 0, else N
     if normalize:
-        # divisor = DP where S >= 0 else DA - DP, selected with exact 0/1 products
-        elected = torch.ge(total, 0, out=flag)
-        div_neg = div_all.sub_(div_pos)
-        div_pos.mul_(elected)
-        div_neg.mul_(elected.sub_(1))  # -(DA - DP) where S < 0, -0 elsewhere
-        divisor = div_pos.sub_(div_neg)
+        divisor = div_pos.mul_(elected).add_(div_neg.mul_(rejected))
         divisor.add_(torch.eq(divisor, 0, out=flag))  # mergekit: divisor 0 -> 1
-    torch.copysign(out, total, out=out)
-    if normalize:
         out.div_(divisor)
     if lambda_ != 1:
         out.mul_(lambda_)
@@ -210,11 +203,13 @@ class Spec:
 
     `chunk(d, start, scratch)` returns the sparsified chunk (`d` itself, or a scratch buffer valid until
     the next expert's call), or None for all-zero. `rescale` is the factor still to apply (a float, or a
-    0-dim tensor on the data's device). `zero` marks an expert that contributes nothing.
+    0-dim tensor on the data's device). `zero` marks an expert that contributes nothing; `pending`
+    one whose `rescale` (mergekit's L1 restore) needs a pass over its masked chunks first (`l1_rescale`).
     """
 
     zero = False
     random = False
+    pending = False
     rescale: Coefficient = 1.0
 
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
@@ -301,11 +296,12 @@ class GtaPlan(ChunkPlan):
 
 def l1_rescale(specs: list[Spec], flats: list[torch.Tensor], tables: Sequence[MagnitudeTable] | None,
                chunk: int, device: torch.device) -> None:
-    """mergekit's L1 restore for random specs, set in place: `|d|_1 / |d * mask|_1` (1 when either < 1e-7).
+    """mergekit's L1 restore for the pending specs, set in place: `|d|_1 / |d * mask|_1` (1 when either < 1e-7).
 
     Pass 1 of two: the masks are counter-based, so this pass recomputes them chunk by chunk (nothing is
-    stored) and accumulates the kept L1 in fp64."""
-    todo = [i for i, spec in enumerate(specs) if spec.random and not spec.zero]
+    stored) and accumulates the kept L1 in fp64. (Large DARE tensors of the engine skip it: their
+    kept L1 comes from a `WindowL1`.)"""
+    todo = [i for i, spec in enumerate(specs) if spec.pending and not spec.zero]
     if not todo:
         return
     numel = flats[0].numel()
@@ -330,6 +326,7 @@ def l1_rescale(specs: list[Spec], flats: list[torch.Tensor], tables: Sequence[Ma
         ok = (before >= _EPS) & (after >= _EPS)
         factor = torch.where(ok, before / torch.where(ok, after, 1), 1).to(torch.float32)
         specs[i].rescale = float(factor) if on_cpu else factor
+        specs[i].pending = False
 
 
 class GeneralizedTaskArithmetic(MergeMethod):
@@ -367,7 +364,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
             table = tables[i] if tables is not None else None
             specs.append(ZeroSpec() if w == 0 else build(delta, p, table, options, keys[i]))
         plan = GtaPlan(flats, specs, weights, self.consensus, options)
-        if self.is_random and options.rescale == "mergekit" and any(s.random and not s.zero for s in specs):
+        if any(s.pending and not s.zero for s in specs):
             plan.pending_rescale = (tables, chunk)
         return plan
 

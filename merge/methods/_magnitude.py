@@ -39,6 +39,8 @@ import math
 import numpy as np
 import torch
 
+from ._rescale import WINDOW_L1_MIN_NUMEL, WindowL1
+
 SAMPLE = 1 << 18
 """Default sample size for tensors larger than it (density error ~ sqrt(p(1-p)/SAMPLE) <= 1e-3)."""
 _SAMPLE_SEED = 0x5EED
@@ -70,8 +72,8 @@ def _l1(flat: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
 class MagnitudeTable:
     """Sorted-magnitude statistics of one task vector (see module docstring for the error bound)."""
 
-    __slots__ = ("numel", "resolution", "exact", "values", "positions", "l1", "sampled", "_row_ranks", "_row_len",
-                 "_lookup")
+    __slots__ = ("numel", "resolution", "exact", "values", "positions", "l1", "sampled", "identity", "_row_ranks",
+                 "_row_len", "_lookup", "_windows")
 
     def __init__(
         self,
@@ -91,6 +93,11 @@ class MagnitudeTable:
         """0-dim fp32 tensor on the delta's device: sum(|delta|), computed exactly as mergekit does."""
         self.sampled = 0
         """Sample size the order statistics were estimated from; 0 = computed from all entries."""
+        self.identity: str | None = None
+        """Which task vector this describes ("expert\x1ftensor"), set by the engine: DARE derives the
+        field of its window masks from it and the run seed (`_draws.field_key`), so the field, and
+        with it the kept-L1 table (`window_l1`), stays the same across the trials of a run."""
+        self._windows: dict[tuple[int, int], WindowL1] = {}
         self._row_ranks: torch.Tensor | None = None
         self._row_len = 0
         # numpy views of values / positions: a threshold lookup per (tensor, expert) and candidate
@@ -99,7 +106,7 @@ class MagnitudeTable:
 
     @classmethod
     def build(cls, delta: torch.Tensor, resolution: int = 4096, *, della: bool = False,
-              sample: int | None = SAMPLE) -> "MagnitudeTable":
+              sample: int | None = SAMPLE, identity: str | None = None) -> "MagnitudeTable":
         """Order statistics of |delta|, once per (expert, tensor) before a search.
 
         `numel <= resolution`: all magnitudes, sorted (exact). `numel <= sample` (or `sample=None`): one
@@ -108,6 +115,7 @@ class MagnitudeTable:
         gather plus a small sort instead of sorting N entries: ~5 ms per tensor instead of seconds.
         The L1 norm is always exact (fp32 chunk sums accumulated in fp64 for large tensors).
         `della=True` also precomputes the per-row ranks DELLA needs (otherwise built on first use).
+        `identity` names the task vector (see the attribute).
         """
         if resolution < 1:
             raise ValueError(f"resolution must be >= 1, got {resolution}")
@@ -137,6 +145,7 @@ class MagnitudeTable:
                 sampled = sample
         table = cls(numel, resolution, values, positions, l1)
         table.sampled = sampled
+        table.identity = identity
         if della:
             table.row_ranks(delta)
         return table
@@ -189,6 +198,19 @@ class MagnitudeTable:
         n_top = int(gamma * self.numel)
         n_bot = max(0, self.numel - target - n_top)
         return self.order_statistic(n_bot), self.order_statistic(n_bot + target - 1)
+
+    # -- DARE --------------------------------------------------------------------------------------
+    def window_l1(self, delta: torch.Tensor, key: tuple[int, int]) -> WindowL1 | None:
+        """The kept-L1 table of DARE windows on field `key` (built on first use, the last two fields
+        cached: a run has one seed), or None for tensors of <= WINDOW_L1_MIN_NUMEL entries."""
+        if self.numel <= WINDOW_L1_MIN_NUMEL:
+            return None
+        window = self._windows.get(key)
+        if window is None:
+            if len(self._windows) >= 2:
+                del self._windows[next(iter(self._windows))]
+            window = self._windows[key] = WindowL1(delta, key, float(self.l1))
+        return window
 
     # -- DELLA ------------------------------------------------------------------------------------
     def row_ranks(self, delta: torch.Tensor) -> tuple[torch.Tensor, int]:

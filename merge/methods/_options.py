@@ -26,11 +26,15 @@ class MethodOptions:
     t: float | None = None
     """Interpolation factor for slerp (required) and nuslerp (optional; default from the weights)."""
     draws: Literal["fast", "mergekit"] = "fast"
-    """How DARE/DELLA masks are drawn from the generator. "fast": `rand(generator) < p` (one uniform
-    per entry; about 4x faster on CPU). "mergekit": `torch.bernoulli`, which consumes the generator
-    exactly like mergekit 0.1.5, so on CPU the masks are bit-identical to mergekit's under the same
-    seed (used by the parity tests). Both give the same distribution; a recipe is reproducible with
-    either, but only with the same choice."""
+    """How DARE/DELLA masks are drawn. "fast": counter-based hashes of the element index (`_draws`;
+    DARE: windows on a per-(expert, tensor) field, density quantized to 1/4096), chunkable and
+    fusable. "mergekit": `torch.bernoulli` on whole tensors, which consumes the generator exactly
+    like mergekit 0.1.5, so on CPU the masks are bit-identical to mergekit's under the same seed
+    (used by the parity tests). Both keep each entry with probability p; a recipe is reproducible
+    with either, but only with the same choice."""
+    seed: int = 0
+    """The run seed (`MergeRecipe.seed`): with a table's `identity` it fixes DARE's field for the
+    run (`_draws.field_key`); the trial's generator then only picks the window."""
 
     def __post_init__(self) -> None:
         if self.rescale not in ("mergekit", "paper"):

@@ -13,9 +13,10 @@
 Passes over memory (N = numel, per expert; "pass" = one elementwise kernel over N entries):
   task_arithmetic: 1 (multiply-add into `out`).
   topk: 2 (hardshrink into scratch, multiply-add); 1 when density >= 1.
-  ties: 4 (hardshrink, clamp, 2 multiply-adds) + 4 with normalize (2 compares, 2 adds);
-        then 3 final passes (subtract, maximum, copysign) + 6 with normalize (elect, select the
-        divisor with exact 0/1 products, guard 0, divide), + 1 if lambda != 1.
+  ties: 7 (hardshrink, scale, 3 adds, 2 clamps) + 4 with normalize (2 compares, 2 adds);
+        then 5 final passes (elect, select P or N with exact 0/1 products) + 5 with normalize
+        (select the divisor, guard 0, divide), + 1 if lambda != 1. (The fused kernels do all of it
+        in one pass: `_fused`.)
 """
 
 from __future__ import annotations

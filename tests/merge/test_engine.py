@@ -43,11 +43,13 @@ def reference_merge(recipe: MergeRecipe, paths: dict[str, Path], layout) -> dict
             continue
         method = get_method(rule.method)
         deltas = [experts[e][name] - base[name] for e in rule.experts]
-        tables = [MagnitudeTable.build(d) for d in deltas]
+        # the engine's contract: tables name their task vector, options carry the run seed (DARE's field)
+        tables = [MagnitudeTable.build(d, identity=f"{e}\x1f{name}") for e, d in zip(rule.experts, deltas)]
         gen = mask_generator(recipe.seed, recipe.trial, name, torch.device("cpu")) if method.is_random else None
         out = torch.empty(base[name].shape, dtype=torch.float32)
         method.merge(out, deltas, list(rule.experts.values()), base=base[name],
-                     options=MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=rule.t),
+                     options=MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=rule.t,
+                                           seed=recipe.seed),
                      tables=tables, generator=gen)
         result[name] = base[name] + out
     return result

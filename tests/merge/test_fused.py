@@ -17,7 +17,8 @@ import torch
 from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe
 from evomerge.merge.methods import MagnitudeTable, MethodOptions, get_method, mask_generator
 from evomerge.merge.methods._base import chunks
-from evomerge.merge.methods._draws import bernoulli_mask
+from evomerge.merge.methods._gta import l1_rescale
+from evomerge.merge.methods._draws import window_mask
 from evomerge.merge.methods._fused import FusedGta
 
 N = 3 * 4096 + 17  # ragged last chunk
@@ -25,30 +26,32 @@ CHUNK = 4096
 PARAMS = [ExpertParams(weight=0.7, density=0.4, gamma=0.05), ExpertParams(weight=-0.4, density=0.6, gamma=0.1)]
 
 
-def _inputs(dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor], list[MagnitudeTable]]:
+def _inputs(dtype: torch.dtype, n: int = N, named: bool = False) -> tuple[torch.Tensor, list[torch.Tensor], list[MagnitudeTable]]:
     g = torch.Generator().manual_seed(0)
-    base = torch.randn(N, generator=g).to(dtype)
-    deltas = [(torch.randn(N, generator=g) * 0.01).to(dtype) for _ in PARAMS]
-    return base, deltas, [MagnitudeTable.build(d) for d in deltas]
+    base = torch.randn(n, generator=g).to(dtype)
+    deltas = [(torch.randn(n, generator=g) * 0.01).to(dtype) for _ in PARAMS]
+    return base, deltas, [MagnitudeTable.build(d, identity=f"e{i}\x1ft" if named else None) for i, d in enumerate(deltas)]
 
 
-def _both(method: str, dtype: torch.dtype, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eager chunked target, fused target) of one merge, `target = (base + merged).to(dtype)`."""
-    base, deltas, tables = _inputs(dtype)
+def _both(method: str, dtype: torch.dtype, normalize: bool, n: int = N, named: bool = False,
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eager chunked target, fused target) of one merge, `target = (base + merged).to(dtype)`; `named`
+    tables give large DARE tensors their kept L1 from a `WindowL1`, as in the engine."""
+    base, deltas, tables = _inputs(dtype, n, named)
     m = get_method(method)
-    options = MethodOptions(normalize=normalize, lambda_=0.9)
+    options = MethodOptions(normalize=normalize, lambda_=0.9, seed=4)
 
     def plan():
         gen = mask_generator(1, 2, "t", "cpu") if m.is_random else None
         return m.prepare(deltas, PARAMS, base=base, options=options, tables=tables, generator=gen, chunk=CHUNK)
 
-    eager_plan, merged = plan(), torch.empty(N)
-    for lo, hi in chunks(N, CHUNK):
+    eager_plan, merged = plan(), torch.empty(n)
+    for lo, hi in chunks(n, CHUNK):
         eager_plan.run(merged[lo:hi], lo, hi)
     eager = (merged + base.float()).to(dtype)
     fused = FusedGta.of(plan())
     assert fused is not None
-    out = torch.empty(N, dtype=dtype)
+    out = torch.empty(n, dtype=dtype)
     fused.apply(out, base, CHUNK, stats=False)
     return eager, out
 
@@ -86,10 +89,34 @@ def test_dare_masks_identical_to_eager_draws() -> None:
                                              generator=gen, chunk=CHUNK)
     out = torch.empty(N)
     FusedGta.of(plan).apply(out, torch.zeros(N), CHUNK, stats=False)
-    key = plan.specs[0].key
-    mask = bernoulli_mask(torch.empty(N), torch.empty(N, dtype=torch.int32), torch.empty(N, dtype=torch.int32),
-                          key, 0, density)
+    spec = plan.specs[0]
+    mask = window_mask(torch.empty(N), torch.empty(N, dtype=torch.int32), torch.empty(N, dtype=torch.int32),
+                       spec.key, 0, spec.shift, spec.bound)
     assert torch.equal(out != 0, mask.bool())
+    torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 4096 / round(density * 4096)))
+
+
+BIG = (1 << 18) + 4099  # above WINDOW_L1_MIN_NUMEL: the kept L1 comes from a WindowL1
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_fused_equals_eager_with_window_l1(method: str) -> None:
+    _assert_close(*_both(method, torch.float32, normalize=True, n=BIG, named=True))
+
+
+def test_window_l1_factor_equals_a_pass_over_the_masked_entries() -> None:
+    """mergekit's L1 restore looked up in the WindowL1 equals the factor a pass over the kept entries
+    computes (fp64 sums in another order: equal to fp32 rounding), on a trial's window of the run's field."""
+    _, deltas, tables = _inputs(torch.bfloat16, BIG, named=True)
+    plan = get_method("dare_ties").prepare(deltas, PARAMS, base=None, options=MethodOptions(seed=9), tables=tables,
+                                           generator=mask_generator(9, 3, "t", "cpu"), chunk=CHUNK)
+    assert plan.pending_rescale is None and all(not s.pending for s in plan.specs)
+    looked_up = [s.rescale for s in plan.specs]
+    assert all(1.5 < f < 3.5 for f in looked_up)  # ~1/density
+    for spec in plan.specs:
+        spec.pending = True
+    l1_rescale(plan.specs, plan.flats, tables, CHUNK, torch.device("cpu"))
+    assert [s.rescale for s in plan.specs] == pytest.approx(looked_up, rel=2e-7)
 
 
 @pytest.fixture(scope="module")
