@@ -126,9 +126,9 @@ def hash_bits(out: torch.Tensor, tmp: torch.Tensor, key: tuple[int, int], start:
     return out.bitwise_xor_(tmp)
 
 
-def bucket_of(bits: torch.Tensor) -> torch.Tensor:
+def bucket_of(bits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Field bucket (0..BUCKETS-1, int32) of hashed `bits`: the top BUCKET_BITS bits of `bits + 2**31`."""
-    return torch.bitwise_right_shift(bits, _SHIFT).bitwise_and_(BUCKETS - 1).bitwise_xor_(BUCKETS >> 1)
+    return torch.bitwise_right_shift(bits, _SHIFT, out=out).bitwise_and_(BUCKETS - 1).bitwise_xor_(BUCKETS >> 1)
 
 
 def window_mask(mask: torch.Tensor, bits: torch.Tensor, tmp: torch.Tensor, key: tuple[int, int], start: int,

@@ -73,26 +73,36 @@ def _field_hash(index: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torc
     return h * _M3
 
 
-def _sparsified(kinds: tuple[str, ...], deltas: Sequence[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor,
-                bound: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, shift: torch.Tensor,
-                start: torch.Tensor) -> list[torch.Tensor]:
-    """Each expert's sparsified chunk in fp32, as the eager `Spec.chunk` computes it."""
+def _weighted(kinds: tuple[str, ...], deltas: Sequence[torch.Tensor], coef: torch.Tensor, lo: torch.Tensor,
+              hi: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, shift: torch.Tensor,
+              start: torch.Tensor) -> list[torch.Tensor]:
+    """Each expert's sparsified chunk times its coefficient, in fp32: the eager `Spec.chunk` times
+    `coef` (dropped entries are +0 here; eager's `mask * x` may give -0, which no sum or election
+    tells apart from +0)."""
     index = None
     out = []
     for i, (kind, d) in enumerate(zip(kinds, deltas)):
         x = d.float()
-        if kind == "dense":
-            out.append(x)
-        elif kind == "thr":  # hardshrink(lo): keep |x| > lo
-            out.append(torch.where(x.abs() > lo[i], x, 0.0))
-        elif kind == "band":  # hardshrink(lo) - hardshrink(hi)
-            a = x.abs()
-            out.append(torch.where((a > lo[i]) & ~(a > hi[i]), x, 0.0))
-        else:  # "dare": x inside the window, else x * 0 (the signed zero of `mask * x`, bit for bit)
-            if index is None:
-                index = torch.arange(d.shape[-1], dtype=torch.int32, device=d.device) + start
-            out.append(torch.where(_field_hash(index, k0[i], k1[i]) - shift[i] < bound[i], x, x * 0.0))
+        if kind == "dare" and index is None:
+            index = torch.arange(d.shape[-1], dtype=torch.int32, device=d.device) + start
+        keep = _keep(kind, x, lo[i], hi[i], bound[i], k0[i], k1[i], shift[i], index)
+        # select, then weight: measured a few % faster than the other order (inductor, AVX-512)
+        out.append((x if keep is None else torch.where(keep, x, 0.0)) * coef[i])
     return out
+
+
+def _keep(kind: str, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor,
+          k1: torch.Tensor, shift: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor | None:
+    """Which entries of one expert's fp32 chunk `x` survive its sparsification (None: all)."""
+    if kind == "dense":
+        return None
+    if kind == "thr":  # hardshrink(lo): keep |x| > lo
+        return x.abs() > lo
+    if kind == "band":  # hardshrink(lo) - hardshrink(hi)
+        a = x.abs()
+        return (a > lo) & ~(a > hi)
+    assert index is not None  # "dare": inside the window
+    return _field_hash(index, k0, k1) - shift < bound
 
 
 def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats: bool,
@@ -112,13 +122,12 @@ def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats
         if packed:
             (lo, hi, coef, weight, bound, k0, k1, shift), start = _per_row(
                 (lo, hi, coef, weight, bound, k0, k1, shift), start, seg, out.shape[-1])
-        ts = _sparsified(kinds, deltas, lo, hi, bound, k0, k1, shift, start)
+        xs = _weighted(kinds, deltas, coef, lo, hi, bound, k0, k1, shift, start)
         if not consensus:  # linear_combine: coef = rescale * w * lambda / divisor
-            merged = ts[0] * coef[0]
-            for i in range(1, len(ts)):
-                merged = merged + ts[i] * coef[i]
+            merged = xs[0]
+            for x in xs[1:]:
+                merged = merged + x
         else:  # ties_combine's values (see its docstring): the agreeing entries and weights, in expert order
-            xs = [t * coef[i] for i, t in enumerate(ts)]
             total = xs[0]
             for x in xs[1:]:
                 total = total + x
@@ -150,17 +159,21 @@ def _per_row(tables: Sequence[torch.Tensor], start: torch.Tensor, seg: torch.Ten
     return [t[:, seg, None] for t in tables], (start[seg] + rows * block)[:, None]
 
 
-def _make_l1_kernel(count: int) -> Callable:
+def _make_l1_kernel() -> Callable:
     """Pass 1 of mergekit's L1 rescale for packed small tensors (`PackedGta`): the kept L1 (fp64) of
-    `count` DARE experts' masked entries per row of a (rows, block) chunk, summed per tensor by the
+    the DARE experts' masked entries per row of a (rows, block) chunk, summed per tensor by the
     caller. (Large tensors look their kept L1 up in a `WindowL1` instead.)"""
-    kinds = ("dare",) * count
 
     def kernel(deltas: list[torch.Tensor], bound: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor,
                shift: torch.Tensor, start: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         (bound, k0, k1, shift), start = _per_row((bound, k0, k1, shift), start, seg, deltas[0].shape[-1])
-        ts = _sparsified(kinds, deltas, bound, bound, bound, k0, k1, shift, start)
-        return torch.stack([t.double().abs().sum(-1) for t in ts])
+        index = torch.arange(deltas[0].shape[-1], dtype=torch.int32, device=seg.device) + start
+        kept = []
+        for i, d in enumerate(deltas):
+            x = d.float()
+            keep = _keep("dare", x, bound[i], bound[i], bound[i], k0[i], k1[i], shift[i], index)
+            kept.append(torch.where(keep, x.abs(), 0.0).double().sum(-1))
+        return torch.stack(kept)
 
     return kernel
 
@@ -438,7 +451,7 @@ class PackedGta:
         key = ("l1-packed", len(dare), tuple(deltas[r].dtype for r in dare))
         bound, k0, k1, shift = (t[name][dare] for name in ("bound", "k0", "k1", "shift"))
         for lo, hi in chunks(segment.shape[0], max(1, chunk // block)):
-            rows = _call(key, lambda: _make_l1_kernel(len(dare)), [deltas[r][lo:hi] for r in dare],
+            rows = _call(key, _make_l1_kernel, [deltas[r][lo:hi] for r in dare],
                          bound, k0, k1, shift, (lo - self.row_starts) * block, segment[lo:hi])
             kept.index_add_(1, segment[lo:hi].long(), rows)
         before = t["before"][dare]

@@ -44,23 +44,25 @@ class WindowL1:
     BUCKETS), see `_draws`. Built once per (task vector, field): one pass hashes the field and sums
     |d| per bucket in fp64 (`bincount`, deterministic on CPU); the kept L1 of a window is then a
     difference of two prefix sums, so mergekit's L1 rescale needs no pass over the data per candidate.
-    The fp64 sums differ from a direct sum over the kept entries only in summation order (~1e-16
+    (Small chunks: their temporaries stay below glibc's mmap threshold and are reused, not left
+    behind in the resident set.) The fp64 sums differ from a direct sum over the kept entries only in summation order (~1e-16
     relative), far below the fp32 rounding of the factor.
     """
 
     __slots__ = ("prefix", "l1")
 
-    def __init__(self, delta: torch.Tensor, key: tuple[int, int], l1: float, chunk: int = 1 << 20) -> None:
+    def __init__(self, delta: torch.Tensor, key: tuple[int, int], l1: float, chunk: int = 1 << 16) -> None:
         flat = delta.detach().reshape(-1)
         hist = torch.zeros(BUCKETS, dtype=torch.float64, device=flat.device)
         bits = torch.empty(min(chunk, flat.numel()), dtype=torch.int32, device=flat.device)
-        tmp = torch.empty_like(bits)
+        tmp, magnitudes = torch.empty_like(bits), torch.empty(bits.shape, dtype=torch.float64, device=flat.device)
         with torch.no_grad():
             for start in range(0, flat.numel(), chunk):
                 piece = flat[start : start + chunk]
                 n = piece.numel()
-                buckets = bucket_of(field_hash(bits[:n], tmp[:n], key, start))
-                hist += torch.bincount(buckets, weights=piece.abs().double(), minlength=BUCKETS)
+                field_hash(bits[:n], tmp[:n], key, start)
+                buckets = bucket_of(bits[:n], out=tmp[:n])
+                hist += torch.bincount(buckets, weights=magnitudes[:n].copy_(piece).abs_(), minlength=BUCKETS)
         self.prefix = np.concatenate([[0.0], np.cumsum(hist.cpu().numpy())])
         """Prefix sums of the per-bucket |d| (fp64, BUCKETS + 1 entries, on the CPU: lookups never sync)."""
         self.l1 = l1
