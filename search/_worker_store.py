@@ -18,9 +18,9 @@ import json
 import warnings
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 import optuna
 import sqlalchemy as sa
@@ -75,8 +75,12 @@ class Claim:
     trial: optuna.Trial
     queued: bool
     look: Future[Counts]
-    """the budget counts read once the claim and its genome were written (the budget rule's second
-    look); PostgreSQL's store reads it while a queued trial is evaluated (`search._pg_trial_store`)"""
+    """the budget counts read once the claim was written (the budget rule's second look);
+    PostgreSQL's store reads a coordinated pop's with its genome, while the trial is evaluated,
+    and a worker's own claim's in the claim's round trip (`search._pg_trial_store`)"""
+    written: Future[None] = field(default_factory=lambda: _done(None))
+    """the genome's write, when it goes on behind the claim (PostgreSQL, a worker's own claim):
+    wait for it before giving the trial back"""
 
     @property
     def counts(self) -> Counts:
@@ -93,19 +97,42 @@ class Claim:
         return None if cid is None else int(cid)
 
 
-class _ClaimStorage:
-    """The storage a claimed trial sees while it is opened and fills its genome: it answers the
-    trial's read with what the claim already knows (a trial created a moment ago is empty), keeps
-    the parameter writes (the store writes them together) and passes every other call on."""
+def _done(value: Any) -> Future[Any]:
+    done: Future[Any] = Future()
+    done.set_result(value)
+    return done
 
-    def __init__(self, storage: optuna.storages.BaseStorage, known: FrozenTrial | None) -> None:
-        self.storage, self.known = storage, known
+
+class _ClaimStorage:
+    """The storage a claimed trial and the study's sampler see while the trial is opened and
+    fills its genome: it answers the trial's read with what the claim already knows (a trial
+    created a moment ago is empty), keeps the parameter writes (the store writes them together),
+    lets the worker's writes behind land before the sampler reads the study (``before_read``: it
+    sees the study as if the worker had waited for its last finish) and passes every other call on."""
+
+    def __init__(
+        self, storage: optuna.storages.BaseStorage, known: FrozenTrial | None, before_read: Callable[[], None],
+    ) -> None:
+        self.storage, self.known, self.before_read = storage, known, before_read
         self.params: list[tuple[str, float, BaseDistribution]] = []
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         if self.known is not None and trial_id == self.known._trial_id:
             return copy.deepcopy(self.known)
+        self.before_read()
         return self.storage.get_trial(trial_id)
+
+    def get_all_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
+        self.before_read()
+        return self.storage.get_all_trials(*args, **kwargs)
+
+    def get_n_trials(self, *args: Any, **kwargs: Any) -> int:
+        self.before_read()
+        return self.storage.get_n_trials(*args, **kwargs)
+
+    def get_best_trial(self, *args: Any, **kwargs: Any) -> FrozenTrial:
+        self.before_read()
+        return self.storage.get_best_trial(*args, **kwargs)
 
     def set_trial_param(self, trial_id: int, name: str, value: float, distribution: BaseDistribution) -> None:
         self.params.append((name, value, distribution))
@@ -116,12 +143,12 @@ class _ClaimStorage:
 
 def _open_trial(study: optuna.Study, trial_id: int, storage: _ClaimStorage) -> optuna.Trial:
     """``optuna.Trial(study, trial_id)`` (the sampler's ``before_trial`` included) on ``storage``:
-    a Trial reads itself through its study's storage, so it is opened on a copy of the study."""
+    a Trial reads itself, and the sampler reads the study, through the trial's study's storage,
+    so it is opened on a copy of the study (`TrialStore.claim` puts the study back once the
+    genome is suggested)."""
     view = copy.copy(study)
     view._storage = storage  # type: ignore[assignment]
-    trial = optuna.Trial(view, trial_id)
-    trial.study = study
-    return trial
+    return optuna.Trial(view, trial_id)
 
 
 class TrialStore:
@@ -138,34 +165,58 @@ class TrialStore:
 
     def claim(
         self, distributions: Mapping[str, BaseDistribution], user_attrs: Mapping[str, Any], *, pop: bool, fresh: bool,
+        budget: int | None = None,
     ) -> Claim | None:
         """``study.ask(distributions)`` with the parameter and ``user_attrs`` writes batched (and,
         on a heartbeat storage, the trial's first heartbeat with them): pops a queued trial (when
         ``pop``: `counts` saw one), else (when ``fresh``) creates one the study's sampler fills;
-        None when there was nothing to claim. The claim carries the counts read after it."""
+        None when there was nothing to claim. The claim carries the counts read after it.
+        ``budget``: a store that can look at the counts in the claim's own round trip
+        (PostgreSQL's) claims nothing (None) once ``counted + running >= budget``, as a worker's
+        first look would have decided; the others ignore it (their worker looked first)."""
         study = self.study
         study._thread_local.cached_all_trials = None  # as study.ask: samplers read the latest trials
-        popped = self._pop(user_attrs) if pop else None
-        queued = popped is not None
-        if popped is None:
-            if not fresh:
-                return None
-            popped = self._create(user_attrs)
-        trial_id, known = popped
-        storage = _ClaimStorage(study._storage, known)
+        taken = self._take(user_attrs, pop=pop, fresh=fresh, budget=budget)
+        if taken is None:
+            return None
+        trial_id, known, queued, look = taken
+        storage = _ClaimStorage(study._storage, known, self._before_read)
         trial = _open_trial(study, trial_id, storage)
         try:
             for name, distribution in distributions.items():
                 trial._suggest(name, distribution)  # what study.ask does: fixed, relative or independent
         finally:
-            trial.storage = study._storage
-        return Claim(trial, queued, self._second_look(trial_id, storage.params, queued))
+            trial.study, trial.storage = study, study._storage
+        if look is None:
+            return Claim(trial, queued, self._second_look(trial_id, storage.params, queued))
+        return Claim(trial, queued, _done(look), self._write_genome(trial_id, storage.params))
+
+    def _take(
+        self, user_attrs: Mapping[str, Any], *, pop: bool, fresh: bool, budget: int | None,
+    ) -> tuple[int, FrozenTrial | None, bool, Counts | None] | None:
+        """Move a trial to RUNNING for this worker (`_pop`, else `_create`): its id, the trial when
+        known without a read, whether it was queued, and the second look when the same round
+        trip read it (then the genome is written by `_write_genome`, else by `_second_look`)."""
+        popped = self._pop(user_attrs) if pop else None
+        if popped is not None:
+            return (*popped, True, None)
+        if not fresh:
+            return None
+        return (*self._create(user_attrs), False, None)
+
+    def _before_read(self) -> None:
+        """What must land before a claim's sampler reads the study (nothing: this store writes
+        its finishes before it returns)."""
 
     def _second_look(self, trial_id: int, params: list[tuple[str, float, BaseDistribution]], queued: bool) -> Future[Counts]:
         """`_write_claim`, done by the time it returns."""
-        look: Future[Counts] = Future()
-        look.set_result(self._write_claim(trial_id, params))
-        return look
+        return _done(self._write_claim(trial_id, params))
+
+    def _write_genome(self, trial_id: int, params: list[tuple[str, float, BaseDistribution]]) -> Future[None]:
+        """The genome of a claim whose second look is known (`_take`); done by the time it returns."""
+        for name, value, distribution in params:
+            self.study._storage.set_trial_param(trial_id, name, value, distribution)
+        return _done(None)
 
     def _create(self, user_attrs: Mapping[str, Any]) -> tuple[int, FrozenTrial | None]:
         """A new RUNNING trial with ``user_attrs`` and its first heartbeat: its id, and the trial

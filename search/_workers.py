@@ -13,9 +13,10 @@ Each worker process owns a scorer (one GPU) and loops: claim a trial, evaluate, 
 
 **Budget rule** (exact across workers): a trial counts when `Ledger.finished` counts it. A worker
 claims only after a look at the counts saw ``counted + running < budget`` (a coordinated worker
-that saw room but an empty queue, or whose finish is written behind, pops without a new look),
-then re-reads the counts and keeps its claim only if ``counted + (RUNNING trials other than its
-own) + 1 <= budget`` (on PostgreSQL read while a queued trial evaluates); otherwise it gives the
+that saw room but an empty queue, or whose finish is written behind, pops without a new look;
+a worker's own claim on PostgreSQL takes that look itself, in the claim's round trip), then
+re-reads the counts and keeps its claim only if ``counted + (RUNNING trials other than its
+own) + 1 <= budget`` (on PostgreSQL a queued trial's is read while it evaluates); otherwise it gives the
 claim back (failed as ``interrupted``, a queued trial re-queued) and backs off. Of any set of
 kept claims, the last to check saw all the others, so kept claims never exceed the budget; the
 ledger ends with exactly ``budget`` counted trials (claims may collide and retry, never overshoot).
@@ -340,14 +341,16 @@ def run_worker(
     signals = _Signals()
     claim: Claim | None = None
     counts: Counts | None = None  # the last finish's, while nothing else happened since
-    room = False  # the last look saw budget room but an empty queue, or the last finish went behind: pop with no new look
+    room = False  # the last look saw budget room but an empty queue, or the last finish went behind: claim with no new look
     try:
         with signals.installed():
             while True:
                 if coordinator is not None and coordinator.error is not None:
                     raise coordinator.error
                 t0 = time.perf_counter()
-                if stale_check() or (counts is None and not room):
+                # a look after a stale check (it may have re-queued trials), unless the claim pops
+                # first anyway and looks itself (``room``)
+                if (stale_check() or counts is None) and not room:
                     counts = store.counts()
                 if counts is not None:
                     if counts.counted >= budget_evals:
@@ -361,12 +364,15 @@ def run_worker(
                         counts = None
                         continue
                 with signals.deferred():
-                    # coordinated optimizers queue every candidate: their workers only pop
+                    # coordinated optimizers queue every candidate: their workers only pop. A
+                    # worker's own claim carries the budget: with no look since its last finish
+                    # (written behind), PostgreSQL's store takes the first look in the claim
                     claim = store.claim(
                         distributions, {"worker": worker_id}, pop=counts is None or counts.waiting > 0, fresh=not coordinated,
+                        budget=None if coordinated else budget_evals,
                     )
                 counts, room = None, False
-                if claim is None:  # another worker popped the last queued trial first
+                if claim is None:  # another worker popped the last queued trial first, or the claim's look saw no room
                     time.sleep(random.uniform(0, poll))
                     continue
                 if beat is not None:
@@ -387,6 +393,7 @@ def run_worker(
                             reason = _keep_claim(claim, budget_evals, coordinated)
                     if reason is not None:
                         with signals.deferred():
+                            wait([claim.written])  # its genome first: the give-back copies the trial
                             # a queued trial without a candidate cannot be told to a coordinator: dropped
                             requeue = claim.queued and not (coordinated and claim.candidate is None)
                             ledger.give_back(claim.trial_id, reason, requeue=requeue)
@@ -397,11 +404,13 @@ def run_worker(
                     values, _, _, attrs = finished_attrs(ledger, recipe, evaluation, names, constraints, pre, None)
                     system_attrs = {f"{CONSTRAINTS_PREFIX}{i}": float(c) for i, c in enumerate(attrs.get("constraints", ()))}
                     with signals.deferred():
-                        # a coordinated worker does not wait for its finish (PostgreSQL writes it
-                        # behind), and pops its next candidate at once: the second look decides
+                        # a worker does not wait for its finish (PostgreSQL writes it behind; the
+                        # others return the counts that follow), and claims its next trial at
+                        # once: a coordinated pop's second look, or a worker's own claim's first
+                        # look, decides
                         counts = store.finish(
                             trial, attrs, system_attrs, None if values is None else ledger.study_values(dict(zip(names, values))),
-                            behind=coordinated,
+                            behind=True,
                         )
                         claim = None
                     room = counts is None
@@ -415,7 +424,7 @@ def run_worker(
     except KeyboardInterrupt:
         result.stopped_by = "interrupt"
         if claim is not None:
-            wait([claim.look])  # its genome write first: the give-back copies the trial
+            wait([claim.look, claim.written])  # its genome write first: the give-back copies the trial
             ledger.give_back(claim.trial_id, "interrupted: the worker was stopped (SIGINT/SIGTERM)", requeue=True)
     finally:
         stop.set()

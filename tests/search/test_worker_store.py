@@ -1,11 +1,13 @@
 """A worker's batched claims, finishes and budget counts on real SQLite (`search._worker_store`)
-and PostgreSQL (`search._pg_trial_store`, one statement per step) databases: the rows it writes
-must read back exactly as optuna's own API writes them, and its one-query budget count must
-agree with the count over loaded trials."""
+and PostgreSQL (`search._pg_trial_store`, one statement per step; a worker's own claim in one
+round trip, its genome and finish behind) databases: the rows it writes must read back exactly
+as optuna's own API writes them, its one-query budget count must agree with the count over
+loaded trials, and its claims must keep the budget exact."""
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -175,3 +177,192 @@ def test_a_finish_written_behind_lands_and_its_refusal_is_raised(postgres_url: s
         store.close()
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL] and trials[0].values == [1.0, 2.0]
+
+
+# A worker's own claims on PostgreSQL (optuna samplers): one round trip that looks at the budget,
+# pops or creates the trial and reads the second look; the genome and the finish written behind.
+
+
+def test_own_claims_with_finishes_behind_write_the_rows_optuna_writes(storage: optuna.storages.RDBStorage) -> None:
+    """The worker's path for optuna samplers (a budget on the claim, the finish behind; SQLite's
+    store writes it at once) leaves the rows optuna's API leaves, the retry popped first."""
+    batched, plain = _study(storage, "own"), _study(storage, "own-plain")
+    attrs = {"objectives": {"a": 0.5, "b": 2.0}, "recipe": "{}", "worker": "w1"}
+    for study in (batched, plain):
+        study.enqueue_trial({"w0": 0.25, "kind": "dare"}, user_attrs={"candidate": 3})
+    store = _store(batched, storage)
+    for values in ([0.5, 2.0], [float("inf"), -1.0], None, [1.0, 1.0]):
+        claim = store.claim(DISTRIBUTIONS, {"worker": "w0"}, pop=True, fresh=True, budget=10)
+        assert claim is not None and claim.look.done() and claim.counts.running >= {claim.trial_id}
+        store.finish(claim.trial, attrs, {"constraints:0": -1.0}, values, behind=True)
+        trial = plain.ask(DISTRIBUTIONS)
+        for key, value in {"worker": "w0", **attrs}.items():
+            trial.set_user_attr(key, value)
+        trial.set_constraint("0", -1.0)
+        plain.tell(trial, values, state=None if values else TrialState.FAIL)
+    store.close()
+    got, want = batched.get_trials(), plain.get_trials()
+    assert [_comparable(t) for t in got] == [_comparable(t) for t in want]
+    assert got[0].params["w0"] == 0.25 and got[0].user_attrs["candidate"] == 3
+    with storage.engine.connect() as conn:
+        beats = conn.execute(sa.text("SELECT count(*) FROM trial_heartbeats JOIN trials USING (trial_id) WHERE study_id = :s"),
+                             {"s": batched._study_id}).scalar_one()
+    assert beats == 4
+
+
+def _scenario(study: optuna.Study) -> None:
+    """Every kind of trial the budget count tells apart."""
+    for t in [study.ask(DISTRIBUTIONS) for _ in range(3)]:
+        study.tell(t, [1.0, 1.0])
+    study.tell(study.ask(DISTRIBUTIONS), state=TrialState.FAIL)  # failed by its evaluation: counts
+    for state in (TrialState.FAIL, TrialState.COMPLETE):  # given back (or cut off): does not count
+        stopped = study.ask(DISTRIBUTIONS)
+        stopped.set_user_attr("interrupted", True)
+        study.tell(stopped, [1.0, 1.0] if state == TrialState.COMPLETE else None, state=state)
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=2)
+    stale = study.ask(DISTRIBUTIONS)  # failed by heartbeat twice: neither attempt counts once retried
+    study.tell(stale, state=TrialState.FAIL)
+    retry(study, study.get_trials()[stale.number])
+    again = study.ask(DISTRIBUTIONS)
+    study.tell(again, state=TrialState.FAIL)
+    retry(study, study.get_trials()[again.number])
+    study.ask(DISTRIBUTIONS)  # the second retry, RUNNING
+    unretried = study.ask(DISTRIBUTIONS)  # failed by heartbeat, no retry yet: counts
+    study.tell(unretried, state=TrialState.FAIL)
+    study.ask(DISTRIBUTIONS)  # RUNNING
+    study.enqueue_trial({"w0": 0.1})  # WAITING
+
+
+def test_the_claims_first_look_is_the_budget_count(postgres_url: str) -> None:
+    """The claim's own first look (SQL) agrees with `tally` on every kind of trial: it claims
+    nothing, and writes nothing, once ``counted + running`` reaches the budget; the pop too."""
+    storage = _heartbeat_storage(postgres_url)
+    study = _study(storage, "gate")
+    _scenario(study)
+    store = _store(study, storage)
+    counts = store.counts()
+    assert counts == TrialStore(study).counts() and (counts.counted, len(counts.running), counts.waiting) == (5, 2, 1)
+    used = counts.counted + len(counts.running)
+    n = len(study.get_trials())
+    for pop in (True, False):
+        assert store.claim(DISTRIBUTIONS, {"worker": "w"}, pop=pop, fresh=True, budget=used) is None
+    assert len(study.get_trials()) == n and store.counts() == counts
+    claim = store.claim(DISTRIBUTIONS, {"worker": "w"}, pop=True, fresh=True, budget=used + 1)
+    assert claim is not None and claim.queued and claim.trial.params["w0"] == 0.1  # the queued trial first
+    assert claim.counts.counted == 5 and claim.counts.running == counts.running | {claim.trial_id}
+    assert store.claim(DISTRIBUTIONS, {"worker": "w"}, pop=True, fresh=True, budget=used + 1) is None
+    fresh = store.claim(DISTRIBUTIONS, {"worker": "w"}, pop=True, fresh=True, budget=used + 2)
+    assert fresh is not None and not fresh.queued and fresh.trial.number == n
+    store.close()
+    assert study.get_trials()[-1].params == fresh.trial.params and len(fresh.trial.params) == len(DISTRIBUTIONS)
+
+
+def test_concurrent_own_claims_reach_the_budget_exactly(postgres_url: str) -> None:
+    """Four claimants (own connections, as four workers) claim fresh trials with the budget on
+    the claim and finish them behind, as `run_worker` does for optuna samplers: the study ends
+    with exactly the budget counted, numbered 0..n-1 without a gap or a twin, every genome
+    written, and no claim given back (claims are made one at a time under the study's lock, each
+    after seeing all the claims before it)."""
+    from evomerge.search._workers import _keep_claim
+
+    budget = 24
+    first = _study(_heartbeat_storage(postgres_url), "exact")
+    given_back: list[int] = []
+    errors: list[BaseException] = []
+    deadline = time.monotonic() + 60
+
+    def claimant(worker: str) -> None:
+        storage = _heartbeat_storage(postgres_url)
+        study = optuna.load_study(study_name=first.study_name, storage=storage, sampler=optuna.samplers.RandomSampler())
+        store = _store(study, storage)
+        try:
+            while time.monotonic() < deadline:
+                claim = store.claim(DISTRIBUTIONS, {"worker": worker}, pop=True, fresh=True, budget=budget)
+                if claim is None:
+                    counts = store.counts()
+                    if counts.counted >= budget:
+                        return
+                    time.sleep(0.01)  # a finish behind is on its way
+                    continue
+                if _keep_claim(claim, budget, coordinated=False) is not None:
+                    given_back.append(claim.trial.number)
+                    claim.written.result()
+                    claim.trial.set_user_attr("interrupted", True)  # as `Ledger.give_back`: not counted
+                    study.tell(claim.trial, state=TrialState.FAIL)
+                    continue
+                store.finish(claim.trial, {"objectives": {}, "worker": worker}, {}, [1.0, 2.0], behind=True)
+            raise AssertionError(f"{worker} still claiming after 60 s")
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=claimant, args=(f"w{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    trials = first.get_trials()
+    assert given_back == []
+    assert sorted(t.number for t in trials) == list(range(len(trials))) and len(trials) == budget
+    assert all(t.state == TrialState.COMPLETE and len(t.params) == len(DISTRIBUTIONS) for t in trials)
+
+
+class _Watching(optuna.samplers.RandomSampler):
+    """Notes the states of the study's trials whenever it samples."""
+
+    def __init__(self) -> None:
+        super().__init__(seed=3)
+        self.seen: list[list[TrialState]] = []
+
+    def sample_independent(self, study, trial, param_name, param_distribution):  # type: ignore[no-untyped-def]
+        self.seen.append([t.state for t in study.get_trials(deepcopy=False) if t.number != trial.number])
+        return super().sample_independent(study, trial, param_name, param_distribution)
+
+
+def test_a_sampler_reads_the_study_after_the_last_finish_behind(postgres_url: str) -> None:
+    """A sampler that reads the study proposes the next genome knowing the worker's last result,
+    as when the finish was written before the claim: the read waits for the finish behind."""
+    storage = _heartbeat_storage(postgres_url)
+    study = _study(storage, "sees")
+    study.sampler = sampler = _Watching()
+    store = _store(study, storage)
+    first = store.claim({"w0": DISTRIBUTIONS["w0"]}, {}, pop=True, fresh=True, budget=10)
+    assert first is not None
+    release = threading.Event()
+    store._writes.submit(release.wait, 10)  # holds the writes behind back...
+    store.finish(first.trial, {"objectives": {}}, {}, [1.0, 2.0], behind=True)
+    threading.Timer(0.5, release.set).start()  # ...for a while after the next claim began
+    second = store.claim({"w0": DISTRIBUTIONS["w0"]}, {}, pop=True, fresh=True, budget=10)
+    assert second is not None and second.counts.running == {first.trial_id, second.trial_id}  # the look predates it
+    assert sampler.seen[-1] == [TrialState.COMPLETE]
+    store.close()
+
+
+def test_a_failed_claim_leaves_no_trial_and_a_usable_store(postgres_url: str) -> None:
+    """An error inside the claim's transaction rolls it back (no trial) and does not leave its
+    connection inside the aborted transaction."""
+    storage = _heartbeat_storage(postgres_url)
+    study = _study(storage, "fails")
+    store = _store(study, storage)
+    for _ in range(3):  # more than the store's pool holds
+        with pytest.raises(sa.exc.DBAPIError):
+            store.claim(DISTRIBUTIONS, {"k" * 1000: 1}, pop=True, fresh=True, budget=10)  # longer than optuna's keys
+    assert study.get_trials() == []
+    claim = store.claim(DISTRIBUTIONS, {"worker": "w"}, pop=True, fresh=True, budget=10)
+    assert claim is not None and claim.trial.number == 0
+    store.close()
+
+
+def test_a_trial_is_not_finished_without_its_genome(postgres_url: str) -> None:
+    storage = _heartbeat_storage(postgres_url)
+    study = _study(storage, "genome")
+    store = _store(study, storage)
+    store._genome_query = sa.select(sa.literal(1) / sa.literal(0))  # the genome's write fails
+    claim = store.claim(DISTRIBUTIONS, {}, pop=True, fresh=True, budget=10)
+    assert claim is not None
+    store.finish(claim.trial, {"objectives": {}}, {}, [1.0, 2.0], behind=True)
+    with pytest.raises(sa.exc.DBAPIError):
+        store.close()
+    assert study.get_trials()[0].state == TrialState.RUNNING  # failed by heartbeat and retried, like a killed worker's
