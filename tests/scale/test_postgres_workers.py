@@ -216,6 +216,12 @@ def test_optuna_sampler_across_four_workers_survives_a_kill(postgres_url: str, t
     retry = next(t for t in counted if t.system_attrs.get("failed_trial") == killed.number)
     assert retry.user_attrs["worker"] in survivors
     assert {t.user_attrs["worker"] for t in counted} <= set(procs)
+    # the workers' own claims (one round trip each, the first look at the budget under the
+    # study's lock, finishes written behind) never had to give one back, and numbered the
+    # trials as optuna does: 0..n-1, no gap, no twin
+    trials = _trials(postgres_url, stage)
+    assert not [t.number for t in trials if t.user_attrs.get("interrupted")]
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
 
 
 def _lease_owner(url: str, stage: str) -> str | None:
