@@ -84,7 +84,11 @@ class PostgresTrialStore(RDBTrialStore):
         self._genome_query = sa.select(sa.literal(1)).add_cte(genome)
         self._finish_query = _finish_query(sid)
         self._finish_behind_query = _finish_query(sid, count=False)
-        self._take_sql = _take_sql(sid, self.heartbeat, self.engine.dialect)
+        # several statements with parameters in one query: psycopg2 (the project's driver) sends
+        # it as one simple query; a driver that prepares statements (psycopg 3) cannot, and its
+        # workers' own claims take `RDBTrialStore`'s transaction, their finishes written at once
+        self._take_sql = _take_sql(sid, self.heartbeat, self.engine.dialect) if self.engine.dialect.driver == "psycopg2" else None
+        self.claims_look = self._take_sql is not None
 
     @contextmanager
     def _statements(self) -> Iterator[sa.Connection]:
@@ -129,7 +133,7 @@ class PostgresTrialStore(RDBTrialStore):
         budget's first look, the pop of a queued trial or a new trial, its attributes and first
         heartbeat, committed; then the second look. The genome follows behind (`_write_genome`).
         A coordinated pop (not ``fresh``) is `_pop`, its genome and second look behind."""
-        if not fresh:
+        if not fresh or self._take_sql is None:
             return super()._take(user_attrs, pop=pop, fresh=fresh, budget=budget)
         self._settle()
         start = datetime.now()  # FrozenTrial: local time; the database: naive UTC

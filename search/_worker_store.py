@@ -154,6 +154,10 @@ def _open_trial(study: optuna.Study, trial_id: int, storage: _ClaimStorage) -> o
 class TrialStore:
     """A worker's claims and finished trials through optuna's storage API (any storage)."""
 
+    claims_look = False
+    """Whether a worker's own claim looks at the budget itself (`claim`'s ``budget``), so its
+    finish may go behind with no look after it (PostgreSQL's store, `search._pg_trial_store`)."""
+
     def __init__(self, study: optuna.Study) -> None:
         self.study = study
 

@@ -410,7 +410,7 @@ def run_worker(
                         # look, decides
                         counts = store.finish(
                             trial, attrs, system_attrs, None if values is None else ledger.study_values(dict(zip(names, values))),
-                            behind=True,
+                            behind=coordinated or store.claims_look,
                         )
                         claim = None
                     room = counts is None

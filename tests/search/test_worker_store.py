@@ -366,3 +366,21 @@ def test_a_trial_is_not_finished_without_its_genome(postgres_url: str) -> None:
     with pytest.raises(sa.exc.DBAPIError):
         store.close()
     assert study.get_trials()[0].state == TrialState.RUNNING  # failed by heartbeat and retried, like a killed worker's
+
+
+def test_a_driver_that_cannot_send_the_claims_query_keeps_the_transaction(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The one-round-trip claim is several statements in one query, which psycopg2 sends and a
+    driver that prepares its statements (psycopg 3) cannot: such a store claims in a
+    transaction and does not look in the claim, so the worker writes its finish at once."""
+    storage = _heartbeat_storage(postgres_url)
+    study = _study(storage, "driver")
+    assert _store(study, storage).claims_look
+    monkeypatch.setattr(storage.engine.dialect, "driver", "psycopg")
+    store = _store(study, storage)
+    assert not store.claims_look
+    claim = store.claim(DISTRIBUTIONS, {"worker": "w"}, pop=True, fresh=True, budget=10)
+    assert claim is not None and claim.written.done() and study.get_trials()[0].params == claim.trial.params
+    assert store.finish(claim.trial, {"objectives": {}}, {}, [1.0, 2.0]) == store.counts()
+    store.close()
