@@ -97,11 +97,11 @@ def dare_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable | None
     assert key is not None
     if table is not None and table.identity is not None:
         field, offset = field_key(options.seed, table.identity), window_offset(key)
+        window = table.window_l1(delta, field) if options.rescale == "mergekit" else None
     else:
-        field, offset = key, 0
+        field, offset, window = key, 0, None
     if options.rescale == "paper":
         return DareSpec(width, field, offset, rescale=BUCKETS / width)
-    window = table.window_l1(delta, field) if table is not None and table.identity is not None else None
     if window is None:
         return DareSpec(width, field, offset, pending=True)
     return DareSpec(width, field, offset, rescale=window.factor(offset, width))

@@ -15,8 +15,8 @@ where `h_j = field_hash(field_key, j)` is a uniform int32 per entry, `bucket` it
 *field key* is fixed per (run seed, expert, tensor) and the *offset* is drawn per trial from the
 trial's generator. Every trial's mask is therefore an exact Bernoulli(width / B) draw per entry
 (density quantized to 1/4096, the resolution of the magnitude tables' thresholds too), and another
-trial's mask is another window of the same field (another seed draws another field). Why windows: mergekit's L1 rescale
-needs the kept L1 `sum_j |d_j| keep_j` *before* the merge can combine experts, which used to cost a
+trial's mask is another window of the same field (another seed draws another field). Why
+windows: mergekit's L1 rescale needs the kept L1 `sum_j |d_j| keep_j` *before* the merge can combine experts, which used to cost a
 whole extra pass over every task vector per candidate (2.9x a plain pass on the 0.5B benchmark).
 With windows, the kept L1 of any (offset, width) is a difference of two prefix sums of a per-bucket
 |d| histogram built once per (field, tensor) (`WindowL1`), so DARE with mergekit's rescale is one
@@ -24,15 +24,15 @@ pass, like TIES.
 
 `field_hash` is three multiply-xorshift rounds on `j + key0`, keyed again with `key1` after the
 first multiply. Two rounds (Chris Wellons' `lowbias32`, which this code used before) are not enough
-for a counter input: the top bits of neighbouring entries were measurably dependent (a chi-square
-z of ~50 for entries 3 apart); with three, neighbours at any lag, rows and differently keyed fields
+for a counter input: the top bits of neighbouring entries were measurably dependent (chi-square
+z of 5.5-9.5 for entries 3 apart over 1M entries, random keys); with three, neighbours at any lag, rows and differently keyed fields
 pass the same tests (tests/merge/test_chunked.py). Keys are random (blake2b, or the generator):
 keys differing in a few low bits would give related fields.
 
 DELLA needs full-resolution uniforms (per-entry probabilities): `uniform_` reads `hash_bits` (the
 field hash with a final xorshift that mixes the top bits into the low ones), keys from the trial's
-generator. Keep probability there: `u < p` with `u = x * 2**-32 + 0.5` in fp32. Element indices wrap modulo 2**32 (tensors beyond 4G entries would
-reuse draws; none exist).
+generator. Keep probability there: `u < p` with `u = x * 2**-32 + 0.5` in fp32. Element indices
+wrap modulo 2**32 (tensors beyond 4G entries would reuse draws; none exist).
 """
 
 from __future__ import annotations

@@ -101,7 +101,13 @@ def _keep(kind: str, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bound:
     if kind == "band":  # hardshrink(lo) - hardshrink(hi)
         a = x.abs()
         return (a > lo) & ~(a > hi)
-    assert index is not None  # "dare": inside the window
+    assert index is not None
+    return _in_window(index, k0, k1, shift, bound)
+
+
+def _in_window(index: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, shift: torch.Tensor,
+               bound: torch.Tensor) -> torch.Tensor:
+    """DARE: whether each entry's field bucket lies in the window (`_draws.window_bounds`)."""
     return _field_hash(index, k0, k1) - shift < bound
 
 
@@ -170,9 +176,8 @@ def _make_l1_kernel() -> Callable:
         index = torch.arange(deltas[0].shape[-1], dtype=torch.int32, device=seg.device) + start
         kept = []
         for i, d in enumerate(deltas):
-            x = d.float()
-            keep = _keep("dare", x, bound[i], bound[i], bound[i], k0[i], k1[i], shift[i], index)
-            kept.append(torch.where(keep, x.abs(), 0.0).double().sum(-1))
+            keep = _in_window(index, k0[i], k1[i], shift[i], bound[i])
+            kept.append(torch.where(keep, d.float().abs(), 0.0).double().sum(-1))
         return torch.stack(kept)
 
     return kernel
