@@ -38,13 +38,15 @@ from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe
 from evomerge.merge.methods._draws import field_key
 
 
-def synthetic_llama(folder: Path, num_experts: int, dtype: torch.dtype, seed: int = 0) -> tuple[Path, dict[str, Path]]:
-    """A random ~0.5B Llama (hidden 1024, 34 layers, vocab 32000) + experts = base + small noise.
+def synthetic_llama(folder: Path, num_experts: int, dtype: torch.dtype, seed: int = 0,
+                    num_layers: int = 34) -> tuple[Path, dict[str, Path]]:
+    """A random Llama (hidden 1024, vocab 32000; 34 layers = 0.47B parameters, each further layer
+    11.8M) + experts = base + small noise.
 
     Written tensor by tensor from a name -> shape table, never as a live model, so building it
     needs one model in memory.
     """
-    config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=34,
+    config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=num_layers,
                          num_attention_heads=16, num_key_value_heads=8, head_dim=64, tie_word_embeddings=False)
     config.dtype = str(dtype).removeprefix("torch.")
     kv = config.num_key_value_heads * config.head_dim
@@ -115,6 +117,7 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
     mode = {"auto": "auto", "on": True, "off": False}[compile]
     engine = MergeEngine.load(base, experts, progress=False, compile=mode)
     load_s = time.perf_counter() - start
+    phases = {"loaded": _rss()}
     target = {n: torch.empty_like(engine.base_tensor(n)) for n in engine.layout.slots}
     model_bytes = sum(t.numel() * t.element_size() for t in target.values())
     names = list(engine.expert_names)
@@ -123,6 +126,7 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
     # The first pass page-faults every target page: from here on the target is resident, as a scorer's
     # live model is before a search's first apply builds its tables (peak RSS counts it).
     plain_pass(engine, target)
+    phases["target"] = _rss()
     start = time.perf_counter()
     for expert in names:  # what the first TIES apply would do: one table per (expert, tensor)
         for name in engine.layout.slots:
@@ -134,6 +138,7 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
             table = engine._table(expert, name, engine._delta(expert, name))
             table.window_l1(engine._delta(expert, name), field_key(RECIPE_SEED, table.identity))
     result["window_tables_s"] = time.perf_counter() - start
+    phases["tables"] = _rss()
     # Warm-up: the first apply of each method compiles its fused kernels (and hands the tables'
     # temporaries back to the OS); not per-candidate cost, so it is timed apart.
     result["chunk"] = engine.chunk_elements
@@ -145,6 +150,7 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
         for method, recipe in recipes.items():
             result[f"{method}{suffix}_first_s"] = timed(lambda: engine.apply(recipe, target, stats=False))
             timed(lambda: engine.apply(recipe, target, stats=True))  # compiles the stats variant
+        phases.setdefault("compiled", _rss())
         # Interleaved rounds, medians: the machine is shared, so every ratio compares times taken
         # side by side rather than a plain pass measured minutes before the merges.
         times: dict[str, list[float]] = {"plain": []}
@@ -161,7 +167,9 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
             result[f"{method}{suffix}_stats_ratio"] = statistics.median(times[f"{method}_stats"]) / plain
     plain = result["plain_s"] = statistics.median(plains)
     plain_after = result["plain_after_s"] = max(plains)
-    peak = _rss()
+    peak = phases["merging"] = _rss()
+    for phase, rss in phases.items():
+        result[f"peak_rss_{phase}_over_model"] = rss / model_bytes
     result["peak_rss_gb"] = peak / 1e9
     result["peak_rss_over_model"] = peak / model_bytes
     result["idle_rss_gb"] = idle / 1e9
@@ -184,6 +192,7 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
     print(f"  peak RSS {peak / 1e9:.2f} GB = {result['peak_rss_over_model']:.2f}x model "
           f"(interpreter + torch alone {idle / 1e9:.2f} GB; engine {result['engine_rss_over_model']:.2f}x model; "
           f"budget {len(names) + 2}x)")
+    print("  peak RSS after each phase (x model): " + ", ".join(f"{phase} {rss / model_bytes:.2f}" for phase, rss in phases.items()))
     print(f"  (peak RSS = ru_maxrss of this process: loading, tables, compiling and merging, with the interpreter and "
           f"torch; the data alone, base + {len(names)} task vectors + target, is {len(names) + 2}.00x model)")
     return result
@@ -224,6 +233,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--zoo", choices=["tiny", "small"], default="small",
                         help="also benchmark this toy zoo if it is cached (small falls back to tiny; never built here)")
     parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic 0.5B model")
+    parser.add_argument("--layers", type=int, default=34,
+                        help="layers of the synthetic model (34 = 0.47B parameters; e.g. 100 = 1.25B, to see which "
+                             "part of the peak RSS grows with the model and which is the process's fixed cost)")
     parser.add_argument("--chunks", help="comma-separated chunk lengths to compare (default: the engine's)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -246,8 +258,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         results[f"zoo-{size}"] = in_child(measure, f"zoo {size}", folder / "base", experts, args.repeats, chunk_sizes, args.threads, args.compile)  # type: ignore[assignment]
     if not args.no_synthetic:
         with tempfile.TemporaryDirectory(prefix="merge_speed_") as tmp:
-            base, experts = in_child(synthetic_llama, Path(tmp), args.experts, getattr(torch, args.dtype))  # type: ignore[misc]
-            results["synthetic-0.5B"] = in_child(measure, "synthetic Llama", base, experts, args.repeats, chunk_sizes, args.threads, args.compile)  # type: ignore[assignment]
+            base, experts = in_child(synthetic_llama, Path(tmp), args.experts, getattr(torch, args.dtype), 0, args.layers)  # type: ignore[misc]
+            key = "synthetic-0.5B" if args.layers == 34 else f"synthetic-{args.layers}-layers"
+            results[key] = in_child(measure, "synthetic Llama", base, experts, args.repeats, chunk_sizes, args.threads, args.compile)  # type: ignore[assignment]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 import functools
-import threading
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -13,6 +12,7 @@ import torch
 from .._recipe import ExpertParams
 from ._magnitude import MagnitudeTable
 from ._options import MethodOptions
+from ._scratch import scratch
 
 Coefficient = float | torch.Tensor
 """A scalar factor: a Python float, or a 0-dim tensor on the data's device (avoids a GPU sync)."""
@@ -234,19 +234,9 @@ class LinearPlan(ChunkPlan):
             axpy_(out, x[start:stop], c)
 
 
-_CHUNK_POOL = threading.local()
-
-
 def chunk_buffer(device: torch.device, chunk: int, slot: str = "out") -> torch.Tensor:
-    """A reusable fp32 buffer of `chunk` entries per (thread, device, slot)."""
-    pool = getattr(_CHUNK_POOL, "buffers", None)
-    if pool is None:
-        pool = _CHUNK_POOL.buffers = {}
-    key = (torch.device(device), slot)
-    buf = pool.get(key)
-    if buf is None or buf.numel() < chunk:
-        buf = pool[key] = torch.empty(chunk, dtype=torch.float32, device=device)
-    return buf[:chunk]
+    """A reusable fp32 buffer of `chunk` entries per (thread, device, slot) (`_scratch.scratch`)."""
+    return scratch(device, chunk, f"chunk.{slot}")
 
 
 def run_plan(plan: ChunkPlan, out: torch.Tensor, chunk: int) -> None:

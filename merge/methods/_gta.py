@@ -23,25 +23,21 @@ rounds differently from mergekit's sum-then-divide: ~1e-7 relative.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-import threading
 from typing import ClassVar
 
 import torch
 
 from .._recipe import ExpertParams
 from ._draws import expert_keys
-from ._base import _CHUNK_POOL, ChunkPlan, Coefficient, MergeMethod, axpy_, chunks, scaled_into, total_weight_divisor
+from ._base import ChunkPlan, Coefficient, MergeMethod, axpy_, chunks, scaled_into, total_weight_divisor
 from ._magnitude import MagnitudeTable
 from ._options import MethodOptions
-
-
-_POOL = threading.local()
+from ._scratch import release, scratch
 
 
 def release_workspace() -> None:
     """Free this thread's pooled CPU work buffers (they are kept between calls, see `Scratch`)."""
-    _POOL.buffers = {}
-    _CHUNK_POOL.buffers = {}
+    release()
 
 
 class Scratch:
@@ -67,13 +63,7 @@ class Scratch:
         if buf is None:
             shape, numel = self._like.shape, self._like.numel()
             if self._pooled:
-                pool = getattr(_POOL, "buffers", None)
-                if pool is None:
-                    pool = _POOL.buffers = {}
-                flat = pool.get(key)
-                if flat is None or flat.numel() < numel:
-                    flat = pool[key] = torch.empty(max(numel, 1), dtype=dtype)
-                buf = flat[:numel].view(shape)
+                buf = scratch("cpu", max(numel, 1), f"gta.{name}", dtype)[:numel].view(shape)
             else:
                 buf = torch.empty(shape, dtype=dtype, device=self._like.device)
             self._buffers[key] = buf

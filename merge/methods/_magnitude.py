@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ._rescale import WINDOW_L1_MIN_NUMEL, WindowL1
+from ._scratch import scratch
 
 SAMPLE = 1 << 18
 """Default sample size for tensors larger than it (density error ~ sqrt(p(1-p)/SAMPLE) <= 1e-3)."""
@@ -68,14 +69,29 @@ def _positions(numel: int, resolution: int) -> torch.Tensor:
     return torch.linspace(0, numel - 1, resolution + 1, dtype=torch.float64).round().long()
 
 
+@functools.lru_cache(maxsize=8)
+def _sample_positions(sample: int, resolution: int) -> np.ndarray:
+    """Where the R+1 stored order statistics sit in a sorted sample of `sample` entries."""
+    return np.linspace(0, sample - 1, resolution + 1).round().astype(np.int64)
+
+
+def _work(device: torch.device, numel: int, slot: str, dtype: torch.dtype) -> torch.Tensor:
+    """A work buffer for table building: pooled (`_scratch`) up to SAMPLE entries, the most a sampled
+    build touches, so the pool stays small; fresh above (exact tables of whole large tensors)."""
+    if numel <= SAMPLE:
+        return scratch(device, numel, slot, dtype)
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
 def _l1(flat: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
-    """sum |x| as a 0-dim fp32 tensor on x's device (fp64 per chunk: torch's fp32 `vector_norm(ord=1)` loses
-    ~1e-4 relative over millions of entries), without a whole fp32 copy of a low-precision x. Chunks of
-    64K: the fp64 copy `vector_norm` makes of each is then small enough to be reused by the allocator
-    (1M-entry chunks left ~2 MB per tensor in the resident set, ~0.3 GB over the 0.5B benchmark)."""
+    """sum |x| as a 0-dim fp32 tensor on x's device, summed in fp64 (an fp32 sum loses ~1e-4 relative
+    over millions of entries) chunk by chunk through one reused fp64 buffer (`_scratch`), so neither a
+    whole fp64 copy nor per-chunk temporaries are allocated."""
     total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    buf = scratch(flat.device, min(chunk, flat.numel()), "tables.l1", torch.float64)
     for start in range(0, flat.numel(), chunk):
-        total += torch.linalg.vector_norm(flat[start : start + chunk], ord=1, dtype=torch.float64)
+        piece = flat[start : start + chunk]
+        total += buf[: piece.numel()].copy_(piece).abs_().sum()
     return total.float()
 
 
@@ -133,25 +149,28 @@ class MagnitudeTable:
             flat = delta.detach().reshape(-1)
             numel = flat.numel()
             if numel <= resolution or (sample is None or numel <= sample):
-                magnitudes = flat.abs().float()
+                magnitudes = _work(flat.device, numel, "tables.magnitudes", torch.float32).copy_(flat).abs_()
                 l1 = magnitudes.sum()
-                ordered = torch.sort(magnitudes).values
-                del magnitudes
+                ordered = _work(flat.device, numel, "tables.sorted", torch.float32)
+                torch.sort(magnitudes, out=(ordered, _work(flat.device, numel, "tables.order", torch.int64)))
                 if numel <= resolution:
                     positions = None
-                    values = ordered.cpu()
+                    values = ordered.to("cpu", copy=True)
                 else:
                     positions = _positions(numel, resolution)
                     values = ordered[positions.to(ordered.device)].cpu()
-                del ordered
                 sampled = 0
             else:
                 l1 = _l1(flat)
-                picked = torch.index_select(flat, 0, _sample_indices(numel, sample, flat.device))
-                ordered = np.sort(picked.abs().float().cpu().numpy())
+                picked = torch.index_select(flat, 0, _sample_indices(numel, sample, flat.device),
+                                            out=scratch(flat.device, sample, "tables.picked", flat.dtype))
+                if flat.device.type == "cpu":  # sorted in place in a reused buffer (see `_scratch`)
+                    ordered = scratch(flat.device, sample, "tables.magnitudes").copy_(picked).abs_().numpy()
+                    ordered.sort()
+                else:
+                    ordered = np.sort(picked.abs().float().cpu().numpy())
                 positions = _positions(numel, resolution)
-                at = torch.linspace(0, sample - 1, resolution + 1, dtype=torch.float64).round().long()
-                values = torch.from_numpy(ordered)[at].clone()
+                values = torch.from_numpy(ordered[_sample_positions(sample, resolution)])
                 sampled = sample
         table = cls(numel, resolution, values, positions, l1)
         table.sampled = sampled

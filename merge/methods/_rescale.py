@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ._draws import BUCKETS, bucket_of, field_hash
+from ._scratch import scratch
 
 if TYPE_CHECKING:
     from ._magnitude import MagnitudeTable
@@ -44,8 +45,7 @@ class WindowL1:
     BUCKETS), see `_draws`. Built once per (task vector, field): one pass hashes the field and sums
     |d| per bucket in fp64 (`bincount`, deterministic on CPU); the kept L1 of a window is then a
     difference of two prefix sums, so mergekit's L1 rescale needs no pass over the data per candidate.
-    (Small chunks: their temporaries stay below glibc's mmap threshold and are reused, not left
-    behind in the resident set.) The fp64 sums differ from a direct sum over the kept entries only in summation order (~1e-16
+    (Small chunks through reused buffers, `_scratch`: building allocates nothing per chunk.) The fp64 sums differ from a direct sum over the kept entries only in summation order (~1e-16
     relative), far below the fp32 rounding of the factor.
     """
 
@@ -54,8 +54,9 @@ class WindowL1:
     def __init__(self, delta: torch.Tensor, key: tuple[int, int], l1: float, chunk: int = 1 << 16) -> None:
         flat = delta.detach().reshape(-1)
         hist = torch.zeros(BUCKETS, dtype=torch.float64, device=flat.device)
-        bits = torch.empty(min(chunk, flat.numel()), dtype=torch.int32, device=flat.device)
-        tmp, magnitudes = torch.empty_like(bits), torch.empty(bits.shape, dtype=torch.float64, device=flat.device)
+        size = min(chunk, flat.numel())
+        bits, tmp = (scratch(flat.device, size, slot, torch.int32) for slot in ("window.bits", "window.tmp"))
+        magnitudes = scratch(flat.device, size, "window.magnitudes", torch.float64)
         with torch.no_grad():
             for start in range(0, flat.numel(), chunk):
                 piece = flat[start : start + chunk]
