@@ -155,6 +155,17 @@ def test_sampled_table_kept_fraction_within_binomial_bound() -> None:
     assert MagnitudeTable.build(small).exact
 
 
+def test_tables_own_their_values_though_built_in_pooled_buffers() -> None:
+    """Table building works in per-thread pooled buffers (`_scratch`); a table built later (any of
+    the three paths: exact, one sort, sampled) must not change an earlier one's statistics."""
+    g = torch.Generator().manual_seed(5)
+    for n in (1000, 4096, 50_000, 1 << 18, 600_000):  # each size twice in a row: the second reuses the buffers
+        table = MagnitudeTable.build(torch.randn(n, generator=g))
+        values, l1, threshold = table.values.clone(), float(table.l1), table.threshold(0.3)
+        MagnitudeTable.build(torch.randn(n, generator=g) * 100)
+        assert torch.equal(table.values, values) and float(table.l1) == l1 and table.threshold(0.3) == threshold
+
+
 # -- engine -----------------------------------------------------------------------------------------
 
 def _recipe(method: str, trial: int = 0) -> MergeRecipe:

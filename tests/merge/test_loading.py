@@ -54,6 +54,23 @@ def test_bf16_checkpoints_merge_with_fp32_deltas(tmp_path: Path) -> None:
     torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
 
 
+def test_bf16_task_vectors_are_the_fp32_difference_rounded_once(tmp_path: Path) -> None:
+    """Expert tensors are read into one reused staging buffer and subtracted with one `torch.sub`:
+    every task vector must still be `(expert - base)` computed in fp32 and rounded once to bf16, and
+    no tensor may alias the buffer (a later read would overwrite it)."""
+    config = tiny_config("llama")
+    base = save_model(tmp_path / "base", config, 0, dtype=torch.bfloat16)
+    a = save_model(tmp_path / "a", config, 1, dtype=torch.bfloat16, noise_of=base)
+    b = save_model(tmp_path / "b", config, 2, dtype=torch.bfloat16, noise_of=base)
+    engine = MergeEngine.load(base, {"a": a, "b": b}, progress=False)
+    bs = load_file(base / "model.safetensors")
+    for expert, folder in (("a", a), ("b", b)):
+        es = load_file(folder / "model.safetensors")
+        for name in engine.layout.slots:
+            expected = (es[name].float() - bs[name].float()).to(torch.bfloat16)
+            assert torch.equal(engine._delta(expert, name).view(torch.int16), expected.view(torch.int16)), (expert, name)
+
+
 def test_pickle_needs_explicit_opt_in(tmp_path: Path, llama_family: dict[str, Path]) -> None:
     folder = tmp_path / "pickled"
     folder.mkdir()
