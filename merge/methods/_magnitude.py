@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+import struct
 
 import numpy as np
 import torch
@@ -272,12 +273,34 @@ def _strict_below(threshold: float, dtype: torch.dtype) -> float:
     """Largest value of `dtype` strictly below `threshold`, so `|x| > result` <=> `|x| >= threshold`.
 
     numpy where it has the dtype (the same round-to-nearest conversion, ~1 us instead of ~6 us: this
-    runs per tensor, expert and candidate); torch for bfloat16."""
+    runs per tensor, expert and candidate); bit arithmetic for bfloat16 (`_bf16_strict_below`); torch
+    for the rest."""
     kind = _NUMPY_FLOAT.get(dtype)
     if kind is not None:
         return float(np.nextafter(kind(threshold), kind(0)))
+    if dtype == torch.bfloat16:
+        below = _bf16_strict_below(threshold)
+        if below is not None:
+            return below
     t = torch.tensor(threshold, dtype=dtype)
     return float(torch.nextafter(t, torch.zeros((), dtype=dtype)))
+
+
+def _bf16_strict_below(threshold: float) -> float | None:
+    """torch's `nextafter(tensor(threshold, bfloat16), 0)` for finite positive thresholds, in bit
+    arithmetic (~2 us instead of ~15 us of tensor calls; it ran 3 times per tensor and candidate).
+    torch rounds the Python float to fp32, then to bf16 (round to nearest even on the dropped 16
+    bits); stepping toward zero is one less in the bit pattern. None: not finite positive in fp32."""
+    try:
+        bits = struct.unpack("<I", struct.pack("<f", threshold))[0]
+    except OverflowError:
+        return None
+    if not 0 < bits < 0x7F800000:
+        return None
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # may carry into inf: one below is bf16's max
+    if rounded == 0:  # rounds to +0, and nextafter(0, 0) is 0
+        return 0.0
+    return struct.unpack("<f", struct.pack("<I", (rounded - 1) << 16))[0]
 
 
 def prune_magnitude(delta: torch.Tensor, threshold: float, out: torch.Tensor | None = None) -> torch.Tensor:

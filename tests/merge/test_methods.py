@@ -297,3 +297,21 @@ def test_bf16_task_vectors_merge_close_to_fp32(name: str) -> None:
         return
     high = run(name, [d.float() for d in ds], ps, base=base, options=MethodOptions(t=0.3))
     torch.testing.assert_close(low, high, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_threshold_bound_is_torchs_nextafter() -> None:
+    """The bf16 hardshrink bound is computed in bit arithmetic; it must be exactly torch's
+    `nextafter(bf16(t), 0)` (double -> fp32 -> bf16 rounding) or thresholds would keep other entries."""
+    import random
+
+    from evomerge.merge.methods._magnitude import _strict_below
+
+    rng = random.Random(3)
+    values = [rng.lognormvariate(0, 1) * 10 ** rng.uniform(-44, 38) for _ in range(5000)]
+    exact = torch.arange(1, 0x7F80, 13, dtype=torch.int32).bitwise_left_shift(16).view(torch.float32).tolist()
+    values += exact + [v * (1 + 2**-9) for v in exact] + [v * (1 - 2**-10) for v in exact]  # ties and near-ties
+    values += [3.3895313892515355e38, 3.4e38, 1e-45, 1e-39, 5e-324, 0.0, float("inf")]
+    zero = torch.zeros((), dtype=torch.bfloat16)
+    for value in values:
+        expected = float(torch.nextafter(torch.tensor(value, dtype=torch.bfloat16), zero))
+        assert _strict_below(value, torch.bfloat16) == expected, value
