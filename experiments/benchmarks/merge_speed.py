@@ -9,11 +9,14 @@ relative to the model size, against the engine's budget of (experts + 2) x model
     python -m evomerge.experiments.benchmarks.merge_speed --zoo small      # a cached toy zoo as well
     python -m evomerge.experiments.benchmarks.merge_speed --chunks 65536,262144,1048576   # tune the chunk
     python -m evomerge.experiments.benchmarks.merge_speed --compile off  # eager chunked path, for comparison
+    python -m evomerge.experiments.benchmarks.merge_speed --layers 100 --repeats 3   # a 1.25B model (~13 GB RAM)
 
 Each measurement runs in a fresh child process that loads the checkpoints from disk as a user would
 (the synthetic checkpoints are written by another child first), so its peak RSS (ru_maxrss) is the
 engine's: loading, table building and merging, nothing of the construction. The RSS of the bare
-interpreter with torch + transformers imported is reported too.
+interpreter with torch + transformers imported is reported too, and the peak after each phase
+(loaded, target written, tables built, kernels compiled, merging), so growth can be told from the
+process's fixed cost: a larger model (`--layers`) shrinks the fixed part, not the part that scales.
 
 Acceptance (issue "Merge engine"): TIES and DARE-TIES <= 3x the plain pass on the 0.5B model;
 peak RSS <= (experts + 2) x model size.
