@@ -37,6 +37,7 @@ wrap modulo 2**32 (tensors beyond 4G entries would reuse draws; none exist).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 
@@ -77,9 +78,11 @@ BUCKETS = 1 << BUCKET_BITS
 _SHIFT = 32 - BUCKET_BITS
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def field_key(seed: int, identity: str) -> tuple[int, int]:
     """The DARE field key of one (expert, tensor) `identity` under a run seed (blake2b: the same in
-    every process, unlike Python's salted `hash`)."""
+    every process, unlike Python's salted `hash`). Cached: every DARE apply asks it per tensor and
+    expert, always with the run's seed."""
     digest = hashlib.blake2b(f"{int(seed)}\x1f{identity}".encode(), digest_size=8, person=b"evomerge.field").digest()
     return _s32(int.from_bytes(digest[:4], "little")), _s32(int.from_bytes(digest[4:], "little"))
 
