@@ -203,7 +203,8 @@ class PostgresTrialStore(RDBTrialStore):
     ) -> Counts | None:
         """``behind``: on the store's thread, after the trial's genome (one thread, in order),
         while the worker claims its next trial, and without the count that follows (no one
-        reads it); a failed write is raised by the worker's next claim or count, or by `close`.
+        reads it); a failed write is raised by the worker's next claim, finish or count, or by
+        `close`.
         A worker killed before it lands leaves its trial RUNNING: failed by heartbeat and
         retried, as if killed while evaluating. Not written when the trial's genome write failed."""
         if behind:
