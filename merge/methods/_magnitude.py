@@ -164,9 +164,9 @@ class MagnitudeTable:
             else:
                 l1 = _l1(flat)
                 picked = torch.index_select(flat, 0, _sample_indices(numel, sample, flat.device),
-                                            out=scratch(flat.device, sample, "tables.picked", flat.dtype))
+                                            out=_work(flat.device, sample, "tables.picked", flat.dtype))
                 if flat.device.type == "cpu":  # sorted in place in a reused buffer (see `_scratch`)
-                    ordered = scratch(flat.device, sample, "tables.magnitudes").copy_(picked).abs_().numpy()
+                    ordered = _work(flat.device, sample, "tables.magnitudes", torch.float32).copy_(picked).abs_().numpy()
                     ordered.sort()
                 else:
                     ordered = np.sort(picked.abs().float().cpu().numpy())
