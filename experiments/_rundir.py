@@ -5,7 +5,7 @@
 <run>/state.json             status, current stage, elapsed seconds, budget, exit reason
 <run>/ledger.log             the ledger (an Optuna journal file, a study per stage) of a single-process run,
 <run>/ledger.db              or SQLite for `run --workers`, unless the spec's `storage` says otherwise
-<run>/<stage>.optimizer.pkl  checkpoint of a coordinated optimizer (nevergrad, baselines)
+<run>/<stage>.optimizer.json history of a coordinated optimizer (JSON, replayed on resume)
 <run>/results/<stage>/       trials and front as CSV + JSON, front.png, hypervolume.png
 <run>/comparison.json        held-out scores of the best merges, the experts and the grid baseline
 <run>/exports/trial-<N>/     models exported with `evomerge export`

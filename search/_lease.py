@@ -123,12 +123,12 @@ class DatabaseLease(Lease):
 
 
 class FileLease(Lease):
-    """An ``flock`` next to a journal ledger (one machine); the checkpoint is the pickle file."""
+    """An ``flock`` next to a journal ledger (one machine); the checkpoint is the history file."""
 
     def __init__(self, run_dir: Path, study_name: str, owner: str) -> None:
         self.owner = owner
         self._lock_path = run_dir / f"{study_name}.coordinator.lock"
-        self._checkpoint = FileCheckpoint(run_dir / f"{study_name}.optimizer.pkl")
+        self._checkpoint = FileCheckpoint(run_dir / f"{study_name}.optimizer.json")
         self._fd: int | None = None
 
     def acquire(self) -> bool:
