@@ -126,7 +126,7 @@ def _check_database(url: str) -> None:
     except NoSuchModuleError:
         raise UserError(f"storage: {shown!r}: {parsed.drivername!r} is not a database sqlalchemy knows; use sqlite:/// or postgresql+psycopg2://") from None
     except ImportError as exc:
-        raise UserError(f"storage: {shown!r}: its driver is not installed ({exc.name or first_line(exc)}); e.g. pip install 'evomerge[postgres]'") from None
+        raise UserError(f"storage: {shown!r}: its driver is not installed ({exc.name or first_line(exc)}); install it (PostgreSQL: pip install 'evomerge[postgres]')") from None
     except (ArgumentError, TypeError, ValueError) as exc:
         raise UserError(f"storage: {shown!r}: {first_line(exc)}") from None
     try:

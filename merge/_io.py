@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -125,8 +126,22 @@ class CheckpointReader:
             return list(handle.keys())
         # weights_only=True: tensors and plain containers only, no arbitrary code from the pickle.
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError) as exc:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # a legacy (pre-zip) torch.save file cannot be memory-mapped; weights-only all the same
+                # (its notice about the pickle protocol is noise: the load succeeds or is refused)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise MergeError(
+                f"{self.label}: {path} holds objects other than tensors, which the weights-only loader refuses "
+                "(they could run code); convert the checkpoint to safetensors where it was made"
+            ) from None
+        except (RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError) as exc:
             raise MergeError(
                 f"{self.label}: {path} cannot be loaded as plain weights ({_first_line(exc)}); only tensors load "
                 "(weights_only), never code: convert the checkpoint to safetensors"
