@@ -804,7 +804,7 @@ def export_trial_not_a_number(d, w):
     return ["export", str(_copy_run(d, w)), "--trial", "first"]
 
 
-@case("--out")
+@case("--out", usage=True)
 def export_out_is_a_file(d, w):
     (d / "afile").write_text("x")
     return ["export", str(_copy_run(d, w)), "--trial", "0", "--out", "afile"]
