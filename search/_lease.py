@@ -14,7 +14,7 @@ the others wait and take over, from the checkpoint, once the holder has stopped 
   successor's state, and stops. Clocks of the machines must agree to well within the ttl (NTP).
 * Journal files (`FileLease`, one machine): an exclusive ``flock`` on ``<study>.coordinator.lock``
   next to the ledger; the kernel releases it when the holder dies, and the checkpoint stays the
-  pickle file next to the ledger.
+  history file (JSON) next to the ledger.
 """
 
 from __future__ import annotations
