@@ -136,15 +136,14 @@ class RankTable:
         return key_value(key, self.dtype if self.dtype in _SIXTEEN else torch.float32)
 
     def positions(self, descending: bool, start: int, stop: int) -> torch.Tensor:
-        """Flat indices of sorted positions `[start, stop)`, ascending, int64 on the tensor's device."""
-        picked = self.order(descending)[start:stop].to(torch.long)
-        return torch.sort(picked).values.to(self._flat.device)
+        """Flat indices of sorted positions `[start, stop)` (in sort order), int64 on the tensor's device."""
+        return self.order(descending)[start:stop].to(self._flat.device, torch.long)
 
 
 @dataclass(frozen=True)
 class TopSelection:
     """Which entries mergekit's `magnitude` keeps: `|x| >= threshold` (0.0: all), plus `fix`, the
-    flat indices (ascending) of boundary tie members kept beyond the threshold (None: no split)."""
+    flat indices of boundary tie members kept beyond the threshold (None: no split)."""
 
     threshold: float
     fix: torch.Tensor | None = None
@@ -196,8 +195,7 @@ def select_band(table: RankTable, n_bot: int, target: int) -> BandSelection | No
         fixes.append(table.positions(False, high.start, last + 1))
     if not fixes:
         return BandSelection(lo, hi)
-    fix = fixes[0] if len(fixes) == 1 else torch.sort(torch.cat(fixes)).values
-    return BandSelection(lo, hi, fix)
+    return BandSelection(lo, hi, fixes[0] if len(fixes) == 1 else torch.cat(fixes))
 
 
 def _next_up(table: RankTable, key: int) -> float:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .._recipe import ExpertParams
-from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec, restore, trivial_spec
+from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec, FixList, trivial_spec
 from ._magnitude import MagnitudeTable, prune_magnitude
 from ._options import MethodOptions
 
@@ -66,11 +66,11 @@ class TieThresholdSpec(ThresholdSpec):
     def __init__(self, threshold: float, fix: torch.Tensor) -> None:
         super().__init__(threshold)
         self.fix = fix
-        self._bounds = fix.cpu().numpy()
+        self._list = FixList(fix)
 
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
         out = prune_magnitude(d, self.threshold, out=scratch.get("prune", d.dtype))
-        return restore(out, d, self.fix, self._bounds, start)
+        return self._list.restore(out, d, start)
 
     def keep_at(self, x: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
         plain = prune_magnitude(x, self.threshold)
