@@ -317,7 +317,12 @@ class GtaPlan(ChunkPlan):
         if not fixes:
             return None
         # The union of the fix lists, and per list where its entries sit in it (no search per expert).
-        index, where = torch.unique(torch.cat(fixes), return_inverse=True)
+        # numpy on CPU: torch.unique(return_inverse=True) sorted 20k indices in ~8 ms, numpy in ~1.
+        if all(f.device.type == "cpu" for f in fixes):
+            flat_index, flat_where = np.unique(np.concatenate([f.numpy() for f in fixes]), return_inverse=True)
+            index, where = torch.from_numpy(flat_index), torch.from_numpy(flat_where.reshape(-1))
+        else:
+            index, where = torch.unique(torch.cat(fixes), return_inverse=True)
         marks, offset = [], 0
         for fix in fixes:
             marks.append(where[offset:offset + fix.numel()])
