@@ -226,8 +226,9 @@ class FixList:
         self._fix = fix
         self._sorted: tuple[torch.Tensor, np.ndarray] | None = None
 
-    def restore(self, out: torch.Tensor, d: torch.Tensor, start: int) -> torch.Tensor:
-        """`out` with the entries of the chunk `d` (flat indices `start...`) in the list put back."""
+    def restore(self, out: torch.Tensor, d: torch.Tensor, start: int, drop: bool = False) -> torch.Tensor:
+        """`out` with the entries of the chunk `d` (flat indices `start...`) in the list put back
+        (`drop`: set to 0)."""
         if self._sorted is None:
             ordered = torch.sort(self._fix).values
             self._sorted = ordered, ordered.cpu().numpy()
@@ -235,7 +236,7 @@ class FixList:
         lo, hi = np.searchsorted(bounds, (start, start + d.numel()))
         if hi > lo:
             where = fix[lo:hi] - start
-            out[where] = d[where]
+            out[where] = 0 if drop else d[where]
         return out
 
 
