@@ -354,7 +354,8 @@ class MergeEngine:
             return None
         out, views = arena.out(dsts[0].dtype)
         try:
-            result = fused.apply(out, arena.base, arena.deltas, arena.segment, max(chunk, FUSED_CHUNK_MIN), stats)
+            result = fused.apply(out, arena.base, arena.deltas, arena.segment, arena.row_first,
+                                 max(chunk, FUSED_CHUNK_MIN), stats)
         except FusedUnavailable:
             return None
         written = [i for i, joined in enumerate(fused.handled) if joined]
