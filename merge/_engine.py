@@ -417,7 +417,7 @@ class MergeEngine:
         # `evomerge.merge` must import cleanly for code that only needs recipes or layouts.
         from .methods import MethodOptions
         options = MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=None,
-                                seed=recipe.seed)
+                                seed=recipe.seed, draws=recipe.draws, pruning=recipe.pruning)
         for item in self.check(recipe):
             if item.rule is None:
                 yield item, None
@@ -481,7 +481,7 @@ class MergeEngine:
         from .methods import MethodOptions
 
         options = MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=None,
-                                seed=recipe.seed)
+                                seed=recipe.seed, draws=recipe.draws, pruning=recipe.pruning)
         result: dict[str, LoraModule] = {}
         with torch.no_grad():
             for item in self.check(recipe):

@@ -63,7 +63,10 @@ def recipe_to_mergekit(
     recipe: MergeRecipe, layout: ModelLayout, base: str, experts: Mapping[str, str], *,
     lora_experts: frozenset[str] = frozenset(), dtype: str | None = None,
 ) -> str:
-    """mergekit YAML for `recipe`; `experts` maps names to paths (LoRA: adapter paths, written as base+adapter)."""
+    """mergekit YAML for `recipe`; `experts` maps names to paths (LoRA: adapter paths, written as base+adapter).
+
+    `dtype` is the model's dtype: the YAML asks mergekit for fp32 arithmetic (`dtype: float32`) and,
+    for 16-bit models, output in the model dtype (`out_dtype`), which is how evomerge computes."""
     from .methods import get_method
 
     governing = {slot: recipe.rule_for(slot.layer, slot.kind) for slot in set(layout.slots.values())}
@@ -144,5 +147,10 @@ def recipe_to_mergekit(
     if parameters:
         config["parameters"] = parameters
     if dtype:
-        config["dtype"] = dtype
+        # evomerge merges in fp32 and rounds once to the model dtype; mergekit's `dtype` is its compute
+        # dtype (inputs are cast to it), `out_dtype` what it writes. `dtype: bfloat16` alone would
+        # make mergekit sum, elect and divide in bf16.
+        config["dtype"] = "float32" if dtype in ("float32", "bfloat16", "float16") else dtype
+        if config["dtype"] != dtype:
+            config["out_dtype"] = dtype
     return yaml.safe_dump(config, sort_keys=False)

@@ -38,12 +38,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ._base import chunks
-from ._breadcrumbs import BandSpec
+from ._breadcrumbs import BandSpec, TieBandSpec
 from ._dare import DareSpec
 from ._draws import _M1, _M2, _M3, _s32
 from ._gta import DenseSpec, GtaPlan, ZeroSpec, _EPS
 from ._magnitude import _strict_below
-from ._ties import ThresholdSpec
+from ._ties import ThresholdSpec, TieThresholdSpec
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Delta / target dtypes the kernels take (fp64 stays eager: fp32 math would lose precision)."""
@@ -241,7 +241,8 @@ class FusedGta:
         for i, (spec, w) in enumerate(zip(plan.specs, plan.weights)):
             if spec.zero or w == 0:
                 continue  # contributes nothing, eager skips it too
-            kind = {DenseSpec: "dense", ThresholdSpec: "thr", BandSpec: "band", DareSpec: "dare"}.get(type(spec))
+            kind = {DenseSpec: "dense", ThresholdSpec: "thr", BandSpec: "band", DareSpec: "dare",
+                    TieThresholdSpec: "thr", TieBandSpec: "band"}.get(type(spec))  # ties: fixed after the kernel
             if kind is None:
                 return None  # DELLA (per-entry probabilities) and any future spec: eager
             kinds.append(kind)
@@ -288,6 +289,9 @@ class FusedGta:
             if stats:
                 nnz = result[0] if nnz is None else nnz + result[0]
                 l1 = result[1] if l1 is None else l1 + result[1]
+        fixed = self.plan.fix_ties(out, base, stats)  # exact top-k: split tie groups (`_gta`, `_ranks`)
+        if fixed is not None:
+            nnz, l1 = nnz + fixed[0], l1 + fixed[1]
         return (nnz, l1) if stats else None
 
 
