@@ -92,13 +92,14 @@ def synthetic_llama(folder: Path, num_experts: int, dtype: torch.dtype, seed: in
 RECIPE_SEED = 1
 
 
-def per_layer_recipe(method: str, experts: list[str], num_layers: int, trial: int = 0) -> MergeRecipe:
+def per_layer_recipe(method: str, experts: list[str], num_layers: int, trial: int = 0,
+                     pruning: str = "exact") -> MergeRecipe:
     """A global rule plus one rule per layer, densities varying by layer and expert."""
     rules = [GroupRule(method=method, experts={e: ExpertParams(weight=0.5, density=0.5) for e in experts})]
     for layer in range(num_layers):
         rules.append(GroupRule(layers=[layer], method=method, experts={
             e: ExpertParams(weight=0.3 + 0.1 * j, density=0.2 + 0.6 * ((layer * 7 + j * 3) % 10) / 10) for j, e in enumerate(experts)}))
-    return MergeRecipe(rules=rules, normalize=True, seed=RECIPE_SEED, trial=trial)
+    return MergeRecipe(rules=rules, normalize=True, seed=RECIPE_SEED, trial=trial, pruning=pruning)
 
 
 def _plain_kernel(outs: list[torch.Tensor], bases: list[torch.Tensor], deltas: list[list[torch.Tensor]],
@@ -158,7 +159,7 @@ LIMITS = {"ties": 3.0, "dare_ties": 4.0}
 
 
 def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, threads: int | None = None,
-            compile: str = "auto") -> dict[str, float]:
+            compile: str = "auto", pruning: str = "exact") -> dict[str, float]:
     """Load, warm up, time plain pass / TIES / DARE-TIES interleaved; runs in a fresh process (`in_child`)."""
     if threads:
         torch.set_num_threads(threads)
@@ -177,7 +178,7 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, t
     # model is before a search's first apply builds its tables (peak RSS counts it).
     torch._foreach_copy_(list(target.values()), [engine.base_tensor(n) for n in target])
     phases["target"] = _rss()
-    recipes = {m: per_layer_recipe(m, names, engine.layout.num_layers) for m in METHODS}
+    recipes = {m: per_layer_recipe(m, names, engine.layout.num_layers, pruning=pruning) for m in METHODS}
     # Warm-up (what a search does before its first timed candidate): tables, kernel compiles.
     result["warm_up_s"] = timed(lambda: engine.warm_up(recipes.values(), target))
     phases["warmed up"] = _rss()
@@ -215,7 +216,7 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, t
     plain_s = result["plain_s"]
     print(f"{label}: {engine.num_params / 1e6:.2f}M params, {len(engine.layout.slots)} tensors, "
           f"{model_bytes / 1e9:.4f} GB ({engine.dtype}), {len(names)} experts, {torch.get_num_threads()} threads, "
-          f"fused kernels {'on' if engine.fused else 'off'}")
+          f"fused kernels {'on' if engine.fused else 'off'}, TIES pruning {pruning}")
     print(f"  load {load_s:.2f}s | warm-up (tables + kernel compiles, once per process) {result['warm_up_s']:.2f}s | "
           f"plain pass compile {result['plain_compile_s']:.2f}s")
     print(f"  plain pass (one compiled read of base + {len(names)} task vectors, one write): median "
@@ -278,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                         help="fused compiled kernels (MergeEngine.load(compile=...)); off = the eager chunked path")
+    parser.add_argument("--pruning", choices=["exact", "approximate"], default="exact",
+                        help="MergeRecipe.pruning of the TIES recipe: mergekit's exact top-k (default) or thresholds")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -295,13 +298,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
             experts = {n: folder / p for n, p in load_manifest(folder)["experts"].items()}
             results[f"zoo-{args.zoo}"] = in_child(measure, f"zoo {args.zoo}", folder / "base", experts, args.repeats,  # type: ignore[assignment]
-                                                  args.threads, args.compile)
+                                                  args.threads, args.compile, args.pruning)
     for size in sizes:
         with tempfile.TemporaryDirectory(prefix="merge_speed_") as tmp:
             base, experts = in_child(synthetic_llama, Path(tmp), args.experts, getattr(torch, args.dtype), 0, size,  # type: ignore[misc]
                                      args.layers)
             label = f"synthetic Llama {size}" + (f" ({args.layers} layers)" if args.layers else "")
-            results[size] = in_child(measure, label, base, experts, args.repeats, args.threads, args.compile)  # type: ignore[assignment]
+            results[size] = in_child(measure, label, base, experts, args.repeats, args.threads, args.compile,  # type: ignore[assignment]
+                                     args.pruning)  # type: ignore[assignment]
     print("\nsummary (medians of interleaved rounds; x = method / plain pass, wall and CPU; limits TIES 3x, "
           "DARE-TIES 4x)")
     print(f"{'model':>6} {'params':>8} {'plain ms':>9} {'TIES ms':>9} {'x wall':>6} {'x CPU':>6} {'DARE ms':>9} "
