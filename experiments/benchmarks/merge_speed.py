@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                                      args.layers)
             label = f"synthetic Llama {size}" + (f" ({args.layers} layers)" if args.layers else "")
             results[size] = in_child(measure, label, base, experts, args.repeats, args.threads, args.compile,  # type: ignore[assignment]
-                                     args.pruning)  # type: ignore[assignment]
+                                     args.pruning)
     print("\nsummary (medians of interleaved rounds; x = method / plain pass, wall and CPU; limits TIES 3x, "
           "DARE-TIES 4x)")
     print(f"{'model':>6} {'params':>8} {'plain ms':>9} {'TIES ms':>9} {'x wall':>6} {'x CPU':>6} {'DARE ms':>9} "
