@@ -1,25 +1,28 @@
-"""Merge speed: in-place TIES / DARE-TIES at mixed per-layer densities vs a plain elementwise pass.
+"""Merge speed: in-place TIES / DARE-TIES at per-layer densities vs a compiled plain pass, three sizes.
 
-The ratio that matters for a search is merge time / (the time to touch the same bytes once): a plain
-pass that sums the experts' cached task vectors into the target (`target = base + sum(deltas)`),
-measured in the same run on the same tensors, so machine speed cancels out. Peak RSS is reported
-relative to the model size, against the engine's budget of (experts + 2) x model.
+The ratio that matters for a search is merge time / (the least time any in-place merge can take):
+the plain pass `target = base + sum_i w_i * tv_i` over every tensor in ONE compiled call (one read of
+the base and of each task vector, one write of the target; `PlainPass`), timed in interleaved rounds
+with the merges on the same tensors, so machine speed cancels out. Times are printed as wall clock
+and as process CPU time (steadier on a shared machine). Peak RSS is reported relative to the model
+size, against the engine's budget of (experts + 2) x model.
 
-    python -m evomerge.experiments.benchmarks.merge_speed --repeats 2      # synthetic ~0.5B Llama, bf16
-    python -m evomerge.experiments.benchmarks.merge_speed --zoo small      # a cached toy zoo as well
-    python -m evomerge.experiments.benchmarks.merge_speed --chunks 65536,262144,1048576   # tune the chunk
+    python -m evomerge.experiments.benchmarks.merge_speed                      # 1M, 50M, 500M Llamas, bf16
+    python -m evomerge.experiments.benchmarks.merge_speed --threads 1 --repeats 7   # steadier when shared
+    python -m evomerge.experiments.benchmarks.merge_speed --pruning approximate     # TIES by thresholds
     python -m evomerge.experiments.benchmarks.merge_speed --compile off  # eager chunked path, for comparison
-    python -m evomerge.experiments.benchmarks.merge_speed --layers 100 --repeats 3   # a 1.25B model (~13 GB RAM)
+    python -m evomerge.experiments.benchmarks.merge_speed --sizes 500M --layers 100 --repeats 3   # 1.25B (~13 GB RAM)
+    python -m evomerge.experiments.benchmarks.merge_speed --zoo small      # a cached toy zoo as well
 
 Each measurement runs in a fresh child process that loads the checkpoints from disk as a user would
 (the synthetic checkpoints are written by another child first), so its peak RSS (ru_maxrss) is the
-engine's: loading, table building and merging, nothing of the construction. The RSS of the bare
-interpreter with torch + transformers imported is reported too, and the peak after each phase
-(loaded, target written, tables built, kernels compiled, merging), so growth can be told from the
-process's fixed cost: a larger model (`--layers`) shrinks the fixed part, not the part that scales.
+engine's: loading, warm-up (tables, compiles) and merging, nothing of the construction. The RSS of
+the bare interpreter with torch + transformers imported is reported too, and the peak after each
+phase (loaded, target written, warmed up, plain pass compiled, merging), so growth can be told from
+the process's fixed cost: a larger model (`--layers`) shrinks the fixed part, not the part that scales.
 
-Acceptance (issue "Merge engine"): TIES and DARE-TIES <= 3x the plain pass on the 0.5B model;
-peak RSS <= (experts + 2) x model size.
+Acceptance (issue 13, item 6): per-layer TIES <= 3x and DARE-TIES <= 4x the plain pass at 1M, 50M
+and 500M parameters; peak RSS <= (experts + 2) x model size plus the process's fixed cost.
 """
 
 from __future__ import annotations
