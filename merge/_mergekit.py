@@ -30,6 +30,8 @@ MERGEKIT_PARAMETERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
        for name in ("della", "della_linear")},
     "linear": (frozenset({"normalize"}), frozenset({"weight"})),
     "slerp": (frozenset({"t"}), frozenset()),
+    "nuslerp": (frozenset({"nuslerp_flatten", "nuslerp_row_wise"}), frozenset({"weight"})),
+    "model_stock": (frozenset({"filter_wise"}), frozenset()),
 }
 """The parameters mergekit accepts per method (methods outside this table are not exported)."""
 
@@ -95,6 +97,8 @@ def recipe_to_mergekit(
     _, high = method.expert_count
     if high is not None and len(expert_names) > high:
         reasons.append(f"{method.name} takes {high} expert(s) and mergekit one set of models, but the rules use {expert_names}")
+    if mk == "model_stock" and len({frozenset(r.experts) for r in used}) > 1:
+        reasons.append("model_stock rules merge different experts; mergekit's model_stock merges one set of models everywhere")
     keeps_base = any(g is None for g in governing.values())
     if keeps_base and mk not in _GTA and mk not in ("linear", "slerp"):
         reasons.append(f"some tensors keep the base weights, which mergekit's {mk} cannot express")

@@ -223,12 +223,16 @@ class ChunkPlan(ABC):
 class WholeTensorPlan(ChunkPlan):
     """A merge that cannot be chunked (`draws="mergekit"`: torch.bernoulli over the whole tensor, as
     mergekit draws): `merge` runs once into an fp32 buffer of the tensor's size on the first `run`,
-    later chunks are copied from it. Slow and one tensor of extra memory; for parity checks."""
+    later chunks are copied from it. Slow and one tensor of extra memory; for parity checks. The
+    generator is reseeded with its seed's low 32 bits, the most mergekit's `--random-seed` takes, so
+    `run_merge(..., MergeOptions(random_seed=mergekit_seed(seed, trial, name)))` draws the same."""
 
     def __init__(self, method: MergeMethod, deltas: Sequence[torch.Tensor], params: Sequence[ExpertParams], *,
                  base: torch.Tensor | None, options: MethodOptions, tables: Sequence[MagnitudeTable] | None,
                  generator: torch.Generator | None) -> None:
         self.numel = deltas[0].numel()
+        if generator is not None:  # mergekit seeds numpy too, which takes 32-bit seeds (`mergekit_seed`)
+            generator.manual_seed(generator.initial_seed() & 0xFFFFFFFF)
         self._call = (method, deltas, params, base, options, tables, generator)
         self._merged: torch.Tensor | None = None
 

@@ -49,7 +49,7 @@ class BandSpec(Spec):
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
         return prune_band(d, self.lo, self.hi, out=scratch.get("prune", d.dtype), scratch=scratch.get("band_high", d.dtype))
 
-    def keep_at(self, x: torch.Tensor, index: torch.Tensor, fixes: bool = True) -> torch.Tensor:
+    def keep_at(self, x: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
         if self.lo > self.hi:
             return torch.zeros_like(x)
         return prune_band(x, self.lo, self.hi, out=torch.empty_like(x), scratch=torch.empty_like(x))
@@ -71,9 +71,9 @@ class TieBandSpec(BandSpec):
             out = super().chunk(d, start, scratch)
         return restore(out, d, self.fix, self._bounds, start)
 
-    def keep_at(self, x: torch.Tensor, index: torch.Tensor, fixes: bool = True) -> torch.Tensor:
-        plain = super().keep_at(x, index)
-        return torch.where(torch.isin(index, self.fix), x, plain) if fixes else plain
+    def keep_at(self, x: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
+        plain = super().keep_at(x, None)
+        return plain if fixed is None else torch.where(fixed, x, plain)
 
 
 def band_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable | None, options: MethodOptions,

@@ -211,10 +211,10 @@ class Spec:
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
         return d
 
-    def keep_at(self, x: torch.Tensor, index: torch.Tensor, fixes: bool = True) -> torch.Tensor:
-        """This spec applied to `x`, the task vector gathered at flat `index` (only for specs whose
-        plans may carry `fix` lists: dense, zero, thresholds and bands); `fixes=False`: without
-        the `fix` entries, as a fused kernel computes it."""
+    def keep_at(self, x: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
+        """This spec applied to `x`, the task vector gathered at some flat indices (only for specs
+        whose plans may carry `fix` lists: dense, zero, thresholds and bands); `fixed` marks the
+        gathered entries listed in `fix` (None: apply the plain threshold, as a fused kernel does)."""
         return x
 
 
@@ -305,21 +305,31 @@ class GtaPlan(ChunkPlan):
         fixes = [spec.fix for spec in self.specs if spec.fix is not None and not spec.zero]
         if not fixes:
             return None
-        index = torch.unique(torch.cat(fixes)).to(out.device)
-        exact = self._merged_at(index, fixes=True)
+        index = fixes[0] if len(fixes) == 1 else torch.unique(torch.cat(fixes))
+        index = index.to(out.device)
+        exact = self._merged_at(index, exact=True)
         out[index] = (base[index].float() + exact).to(out.dtype)
         if not stats:
             return None
-        plain = self._merged_at(index, fixes=False)
+        plain = self._merged_at(index, exact=False)
         return ((exact != 0).sum() - (plain != 0).sum(),
                 exact.double().abs().sum() - plain.double().abs().sum())
 
-    def _merged_at(self, index: torch.Tensor, fixes: bool) -> torch.Tensor:
-        """The merged task vector at flat `index` (fp32), computed as `run` computes it."""
+    def _merged_at(self, index: torch.Tensor, exact: bool) -> torch.Tensor:
+        """The merged task vector at flat `index` (sorted, the union of the `fix` lists; fp32), computed
+        as `run` computes it (`exact`) or as the fused kernel did (the plain thresholds)."""
         out = torch.empty(index.numel(), dtype=torch.float32, device=index.device)
         scratch = Scratch(out)
-        items = [(None, 1.0) if spec.zero else (spec.keep_at(flat[index], index, fixes), spec.rescale)
-                 for spec, flat in zip(self.specs, self.flats)]
+        items = []
+        for spec, flat in zip(self.specs, self.flats):
+            if spec.zero:
+                items.append((None, 1.0))
+                continue
+            fixed = None
+            if exact and spec.fix is not None:  # fix is a subset of index: mark its entries
+                fixed = torch.zeros(index.numel(), dtype=torch.bool, device=index.device)
+                fixed[torch.searchsorted(index, spec.fix.to(index.device))] = True
+            items.append((spec.keep_at(flat[index], fixed), spec.rescale))
         if self.consensus:
             ties_combine(out, items, self.weights, self.normalize, self.lambda_, scratch)
         else:

@@ -55,7 +55,7 @@ class ThresholdSpec(Spec):
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
         return prune_magnitude(d, self.threshold, out=scratch.get("prune", d.dtype))
 
-    def keep_at(self, x: torch.Tensor, index: torch.Tensor, fixes: bool = True) -> torch.Tensor:
+    def keep_at(self, x: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
         return prune_magnitude(x, self.threshold)
 
 
@@ -72,9 +72,9 @@ class TieThresholdSpec(ThresholdSpec):
         out = prune_magnitude(d, self.threshold, out=scratch.get("prune", d.dtype))
         return restore(out, d, self.fix, self._bounds, start)
 
-    def keep_at(self, x: torch.Tensor, index: torch.Tensor, fixes: bool = True) -> torch.Tensor:
+    def keep_at(self, x: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
         plain = prune_magnitude(x, self.threshold)
-        return torch.where(torch.isin(index, self.fix), x, plain) if fixes else plain
+        return plain if fixed is None else torch.where(fixed, x, plain)
 
 
 def magnitude_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable | None, options: MethodOptions,
