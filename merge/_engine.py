@@ -96,8 +96,8 @@ class MergeEngine:
         default) and True fuse every model size, False keeps the eager chunked path. The environment
         variable EVOMERGE_COMPILE=0|1 overrides it. A failing compile falls back to the eager chunked
         path with one warning. Compiling costs seconds once per process and variant (`warm_up` pays
-        it before a run's first timed candidate); eager merges of small models cost 5-40x a fused one
-        per candidate (docs/merge-engine.md), so "auto" no longer leaves them eager."""
+        it before a run's first timed candidate); eager per-layer TIES cost 15-43x a plain pass on the
+        small zoo (issue 13), so "auto" no longer leaves small models eager (docs/merge-engine.md)."""
 
     # ------------------------------------------------------------------ loading
     @classmethod
