@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from .._recipe import ExpertParams
@@ -202,8 +203,29 @@ class Spec:
     pending = False
     rescale: Coefficient = 1.0
 
+    fix: torch.Tensor | None = None
+    """Exact magnitude pruning with a split tie group: the flat indices kept beyond the spec's
+    threshold or band (ascending; `_ranks`). The fused kernels run the plain threshold and then
+    `GtaPlan.fix_ties` recomputes these entries."""
+
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
         return d
+
+    def keep_at(self, x: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
+        """This spec applied to `x`, the task vector gathered at some flat indices (only for specs
+        whose plans may carry `fix` lists: dense, zero, thresholds and bands); `fixed` marks the
+        gathered entries listed in `fix` (None: apply the plain threshold, as a fused kernel does)."""
+        return x
+
+
+def restore(out: torch.Tensor, d: torch.Tensor, fix: torch.Tensor, bounds: np.ndarray, start: int) -> torch.Tensor:
+    """`out` with the entries of the chunk `d` (flat indices `start...`) listed in `fix` put back;
+    `bounds` is `fix` as a numpy array (one binary search per chunk)."""
+    lo, hi = np.searchsorted(bounds, (start, start + d.numel()))
+    if hi > lo:
+        where = fix[lo:hi] - start
+        out[where] = d[where]
+    return out
 
 
 class DenseSpec(Spec):
@@ -273,6 +295,46 @@ class GtaPlan(ChunkPlan):
                 yield None, 1.0
             else:
                 yield spec.chunk(flat[start:stop], start, scratch), spec.rescale
+
+    def fix_ties(self, out: torch.Tensor, base: torch.Tensor,
+                 stats: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """After a fused kernel wrote `out = (base + merged).to(dtype)` (flat) with the specs' plain
+        thresholds: rewrite the entries of split tie groups (`Spec.fix`) exactly, merged again from
+        the gathered task vectors with the eager arithmetic. Returns the change of (nonzero count,
+        fp64 L1) of the merged task vector when `stats`, else None (None too without fixes)."""
+        fixes = [spec.fix for spec in self.specs if spec.fix is not None and not spec.zero]
+        if not fixes:
+            return None
+        index = fixes[0] if len(fixes) == 1 else torch.unique(torch.cat(fixes))
+        index = index.to(out.device)
+        exact = self._merged_at(index, exact=True)
+        out[index] = (base[index].float() + exact).to(out.dtype)
+        if not stats:
+            return None
+        plain = self._merged_at(index, exact=False)
+        return ((exact != 0).sum() - (plain != 0).sum(),
+                exact.double().abs().sum() - plain.double().abs().sum())
+
+    def _merged_at(self, index: torch.Tensor, exact: bool) -> torch.Tensor:
+        """The merged task vector at flat `index` (sorted, the union of the `fix` lists; fp32), computed
+        as `run` computes it (`exact`) or as the fused kernel did (the plain thresholds)."""
+        out = torch.empty(index.numel(), dtype=torch.float32, device=index.device)
+        scratch = Scratch(out)
+        items = []
+        for spec, flat in zip(self.specs, self.flats):
+            if spec.zero:
+                items.append((None, 1.0))
+                continue
+            fixed = None
+            if exact and spec.fix is not None:  # fix is a subset of index: mark its entries
+                fixed = torch.zeros(index.numel(), dtype=torch.bool, device=index.device)
+                fixed[torch.searchsorted(index, spec.fix.to(index.device))] = True
+            items.append((spec.keep_at(flat[index], fixed), spec.rescale))
+        if self.consensus:
+            ties_combine(out, items, self.weights, self.normalize, self.lambda_, scratch)
+        else:
+            linear_combine(out, items, self.weights, self.normalize, self.lambda_, scale=self.scale)
+        return out
 
     def run(self, out: torch.Tensor, start: int, stop: int) -> None:
         self.resolve_rescale()
