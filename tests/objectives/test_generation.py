@@ -192,3 +192,11 @@ def test_drafted_generation_on_other_architectures(arch, tiny_lm):
     for requests in ([(p, []) for p in prompts], list(zip(prompts, drafts))):
         gens = _generate(model, tok, requests, max_new_tokens=8, batch_size=3)
         assert [g.text for g in gens] == [tok.decode(r, skip_special_tokens=True) for r in refs]
+
+
+def test_greedy_takes_the_first_maximum_like_argmax():
+    """`_greedy` uses max(-1).indices for speed; on ties it must pick the first index like argmax."""
+    from evomerge.objectives._generation import _greedy
+
+    logits = torch.tensor([[0.5, 2.0, 2.0, 1.0], [3.0, 3.0, 3.0, 3.0], [-1.0, -2.0, -1.0, -5.0]], dtype=torch.bfloat16)
+    assert _greedy(logits).tolist() == logits.float().argmax(-1).tolist() == [1, 0, 0]
