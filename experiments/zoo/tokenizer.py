@@ -19,10 +19,19 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
 MODEL_VOCAB_SIZE = 64
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """The zoo tokenizer: char-level, BOS prepended, left padding (for batched generation)."""
+def build_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """The zoo tokenizer: char-level, BOS prepended, left padding (for batched generation).
+
+    ``vocab_size`` pads the vocabulary with never-produced ``<reserved_N>`` entries up to that
+    size, so a real-shaped model (151,936 rows for Qwen2.5) gets a tokenizer whose length equals
+    its embedding matrix while the character ids stay those of :func:`encode`.
+    """
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + list(CHARSET))}
     assert len(vocab) <= MODEL_VOCAB_SIZE
+    if vocab_size is not None:
+        if vocab_size < len(vocab):
+            raise ValueError(f"vocab_size {vocab_size} is smaller than the {len(vocab)} zoo tokens")
+        vocab.update({f"<reserved_{i}>": i for i in range(len(vocab), vocab_size)})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
