@@ -11,6 +11,11 @@ reported separately: they are paid at the first candidate, not per candidate.
     python -m evomerge.experiments.benchmarks.topk_speed                 # 0.5B, 2 experts, 3 rounds
     python -m evomerge.experiments.benchmarks.topk_speed --layers 4      # ~0.1B, quick
     python -m evomerge.experiments.benchmarks.topk_speed --experts 3 --rounds 5
+    python -m evomerge.experiments.benchmarks.topk_speed --threads 1    # on a loaded machine (see below)
+
+On a shared machine (load above the core count) torch's 2-thread kernels wait for a descheduled
+thread on every op: a 20k-entry gather measured 29 ms with 2 threads and 0.6 ms with 1, which
+swamps the small per-tensor fix-ups; `--threads 1` measures the work instead.
 
 Acceptance (issue 17): exact <= 1.5x approximate per apply at 0.5B parameters.
 """
@@ -72,7 +77,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--experts", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--methods", default="ties,breadcrumbs_ties")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = run(args.layers, args.experts, args.rounds, args.methods.split(","))
     for key, value in result.items():
         print(f"{key:45s} {value:10.3f}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .._recipe import ExpertParams
-from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec, restore
+from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec, FixList
 from ._magnitude import MagnitudeTable, prune_band
 from ._options import MethodOptions
 
@@ -62,14 +62,14 @@ class TieBandSpec(BandSpec):
     def __init__(self, lo: float, hi: float, fix: torch.Tensor) -> None:
         super().__init__(lo, hi)
         self.fix = fix
-        self._bounds = fix.cpu().numpy()
+        self._list = FixList(fix)
 
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
         if self.lo > self.hi:
             out = scratch.get("prune", d.dtype).zero_()
         else:
             out = super().chunk(d, start, scratch)
-        return restore(out, d, self.fix, self._bounds, start)
+        return self._list.restore(out, d, start)
 
     def keep_at(self, x: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
         plain = super().keep_at(x, None)

@@ -377,10 +377,10 @@ def prune_topk_(tensor: torch.Tensor, table: MagnitudeTable | None, density: flo
     if selection.threshold <= 0:
         return tensor
     flat = tensor.view(-1)
-    kept = flat[selection.fix] if selection.fix is not None else None
+    kept = flat[selection.fix] if selection.fix is not None and not selection.drop else None
     lambd = _strict_below(selection.threshold, tensor.dtype)
     # hardshrink has no in-place variant; masked_fill_ with a fresh bool mask is the in-place route.
     tensor.masked_fill_(tensor.abs() <= lambd, 0)
-    if kept is not None:
-        flat[selection.fix] = kept
+    if selection.fix is not None:
+        flat[selection.fix] = 0 if selection.drop else kept
     return tensor

@@ -17,7 +17,8 @@ mergekit's very sort call once per (expert, tensor, direction) and keeps the per
   gather of the boundary bucket, ~N/2000 entries);
 * if the group is kept whole (`p1 == k`): the plain threshold `|x| >= v`, exactly mergekit's set;
 * else the strict threshold `|x| > v` plus the explicit positions `order[p0:k]` of the group members
-  mergekit keeps (a "fix" list of at most the group's size), applied after the threshold.
+  mergekit keeps, or (top-k, when fewer) `|x| >= v` minus the members it drops, `order[k:p1]`: a
+  "fix" list of at most half the group, applied after the threshold.
 
 Equal magnitudes are equal fp32 values, so the permutation is the one mergekit computes from the
 same task vector whatever its dtype (mergekit sorts `w.float()` on CPU). Zero magnitudes never
@@ -136,18 +137,20 @@ class RankTable:
         return key_value(key, self.dtype if self.dtype in _SIXTEEN else torch.float32)
 
     def positions(self, descending: bool, start: int, stop: int) -> torch.Tensor:
-        """Flat indices of sorted positions `[start, stop)`, ascending, int64 on the tensor's device."""
-        picked = self.order(descending)[start:stop].to(torch.long)
-        return torch.sort(picked).values.to(self._flat.device)
+        """Flat indices of sorted positions `[start, stop)` (in sort order), int64 on the tensor's device."""
+        return self.order(descending)[start:stop].to(self._flat.device, torch.long)
 
 
 @dataclass(frozen=True)
 class TopSelection:
     """Which entries mergekit's `magnitude` keeps: `|x| >= threshold` (0.0: all), plus `fix`, the
-    flat indices (ascending) of boundary tie members kept beyond the threshold (None: no split)."""
+    flat indices of boundary tie members kept beyond the threshold (None: no split)."""
 
     threshold: float
     fix: torch.Tensor | None = None
+    drop: bool = False
+    """True: `fix` lists the boundary members mergekit drops although `|x| >= threshold` (the
+    threshold is then the boundary value itself): whichever side of the split group is smaller."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,8 @@ def select_top(table: RankTable, k: int) -> TopSelection:
         return TopSelection(0.0)  # the boundary is 0: every nonzero entry is kept, zeros do not matter
     if edge.stop == k:
         return TopSelection(table.value(edge.key))
+    if edge.stop - k < k - edge.start:  # fewer members dropped than kept: list those
+        return TopSelection(table.value(edge.key), table.positions(True, k, edge.stop), drop=True)
     return TopSelection(_next_up(table, edge.key), table.positions(True, edge.start, k))
 
 
@@ -196,8 +201,7 @@ def select_band(table: RankTable, n_bot: int, target: int) -> BandSelection | No
         fixes.append(table.positions(False, high.start, last + 1))
     if not fixes:
         return BandSelection(lo, hi)
-    fix = fixes[0] if len(fixes) == 1 else torch.sort(torch.cat(fixes)).values
-    return BandSelection(lo, hi, fix)
+    return BandSelection(lo, hi, fixes[0] if len(fixes) == 1 else torch.cat(fixes))
 
 
 def _next_up(table: RankTable, key: int) -> float:

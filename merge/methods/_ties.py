@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .._recipe import ExpertParams
-from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec, restore, trivial_spec
+from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec, FixList, trivial_spec
 from ._magnitude import MagnitudeTable, prune_magnitude
 from ._options import MethodOptions
 
@@ -61,20 +61,26 @@ class ThresholdSpec(Spec):
 
 class TieThresholdSpec(ThresholdSpec):
     """Exact top-k with a split tie group: keep `|x| >= threshold` (strictly above the boundary value)
-    and the boundary members mergekit keeps, `fix` (ascending flat indices; `_ranks`)."""
+    and the boundary members mergekit keeps, `fix`; or with `drop`, `|x| >= threshold` (the boundary
+    value) except the members mergekit drops, `fix` (flat indices; `_ranks`)."""
 
-    def __init__(self, threshold: float, fix: torch.Tensor) -> None:
+    def __init__(self, threshold: float, fix: torch.Tensor, drop: bool = False) -> None:
         super().__init__(threshold)
         self.fix = fix
-        self._bounds = fix.cpu().numpy()
+        self.drop = drop
+        self._list = FixList(fix)
 
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
         out = prune_magnitude(d, self.threshold, out=scratch.get("prune", d.dtype))
-        return restore(out, d, self.fix, self._bounds, start)
+        if out is d:  # threshold 0 keeps all: never with a fix list, but never write into d
+            out = scratch.get("prune", d.dtype).copy_(d)
+        return self._list.restore(out, d, start, self.drop)
 
     def keep_at(self, x: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
         plain = prune_magnitude(x, self.threshold)
-        return plain if fixed is None else torch.where(fixed, x, plain)
+        if fixed is None:
+            return plain
+        return torch.where(fixed, torch.zeros_like(x) if self.drop else x, plain)
 
 
 def magnitude_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable | None, options: MethodOptions,
@@ -94,7 +100,7 @@ def magnitude_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable |
         return ZeroSpec()
     if selection.fix is None:
         return ThresholdSpec(selection.threshold) if selection.threshold > 0 else DenseSpec()
-    return TieThresholdSpec(selection.threshold, selection.fix)
+    return TieThresholdSpec(selection.threshold, selection.fix, selection.drop)
 
 
 class TaskArithmetic(GeneralizedTaskArithmetic):
