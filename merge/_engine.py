@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping
 import torch
 from torch import nn
 
-from ._compat import VocabPolicy, check_architecture, check_tensors
+from ._compat import VocabPolicy, check_architecture, check_config_weights, check_tensors
 from ._errors import MergeError
 from ._io import CheckpointReader, StagingBuffer, config_dtype, load_config, require_dir
 from ._layout import ModelLayout
@@ -118,8 +118,16 @@ class MergeEngine:
         if not experts:
             raise MergeError("no experts given; pass experts={'name': 'path/to/model-or-adapter', ...}")
         base_cfg = load_config(base_path, "base model")
-        config = AutoConfig.from_pretrained(str(base_path))
+        try:
+            config = AutoConfig.from_pretrained(str(base_path))
+        except (ValueError, OSError, KeyError) as exc:
+            shipped = " (its auto_map names code shipped with the model, which evomerge never runs)" if base_cfg.get("auto_map") else ""
+            raise MergeError(
+                f"base model {base_path / 'config.json'}: transformers has no built-in model_type "
+                f"{base_cfg.get('model_type')!r}{shipped}; use a model of an architecture transformers ships"
+            ) from None
         reader = CheckpointReader(base_path, allow_pickle=allow_pickle, label="base model")
+        check_config_weights(base_cfg, {n: reader.shape(n) for n in reader.names()}, f"base model {base_path}")
         names = [n for n in reader.names() if not (n == HEAD and _tied(config))]
         layout = ModelLayout.from_names(names, base_cfg)
         dtype = dtype or config_dtype(base_cfg) or reader.dtype(names[0])
@@ -145,8 +153,10 @@ class MergeEngine:
                 adapters[ename] = _load_adapter(folder, label, shapes, device if cache_device.type != "cpu" else cache_device, dtype)
                 bar.update(len(names))
                 continue
-            check_architecture(base_cfg, load_config(folder, label), label)
+            expert_cfg = load_config(folder, label)
+            check_architecture(base_cfg, expert_cfg, label)
             ereader = CheckpointReader(folder, allow_pickle=allow_pickle, label=label)
+            check_config_weights(expert_cfg, {n: ereader.shape(n) for n in ereader.names()}, label)
             enames = {n: ereader.shape(n) for n in ereader.names() if not (n == HEAD and _tied(config))}
             aligned = check_tensors(shapes, enames, label, vocab_policy)
             deltas: dict[str, torch.Tensor] = {}
