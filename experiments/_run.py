@@ -86,6 +86,8 @@ class Session:
     def open(cls, spec: ExperimentSpec, *, progress: bool) -> "Session":
         engine = build_engine(spec, progress=progress)
         scorer = build_scorer(spec, engine, build_objectives(spec))
+        # One untimed candidate (the first stage's starting point): compiles and first calls are not the first trial's.
+        scorer.warm_up((space := build_space(engine, spec.resolved_stages()[0].space)).decode(space.x0, seed=spec.seed))
         return cls(spec, engine, scorer)
 
     def close(self) -> None:

@@ -167,7 +167,8 @@ class SpaceSpec(SpaceTemplate):
     the method's); ``bounds`` and ``init`` per kind; ``fixed`` (kind or parameter name -> value);
     ``granularity`` (global | layer | k = every k layers); ``modules`` (all | split | lists of
     module kinds); ``sections`` (attach | group); ``smoothing`` (control points across layers);
-    global options ``normalize``, ``lambda``, ``rescale``, ``lora_mode``.
+    global options ``normalize``, ``lambda``, ``rescale``, ``draws`` (fast | mergekit), ``pruning``
+    (exact | approximate), ``lora_mode``.
     """
 
     model_config = ConfigDict(allow_inf_nan=False)
