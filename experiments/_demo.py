@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ._rundir import RunDir
+
+if TYPE_CHECKING:
+    from ._signals import SignalLog
 
 PRESET = "pareto-layerwise"
 
@@ -45,7 +49,7 @@ def _verdict(comparison: dict) -> list[str]:
     return lines
 
 
-def run_demo(size: str = "small", run_dir: Path = Path("runs/demo"), minutes: float = 4.0) -> int:
+def run_demo(size: str, run_dir: Path, minutes: float, *, signals: "SignalLog") -> int:
     """Run the demo; returns the exit status (130/143 when interrupted: rerun to continue)."""
     from evomerge.experiments.zoo import build_zoo, format_accuracy_table, load_manifest
 
@@ -60,7 +64,7 @@ def run_demo(size: str = "small", run_dir: Path = Path("runs/demo"), minutes: fl
 
     click.echo(f"== 2/3  searching per-layer TIES merges ({PRESET}, ~{minutes:g} min) + the uniform grid baseline")
     overrides = [f"models.zoo.size={size}", f"budget.wall_clock={minutes * 60:.0f}"]
-    code = start(spec=None, preset=PRESET, run_dir=run_dir, overrides=overrides, progress=True)
+    code = start(spec=None, preset=PRESET, run_dir=run_dir, overrides=overrides, progress=True, signals=signals)
     if code != 0:
         return code
 

@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe
+from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe, fixed_mmap_threshold
 from evomerge.merge.methods._draws import field_key
 
 
@@ -115,6 +115,7 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
     """Load, build tables, time plain pass / TIES / DARE-TIES; runs inside a fresh process (see `_child`)."""
     if threads:
         torch.set_num_threads(threads)
+    fixed_mmap_threshold()  # as the CLI does before it loads
     idle = _rss()
     start = time.perf_counter()
     mode = {"auto": "auto", "on": True, "off": False}[compile]

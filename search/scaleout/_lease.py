@@ -27,7 +27,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from ._optimizers._coordinator import FileCheckpoint
+from .._optimizers._coordinator import FileCheckpoint
 
 LEASE_TABLE = "evomerge_coordinator"
 
