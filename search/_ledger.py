@@ -291,9 +291,9 @@ class Ledger:
         rerun = rerun_numbers(trials)
         return [t for t in trials if counted(t, rerun)]
 
-    def counts(self) -> Counts:
-        """One look at the study for the budget rule (`search._loop`)."""
-        trials = self.trials()
+    def counts(self, trials: Sequence[FrozenTrial] | None = None) -> Counts:
+        """One look at the study for the budget rule (`search._loop`), of ``trials`` (default: a fresh read)."""
+        trials = self.trials() if trials is None else trials
         rerun = rerun_numbers(trials)
         return Counts(
             counted=sum(1 for t in trials if counted(t, rerun)),

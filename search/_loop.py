@@ -7,7 +7,8 @@ never the run.
 
 **Budget** (exact, also across racing workers): the loop claims only after a look at the ledger
 saw ``counted + running < budget``; a worker then looks again and keeps its claim only if
-``counted + (RUNNING trials other than its own) + 1 <= budget``, else gives it back
+``counted + (RUNNING trials other than its own) + 1 <= budget`` (and, for a queued candidate,
+no other attempt of it is RUNNING or counted), else gives it back
 (`Ledger.give_back`: failed as interrupted, re-queued) and backs off. Of any set of kept claims,
 the last to look saw all the others, so the ledger ends with exactly ``budget`` counted trials.
 ``budget_seconds`` counts this call's wall time only.
@@ -30,11 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Protocol, Sequence
 
 import optuna
+from optuna.trial import TrialState
 
 from evomerge.merge import MergeRecipe
 from evomerge.objectives import Evaluation
 
-from ._ledger import Counts, Ledger, TrialRecord, record
+from ._ledger import Counts, Ledger, TrialRecord, counted, record, rerun_numbers
 from ._optimizers import CoordinatedOptimizer, Optimizer, OptunaOptimizer
 from ._pareto import ParetoArchive
 from ._queue import CandidateQueue
@@ -145,13 +147,12 @@ def run_search(
             if _spent(look, budget_evals, running=True) or (feed is not None and not look.waiting):
                 time.sleep(poll)  # work in flight elsewhere may finish or go stale; a coordinator refills
                 continue
-            trial = ledger.study.ask(distributions)
+            trial = ledger.study.ask(distributions) if crew is None else crew.claim(ledger.study, distributions)
             candidate = trial.user_attrs.get("candidate")
             if crew is not None:
-                crew.claimed(trial)
-                reason = _second_look(ledger.counts(), trial.number, budget_evals, feed is not None and candidate is None)
+                reason, requeue = _second_look(ledger, trial.number, candidate, budget_evals, feed is not None)
                 if reason is not None:
-                    ledger.give_back(trial, reason, requeue=candidate is not None or feed is None)
+                    ledger.give_back(trial, reason, requeue=requeue)
                     crew.released()
                     trial = None
                     result.gave_back += 1
@@ -201,14 +202,30 @@ def _spent(look: Counts, budget: int | None, *, running: bool = False) -> bool:
     return budget is not None and look.counted + (len(look.running) if running else 0) >= budget
 
 
-def _second_look(look: Counts, number: int, budget: int | None, fresh_in_queue: bool) -> str | None:
-    """None to keep a worker's claim, else why it goes back (the budget rule, module docstring)."""
-    if fresh_in_queue:
-        return "given back: a fresh trial (a coordinator queues every candidate; the queue ran empty)"
+def _second_look(
+    ledger: Ledger, number: int, candidate: int | None, budget: int | None, coordinated: bool,
+) -> tuple[str | None, bool]:
+    """(None to keep a worker's claim, else why it goes back; whether it goes back to the queue).
+
+    Besides the budget rule (module docstring): a coordinated worker keeps only a candidate that
+    no other attempt holds (RUNNING) or has finished (counted). A coordinator that lost its lease
+    without knowing it yet may have enqueued a candidate its successor enqueued too; of two
+    claims of one candidate the later look sees the earlier, so at most one is evaluated (both
+    may go back: the queue then re-queues the candidate after its grace, `search._queue`)."""
+    trials = ledger.trials()
+    if coordinated and candidate is None:
+        return "given back: a fresh trial (a coordinator queues every candidate; the queue ran empty)", False
+    if candidate is not None:
+        rerun = rerun_numbers(trials)
+        twins = [t.number for t in trials if t.user_attrs.get("candidate") == candidate and t.number != number
+                 and (t.state == TrialState.RUNNING or counted(t, rerun))]
+        if twins:
+            return f"given back: candidate {candidate} is held by trial {twins[0]}", False
+    look = ledger.counts(trials)
     others = len(look.running - {number})
     if budget is not None and look.counted + others + 1 > budget:
-        return f"given back: {look.counted} counted + {others} running reach the budget of {budget}"
-    return None
+        return f"given back: {look.counted} counted + {others} running reach the budget of {budget}", True
+    return None, True
 
 
 def evaluate_guarded(scorer: ScorerLike, recipe: MergeRecipe) -> tuple[Evaluation, float]:

@@ -18,6 +18,7 @@ import time
 import warnings
 
 import optuna
+from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 
 from .._ledger import Ledger
@@ -68,15 +69,26 @@ class Crew:
         cutoff = datetime.datetime.now() - datetime.timedelta(seconds=2 * self.interval)
         for t in self.ledger.trials((TrialState.RUNNING,)):
             if "worker" not in t.user_attrs and t.datetime_start is not None and t.datetime_start < cutoff:
-                self.ledger.study.tell(t.number, state=TrialState.FAIL)
+                try:
+                    self.ledger.study.tell(t.number, state=TrialState.FAIL)
+                except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+                    continue  # another worker failed it first, and re-queues it
                 self.ledger.requeue(t)
         self._due = time.monotonic() + self.interval
 
-    def claimed(self, trial: optuna.Trial) -> None:
-        """Mark a fresh claim as this worker's and beat for it from now on."""
+    def claim(self, study: optuna.Study, distributions: dict[str, BaseDistribution]) -> optuna.Trial:
+        """``study.ask``, marked as this worker's, with its heartbeat from now on.
+
+        optuna warns that heartbeats are meant for ``study.optimize``, whose loop records them;
+        this worker records them itself (its claims are ask/tell so that it can look at the
+        budget between claim and evaluation), so the warning does not apply."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+            trial = study.ask(distributions)
         self._trial_id = self.storage.get_trial_id_from_study_id_trial_number(self._study_id, trial.number)
         self.storage.record_heartbeat(self._trial_id)
         trial.set_user_attr("worker", self.worker_id)
+        return trial
 
     def released(self) -> None:
         """The claimed trial is finished or given back: no more beats for it."""

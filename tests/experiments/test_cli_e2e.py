@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.experiments._spec_io import preset_names
-from evomerge.search import resolve_storage
+from evomerge.search import storage_for
 
 from .conftest import EVOMERGE, evomerge, front_json, tiny_spec
 
@@ -105,7 +105,7 @@ def _finished_trials(run: Path) -> int:
     """Finished trials of every stage, read from the journal while the run appends to it."""
     if not (run / "ledger.log").exists():
         return 0
-    storage, _ = resolve_storage(run / "ledger.log")
+    storage, _ = storage_for(run / "ledger.log")
     return sum(
         t.state.is_finished()
         for study in storage.get_all_studies()
