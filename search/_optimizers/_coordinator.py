@@ -79,7 +79,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 @runtime_checkable
 class CheckpointStore(Protocol):
     """Where a coordinator's pickle lives: a file next to the ledger, or (several machines) a
-    row in the study's database guarded by the coordinator lease (`search._lease`)."""
+    row in the study's database guarded by the coordinator lease (`search.scaleout`)."""
 
     def read(self) -> bytes | None:
         """The last checkpoint, or None when there is none yet."""
