@@ -61,7 +61,7 @@ def open_shared_ledger(spec: ExperimentSpec, stage: StageSpec, storage: str, spa
             return Ledger(
                 storage, objectives=objectives, study_name=stage.name, seed=spec.seed,
                 scalarization=scalarization(objectives, stage.optimizer), space=space.to_dict(),
-                heartbeat=heartbeat if _is_database(storage) else None,
+                heartbeat=heartbeat,
             )
         except sqlalchemy.exc.SQLAlchemyError:
             # workers starting together race to create optuna's tables and the study; the
@@ -120,6 +120,8 @@ def worker_command(
     storage = storage or parsed.storage
     if storage is None:
         raise UserError("give --storage URL (or set `storage:` in the spec): the study the workers share")
+    if not _is_database(storage):
+        raise UserError(f"--storage {storage}: workers share a database (postgresql+psycopg2://... or a .db SQLite file)")
     spec = resolve(parsed, label=label, progress=progress)
     return work(spec, storage=storage, worker_id=worker_id, heartbeat=heartbeat, lease_ttl=lease_ttl, queue=queue,
                 progress=progress, signals=signals)

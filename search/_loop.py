@@ -106,8 +106,8 @@ def run_search(
     """
     started = time.perf_counter()
     shared = ledger.heartbeat is not None
-    if shared and (budget_evals is None or worker_id is None):
-        raise ValueError("workers sharing a ledger need budget_evals (an exact, shared count) and a worker_id")
+    if shared != (worker_id is not None) or (shared and budget_evals is None):
+        raise ValueError("workers (a worker_id) share a database ledger opened with a heartbeat, and a budget_evals")
     if not shared:
         ledger.fail_running()  # one writer: what is RUNNING now was cut off by a crash or a stop
     feed: CandidateQueue | None = None

@@ -24,16 +24,7 @@ from optuna.trial import TrialState
 from .._ledger import Ledger
 from .._queue import CandidateQueue
 from ._coordinator import Coordinator
-from ._lease import DatabaseLease, FileLease, Lease
-
-
-def make_lease(ledger: Ledger, owner: str, *, ttl: float) -> Lease:
-    """The coordinator lease matching the ledger's storage (database row, or flock by the journal)."""
-    if isinstance(ledger.storage, optuna.storages.RDBStorage):
-        return DatabaseLease(ledger.storage.engine, ledger.study_name, owner, ttl=ttl)
-    if ledger.run_dir is not None:
-        return FileLease(ledger.run_dir, ledger.study_name, owner)
-    raise ValueError("open the ledger with a heartbeat to share a database storage among workers")
+from ._lease import DatabaseLease
 
 
 class Crew:
@@ -53,7 +44,7 @@ class Crew:
         self._beat.start()
         self.coordinator = None
         if queue is not None:
-            lease = make_lease(ledger, worker_id, ttl=lease_ttl)
+            lease = DatabaseLease(storage.engine, ledger.study_name, worker_id, ttl=lease_ttl)
             self.coordinator = Coordinator(queue, lease, poll=poll, renew_every=lease_ttl / 4)
             self.coordinator.start()
 
