@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._errors import UserError
+from ._errors import UserError, first_line
 from ._results import Reference, RunView, read_json
 from ._rundir import RunDir
 
@@ -33,11 +33,14 @@ def _study(rd: RunDir, stage: str) -> "optuna.Study":
     spec = rd.load_spec(check_paths=False)
     if not rd.has_ledger(spec):
         raise UserError(f"{rd.path}: stage {stage!r} has no trials yet")
-    storage, _ = storage_for(rd.storage(spec, shared=False))
+    where = rd.storage(spec, shared=False)
     try:
+        storage, _ = storage_for(where)
         return optuna.load_study(study_name=stage, storage=storage)
     except KeyError:
         raise UserError(f"{rd.path}: stage {stage!r} has no trials yet") from None
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise UserError(f"{rd.path}: the ledger {where} cannot be read ({first_line(exc)}); restore it from a copy") from None
 
 
 def _stage_names(rd: RunDir) -> list[str]:
@@ -136,11 +139,32 @@ def export_trial(run_dir: Path, trial: int, *, out: Path | None = None, stage: s
 
     view = load_view(run_dir, stage)
     recipe = recipe_of(view, trial)
+    target = (out or RunDir(view.run_dir).export_dir(trial)).resolve()
+    _check_output(target, folder=True)
     engine = build_engine(view.spec, progress=False)
-    return engine.export(recipe, out or RunDir(view.run_dir).export_dir(trial))
+    return engine.export(recipe, target)
+
+
+def _check_output(path: Path, *, folder: bool) -> None:
+    """``--out`` can take the output: a folder (replaced whole) or a file, under a writable folder."""
+    import os
+
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"--out {path}: is {'a file' if folder else 'a folder'}; give a {'folder' if folder else 'file'} path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {path}: {parent} is a file, not a folder; pick a path under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {path}: folder {parent} is not writable; pick a writable location")
 
 
 def write_run_report(run_dir: Path, *, out: Path | None = None) -> Path:
     from ._report import write_report
 
-    return write_report(load_view(run_dir), out)
+    view = load_view(run_dir)
+    if out is not None:
+        out = out.resolve()
+        _check_output(out, folder=False)
+    return write_report(view, out)

@@ -36,6 +36,7 @@ from ._optimizers import (
     Optimizer,
     OptunaOptimizer,
     RandomSearch,
+    ResumeError,
     make_optimizer,
 )
 from ._pareto import ParetoArchive, ParetoPoint, hypervolume, pareto_mask
@@ -60,6 +61,7 @@ __all__ = [
     "ParamKind",
     "ParetoPoint",
     "RandomSearch",
+    "ResumeError",
     "Scalarization",
     "SearchResult",
     "SearchSpace",

@@ -37,7 +37,7 @@ def test_run_writes_the_run_folder_and_inspection_commands_read_it(finished_run:
     cwd, run = finished_run
     for name in ("spec.yaml", "state.json", "ledger.log", "comparison.json", "report.html",
                  "results/search/front.csv", "results/search/front.png", "results/search/hypervolume.png",
-                 "results/grid/trials.json", "grid.optimizer.pkl"):
+                 "results/grid/trials.json", "grid.optimizer.json"):
         assert (run / name).exists(), name
     assert json.loads((run / "state.json").read_text())["status"] == "done"
     status = evomerge("status", str(run), cwd=cwd).stdout
