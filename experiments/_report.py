@@ -83,7 +83,7 @@ def render(view: RunView) -> str:
         parts += [f"<h2>Coefficients of trial {best} (best mean score)</h2>", _img(_plots.layer_profile(view, best), "profile")]
     parts += [
         "<h2>Failed trials</h2>" if view.failed else "",
-        _table(["trial", "reason"], [[str(t.number), t.reason or ""] for t in view.failed]) if view.failed else "",
+        _table(["trial", "reason"], [[str(t.number), t.failure or ""] for t in view.failed]) if view.failed else "",
         f"<h2>Spec</h2><details><summary>resolved spec</summary><pre>{html.escape(spec_yaml)}</pre></details>",
         f"<p class=muted>run folder: {html.escape(str(view.run_dir))}</p></body></html>",
     ]

@@ -3,7 +3,7 @@ grouping, in-place merging of recipes, export (HF folder, PEFT adapter, mergekit
 
 from ._atomic import atomic_dir, atomic_file, write_atomic
 from ._compat import VOCAB_POLICIES, VocabPolicy
-from ._engine import MergeEngine, MergeStats
+from ._engine import MergeEngine, MergeStats, fixed_mmap_threshold
 from ._errors import MergeError
 from ._io import CheckpointReader
 from ._layout import KIND_PATTERNS, LAYER_PATTERN, ModelLayout, TensorSlot, classify
@@ -12,6 +12,7 @@ from ._mergekit import recipe_to_mergekit
 from ._recipe import ExpertParams, GroupRule, LoraMode, MergeRecipe, ModuleKind, RescalePolicy, Section
 
 __all__ = [
+    "fixed_mmap_threshold",
     "CheckpointReader",
     "ExpertParams",
     "GroupRule",
