@@ -1,6 +1,7 @@
 """evomerge.merge: checkpoints and LoRA adapters in, compatibility checks, task vectors, tensor
 grouping, in-place merging of recipes, export (HF folder, PEFT adapter, mergekit YAML)."""
 
+from ._atomic import atomic_dir, atomic_file, write_atomic
 from ._compat import VOCAB_POLICIES, VocabPolicy
 from ._engine import MergeEngine, MergeStats
 from ._errors import MergeError
@@ -30,6 +31,9 @@ __all__ = [
     "TensorSlot",
     "VOCAB_POLICIES",
     "VocabPolicy",
+    "atomic_dir",
+    "atomic_file",
     "classify",
     "recipe_to_mergekit",
+    "write_atomic",
 ]
