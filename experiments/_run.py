@@ -89,12 +89,33 @@ class Session:
     def open(cls, spec: ExperimentSpec, *, progress: bool) -> "Session":
         engine = build_engine(spec, progress=progress)
         scorer = build_scorer(spec, engine, build_objectives(spec))
-        # One untimed candidate (the first stage's starting point): compiles and first calls are not the first trial's.
-        scorer.warm_up((space := build_space(engine, spec.resolved_stages()[0].space)).decode(space.x0, seed=spec.seed))
+        for recipe in _warm_up_recipes(spec, engine):
+            scorer.warm_up(recipe)
         return cls(spec, engine, scorer)
 
     def close(self) -> None:
         self.scorer.close()
+
+
+def _warm_up_recipes(spec: ExperimentSpec, engine: "MergeEngine") -> list[Any]:
+    """One untimed candidate per distinct merge method a run will use (each stage's starting point,
+    and one grid recipe per method of the uniform grid baseline): kernel compiles, table builds and
+    the first inference calls then fall before the first timed trial of every stage, not into its
+    timeout (issue 13: a first trial timed out while the fused kernels compiled)."""
+    from evomerge.search import GridSearch
+
+    recipes: dict[tuple[str, ...], Any] = {}
+    stages = spec.resolved_stages()
+    for stage in stages:
+        space = build_space(engine, stage.space)
+        recipe = space.decode(space.x0, seed=spec.seed)
+        recipes.setdefault(tuple(sorted({rule.method for rule in recipe.rules})), recipe)
+    if spec.baseline:
+        grid, space = GridSearch(), build_space(engine, stages[-1].space)
+        for method in grid.methods:
+            params = {"grid.method": method, "grid.weight": grid.weights[0], "grid.density": min(grid.densities)}
+            recipes.setdefault((method,), grid.recipe(space, params, seed=spec.seed, trial=0))
+    return list(recipes.values())
 
 
 def _same_spec(a: ExperimentSpec, b: ExperimentSpec) -> bool:
