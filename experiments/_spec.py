@@ -65,6 +65,29 @@ SpecPath = Annotated[str, BeforeValidator(_resolve_path)]
 """A file or folder path: absolute after validation, or a symbolic ``zoo:`` path."""
 
 
+def _resolve_model(value: Any, info: ValidationInfo) -> Any:
+    """A model folder as `SpecPath`, or a Hugging Face id (``org/name[@revision]``) kept as written.
+
+    A local path wins over an id of the same shape; ids become cache folders in `_resolve.resolve`,
+    which knows whether the hub may be reached.
+    """
+    from ._hub import is_model_id
+
+    if isinstance(value, str) and is_model_id(value):
+        local = Path(value).expanduser()
+        root = (info.context or {}).get("root")
+        if not (local if local.is_absolute() or root is None else Path(root) / local).exists():
+            return value
+    try:
+        return _resolve_path(value, info)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, and it is not a Hugging Face id (org/name[@revision])") from None
+
+
+ModelRef = Annotated[str, BeforeValidator(_resolve_model)]
+"""A model or adapter: a local folder (absolute after validation) or a Hugging Face id."""
+
+
 def _resolve_out_path(value: Any, info: ValidationInfo) -> Any:
     """Like `SpecPath` for outputs: resolved against the spec's folder, need not exist yet."""
     if value is None or not isinstance(value, (str, Path)):
@@ -98,12 +121,14 @@ class ModelsSpec(_Strict):
     """The base model and the experts merged into it.
 
     Either ``zoo`` (symbolic), or ``base`` plus ``experts`` (name -> HF folder or PEFT adapter
-    folder) and/or ``pool`` (a folder whose subfolders are LoRA adapters of the base).
+    folder) and/or ``pool`` (a folder whose subfolders are LoRA adapters of the base). ``base``
+    and experts may be Hugging Face ids (``Qwen/Qwen2.5-7B``, ``org/name@revision``), resolved
+    from the local HF cache (see `evomerge.experiments._hub`).
     """
 
     zoo: ZooRef | None = None
-    base: SpecPath | None = None
-    experts: dict[str, SpecPath] = Field(default_factory=dict)
+    base: ModelRef | None = None
+    experts: dict[str, ModelRef] = Field(default_factory=dict)
     pool: SpecPath | None = None
     trust_remote_code: bool = False
     allow_pickle: bool = False
