@@ -67,8 +67,9 @@ def compile_mode(spec: ExperimentSpec) -> "bool | str":
 
 def build_objective(obj: ObjectiveSpec, *, seed: int, data: str | None = None) -> "Objective":
     """One `Objective`; ``data`` replaces the calibration file with a held-out set (scored in full)."""
-    from evomerge.objectives import CalibrationSet, Objective
+    from evomerge.objectives import CalibrationSet, LmEvalTask, Objective
 
+    task = None if obj.lm_eval is None else LmEvalTask(**obj.lm_eval.model_dump())
     path = data or obj.data
     calibration = None
     if path is not None:
@@ -86,6 +87,7 @@ def build_objective(obj: ObjectiveSpec, *, seed: int, data: str | None = None) -
         pattern=obj.pattern,
         normalization=obj.normalization,
         function=obj.function,
+        lm_eval=task,
     )
 
 

@@ -65,10 +65,10 @@ def resolve_model_id(
     the model's files are downloaded into it if missing. ``cache_dir`` defaults to the hub's
     (``HF_HUB_CACHE`` / ``HF_HOME``). Raises `ModelIdError` with the fix on one line.
     """
-    from huggingface_hub import constants, is_offline_mode, snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    offline = is_offline_mode() if offline is None else offline
+    offline = constants.HF_HUB_OFFLINE if offline is None else offline
     cache = Path(cache_dir or constants.HF_HUB_CACHE)
     patterns = [*MODEL_FILES, *(PICKLE_FILES if allow_pickle else ())]
     try:

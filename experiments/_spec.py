@@ -182,11 +182,36 @@ class SpaceSpec(SpaceTemplate):
 
 def _known_metric(name: str) -> str:
     """Metric names come from `evomerge.objectives` (imported lazily: it pulls in torch)."""
-    from evomerge.objectives import COSTS, METRICS
+    from evomerge.objectives import COSTS, LM_EVAL, METRICS
 
-    if name not in METRICS and name not in COSTS:
-        raise ValueError(f"{name!r} is not one of {', '.join([*METRICS, *COSTS])}")
+    if name not in METRICS and name not in COSTS and name != LM_EVAL:
+        raise ValueError(f"{name!r} is not one of {', '.join([*METRICS, *COSTS, LM_EVAL])}")
     return name
+
+
+class LmEvalSpec(_Strict):
+    """An lm-eval-harness task as the objective (`evomerge.objectives.LmEvalTask`; extra ``lm_eval``)."""
+
+    task: str
+    """A task or group lm-eval knows (``arc_easy``, ``gsm8k``, ``mmlu``) or one of ``include_path``."""
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | float | None = Field(None, gt=0)
+    """The first N documents (N >= 1), or a fraction (< 1), as lm-eval's ``--limit``."""
+    metric: str | None = None
+    """Which of the task's metrics (default: its first), e.g. ``acc_norm``."""
+    filter: str | None = None
+    """Which filter's result (default: the task's first), e.g. ``strict-match`` for gsm8k."""
+    include_path: SpecPath | None = None
+    """Folder of your own task YAML files."""
+    fewshot_seed: int = 1234
+
+    @model_validator(mode="after")
+    def _installed(self) -> "LmEvalSpec":
+        from evomerge.objectives import lm_eval_installed
+
+        if not lm_eval_installed():
+            raise ValueError("lm-eval tasks need the lm-eval package; install it with: pip install 'evomerge[lm_eval]'")
+        return self
 
 
 class ObjectiveSpec(_Strict):
@@ -199,7 +224,10 @@ class ObjectiveSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]*(\{skill\})?[A-Za-z0-9_.-]*$")
     """Objective name; a name containing ``{skill}`` is a template: with ``models.zoo`` it expands
     to one objective per zoo skill, substituting ``{skill}`` in name, data and holdout."""
-    metric: Annotated[str, AfterValidator(_known_metric)]
+    metric: Annotated[str, AfterValidator(_known_metric)] | None = None
+    """One of the metrics or costs; ``lm_eval`` (the default when ``lm_eval`` is given)."""
+    lm_eval: LmEvalSpec | None = None
+    """An lm-eval-harness task instead of ``data``: ``{task: arc_easy, num_fewshot: 0, limit: 100}``."""
     data: SpecPath | None = None
     """Calibration set (JSONL); ``zoo:data/<skill>/calib.jsonl`` inside the toy zoo."""
     holdout: SpecPath | None = None
@@ -220,8 +248,19 @@ class ObjectiveSpec(_Strict):
 
     @model_validator(mode="after")
     def _data_matches_metric(self) -> "ObjectiveSpec":
-        from evomerge.objectives import COSTS
+        from evomerge.objectives import COSTS, LM_EVAL
 
+        if self.lm_eval is not None:
+            if self.metric not in (None, LM_EVAL):
+                raise ValueError(f"objective '{self.name}': 'lm_eval' takes its metric from the task (set lm_eval.metric), not metric {self.metric!r}")
+            if self.data is not None or self.holdout is not None:
+                raise ValueError(f"objective '{self.name}': an lm_eval task brings its own documents; drop 'data'/'holdout'")
+            object.__setattr__(self, "metric", LM_EVAL)
+            return self
+        if self.metric is None:
+            raise ValueError(f"objective '{self.name}': needs 'metric' (or 'lm_eval' for an lm-eval-harness task)")
+        if self.metric == LM_EVAL:
+            raise ValueError(f"objective '{self.name}': metric 'lm_eval' needs an 'lm_eval' section ({{task: ...}})")
         if self.metric in COSTS and (self.data is not None or self.holdout is not None):
             raise ValueError(f"objective '{self.name}': cost '{self.metric}' takes no 'data' or 'holdout'")
         if self.metric not in COSTS and self.data is None:

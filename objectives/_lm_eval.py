@@ -161,7 +161,7 @@ def load_task(spec: LmEvalTask) -> LoadedTask:
     return LoadedTask(spec, task_dict, key, higher)
 
 
-def direction(spec: LmEvalTask) -> Literal["maximize", "minimize"]:
+def lm_eval_direction(spec: LmEvalTask) -> Literal["maximize", "minimize"]:
     """The objective's natural direction: lm-eval's ``higher_is_better`` for the chosen metric."""
     return "maximize" if load_task(spec).higher_is_better else "minimize"
 

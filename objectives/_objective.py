@@ -62,9 +62,9 @@ class Objective:
         if self.metric == LM_EVAL:
             if self.calibration is not None:
                 raise ValueError(f"objective {self.name!r}: an lm-eval task brings its own data; no calibration set")
-            from ._lm_eval import direction
+            from ._lm_eval import lm_eval_direction
 
-            default: Direction = direction(self.lm_eval) if self.direction is None else self.direction  # type: ignore[arg-type]
+            default: Direction = lm_eval_direction(self.lm_eval) if self.direction is None else self.direction  # type: ignore[arg-type]
         elif self.metric in COSTS:
             if self.calibration is not None:
                 raise ValueError(f"objective {self.name!r}: cost {self.metric!r} takes no calibration set")
