@@ -1,5 +1,6 @@
 """evomerge.merge: checkpoints and LoRA adapters in, compatibility checks, task vectors, tensor
-grouping, in-place merging of recipes, export (HF folder, PEFT adapter, mergekit YAML)."""
+grouping, in-place merging of recipes, export (HF folder, PEFT adapter, mergekit YAML), and mergekit
+YAML read back as a recipe."""
 
 from ._compat import VOCAB_POLICIES, VocabPolicy
 from ._engine import MergeEngine, MergeStats
@@ -8,6 +9,7 @@ from ._io import CheckpointReader
 from ._layout import KIND_PATTERNS, LAYER_PATTERN, ModelLayout, TensorSlot, classify
 from ._lora import LoraAdapter, LoraModule
 from ._mergekit import recipe_to_mergekit
+from ._mergekit_read import model_refs, recipe_from_mergekit
 from ._recipe import ExpertParams, GroupRule, LoraMode, MergeRecipe, ModuleKind, RescalePolicy, Section
 
 __all__ = [
@@ -31,5 +33,7 @@ __all__ = [
     "VOCAB_POLICIES",
     "VocabPolicy",
     "classify",
+    "model_refs",
+    "recipe_from_mergekit",
     "recipe_to_mergekit",
 ]
