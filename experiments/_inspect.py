@@ -18,6 +18,7 @@ import click
 
 from ._compare import holdout_scores, single_model_recipes
 from ._errors import UserError
+from ._mergekit_in import baseline_recipes
 from ._results import Reference, RunView, TrialRecord, read_json
 from ._rundir import RunDir
 
@@ -182,7 +183,7 @@ def finish_run(rd: RunDir, session: "Session") -> None:
 
     spec = session.spec
     view = load_view(rd.path, main_stage(rd))
-    experts = single_model_recipes(session.engine.expert_names)
+    experts = {**single_model_recipes(session.engine.expert_names), **baseline_recipes(spec, session.engine)}
     references = {label: session.scorer.evaluate(r).values for label, r in experts.items()}
     candidates = dict(experts)
     best = view.best_mean_trial()

@@ -19,6 +19,7 @@ import yaml
 from ._build import build_engine, build_objectives, build_scorer, build_space
 from ._errors import UserError
 from ._fitness import PenalizedScorer, constraint_function, ledger_objectives, scalarization
+from ._mergekit_in import check_mergekit_files, start_from_mergekit
 from ._resolve import resolve
 from ._rundir import RunDir
 from ._signals import SignalLog
@@ -78,6 +79,7 @@ class Session:
     @classmethod
     def open(cls, spec: ExperimentSpec, *, progress: bool) -> "Session":
         engine = build_engine(spec, progress=progress)
+        check_mergekit_files(spec, engine)
         scorer = build_scorer(spec, engine, build_objectives(spec))
         return cls(spec, engine, scorer)
 
@@ -168,7 +170,10 @@ def _stage_space(session: Session, stage: StageSpec, held: dict[str, float]) -> 
     if stage.inherit:
         kinds = list(space.searched_kinds)
         space = space.model_copy(update={"params": kinds + [k for k in stage.inherit if k not in kinds]})
-    return build_space(session.engine, space, held)
+    built = build_space(session.engine, space, held)
+    if session.spec.init is not None and stage.name == session.spec.resolved_stages()[0].name:
+        built = start_from_mergekit(built, session.spec, session.engine, echo=True)
+    return built
 
 
 def _budget_seconds(stage: StageSpec, elapsed: float) -> float | None:

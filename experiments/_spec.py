@@ -432,6 +432,11 @@ class ExperimentSpec(_Strict):
     stages: list[StageSpec] | None = None
     baseline: bool = False
     """Also score the built-in uniform grid (one global coefficient) for comparison in reports."""
+    init: SpecPath | None = None
+    """A mergekit YAML (``models:`` form) whose coefficients, fitted to the first stage's space and
+    clipped to its bounds, are the search's first point."""
+    baselines: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")], SpecPath] = Field(default_factory=dict)
+    """Named mergekit YAMLs scored beside the experts (comparison table and report)."""
     storage: str | None = None
     """Optuna storage URL; default ``<run_dir>/ledger.log`` (journal file), ``sqlite:///<run_dir>/ledger.db``
     with ``run --workers``."""

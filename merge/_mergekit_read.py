@@ -121,6 +121,8 @@ def recipe_from_mergekit(
     for ref, entry in zip(model_refs(config), config["models"]):
         expert = expert_of(ref)
         params = dict(entry.get("parameters") or {})
+        if expert is None and ref == config.get("base_model"):
+            continue  # mergekit lists the base among models; its task vector is zero
         if expert is None:
             if method == "linear" and any(evaluate_setting(n, params.get("weight", shared.get("weight", 0)), 0) for n in layout.slots):
                 notes.append(f"model {ref!r} is not an expert: its linear weight is dropped (evomerge's linear mixes experts' task vectors)")
