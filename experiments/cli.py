@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from ._errors import UserError, user_error_types
+from ._import_cli import import_group
 from .zoo.cli import zoo as zoo_group
 
 
@@ -52,6 +53,7 @@ def main() -> None:
 
 
 main.add_command(zoo_group)
+main.add_command(import_group)
 
 _run_dir_arg = click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
 
