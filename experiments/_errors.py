@@ -22,8 +22,8 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types reported as one line with exit status 2."""
     from evomerge.experiments.zoo import ZooBuildError
     from evomerge.merge import MergeError
-    from evomerge.objectives import CalibrationError
+    from evomerge.objectives import CalibrationError, LmEvalError
 
     from ._spec_io import SpecError
 
-    return (UserError, SpecError, MergeError, CalibrationError, ZooBuildError, FileNotFoundError)
+    return (UserError, SpecError, MergeError, CalibrationError, LmEvalError, ZooBuildError, FileNotFoundError)

@@ -22,8 +22,8 @@ initial genotype (1/n weights, density 1)   ``space.init``
 ``--max-fevals`` (CLI)                      ``budget.evaluations``
 =========================================  ===================================================
 
-What has no counterpart (``tokenizer_source``, ``shuffle``, ``random_init``, ``apply_chat_template``,
-filters naming no module kind) is listed as a note: printed, and written as comments at the top of
+``apply_chat_template``, ``fewshot_as_multiturn`` carry over to each ``lm_eval`` section. What has
+no counterpart (``tokenizer_source``, ``shuffle``, ``random_init``, filters naming no module kind) is listed as a note: printed, and written as comments at the top of
 the spec, so nothing is dropped silently.
 """
 
@@ -165,11 +165,11 @@ def evolve_to_spec(path: Path, *, name: str | None = None, evaluations: int = 10
                 lm_eval[key] = config[key]
         if include_path is not None:
             lm_eval["include_path"] = str(include_path)
+        lm_eval["apply_chat_template"] = bool(config.get("apply_chat_template", True))
+        lm_eval["fewshot_as_multiturn"] = bool(config.get("fewshot_as_multiturn", True))
         objective = _objective_name(task["name"], names)
         objectives.append({"name": objective, "lm_eval": lm_eval})
         weights[objective] = float(task.get("weight", 1.0))
-    if config.get("apply_chat_template", True):
-        notes.append("apply_chat_template: lm-eval objectives are scored without a chat template (as mergekit-evolve's --no-apply-chat-template)")
     for key, why in (("shuffle", "documents are taken in lm-eval's order"), ("random_init", "the search starts from the initial genotype")):
         if config.get(key):
             notes.append(f"{key}: not carried over ({why})")

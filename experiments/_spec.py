@@ -204,6 +204,11 @@ class LmEvalSpec(_Strict):
     include_path: SpecPath | None = None
     """Folder of your own task YAML files."""
     fewshot_seed: int = 1234
+    apply_chat_template: bool = False
+    """Wrap prompts in the tokenizer's chat template (lm-eval's ``--apply_chat_template``)."""
+    fewshot_as_multiturn: bool = True
+    """With the chat template: few-shot examples as conversation turns."""
+    system_instruction: str | None = None
 
     @model_validator(mode="after")
     def _installed(self) -> "LmEvalSpec":

@@ -59,7 +59,9 @@ class LmEvalTask:
     ``include_path``); ``num_fewshot`` and ``limit`` as in `lm_eval.simple_evaluate` (``limit``:
     the first N documents, or a fraction < 1); ``metric`` / ``filter``: which of the task's
     results is the objective (default: its first metric, first filter); ``fewshot_seed``: the
-    few-shot sampler's seed (simple_evaluate's default).
+    few-shot sampler's seed (simple_evaluate's default); ``apply_chat_template``,
+    ``fewshot_as_multiturn`` and ``system_instruction`` as in `lm_eval.simple_evaluate` (the
+    tokenizer's chat template wraps the prompts; few-shot examples as turns).
     """
 
     task: str
@@ -69,6 +71,9 @@ class LmEvalTask:
     filter: str | None = None
     include_path: str | None = None
     fewshot_seed: int = DEFAULT_FEWSHOT_SEED
+    apply_chat_template: bool = False
+    fewshot_as_multiturn: bool = True
+    system_instruction: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +85,9 @@ class LmEvalTask:
     @property
     def requests_key(self) -> "LmEvalTask":
         """Tasks with the same key share their requests; only metric and filter differ."""
-        return LmEvalTask(self.task, self.num_fewshot, self.limit, None, None, self.include_path, self.fewshot_seed)
+        from dataclasses import replace
+
+        return replace(self, metric=None, filter=None)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -208,6 +215,22 @@ def scorer_lm(tokenizer: Any, generate: GenerateFn, logprobs: LogprobFn, max_len
             ids = list(tokenizer.encode(string, **special))
             return ids[-left_truncate_len:] if left_truncate_len else ids
 
+        @property
+        def tokenizer_name(self) -> str:
+            return tokenizer.name_or_path.replace("/", "__")
+
+        def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+            """As lm-eval's HF backend: the tokenizer's template; without the system turn if it rejects one."""
+            import jinja2
+
+            def render(history: list[dict[str, str]]) -> str:
+                return tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                     continue_final_message=not add_generation_prompt)
+            try:
+                return render(chat_history)
+            except jinja2.exceptions.TemplateError:
+                return render([m for m in chat_history if m["role"] != "system"])
+
         def loglikelihood(self, requests: list[Any], disable_tqdm: bool = True) -> list[tuple[float, bool]]:
             return super().loglikelihood(requests, disable_tqdm=True)
 
@@ -276,6 +299,10 @@ class LmEvalSuite:
     def __init__(self, objectives: Sequence[Any], tokenizer: Any) -> None:
         self.objectives = [o for o in objectives if o.lm_eval is not None]
         self.tokenizer = tokenizer
+        for o in self.objectives:
+            if o.lm_eval.apply_chat_template and getattr(tokenizer, "chat_template", None) is None:
+                raise LmEvalError(f"objective {o.name!r}: lm_eval.apply_chat_template is set but the tokenizer "
+                                  f"({tokenizer.name_or_path}) has no chat template; set apply_chat_template: false")
         self._loaded = {o.name: load_task(o.lm_eval) for o in self.objectives}
         self._max_length = max_length_of(tokenizer) if self.objectives else 0
 
@@ -293,7 +320,9 @@ class LmEvalSuite:
             if key not in results:  # objectives differing only in metric/filter share one evaluation
                 loaded.reseed()
                 results[key] = evaluate(lm=lm, task_dict=loaded.task_dict, limit=key.limit, bootstrap_iters=0,
-                                        log_samples=True)
+                                        log_samples=True, apply_chat_template=key.apply_chat_template,
+                                        fewshot_as_multiturn=key.fewshot_as_multiturn and key.apply_chat_template,
+                                        system_instruction=key.system_instruction)
             values[obj.name], details[obj.name] = _value(results[key], loaded)
         return values, details, lm.sequences
 

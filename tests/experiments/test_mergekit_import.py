@@ -26,6 +26,8 @@ def _evolve_config(tmp_path: Path, zoo: Path, **genome) -> Path:
         "tasks": [{"name": "toy_rev_gen", "weight": 2.0, "metric": "exact_match,none"}],
         "limit": 8,
         "num_fewshot": 0,
+        "apply_chat_template": False,  # the zoo's tokenizer has none (mergekit-evolve's default is true)
+        "shuffle": True,
     }
     if not (tmp_path / "zoo").exists():
         (tmp_path / "zoo").symlink_to(zoo)
@@ -52,16 +54,17 @@ def test_import_then_run(tmp_path: Path, zoo_copy: Path) -> None:
     tasks = _tasks(tmp_path, zoo_copy)
     proc = evomerge("import", "mergekit-evolve", str(config), "--out", "spec.yaml", "--max-fevals", "3",
                     "--task-search-path", str(tasks), cwd=tmp_path)
-    assert "note: apply_chat_template" in proc.stderr
+    assert "note: shuffle: not carried over" in proc.stderr
     text = (tmp_path / "spec.yaml").read_text()
-    assert text.startswith("# evomerge spec imported from") and "# note: apply_chat_template" in text
+    assert text.startswith("# evomerge spec imported from") and "# note: shuffle: not carried over" in text
     spec = yaml.safe_load(text)
     assert spec["models"]["base"] == str(zoo_copy / "base")
     assert spec["models"]["experts"] == {"rev": str(zoo_copy / "experts" / "rev"), "sort": str(zoo_copy / "experts" / "sort")}
     assert spec["space"] == {"method": "ties", "granularity": "layer", "modules": [["attention"], ["mlp"], ["norm", "embedding", "head", "other"]],
                              "normalize": True, "bounds": {"weight": [0.0, 1.5]}, "init": {"weight": pytest.approx(1 / 3), "density": 1.0}}
     assert spec["objectives"] == [{"name": "toy_rev_gen", "lm_eval": {"task": "toy_rev_gen", "metric": "exact_match", "filter": "none",
-                                                                      "num_fewshot": 0, "limit": 8, "include_path": str(tasks)}}]
+                                                                      "num_fewshot": 0, "limit": 8, "include_path": str(tasks),
+                                                                      "apply_chat_template": False, "fewshot_as_multiturn": True}}]
     assert spec["optimizer"] == {"library": "nevergrad", "name": "CMA", "weights": {"toy_rev_gen": 2.0}}
     assert spec["budget"] == {"evaluations": 3}
     evomerge("run", "spec.yaml", "--quiet", "--set", "budget.evaluations=2", cwd=tmp_path, timeout=600)

@@ -156,3 +156,40 @@ def test_unknown_metric_and_filter_are_one_line(task_dir: Path) -> None:
         Objective("x", "lm_eval", lm_eval=LmEvalTask("toy_rev_gen", filter="loose", include_path=str(task_dir)))
     with pytest.raises(LmEvalError, match=r"'no_such_task' cannot be loaded"):
         Objective("x", "lm_eval", lm_eval=LmEvalTask("no_such_task", include_path=str(task_dir)))
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}q {{ m['content'] }}\n{% else %}{{ m['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}a {% endif %}"
+)
+"""A chat template in the zoo's alphabet: user turns start with 'q ', the answer slot with 'a '."""
+
+
+def test_chat_template_and_multiturn_fewshot_equal_lm_eval(zoo_engine, zoo_dir: Path, task_dir: Path, tmp_path: Path) -> None:
+    """``apply_chat_template`` (few-shot examples as turns) gives lm-eval's HF-backend value too."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(zoo_dir / "base"))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    inc = str(task_dir)
+    objectives = [
+        Objective("gen_chat", "lm_eval", lm_eval=LmEvalTask("toy_rev_gen", num_fewshot=2, limit=12, include_path=inc, apply_chat_template=True)),
+        Objective("mc_chat", "lm_eval", lm_eval=LmEvalTask("toy_rev_mc", num_fewshot=2, limit=12, include_path=inc, apply_chat_template=True)),
+    ]
+    recipe = _half_merge(["rev", "sort"])
+    evaluation = TransformersScorer(zoo_engine, objectives, batch_size=8, tokenizer=tokenizer).evaluate(recipe)
+    assert not evaluation.failed, evaluation.reason
+    export = zoo_engine.export(recipe, tmp_path / "candidate")
+    tokenizer.save_pretrained(str(export))
+    ref = lm_eval.simple_evaluate(
+        model="hf", model_args={"pretrained": str(export), "dtype": "float32"}, device="cpu", batch_size=8,
+        tasks=["toy_rev_gen", "toy_rev_mc"], task_manager=TaskManager(include_path=inc), limit=12, num_fewshot=2,
+        bootstrap_iters=0, apply_chat_template=True, fewshot_as_multiturn=True,
+    )["results"]
+    assert evaluation.values == pytest.approx({"gen_chat": ref["toy_rev_gen"]["exact_match,raw"], "mc_chat": ref["toy_rev_mc"]["acc,none"]}, abs=1e-9)
+    prompt = evaluation.details["gen_chat"][0]
+    assert prompt["prediction"] is not None
+    with pytest.raises(LmEvalError, match="has no chat template"):
+        TransformersScorer(zoo_engine, objectives[:1], batch_size=8)  # the zoo's own tokenizer has none
