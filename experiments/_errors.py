@@ -12,10 +12,13 @@ class UserError(ValueError):
 
     @staticmethod
     def message_of(exc: BaseException) -> str:
-        """The one-line message of a user error (file errors name the path)."""
+        """The message of a user error: one line per problem (file errors name the path)."""
+        from ._spec_io import SpecError
+
         if isinstance(exc, FileNotFoundError) and exc.filename:
             return f"{exc.filename}: no such file or directory"
-        return " ".join(str(exc).split())
+        lines = str(exc).splitlines() if isinstance(exc, SpecError) else [str(exc)]
+        return "\n".join(" ".join(line.split()) for line in lines if line.strip())
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

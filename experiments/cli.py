@@ -31,7 +31,8 @@ class _Main(click.Group):
         try:
             return super().invoke(ctx)
         except user_error_types() as exc:
-            click.echo(f"evomerge: {UserError.message_of(exc)}", err=True)
+            for line in UserError.message_of(exc).splitlines():
+                click.echo(f"evomerge: {line}", err=True)
             sys.exit(2)
 
 
