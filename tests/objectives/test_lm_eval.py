@@ -193,3 +193,33 @@ def test_chat_template_and_multiturn_fewshot_equal_lm_eval(zoo_engine, zoo_dir: 
     assert prompt["prediction"] is not None
     with pytest.raises(LmEvalError, match="has no chat template"):
         TransformersScorer(zoo_engine, objectives[:1], batch_size=8)  # the zoo's own tokenizer has none
+
+
+def _vllm_importable() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means: not this environment
+        return False
+    return True
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not _vllm_importable(), reason="vLLM not importable (run with the vLLM environment, see README)")
+def test_vllm_backend_scores_lm_eval_tasks_as_transformers_does(zoo_dir: Path, zoo_experts, zoo_engine, task_dir: Path) -> None:
+    """The same requests through vLLM's greedy and prompt-logprob paths (fp32): the same values."""
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from evomerge.objectives import VllmScorer
+
+    objectives = _objectives(task_dir)
+    recipe = _half_merge(["rev", "sort"])
+    want = TransformersScorer(zoo_engine, objectives, batch_size=8).evaluate(recipe)
+    scorer = VllmScorer(zoo_dir / "base", zoo_experts, objectives, dtype="float32", max_model_len=256, allow_cpu=True)
+    try:
+        got = scorer.evaluate(recipe)
+    finally:
+        scorer.close()
+    assert not got.failed, got.reason
+    assert got.values == pytest.approx(want.values, abs=1e-9)
