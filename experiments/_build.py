@@ -94,7 +94,9 @@ def build_objective(obj: ObjectiveSpec, *, seed: int, data: str | None = None) -
 def build_objectives(spec: ExperimentSpec, *, holdout: bool = False) -> list["Objective"]:
     """The spec's objectives; with ``holdout`` the metric objectives read their held-out sets."""
     if holdout:
-        return [build_objective(o, seed=spec.seed, data=o.holdout) for o in spec.objectives if o.holdout or o.data is None]
+        # lm-eval tasks have no held-out set of their own here: re-scoring them would only repeat the search's numbers.
+        return [build_objective(o, seed=spec.seed, data=o.holdout) for o in spec.objectives
+                if o.holdout or (o.data is None and o.lm_eval is None)]
     return [build_objective(o, seed=spec.seed) for o in spec.objectives]
 
 

@@ -30,6 +30,8 @@ from pydantic import (
 from evomerge.search import SpaceTemplate
 from evomerge.search._space import ParamKind
 
+from ._hub import is_model_id
+
 ZOO_PREFIX = "zoo:"
 """Paths starting with this prefix resolve inside the toy zoo named by ``models.zoo``."""
 
@@ -71,8 +73,6 @@ def _resolve_model(value: Any, info: ValidationInfo) -> Any:
     A local path wins over an id of the same shape; ids become cache folders in `_resolve.resolve`,
     which knows whether the hub may be reached.
     """
-    from ._hub import is_model_id
-
     if isinstance(value, str) and is_model_id(value):
         local = Path(value).expanduser()
         root = (info.context or {}).get("root")
