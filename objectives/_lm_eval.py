@@ -181,7 +181,11 @@ LogprobFn = Callable[[Sequence[tuple[TokenIds, TokenIds]]], list[list[float]]]
 
 
 def scorer_lm(tokenizer: Any, generate: GenerateFn, logprobs: LogprobFn, max_length: int) -> Any:
-    """An lm-eval model whose requests run on a scorer's live model (see `ScorerLM` below)."""
+    """An lm-eval model whose requests run on a scorer's live model (see `ScorerLM` below).
+
+    The class is defined here, not at module level, because its base class comes from the optional
+    lm-eval extra, which this module must not import until an lm-eval objective is scored.
+    """
     from lm_eval.api.model import TemplateLM
     from lm_eval.models.utils import handle_stop_sequences, has_bos_prefix, normalize_gen_kwargs, postprocess_generated_text
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
