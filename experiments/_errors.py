@@ -21,12 +21,19 @@ class UserError(ValueError):
         return "\n".join(" ".join(line.split()) for line in lines if line.strip())
 
 
+def first_line(exc: BaseException) -> str:
+    """A library exception's message cut to its first line (sqlalchemy's and torch's run to pages)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types reported as one line with exit status 2."""
     from evomerge.experiments.zoo import ZooBuildError
     from evomerge.merge import MergeError
     from evomerge.objectives import CalibrationError, LmEvalError
+    from evomerge.search import ResumeError
 
     from ._spec_io import SpecError
 
-    return (UserError, SpecError, MergeError, CalibrationError, LmEvalError, ZooBuildError, FileNotFoundError)
+    return (UserError, SpecError, MergeError, CalibrationError, LmEvalError, ZooBuildError, ResumeError, FileNotFoundError)

@@ -9,6 +9,7 @@ recipe JSON in ``user_attrs["recipe"]``, run metadata in the study's ``user_attr
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -16,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from evomerge.merge import write_atomic
+
 from ._compare import holdout_scores, single_model_recipes
-from ._errors import UserError
+from ._errors import UserError, first_line
 from ._mergekit_in import baseline_recipes
 from ._results import Reference, RunView, TrialRecord, read_json
 from ._rundir import RunDir
@@ -38,12 +41,15 @@ def _study(rd: RunDir, stage: str) -> "optuna.Study":
     spec = rd.load_spec(check_paths=False)
     if not rd.has_ledger(spec):
         raise UserError(f"{rd.path}: stage {stage!r} has no trials yet")
-    storage, _ = resolve_storage(rd.storage(spec, shared=False))
+    where = rd.storage(spec, shared=False)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
+        storage, _ = resolve_storage(where)
         return optuna.load_study(study_name=stage, storage=storage)
     except KeyError:
         raise UserError(f"{rd.path}: stage {stage!r} has no trials yet") from None
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise UserError(f"{rd.path}: the ledger {where} cannot be read ({first_line(exc)}); restore it from a copy") from None
 
 
 def _stage_names(rd: RunDir) -> list[str]:
@@ -164,14 +170,35 @@ def export_trial(run_dir: Path, trial: int, *, out: Path | None = None, stage: s
 
     view = load_view(run_dir, stage)
     recipe = _recipe_of(view, trial)
+    target = (out or RunDir(view.run_dir).export_dir(trial)).resolve()
+    _check_output(target, folder=True)
     engine = build_engine(view.spec, progress=False)
-    return engine.export(recipe, out or RunDir(view.run_dir).export_dir(trial))
+    return engine.export(recipe, target)
+
+
+def _check_output(path: Path, *, folder: bool) -> None:
+    """``--out`` can take the output: a folder (replaced whole) or a file, under a writable folder."""
+    import os
+
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"--out {path}: is {'a file' if folder else 'a folder'}; give a {'folder' if folder else 'file'} path")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--out {path}: {parent} is a file, not a folder; pick a path under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {path}: folder {parent} is not writable; pick a writable location")
 
 
 def write_run_report(run_dir: Path, *, out: Path | None = None) -> Path:
     from ._report import write_report
 
-    return write_report(load_view(run_dir), out)
+    view = load_view(run_dir)
+    if out is not None:
+        out = out.resolve()
+        _check_output(out, folder=False)
+    return write_report(view, out)
 
 
 # ------------------------------------------------------------------------------------------ end of run
@@ -206,15 +233,21 @@ def finish_run(rd: RunDir, session: "Session") -> None:
             "models themselves; the uniform grid is the best single shared coefficient chosen on "
             "the calibration sets; the searched row is the front member with the best mean calibration score.",
         )
-    rd.comparison_file.write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
+    write_atomic(rd.comparison_file, json.dumps(comparison, indent=2) + "\n")
+    # the outputs describe the finished run; state.json says "done" only once they are all in place
     view = load_view(rd.path, view.stage)
+    view = dataclasses.replace(view, state={**view.state, "status": "done"})
+    report = None
+    if spec.outputs.report:
+        from ._report import write_report
+
+        report = write_report(view)
+    rd.write_state(status="done")
     click.echo(status_text(rd.path))
     if holdout:
         header, rows, _ = view.comparison_rows()
         click.echo("\nheld-out scores (mean over " + ", ".join(holdout) + "):")
         click.echo(format_table(header, rows))
-    if spec.outputs.report:
-        from ._report import write_report
-
-        click.echo(f"\nreport: {write_report(view)}")
+    if report is not None:
+        click.echo(f"\nreport: {report}")
 

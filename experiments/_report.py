@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from evomerge.merge import write_atomic
+
 from . import _plots
 from ._results import RunView, format_value
 
@@ -102,7 +104,7 @@ def render(view: RunView) -> str:
 def write_report(view: RunView, out: Path | None = None) -> Path:
     """Write ``report.html`` into the run folder (or ``out``); returns its path."""
     path = out or view.run_dir / "report.html"
-    path.write_text(render(view), encoding="utf-8")
+    write_atomic(path, render(view), durable=False)  # a killed write leaves the old report or none
     return path
 
 

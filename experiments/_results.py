@@ -7,7 +7,6 @@ in progress in another process, and a run copied from a GPU box to a laptop.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ._rundir import read_json_object
 from ._spec import ExperimentSpec
 
 
@@ -209,4 +209,5 @@ class RunView:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    """A run folder's JSON output (empty when absent); a damaged one is a one-line error."""
+    return read_json_object(path, fix="delete it and rerun `evomerge resume` to write it again") if path.exists() else {}

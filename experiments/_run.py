@@ -17,9 +17,10 @@ import click
 import yaml
 
 from ._build import build_engine, build_objectives, build_scorer, build_space
-from ._errors import UserError
+from ._errors import UserError, first_line
 from ._fitness import PenalizedScorer, constraint_function, ledger_objectives, scalarization
 from ._mergekit_in import check_mergekit_files, start_from_mergekit
+from ._preflight import preflight, report_remote_code
 from ._resolve import resolve
 from ._rundir import RunDir
 from ._signals import SignalLog
@@ -41,6 +42,8 @@ GRID_STAGE = "grid"
 def _set(data: dict[str, Any], dotted: str, raw: str) -> None:
     """Apply one ``--set a.b.c=value`` override (value parsed as YAML: numbers, lists, ...)."""
     keys = dotted.split(".")
+    if not all(k.strip() for k in keys):
+        raise UserError(f"--set {dotted}: empty key; expected a dotted field such as budget.evaluations")
     node = data
     for key in keys[:-1]:
         child = node.get(key)
@@ -49,7 +52,11 @@ def _set(data: dict[str, Any], dotted: str, raw: str) -> None:
         if not isinstance(child, dict):
             raise UserError(f"--set {dotted}: {key!r} is not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw)
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or first_line(exc)
+        raise UserError(f"--set {dotted}={raw!r}: the value is not valid YAML ({problem}); quote it, e.g. --set {dotted}='[0, 1]'") from None
 
 
 def load_spec_with_overrides(spec: Path | None, preset: str | None, overrides: list[str]) -> tuple[ExperimentSpec, str]:
@@ -81,6 +88,8 @@ class Session:
         engine = build_engine(spec, progress=progress)
         check_mergekit_files(spec, engine)
         scorer = build_scorer(spec, engine, build_objectives(spec))
+        # One untimed candidate (the first stage's starting point): compiles and first calls are not the first trial's.
+        scorer.warm_up((space := build_space(engine, spec.resolved_stages()[0].space)).decode(space.x0, seed=spec.seed))
         return cls(spec, engine, scorer)
 
     def close(self) -> None:
@@ -106,7 +115,9 @@ def start(
             resolved = resolved.model_copy(update={"outputs": outputs})
             if rd.exists() and not _same_spec(rd.load_spec(check_paths=False), resolved):
                 raise UserError(f"{rd.path} holds a run of a different spec; pick another --run-dir, or `evomerge resume {rd.path}`")
+            preflight(resolved, rd)
             session = Session.open(resolved, progress=progress)
+            report_remote_code(resolved)
         except KeyboardInterrupt:
             return signals.exit_code()
         if not rd.exists():
@@ -125,7 +136,9 @@ def resume(run_dir: Path, *, progress: bool) -> int:
     spec = rd.load_spec()
     with SignalLog() as signals:
         try:
+            preflight(spec, rd)
             session = Session.open(spec, progress=progress)
+            report_remote_code(spec)
         except KeyboardInterrupt:
             return signals.exit_code()
         click.echo(f"resuming: {rd.path}")
@@ -249,10 +262,9 @@ def _execute(rd: RunDir, session: Session, signals: SignalLog, *, progress: bool
                 rd.write_state(stages_done=done)
                 _export_stage(rd, stage.name, ledger)
             held = _inherited(ledger, stages, stage)
-        rd.write_state(status="done")
         from ._inspect import finish_run
 
-        finish_run(rd, session)
+        finish_run(rd, session)  # marks the run done once its last output is in place
     except KeyboardInterrupt:
         rd.write_state(status="interrupted")
         code = signals.exit_code()

@@ -5,7 +5,7 @@
 <run>/state.json             status, current stage, elapsed seconds, budget, exit reason
 <run>/ledger.log             the ledger (an Optuna journal file, a study per stage) of a single-process run,
 <run>/ledger.db              or SQLite for `run --workers`, unless the spec's `storage` says otherwise
-<run>/<stage>.optimizer.pkl  checkpoint of a coordinated optimizer (nevergrad, baselines)
+<run>/<stage>.optimizer.json history of a coordinated optimizer (JSON, replayed on resume)
 <run>/results/<stage>/       trials and front as CSV + JSON, front.png, hypervolume.png
 <run>/comparison.json        held-out scores of the best merges, the experts and the grid baseline
 <run>/exports/trial-<N>/     models exported with `evomerge export`
@@ -16,11 +16,12 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from evomerge.merge import write_atomic
 
 from ._errors import UserError
 from ._spec import ExperimentSpec
@@ -101,12 +102,28 @@ class RunDir:
             raise UserError(f"{self.path}: the run's spec.yaml no longer validates ({exc})") from None
 
     def read_state(self) -> dict[str, Any]:
-        return json.loads(self.state_file.read_text(encoding="utf-8")) if self.state_file.exists() else {}
+        """state.json (empty before the first write); a damaged one is a one-line `UserError`."""
+        return read_json_object(self.state_file, fix="delete it: progress is rebuilt from the ledger") if self.state_file.exists() else {}
 
     def write_state(self, **changes: Any) -> dict[str, Any]:
-        """Merge ``changes`` into state.json atomically (a crash never leaves half a file)."""
+        """Merge ``changes`` into state.json atomically (a crash never leaves half a file). Not
+        fsynced: it is written after every trial, and the ledger, not this file, is the truth."""
         state = {**self.read_state(), **changes, "updated": time.time()}
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.state_file)
+        write_atomic(self.state_file, json.dumps(state, indent=2) + "\n", durable=False)
         return state
+
+
+def read_json_object(path: Path, *, fix: str) -> dict[str, Any]:
+    """A JSON object a run folder holds (state, comparison), or a one-line `UserError` naming the
+    file, what is wrong and ``fix``."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); {fix}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: holds a JSON {type(data).__name__}, not an object; {fix}")
+    return data

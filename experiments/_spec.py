@@ -37,9 +37,20 @@ ZOO_PREFIX = "zoo:"
 
 
 class _Strict(BaseModel):
-    """Every spec section forbids unknown keys: a misspelt option must fail, not be ignored."""
+    """Every spec section forbids unknown keys: a misspelt option must fail, not be ignored, and
+    every number is finite: a NaN or infinite budget, bound or penalty is a typo, not a request."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+MAX_SEED = 2**32 - 1
+"""Seeds feed numpy's legacy RandomState (nevergrad) and optuna's samplers, which take 32 bits."""
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+MAX_COEFFICIENT = 100.0
+"""Largest |bound| of a weight or lambda: beyond it a task vector scaled into a model overflows
+bf16/fp16 weights and every candidate scores as garbage (published recipes stay within +-2)."""
 
 
 def _resolve_path(value: Any, info: ValidationInfo) -> Any:
@@ -109,7 +120,7 @@ class ZooRef(_Strict):
     """The toy zoo as the model source; built on first use and cached."""
 
     size: Literal["tiny", "small"] = "small"
-    seed: int = 0
+    seed: Seed = 0
     arch: Literal["llama", "qwen2", "mistral"] = "llama"
     experts: Literal["full", "lora", "pool"] = "full"
     """Which zoo models act as experts: full fine-tunes, the LoRA experts, or the LoRA pool."""
@@ -130,13 +141,25 @@ class ModelsSpec(_Strict):
     base: ModelRef | None = None
     experts: dict[str, ModelRef] = Field(default_factory=dict)
     pool: SpecPath | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: Literal[False] = False
+    """Always false: evomerge builds models from transformers' own classes (by ``model_type``) and
+    never runs code shipped with a checkpoint; `true` is refused rather than silently ignored."""
     allow_pickle: bool = False
     """Load ``.bin`` / ``.pt`` checkpoints (weights-only); off by default: safetensors only."""
     compile: Literal["auto"] | bool = "auto"
     """Fused compiled merge kernels (``MergeEngine.load(compile=...)``): a one-time compile of
     seconds (5-18 s on 2 CPU cores) for merges several times faster. ``auto``: on for models of
     >= 50M parameters, and for any model when the run is long (>= 1000 evaluations or >= 1 h)."""
+
+    @field_validator("trust_remote_code", mode="before")
+    @classmethod
+    def _no_remote_code(cls, value: Any) -> Any:
+        if value is True:
+            raise ValueError(
+                "true is refused: evomerge never runs code shipped with a model (it loads the architecture "
+                "named by config.json's model_type with transformers' built-in classes); remove the field"
+            )
+        return value
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelsSpec":
@@ -169,13 +192,32 @@ class SpaceSpec(SpaceTemplate):
     the method's); ``bounds`` and ``init`` per kind; ``fixed`` (kind or parameter name -> value);
     ``granularity`` (global | layer | k = every k layers); ``modules`` (all | split | lists of
     module kinds); ``sections`` (attach | group); ``smoothing`` (control points across layers);
-    global options ``normalize``, ``lambda``, ``rescale``, ``lora_mode``.
+    global options ``normalize``, ``lambda``, ``rescale``, ``draws`` (fast | mergekit), ``pruning``
+    (exact | approximate), ``lora_mode``.
     """
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     @field_validator("method")
     @classmethod
     def _method_exists(cls, name: str) -> str:
         return _known_method(name)
+
+    @model_validator(mode="after")
+    def _sane_values(self) -> "SpaceSpec":
+        for kind, (low, high) in self.bounds.items():
+            if kind == "weight" and max(abs(low), abs(high)) > MAX_COEFFICIENT:
+                raise ValueError(
+                    f"bounds for 'weight': {[low, high]} exceeds +-{MAX_COEFFICIENT:g} (a task vector scaled that far "
+                    "overflows the model's weights); use bounds such as [-1.5, 1.5]"
+                )
+        for kind, value in self.init.items():
+            low, high, _ = self.kind_bounds(kind)
+            if not low <= value <= high:
+                raise ValueError(f"init for {kind!r}: {value} lies outside its bounds [{low}, {high}]; pick a value inside")
+        if abs(self.lambda_) > MAX_COEFFICIENT:
+            raise ValueError(f"lambda: {self.lambda_} exceeds +-{MAX_COEFFICIENT:g}; use a value such as 1.0")
+        return self
 
 
 # ------------------------------------------------------------------------------------------ objectives
@@ -426,7 +468,7 @@ class ExperimentSpec(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
-    seed: int = 0
+    seed: Seed = 0
     models: ModelsSpec
     space: SpaceSpec | None = None
     objectives: list[ObjectiveSpec] = Field(min_length=1)

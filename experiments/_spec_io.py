@@ -52,6 +52,9 @@ def read_yaml(path: Path, label: str) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"{label}: cannot read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise SpecError(f"{label}:{line}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); save the spec as UTF-8") from None
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
@@ -87,9 +90,12 @@ def validate_spec(data: dict[str, Any], *, root: Path, label: str, check_paths: 
 
 
 def dump_spec(spec: ExperimentSpec, path: Path) -> None:
-    """Write ``spec`` as YAML (absolute paths), the run folder's record of what was run."""
+    """Write ``spec`` as YAML (absolute paths), the run folder's record of what was run (atomically:
+    a run folder whose spec.yaml exists is a run folder, so it must never be half written)."""
+    from evomerge.merge import write_atomic
+
     data = spec.model_dump(mode="json", by_alias=True, exclude_defaults=False)
-    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    write_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
 # --------------------------------------------------------------------------------------------- presets

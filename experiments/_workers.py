@@ -22,6 +22,7 @@ import click
 
 from ._errors import UserError
 from ._fitness import PenalizedScorer, constraint_function, ledger_objectives, scalarization
+from ._preflight import check_optimizers, check_storage, preflight
 from ._resolve import resolve
 from ._rundir import RunDir
 from ._spec import ExperimentSpec, StageSpec
@@ -114,6 +115,8 @@ def worker_command(
     storage = storage or parsed.storage
     if storage is None:
         raise UserError("give --storage URL (or set `storage:` in the spec): the study the workers share")
+    check_storage(storage)
+    check_optimizers(parsed)
     spec = resolve(parsed, label=label, progress=progress)
     return work(spec, storage=storage, worker_id=worker_id, heartbeat=heartbeat, lease_ttl=lease_ttl, queue=queue,
                 progress=progress)
@@ -136,6 +139,7 @@ def launch(spec: ExperimentSpec, spec_path: Path, *, run_dir: Path | None, worke
     resolved = resolve(spec, label=str(spec_path), progress=False)
     resolved = resolved.model_copy(update={"outputs": resolved.outputs.model_copy(update={"run_dir": str(rd.path)})})
     storage = rd.storage(resolved)
+    preflight(resolved, rd)  # before the folder exists; the workers check models and data as they load
     if not rd.exists():
         rd.path.mkdir(parents=True, exist_ok=True)
         dump_spec(resolved, rd.spec_file)

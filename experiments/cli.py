@@ -181,11 +181,15 @@ def presets() -> None:
 @click.option("--size", default="small", show_default=True, type=click.Choice(["tiny", "small"]), help="Zoo size.")
 @click.option("--run-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("runs/demo"), show_default=True)
 @click.option("--minutes", type=float, default=4.0, show_default=True, help="Wall-clock budget of the search.")
-def demo(size: str, run_dir: Path, minutes: float) -> None:
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Cap on the search's evaluations (default: the preset's 200).")
+@click.option("--quick", is_flag=True, help="The first-run check: tiny zoo, 12 trials, at most 2 min of search (overrides --size/--minutes/--trials).")
+def demo(size: str, run_dir: Path, minutes: float, trials: int | None, quick: bool) -> None:
     """Build the toy zoo, search Pareto-optimal merges, compare them with the experts and the grid."""
-    from ._demo import run_demo
+    from ._demo import QUICK, run_demo
 
-    sys.exit(run_demo(size=size, run_dir=run_dir, minutes=minutes))
+    if quick:
+        size, minutes, trials = QUICK["size"], QUICK["minutes"], QUICK["trials"]
+    sys.exit(run_demo(size=size, run_dir=run_dir, minutes=minutes, trials=trials))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 grouping, in-place merging of recipes, export (HF folder, PEFT adapter, mergekit YAML), and mergekit
 YAML read back as a recipe."""
 
+from ._atomic import atomic_dir, atomic_file, write_atomic
 from ._compat import VOCAB_POLICIES, VocabPolicy
 from ._engine import MergeEngine, MergeStats
 from ._errors import MergeError
@@ -32,8 +33,11 @@ __all__ = [
     "TensorSlot",
     "VOCAB_POLICIES",
     "VocabPolicy",
+    "atomic_dir",
+    "atomic_file",
     "classify",
     "model_refs",
     "recipe_from_mergekit",
     "recipe_to_mergekit",
+    "write_atomic",
 ]

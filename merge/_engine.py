@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping
 import torch
 from torch import nn
 
-from ._compat import VocabPolicy, check_architecture, check_tensors
+from ._compat import VocabPolicy, check_architecture, check_config_weights, check_tensors
 from ._errors import MergeError
 from ._io import CheckpointReader, StagingBuffer, config_dtype, load_config, require_dir
 from ._layout import ModelLayout
@@ -35,11 +35,6 @@ if TYPE_CHECKING:
 HEAD = "lm_head.weight"
 
 CompileMode = Literal["auto"] | bool
-AUTO_COMPILE_MIN_PARAMS = 50_000_000
-"""`compile="auto"` fuses only models at least this large: the first apply compiles each kernel
-variant (~10-15 s for the first, ~2 s for each further one, cached on disk by inductor afterwards),
-which a 0.5B model earns back within about one apply (it saves ~10 s per TIES apply on 2 CPU cores), a
-50M model within ~10. Tiny test models stay eager (docs/merge-engine.md)."""
 FUSED_CHUNK_MIN = 1 << 30
 """Smallest chunk of the fused path, i.e. whole tensors: its kernel keeps no work buffers, so chunks
 need not fit the cache, and every call costs ~50-100 us of guards and dispatch (with 1M-entry chunks
@@ -97,9 +92,12 @@ class MergeEngine:
         if compile not in ("auto", True, False):
             raise MergeError(f"compile must be 'auto', True or False, got {compile!r}")
         self.compile: CompileMode = compile
-        """Fused compiled kernels for the task-arithmetic family (`methods/_fused.py`): True, False, or
-        "auto" (models >= AUTO_COMPILE_MIN_PARAMS). The environment variable EVOMERGE_COMPILE=0|1
-        overrides it. A failing compile falls back to the eager chunked path with one warning."""
+        """Fused compiled kernels for the task-arithmetic family (`methods/_fused.py`): "auto" (the
+        default) and True fuse every model size, False keeps the eager chunked path. The environment
+        variable EVOMERGE_COMPILE=0|1 overrides it. A failing compile falls back to the eager chunked
+        path with one warning. Compiling costs seconds once per process and variant (`warm_up` pays
+        it before a run's first timed candidate); eager per-layer TIES cost 15-43x a plain pass on the
+        small zoo (issue 13), so "auto" no longer leaves small models eager (docs/merge-engine.md)."""
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -111,7 +109,7 @@ class MergeEngine:
         """Read and check base + experts, compute task vectors on `device` in the model dtype.
 
         `experts` maps a name (used in recipes) to an HF model folder or a PEFT LoRA adapter folder.
-        `compile`: see `MergeEngine.compile` (fused kernels; "auto" = only for models >= 50M parameters).
+        `compile`: see `MergeEngine.compile` (fused kernels; "auto" = on for every model size).
         """
         from transformers import AutoConfig
 
@@ -120,8 +118,16 @@ class MergeEngine:
         if not experts:
             raise MergeError("no experts given; pass experts={'name': 'path/to/model-or-adapter', ...}")
         base_cfg = load_config(base_path, "base model")
-        config = AutoConfig.from_pretrained(str(base_path))
+        try:
+            config = AutoConfig.from_pretrained(str(base_path))
+        except (ValueError, OSError, KeyError) as exc:
+            shipped = " (its auto_map names code shipped with the model, which evomerge never runs)" if base_cfg.get("auto_map") else ""
+            raise MergeError(
+                f"base model {base_path / 'config.json'}: transformers has no built-in model_type "
+                f"{base_cfg.get('model_type')!r}{shipped}; use a model of an architecture transformers ships"
+            ) from None
         reader = CheckpointReader(base_path, allow_pickle=allow_pickle, label="base model")
+        check_config_weights(base_cfg, {n: reader.shape(n) for n in reader.names()}, f"base model {base_path}")
         names = [n for n in reader.names() if not (n == HEAD and _tied(config))]
         layout = ModelLayout.from_names(names, base_cfg)
         dtype = dtype or config_dtype(base_cfg) or reader.dtype(names[0])
@@ -147,8 +153,10 @@ class MergeEngine:
                 adapters[ename] = _load_adapter(folder, label, shapes, device if cache_device.type != "cpu" else cache_device, dtype)
                 bar.update(len(names))
                 continue
-            check_architecture(base_cfg, load_config(folder, label), label)
+            expert_cfg = load_config(folder, label)
+            check_architecture(base_cfg, expert_cfg, label)
             ereader = CheckpointReader(folder, allow_pickle=allow_pickle, label=label)
+            check_config_weights(expert_cfg, {n: ereader.shape(n) for n in ereader.names()}, label)
             enames = {n: ereader.shape(n) for n in ereader.names() if not (n == HEAD and _tied(config))}
             aligned = check_tensors(shapes, enames, label, vocab_policy)
             deltas: dict[str, torch.Tensor] = {}
@@ -286,6 +294,21 @@ class MergeEngine:
         seconds = time.perf_counter() - start
         return MergeStats(n_changed / self.num_params, l1, n_changed, seconds)
 
+    @torch.no_grad()
+    def warm_up(self, recipes: Iterable[MergeRecipe], target: nn.Module | Mapping[str, torch.Tensor]) -> float:
+        """Pay the one-time costs of a run before its first timed candidate; returns the seconds taken.
+
+        Applies each recipe with and without stats (overwriting `target`, as any candidate would):
+        that builds the magnitude tables the recipes read, packs the small tensors and compiles every
+        fused kernel variant they use (a few seconds each, once per process). Later applies of
+        recipes with the same methods and expert kinds then cost one pass over the weights.
+        """
+        start = time.perf_counter()
+        for recipe in recipes:
+            self.apply(recipe, target, stats=False)
+            self.apply(recipe, target, stats=True)
+        return time.perf_counter() - start
+
     def _trim_after_building(self, seed: int) -> None:
         """After an apply that built tables (the first one; DARE's windows again for a new seed), hand
         the heap pages their one-time temporaries left behind back to the OS: glibc keeps them, and
@@ -302,12 +325,7 @@ class MergeEngine:
         from .methods._fused import disabled_reason
 
         env = os.environ.get("EVOMERGE_COMPILE", "").strip()
-        if env in ("0", "1"):
-            wanted = env == "1"
-        elif self.compile == "auto":
-            wanted = self.num_params >= AUTO_COMPILE_MIN_PARAMS
-        else:
-            wanted = bool(self.compile)
+        wanted = env == "1" if env in ("0", "1") else self.compile in ("auto", True)
         return wanted and disabled_reason() is None
 
     def _apply_fused(self, plan: "ChunkPlan", dst: torch.Tensor, base: torch.Tensor, chunk: int,
@@ -346,7 +364,8 @@ class MergeEngine:
             return None
         out, views = arena.out(dsts[0].dtype)
         try:
-            result = fused.apply(out, arena.base, arena.deltas, arena.segment, max(chunk, FUSED_CHUNK_MIN), stats)
+            result = fused.apply(out, arena.base, arena.deltas, arena.segment, arena.row_first,
+                                 max(chunk, FUSED_CHUNK_MIN), stats)
         except FusedUnavailable:
             return None
         written = [i for i, joined in enumerate(fused.handled) if joined]
@@ -408,7 +427,7 @@ class MergeEngine:
         # `evomerge.merge` must import cleanly for code that only needs recipes or layouts.
         from .methods import MethodOptions
         options = MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=None,
-                                seed=recipe.seed)
+                                seed=recipe.seed, draws=recipe.draws, pruning=recipe.pruning)
         for item in self.check(recipe):
             if item.rule is None:
                 yield item, None
@@ -472,7 +491,7 @@ class MergeEngine:
         from .methods import MethodOptions
 
         options = MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=None,
-                                seed=recipe.seed)
+                                seed=recipe.seed, draws=recipe.draws, pruning=recipe.pruning)
         result: dict[str, LoraModule] = {}
         with torch.no_grad():
             for item in self.check(recipe):
@@ -501,6 +520,15 @@ class MergeEngine:
                 delta = self._zero(tuple(self._base[name].shape))
             cache[name] = delta
         return delta if delta.device == self.device else delta.to(self.device, non_blocking=True)
+
+    def task_vector(self, expert: str, name: str) -> torch.Tensor:
+        """An expert's cached task vector (expert - base) of one tensor, in the model dtype (read-only
+        by convention; a LoRA expert's is materialized on first use)."""
+        if expert not in self.expert_paths:
+            raise MergeError(f"unknown expert {expert!r}; the engine has experts {self.expert_names}")
+        if name not in self._base:
+            raise MergeError(f"unknown tensor {name!r}; see engine.layout.slots for the merged tensors")
+        return self._delta(expert, name)
 
     def _zero(self, shape: tuple[int, ...]) -> torch.Tensor:
         # One shared zero task vector per shape for tensors a LoRA expert does not touch.

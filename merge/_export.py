@@ -1,5 +1,9 @@
 """Export of a chosen recipe: an HF model folder, or the adapter-mode merge as a PEFT adapter.
 
+Both are built in a hidden temporary sibling folder and renamed into place when complete
+(`atomic_dir`): a killed export leaves no folder that looks like a model, and exporting over an
+old folder replaces it only once the new one is whole.
+
 Exports stream tensors from `MergeEngine.iter_merged` into safetensors shards, so exporting needs
 one shard of extra memory, not a second model. The folder carries everything needed to reproduce
 or re-run the merge elsewhere: recipe.json, mergekit.yaml (when mergekit can express the recipe)
@@ -16,6 +20,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 from safetensors.torch import save_file
 
+from ._atomic import atomic_dir
 from ._errors import MergeError
 from ._io import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 from ._mergekit import recipe_to_mergekit
@@ -100,17 +105,17 @@ def export_model(engine: "MergeEngine", recipe: MergeRecipe, out: Path, *, shard
     """HF folder: config, weights (sharded above `shard_size`), tokenizer, recipe.json, mergekit.yaml, README.md."""
     limit = parse_size(shard_size)
     engine.check(recipe)
-    out.mkdir(parents=True, exist_ok=True)
-    engine.config.save_pretrained(out)
-    _write_shards(engine.iter_merged(recipe), out, limit)
-    for fname in TOKENIZER_FILES:
-        if (engine.base_path / fname).is_file():
-            shutil.copy2(engine.base_path / fname, out / fname)
-    (out / "recipe.json").write_text(json.dumps(json.loads(recipe.to_json()), indent=2))
-    mergekit, why_not = _mergekit_yaml(engine, recipe)
-    if mergekit:
-        (out / "mergekit.yaml").write_text(mergekit)
-    (out / "README.md").write_text(model_card(engine, recipe, mergekit, why_not))
+    with atomic_dir(out) as tmp:
+        engine.config.save_pretrained(tmp)
+        _write_shards(engine.iter_merged(recipe), tmp, limit)
+        for fname in TOKENIZER_FILES:
+            if (engine.base_path / fname).is_file():
+                shutil.copy2(engine.base_path / fname, tmp / fname)
+        (tmp / "recipe.json").write_text(json.dumps(json.loads(recipe.to_json()), indent=2))
+        mergekit, why_not = _mergekit_yaml(engine, recipe)
+        if mergekit:
+            (tmp / "mergekit.yaml").write_text(mergekit)
+        (tmp / "README.md").write_text(model_card(engine, recipe, mergekit, why_not))
     return out
 
 
@@ -134,14 +139,14 @@ def export_adapter(engine: "MergeEngine", recipe: MergeRecipe, out: Path) -> Pat
         state[f"base_model.model.{stem}.{kind}A.weight"] = module.a.to(engine.dtype).cpu().contiguous()
         state[f"base_model.model.{stem}.{kind}B.weight"] = module.b.to(engine.dtype).cpu().contiguous()
         targets.add(stem.rsplit(".", 1)[-1])
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": first.config.get("task_type", "CAUSAL_LM"),
         "base_model_name_or_path": str(engine.base_path), "r": rank, "lora_alpha": rank, "use_rslora": False,
         "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none",
         "fan_in_fan_out": bool(first.config.get("fan_in_fan_out", False)), "inference_mode": True,
     }
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    (out / "recipe.json").write_text(json.dumps(json.loads(recipe.to_json()), indent=2))
+    with atomic_dir(out) as tmp:
+        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "recipe.json").write_text(json.dumps(json.loads(recipe.to_json()), indent=2))
     return out

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ._errors import MergeError
 
@@ -32,13 +34,20 @@ _ST_DTYPES = {
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file as a dict, or a one-line `MergeError` naming the file."""
+    """A JSON object from a file, or a one-line `MergeError` naming the file."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MergeError(f"missing file {path}") from None
+    except UnicodeDecodeError as exc:
+        raise MergeError(f"{path} is not UTF-8 text (byte {exc.start}); re-save it as UTF-8 JSON") from None
     except json.JSONDecodeError as exc:
         raise MergeError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except OSError as exc:
+        raise MergeError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise MergeError(f"{path} holds a JSON {type(data).__name__}, not an object; expected the usual mapping of keys")
+    return data
 
 
 def require_dir(path: str | Path, what: str) -> Path:
@@ -100,12 +109,45 @@ class CheckpointReader:
                 self._files[name] = path
 
     def _open(self, path: Path) -> list[str]:
+        """Tensor names of one file; a file the library cannot read is a `MergeError` naming it.
+
+        safetensors checks the header (its length, JSON, and that every tensor's byte range lies
+        inside the file) when the file is opened, so truncated or corrupt files fail here, once,
+        not in the middle of a search."""
         if path.suffix == ".safetensors":
-            handle = safe_open(str(path), framework="pt", device="cpu")
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise MergeError(
+                    f"{self.label}: {path} is not a readable safetensors file ({_first_line(exc)}); "
+                    "re-download or re-save it with save_pretrained"
+                ) from None
             self._handles[path] = handle
             return list(handle.keys())
         # weights_only=True: tensors and plain containers only, no arbitrary code from the pickle.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # a legacy (pre-zip) torch.save file cannot be memory-mapped; weights-only all the same
+                # (its notice about the pickle protocol is noise: the load succeeds or is refused)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise MergeError(
+                f"{self.label}: {path} holds objects other than tensors, which the weights-only loader refuses "
+                "(they could run code); convert the checkpoint to safetensors where it was made"
+            ) from None
+        except (RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError) as exc:
+            raise MergeError(
+                f"{self.label}: {path} cannot be loaded as plain weights ({_first_line(exc)}); only tensors load "
+                "(weights_only), never code: convert the checkpoint to safetensors"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise MergeError(f"{self.label}: {path} is not a state dict (names -> tensors); save model.state_dict() or safetensors")
         self._pickled[path] = state
         return list(state)
 
@@ -180,6 +222,12 @@ class CheckpointReader:
         """Every tensor, read one at a time."""
         for name in self._files:
             yield name, self.get(name)
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (library errors can run to pages)."""
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
 
 
 def load_config(folder: Path, label: str) -> dict[str, Any]:

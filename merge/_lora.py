@@ -77,8 +77,14 @@ class LoraAdapter:
             raise MergeError(f"{label} {path} has no {ADAPTER_WEIGHTS}; re-save it with PEFT's save_pretrained")
         from safetensors.torch import load_file
 
+        from safetensors import SafetensorError
+
         adapter = cls(path=path, config=config)
-        adapter._parse(load_file(str(weights)), label)
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise MergeError(f"{label}: {weights} is not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); re-save the adapter") from None
+        adapter._parse(state, label)
         return adapter
 
     def _parse(self, state: dict[str, torch.Tensor], label: str) -> None:

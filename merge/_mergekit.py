@@ -30,6 +30,8 @@ MERGEKIT_PARAMETERS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
        for name in ("della", "della_linear")},
     "linear": (frozenset({"normalize"}), frozenset({"weight"})),
     "slerp": (frozenset({"t"}), frozenset()),
+    "nuslerp": (frozenset({"nuslerp_flatten", "nuslerp_row_wise"}), frozenset({"weight"})),
+    "model_stock": (frozenset({"filter_wise"}), frozenset()),
 }
 """The parameters mergekit accepts per method (methods outside this table are not exported)."""
 
@@ -63,7 +65,10 @@ def recipe_to_mergekit(
     recipe: MergeRecipe, layout: ModelLayout, base: str, experts: Mapping[str, str], *,
     lora_experts: frozenset[str] = frozenset(), dtype: str | None = None,
 ) -> str:
-    """mergekit YAML for `recipe`; `experts` maps names to paths (LoRA: adapter paths, written as base+adapter)."""
+    """mergekit YAML for `recipe`; `experts` maps names to paths (LoRA: adapter paths, written as base+adapter).
+
+    `dtype` is the model's dtype: the YAML asks mergekit for fp32 arithmetic (`dtype: float32`) and,
+    for 16-bit models, output in the model dtype (`out_dtype`), which is how evomerge computes."""
     from .methods import get_method
 
     governing = {slot: recipe.rule_for(slot.layer, slot.kind) for slot in set(layout.slots.values())}
@@ -92,6 +97,8 @@ def recipe_to_mergekit(
     _, high = method.expert_count
     if high is not None and len(expert_names) > high:
         reasons.append(f"{method.name} takes {high} expert(s) and mergekit one set of models, but the rules use {expert_names}")
+    if mk == "model_stock" and len({frozenset(r.experts) for r in used}) > 1:
+        reasons.append("model_stock rules merge different experts; mergekit's model_stock merges one set of models everywhere")
     keeps_base = any(g is None for g in governing.values())
     if keeps_base and mk not in _GTA and mk not in ("linear", "slerp"):
         reasons.append(f"some tensors keep the base weights, which mergekit's {mk} cannot express")
@@ -144,5 +151,10 @@ def recipe_to_mergekit(
     if parameters:
         config["parameters"] = parameters
     if dtype:
-        config["dtype"] = dtype
+        # evomerge merges in fp32 and rounds once to the model dtype; mergekit's `dtype` is its compute
+        # dtype (inputs are cast to it), `out_dtype` what it writes. `dtype: bfloat16` alone would
+        # make mergekit sum, elect and divide in bf16.
+        config["dtype"] = "float32" if dtype in ("float32", "bfloat16", "float16") else dtype
+        if config["dtype"] != dtype:
+            config["out_dtype"] = dtype
     return yaml.safe_dump(config, sort_keys=False)

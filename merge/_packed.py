@@ -41,6 +41,9 @@ class PackedArena:
         """One packed (rows, PACK_BLOCK) task vector per expert, in the engine's expert order."""
         self.segment = segment
         """int32, the tensor of each row."""
+        rows = torch.arange(segment.shape[0], dtype=torch.int32, device=segment.device)
+        self.row_first = (rows - self.row_starts[segment]) * PACK_BLOCK
+        """int32, each row's first element index within its own tensor (DARE draws on that index)."""
         self._out: dict[torch.dtype, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
     @classmethod

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._errors import MergeError
 
@@ -25,6 +25,14 @@ Section = Literal["embed", "final_norm", "head"]
 
 RescalePolicy = Literal["mergekit", "paper"]
 """DARE rescale after random dropping: mergekit's (restore the tensor's L1 norm) or the paper's (1/density)."""
+
+DrawPolicy = Literal["fast", "mergekit"]
+"""DARE/DELLA masks: counter-based hashes (fast, chunkable) or torch.bernoulli over whole tensors,
+consuming the tensor's generator exactly as mergekit 0.1.5 consumes its RNG (mask-for-mask parity)."""
+
+PruningPolicy = Literal["exact", "approximate"]
+"""Magnitude pruning: mergekit's entries exactly (rank tables) or thresholds from sampled order
+statistics (no sort; error bound in docs/merge-methods.md)."""
 
 LoraMode = Literal["materialized", "adapter"]
 """How LoRA experts merge: as dense deltas dW = scale*B@A against the base, or in adapter space
@@ -78,6 +86,10 @@ class MergeRecipe(_Frozen):
     lambda_: float = Field(1.0, alias="lambda")
     """Global scale of the merged task vector (mergekit's `lambda`)."""
     rescale: RescalePolicy = "mergekit"
+    draws: DrawPolicy = "fast"
+    """How DARE/DELLA draw their masks (see `DrawPolicy`); a recipe reproduces only with the same choice."""
+    pruning: PruningPolicy = "exact"
+    """Magnitude pruning of ties, breadcrumbs*, topk (see `PruningPolicy`)."""
     lora_mode: LoraMode = "materialized"
     seed: int = 0
     """Run seed; with `trial` and the tensor name it seeds every random mask."""
@@ -91,6 +103,15 @@ class MergeRecipe(_Frozen):
         if not rules:
             raise ValueError("a recipe needs at least one rule")
         return rules
+
+    @model_validator(mode="after")
+    def _no_ignored_options(self) -> "MergeRecipe":
+        """Refuse options a rule's method would silently ignore (lambda for linear, t for ties, ...):
+        a recipe that says more than it does misleads whoever reads or exports it."""
+        problem = ignored_option(self)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     def rule_for(self, layer: int | Section | None, kind: ModuleKind) -> GroupRule | None:
         """The rule that governs a tensor: the last matching one, or None (keep the base)."""
@@ -117,6 +138,48 @@ class MergeRecipe(_Frozen):
         except json.JSONDecodeError as exc:
             raise MergeError(f"recipe is not valid JSON ({exc.msg} at line {exc.lineno})") from None
         return cls.from_dict(data)
+
+
+_DEFAULTS = ExpertParams()
+
+
+def ignored_option(recipe: MergeRecipe) -> str | None:
+    """The first option some rule's method ignores, as one line naming it and the fix; None if none.
+
+    Checked: recipe `lambda` != 1 and `rescale: paper`, a rule's `t`, and per expert a `weight`,
+    `density`, `gamma` or `epsilon` that differs from its default. Unknown methods are left to the
+    engine's own check (it names the registered ones)."""
+    from .methods import METHODS  # lazily: methods import this module
+
+    for index, rule in enumerate(recipe.rules):
+        method = METHODS.get(rule.method)
+        if method is None:
+            continue
+        uses = method.uses
+        where = f"rules[{index}] method {rule.method!r}"
+        if recipe.lambda_ != 1.0 and "lambda" not in uses:
+            return f"{where} ignores lambda={recipe.lambda_}; remove lambda or use a method that scales (task_arithmetic, ties, ...)"
+        if recipe.rescale == "paper" and "rescale" not in uses and not _any_uses(recipe, "rescale"):
+            return f"{where} ignores rescale='paper' (only DARE/DELLA rescale); remove rescale"
+        if rule.t is not None and "t" not in uses:
+            return f"{where} ignores t={rule.t}; remove t (only slerp and nuslerp read it)"
+        for expert, params in rule.experts.items():
+            for field in ("weight", "density", "gamma", "epsilon"):
+                value = getattr(params, field)
+                if field not in uses and value != getattr(_DEFAULTS, field):
+                    return f"{where} expert {expert!r} ignores {field}={value}; remove it (the method reads {_listed(uses)})"
+    return None
+
+
+def _any_uses(recipe: MergeRecipe, option: str) -> bool:
+    from .methods import METHODS
+
+    return any(option in METHODS[r.method].uses for r in recipe.rules if r.method in METHODS)
+
+
+def _listed(uses: frozenset[str]) -> str:
+    fields = sorted(uses & {"weight", "density", "gamma", "epsilon", "t"})
+    return ", ".join(fields) if fields else "no per-expert value"
 
 
 def describe_validation_error(exc: ValidationError) -> str:

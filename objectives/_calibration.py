@@ -93,6 +93,9 @@ class CalibrationSet:
             lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise CalibrationError(f"{path}: cannot read calibration set ({exc.strerror or exc})") from None
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[: exc.start].count(b"\n") + 1
+            raise CalibrationError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); save the calibration set as UTF-8 JSONL") from None
         kind: SetKind | None = None
         items: list[CalibrationItem] = []
         for lineno, line in enumerate(lines, start=1):

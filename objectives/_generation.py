@@ -110,19 +110,51 @@ class _Row:
         return Generation(text=text, num_tokens=len(self.tokens), draft_logprobs=draft_logprobs)
 
 
+def _last_columns(width: int, keep: int, device: torch.device) -> torch.Tensor:
+    """``logits_to_keep`` for the last ``keep`` of ``width`` positions, as an index tensor.
+
+    An int would make transformers slice ``hidden_states[:, -keep:]``: a strided view whose batched
+    product with the output embeddings CPU kernels run two orders of magnitude slower than on a
+    contiguous copy (bf16, vocabulary 151,936: 8.4 s against 0.065 s). An index tensor is gathered
+    into a contiguous copy first (a public form of the argument since transformers 4.50), and the
+    model's own head still runs on it, final logit soft-capping (Gemma 2) included."""
+    return torch.arange(width - keep, width, device=device)
+
+
 def _teacher_forced(model: torch.nn.Module, seqs: Sequence[TokenIds], keep: int, pad_id: int,
                     cache: bool = False) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """fp32 logits of the last ``keep`` positions of each left-padded sequence (one forward), the
-    attention mask, and the KV cache when ``cache``."""
+    """Logits (the model's dtype) of the last ``keep`` positions of each left-padded sequence (one
+    forward), the attention mask, and the KV cache when ``cache``."""
     ids, mask, positions = _left_padded(seqs, pad_id, next(model.parameters()).device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=cache, logits_to_keep=keep)
-    return out.logits.float(), mask, out.past_key_values if cache else None
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=cache,
+                logits_to_keep=_last_columns(ids.shape[1], keep, ids.device))
+    return out.logits, mask, out.past_key_values if cache else None
 
 
-def _logprobs_of(logits: torch.Tensor, tokens: TokenIds) -> list[float]:
-    """log p(tokens[t]) under the t-th row of ``logits``, log-softmax in fp32."""
-    target = torch.tensor(tokens, dtype=torch.long, device=logits.device).unsqueeze(-1)
-    return logits.log_softmax(-1).gather(-1, target).squeeze(-1).tolist()
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy token of each row of ``logits`` (..., vocab): ``max`` returns the first maximal
+    index like ``argmax``, and on a bf16 151k vocabulary it is ~3x faster than ``argmax``."""
+    return logits.max(-1).indices
+
+
+def _selected_logprobs(logits: torch.Tensor, spans: Sequence[tuple[int, int, TokenIds]]) -> list[list[float]]:
+    """log p(tokens[t]) under ``logits[row, start + t]`` for each (row, start, tokens) span, fp32.
+
+    One gather and one fp32 log-softmax over exactly the selected positions of the whole batch:
+    per request the same work costs ~8x more on a 151k vocabulary (a call's fixed cost, repeated)."""
+    rows = [row for row, _, tokens in spans for _ in tokens]
+    if not rows:
+        return [[] for _ in spans]
+    device = logits.device
+    columns = [start + t for _, start, tokens in spans for t in range(len(tokens))]
+    targets = torch.tensor([tok for _, _, tokens in spans for tok in tokens], dtype=torch.long, device=device)
+    picked = logits[torch.tensor(rows, device=device), torch.tensor(columns, device=device)]
+    flat = torch.log_softmax(picked, -1, dtype=torch.float32).gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist()
+    out, pos = [], 0
+    for _, _, tokens in spans:
+        out.append(flat[pos : pos + len(tokens)])
+        pos += len(tokens)
+    return out
 
 
 @torch.inference_mode()
@@ -153,13 +185,14 @@ def greedy_generate(
         keep = 1 + max(len(requests[i][1]) for i in batch)
         logits, mask, past = _teacher_forced(model, [requests[i][0] + requests[i][1] for i in batch], keep, pad_id,
                                              cache=True)
-        for row, i in enumerate(batch):
-            draft = requests[i][1]
-            preds = logits[row, keep - len(draft) - 1 :]  # the predictions after the prompt
-            greedy = preds.argmax(-1).tolist()
+        greedy_all = _greedy(logits).tolist()
+        spans = [(row, keep - len(requests[i][1]) - 1, requests[i][1]) for row, i in enumerate(batch)]
+        for (row, start, draft), i, lps in zip(spans, batch, _selected_logprobs(logits, spans)):
+            greedy = greedy_all[row][start:]  # the predictions after the prompt
             agree = next((j for j, token in enumerate(draft) if greedy[j] != token), len(draft))
             rows[i].accept(greedy[: agree + 1])
-            draft_logprobs[i] = _logprobs_of(preds[:-1], draft)
+            draft_logprobs[i] = lps
+        del logits
         # Rows the draft did not finish go on from this forward's own KV cache where the model's
         # cache allows it (the rows of several batches joined into one decode loop), else re-prefilled.
         unfinished = [r for r, i in enumerate(batch) if not rows[i].done]
@@ -256,9 +289,10 @@ def _decode_from(model: torch.nn.Module, rows: list[_Row], ids: torch.Tensor, ma
     positions_next = positions[:, -1:] + 1
     live = list(range(len(rows)))
     while True:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True,
+                    logits_to_keep=_last_columns(ids.shape[1], 1, ids.device))
         past = out.past_key_values
-        tokens = out.logits[:, -1, :].argmax(-1)
+        tokens = _greedy(out.logits[:, -1, :])
         for r, token in zip(live, tokens.tolist()):
             rows[r].accept([token])
         still = [slot for slot, r in enumerate(live) if not rows[r].done]
@@ -292,6 +326,7 @@ def continuation_logprobs(
         conts = [pairs[todo[b]][1] for b in batch]
         keep = max(len(c) for c in conts)
         logits = _teacher_forced(model, [pairs[todo[b]][0] + c[:-1] for b, c in zip(batch, conts)], keep, pad_id)[0]
-        for row, (b, cont) in enumerate(zip(batch, conts)):
-            results[todo[b]] = _logprobs_of(logits[row, keep - len(cont) :], cont)
+        spans = [(row, keep - len(cont), cont) for row, cont in enumerate(conts)]
+        for b, lps in zip(batch, _selected_logprobs(logits, spans)):
+            results[todo[b]] = lps
     return results

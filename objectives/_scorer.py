@@ -72,24 +72,38 @@ class Scorer(ABC):
 
         ``timeout`` (seconds) overrides the scorer's default for this call.
         """
+        return self._evaluate(recipe, Deadline(self.timeout if timeout is None else timeout))
+
+    def warm_up(self, recipe: Any) -> Evaluation:
+        """Evaluate ``recipe`` once without a timeout, to be discarded: the one-time costs of a
+        process (compiling the merge kernels that recipe's methods use, building the engine's tables,
+        the inference kernels' first calls) then fall before the first timed candidate instead of
+        counting against its timeout. Call it with a typical recipe (the search space's starting
+        point) before a search; a later candidate of other methods may still compile its own kernels."""
+        return self._evaluate(recipe, Deadline(None))
+
+    def _evaluate(self, recipe: Any, deadline: Deadline) -> Evaluation:
         start = time.perf_counter()
         timings: dict[str, float] = {"merge": 0.0, "swap": 0.0, "inference": 0.0}
-        self._deadline = Deadline(self.timeout if timeout is None else timeout)
+        self._deadline = deadline
+        phase, phase_start = "merge", start  # the phase under way: a failure is charged to it
         try:
             swapped = self._swap_in(recipe)
             timings["merge"], timings["swap"] = swapped.merge_seconds, swapped.swap_seconds
-            self._deadline.check()
-            t0 = time.perf_counter()
+            phase, phase_start = "inference", time.perf_counter()
+            deadline.check()
             values, details, n_sequences = self._plan.run(self._checked_generate, self._checked_logprobs, swapped.stats)
-            timings["inference"] = time.perf_counter() - t0
+            timings["inference"] = time.perf_counter() - phase_start
             timings["items_per_s"] = n_sequences / timings["inference"] if timings["inference"] > 0 else 0.0
+            phase = ""
             bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
             if bad:
                 raise FloatingPointError(f"non-finite objective value: {', '.join(bad)}")
-        except EvaluationTimeout as exc:
-            return self._failure(str(exc), timings, start)
-        except Exception as exc:  # noqa: BLE001 - a failed candidate is a result, not a crash
-            return self._failure(f"{type(exc).__name__}: {exc}".splitlines()[0], timings, start)
+        except Exception as exc:  # noqa: BLE001 - a failed candidate (timeout included) is a result, not a crash
+            if phase:  # keep what the failed phase had cost, so a timed-out trial still shows its split
+                timings[phase] = time.perf_counter() - phase_start
+            reason = str(exc) if isinstance(exc, EvaluationTimeout) else f"{type(exc).__name__}: {exc}"
+            return self._failure(reason.splitlines()[0], timings, start)
         timings["total"] = time.perf_counter() - start
         return Evaluation(values=values, details=details, timings=timings)
 

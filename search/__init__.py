@@ -33,6 +33,7 @@ from ._optimizers import (
     Optimizer,
     OptunaOptimizer,
     RandomSearch,
+    ResumeError,
     make_optimizer,
 )
 from ._plots import plot_front, plot_hypervolume, plot_run
@@ -59,6 +60,7 @@ __all__ = [
     "ParamKind",
     "ParetoPoint",
     "RandomSearch",
+    "ResumeError",
     "Scalarization",
     "SearchResult",
     "SearchSpace",

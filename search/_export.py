@@ -1,5 +1,8 @@
 """Exports of a run: every trial and the Pareto front as CSV and JSON, and a chosen trial's model.
 
+Each file is written beside its name and renamed into place, so a reader (or a kill) never sees
+half a CSV: it finds the previous export or the complete new one.
+
 The ledger is the source: exports can be redone at any time, also for a run still going or one
 that was killed. CSV is flat (one column per objective, genome coordinate and timing; the recipe
 as a JSON string) for spreadsheets and pandas; JSON keeps the structure (recipe and per-task
@@ -15,7 +18,7 @@ from typing import Any, Protocol
 
 from optuna.trial import FrozenTrial, TrialState
 
-from evomerge.merge import MergeRecipe
+from evomerge.merge import MergeRecipe, atomic_file, write_atomic
 
 from ._ledger import Ledger
 
@@ -59,7 +62,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
-    with open(path, "w", newline="") as f:
+    with atomic_file(path, newline="", durable=False) as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -80,7 +83,7 @@ def export_results(ledger: Ledger, out_dir: str | Path) -> dict[str, Path]:
     paths = {}
     for stem, subset in (("trials", records), ("front", [r for r in records if r["on_front"]])):
         paths[f"{stem}.json"] = out / f"{stem}.json"
-        paths[f"{stem}.json"].write_text(json.dumps({**meta, "trials": subset}, indent=1))
+        write_atomic(paths[f"{stem}.json"], json.dumps({**meta, "trials": subset}, indent=1), durable=False)
         paths[f"{stem}.csv"] = out / f"{stem}.csv"
         _write_csv(paths[f"{stem}.csv"], [_flat(r, names) for r in subset])
     return paths

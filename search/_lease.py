@@ -14,7 +14,7 @@ the others wait and take over, from the checkpoint, once the holder has stopped 
   successor's state, and stops. Clocks of the machines must agree to well within the ttl (NTP).
 * Journal files (`FileLease`, one machine): an exclusive ``flock`` on ``<study>.coordinator.lock``
   next to the ledger; the kernel releases it when the holder dies, and the checkpoint stays the
-  pickle file next to the ledger.
+  history file (JSON) next to the ledger.
 """
 
 from __future__ import annotations
@@ -123,12 +123,12 @@ class DatabaseLease(Lease):
 
 
 class FileLease(Lease):
-    """An ``flock`` next to a journal ledger (one machine); the checkpoint is the pickle file."""
+    """An ``flock`` next to a journal ledger (one machine); the checkpoint is the history file."""
 
     def __init__(self, run_dir: Path, study_name: str, owner: str) -> None:
         self.owner = owner
         self._lock_path = run_dir / f"{study_name}.coordinator.lock"
-        self._checkpoint = FileCheckpoint(run_dir / f"{study_name}.optimizer.pkl")
+        self._checkpoint = FileCheckpoint(run_dir / f"{study_name}.optimizer.json")
         self._fd: int | None = None
 
     def acquire(self) -> bool:

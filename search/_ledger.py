@@ -334,7 +334,7 @@ class Ledger:
         self._sync()
 
     def checkpoint_path(self, suffix: str) -> Path:
-        """Where an optimizer keeps its pickle next to the ledger."""
+        """Where an optimizer keeps its state (a JSON history) next to the ledger."""
         if self.run_dir is None:
             raise ValueError("this ledger lives in a remote database; give the optimizer an explicit checkpoint path")
         return self.run_dir / f"{self.study_name}.{suffix}"

@@ -134,6 +134,10 @@ class SpaceTemplate(BaseModel):
     normalize: bool = True
     lambda_: float = Field(1.0, alias="lambda")
     rescale: Literal["mergekit", "paper"] = "mergekit"
+    draws: Literal["fast", "mergekit"] = "fast"
+    """DARE/DELLA masks: counter-based (fast) or mergekit's torch.bernoulli stream (parity checks)."""
+    pruning: Literal["exact", "approximate"] = "exact"
+    """Magnitude pruning: mergekit's entries exactly, or approximate thresholds (docs/merge-methods.md)."""
     lora_mode: Literal["materialized", "adapter"] = "materialized"
 
     @field_validator("modules")
@@ -445,7 +449,7 @@ class SearchSpace:
         tpl = self.template
         return MergeRecipe(
             rules=rules, normalize=tpl.normalize, lambda_=tpl.lambda_, rescale=tpl.rescale,
-            lora_mode=tpl.lora_mode, seed=seed, trial=trial,
+            draws=tpl.draws, pruning=tpl.pruning, lora_mode=tpl.lora_mode, seed=seed, trial=trial,
         )
 
     def encode(self, recipe: MergeRecipe, *, atol: float = 1e-9) -> np.ndarray:
@@ -458,7 +462,7 @@ class SearchSpace:
         a held value or leave the bounds.
         """
         tpl = self.template
-        for field_name in ("normalize", "lambda_", "rescale", "lora_mode"):
+        for field_name in ("normalize", "lambda_", "rescale", "draws", "pruning", "lora_mode"):
             if getattr(recipe, field_name) != getattr(tpl, field_name):
                 raise ValueError(f"recipe {field_name}={getattr(recipe, field_name)!r} differs from the template's")
         cell_values: dict[tuple[int, ParamKind, str | None], float] = {}

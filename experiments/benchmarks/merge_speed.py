@@ -1,25 +1,28 @@
-"""Merge speed: in-place TIES / DARE-TIES at mixed per-layer densities vs a plain elementwise pass.
+"""Merge speed: in-place TIES / DARE-TIES at per-layer densities vs a compiled plain pass, three sizes.
 
-The ratio that matters for a search is merge time / (the time to touch the same bytes once): a plain
-pass that sums the experts' cached task vectors into the target (`target = base + sum(deltas)`),
-measured in the same run on the same tensors, so machine speed cancels out. Peak RSS is reported
-relative to the model size, against the engine's budget of (experts + 2) x model.
+The ratio that matters for a search is merge time / (the least time any in-place merge can take):
+the plain pass `target = base + sum_i w_i * tv_i` over every tensor in ONE compiled call (one read of
+the base and of each task vector, one write of the target; `PlainPass`), timed in interleaved rounds
+with the merges on the same tensors, so machine speed cancels out. Times are printed as wall clock
+and as process CPU time (steadier on a shared machine). Peak RSS is reported relative to the model
+size, against the engine's budget of (experts + 2) x model.
 
-    python -m evomerge.experiments.benchmarks.merge_speed --repeats 2      # synthetic ~0.5B Llama, bf16
-    python -m evomerge.experiments.benchmarks.merge_speed --zoo small      # a cached toy zoo as well
-    python -m evomerge.experiments.benchmarks.merge_speed --chunks 65536,262144,1048576   # tune the chunk
+    python -m evomerge.experiments.benchmarks.merge_speed                      # 1M, 50M, 500M Llamas, bf16
+    python -m evomerge.experiments.benchmarks.merge_speed --threads 1 --repeats 7   # steadier when shared
+    python -m evomerge.experiments.benchmarks.merge_speed --pruning approximate     # TIES by thresholds
     python -m evomerge.experiments.benchmarks.merge_speed --compile off  # eager chunked path, for comparison
-    python -m evomerge.experiments.benchmarks.merge_speed --layers 100 --repeats 3   # a 1.25B model (~13 GB RAM)
+    python -m evomerge.experiments.benchmarks.merge_speed --sizes 500M --layers 100 --repeats 3   # 1.25B (~13 GB RAM)
+    python -m evomerge.experiments.benchmarks.merge_speed --zoo small      # a cached toy zoo as well
 
 Each measurement runs in a fresh child process that loads the checkpoints from disk as a user would
 (the synthetic checkpoints are written by another child first), so its peak RSS (ru_maxrss) is the
-engine's: loading, table building and merging, nothing of the construction. The RSS of the bare
-interpreter with torch + transformers imported is reported too, and the peak after each phase
-(loaded, target written, tables built, kernels compiled, merging), so growth can be told from the
-process's fixed cost: a larger model (`--layers`) shrinks the fixed part, not the part that scales.
+engine's: loading, warm-up (tables, compiles) and merging, nothing of the construction. The RSS of
+the bare interpreter with torch + transformers imported is reported too, and the peak after each
+phase (loaded, target written, warmed up, plain pass compiled, merging), so growth can be told from
+the process's fixed cost: a larger model (`--layers`) shrinks the fixed part, not the part that scales.
 
-Acceptance (issue "Merge engine"): TIES and DARE-TIES <= 3x the plain pass on the 0.5B model;
-peak RSS <= (experts + 2) x model size.
+Acceptance (issue 13, item 6): per-layer TIES <= 3x and DARE-TIES <= 4x the plain pass at 1M, 50M
+and 500M parameters; peak RSS <= (experts + 2) x model size plus the process's fixed cost.
 """
 
 from __future__ import annotations
@@ -38,30 +41,40 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe
-from evomerge.merge.methods._draws import field_key
 
 
-def synthetic_llama(folder: Path, num_experts: int, dtype: torch.dtype, seed: int = 0,
-                    num_layers: int = 34) -> tuple[Path, dict[str, Path]]:
-    """A random Llama (hidden 1024, vocab 32000; 34 layers = 0.47B parameters, each further layer
-    11.8M) + experts = base + small noise.
+SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
+    # name: (vocab, hidden, intermediate, heads, kv heads, layers); head_dim = hidden / heads
+    "1M": (2048, 128, 352, 4, 2, 3),          # 1.07M parameters: toy-zoo scale, 36 tensors
+    "50M": (32000, 512, 1408, 8, 4, 6),       # 50.5M: the old compile threshold
+    "500M": (32000, 1024, 2816, 16, 8, 37),   # 502M: a Qwen2.5-0.5B-sized Llama
+}
+
+
+def synthetic_llama(folder: Path, num_experts: int, dtype: torch.dtype, seed: int = 0, size: str = "500M",
+                    num_layers: int | None = None) -> tuple[Path, dict[str, Path]]:
+    """A random Llama of `size` (`SIZES`; `num_layers` overrides its depth) + experts = base + small noise.
 
     Written tensor by tensor from a name -> shape table, never as a live model, so building it
     needs one model in memory.
     """
-    config = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=num_layers,
-                         num_attention_heads=16, num_key_value_heads=8, head_dim=64, tie_word_embeddings=False)
+    vocab, hidden, inter, heads, kv_heads, layers = SIZES[size]
+    head_dim = hidden // heads
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                         num_hidden_layers=num_layers or layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, head_dim=head_dim, tie_word_embeddings=False)
     config.dtype = str(dtype).removeprefix("torch.")
-    kv = config.num_key_value_heads * config.head_dim
-    shapes = {"model.embed_tokens.weight": (32000, 1024), "model.norm.weight": (1024,), "lm_head.weight": (32000, 1024)}
+    kv = kv_heads * head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes.update({
-            p + "self_attn.q_proj.weight": (1024, 1024), p + "self_attn.k_proj.weight": (kv, 1024),
-            p + "self_attn.v_proj.weight": (kv, 1024), p + "self_attn.o_proj.weight": (1024, 1024),
-            p + "mlp.gate_proj.weight": (2816, 1024), p + "mlp.up_proj.weight": (2816, 1024),
-            p + "mlp.down_proj.weight": (1024, 2816), p + "input_layernorm.weight": (1024,),
-            p + "post_attention_layernorm.weight": (1024,),
+            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+            p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
         })
     gen = torch.Generator().manual_seed(seed)
     base = {n: (torch.randn(s, generator=gen) * 0.02).to(dtype) for n, s in shapes.items()}
@@ -82,22 +95,45 @@ def synthetic_llama(folder: Path, num_experts: int, dtype: torch.dtype, seed: in
 RECIPE_SEED = 1
 
 
-def per_layer_recipe(method: str, experts: list[str], num_layers: int, trial: int = 0) -> MergeRecipe:
+def per_layer_recipe(method: str, experts: list[str], num_layers: int, trial: int = 0,
+                     pruning: str = "exact") -> MergeRecipe:
     """A global rule plus one rule per layer, densities varying by layer and expert."""
     rules = [GroupRule(method=method, experts={e: ExpertParams(weight=0.5, density=0.5) for e in experts})]
     for layer in range(num_layers):
         rules.append(GroupRule(layers=[layer], method=method, experts={
             e: ExpertParams(weight=0.3 + 0.1 * j, density=0.2 + 0.6 * ((layer * 7 + j * 3) % 10) / 10) for j, e in enumerate(experts)}))
-    return MergeRecipe(rules=rules, normalize=True, seed=RECIPE_SEED, trial=trial)
+    return MergeRecipe(rules=rules, normalize=True, seed=RECIPE_SEED, trial=trial, pruning=pruning)
 
 
-def plain_pass(engine: MergeEngine, target: Mapping[str, torch.Tensor]) -> None:
-    """target = base + sum of all experts' task vectors: one elementwise pass over the same bytes."""
-    for name in engine.layout.slots:
-        dst = target[name]
-        dst.copy_(engine.base_tensor(name))
-        for expert in engine.expert_names:
-            dst.add_(engine._delta(expert, name))
+def _plain_kernel(outs: list[torch.Tensor], bases: list[torch.Tensor], deltas: list[list[torch.Tensor]],
+                  weights: torch.Tensor) -> None:
+    for i, (out, base) in enumerate(zip(outs, bases)):
+        acc = base.float()
+        for j, expert in enumerate(deltas):
+            acc = acc + expert[i].float() * weights[j]
+        out.copy_(acc)
+
+
+class PlainPass:
+    """The lower bound: `target = base + sum_i w_i * tv_i` for every tensor, in ONE compiled call.
+
+    Any in-place merge reads the base and each expert's task vector at least once and writes the
+    target once; this does exactly that and nothing else: one fused elementwise loop per tensor
+    (inductor), all of them in a single compiled graph, so no per-tensor Python dispatch either.
+    Built after the engine's warm-up: the first fused apply re-points small tensors into its packed
+    arena, and this must read the same memory the merge reads.
+    """
+
+    def __init__(self, engine: MergeEngine, target: Mapping[str, torch.Tensor]) -> None:
+        names = list(engine.layout.slots)
+        self.outs = [target[n] for n in names]
+        self.bases = [engine.base_tensor(n) for n in names]
+        self.deltas = [[engine.task_vector(e, n) for n in names] for e in engine.expert_names]
+        self.weights = torch.full((len(engine.expert_names),), 0.5)
+        self._fn = torch.compile(_plain_kernel, dynamic=False)
+
+    def __call__(self) -> None:
+        self._fn(self.outs, self.bases, self.deltas, self.weights)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -106,13 +142,28 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def sample(fn: Callable[[], object], calls: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds per call of `calls` back-to-back calls. CPU time does not count the
+    time other processes held the cores (the benchmark machine is shared); with one torch thread it is
+    the work this process did."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
+
+
 def _rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, chunk_sizes: list[int] | None = None,
-            threads: int | None = None, compile: str = "auto") -> dict[str, float]:
-    """Load, build tables, time plain pass / TIES / DARE-TIES; runs inside a fresh process (see `_child`)."""
+METHODS = ("ties", "dare_ties")
+LIMITS = {"ties": 3.0, "dare_ties": 4.0}
+"""Acceptance (issue 13, item 6): per-layer TIES <= 3x and DARE-TIES <= 4x the plain pass, every size."""
+
+
+def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, threads: int | None = None,
+            compile: str = "auto", pruning: str = "exact") -> dict[str, float]:
+    """Load, warm up, time plain pass / TIES / DARE-TIES interleaved; runs in a fresh process (`in_child`)."""
     if threads:
         torch.set_num_threads(threads)
     idle = _rss()
@@ -126,78 +177,66 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, c
     names = list(engine.expert_names)
     result: dict[str, float] = {"params": engine.num_params, "model_gb": model_bytes / 1e9, "experts": len(names),
                                 "threads": torch.get_num_threads(), "load_s": load_s, "fused": engine.fused}
-    # The first pass page-faults every target page: from here on the target is resident, as a scorer's
-    # live model is before a search's first apply builds its tables (peak RSS counts it).
-    plain_pass(engine, target)
+    # Page-fault every target page first: from here on the target is resident, as a scorer's live
+    # model is before a search's first apply builds its tables (peak RSS counts it).
+    torch._foreach_copy_(list(target.values()), [engine.base_tensor(n) for n in target])
     phases["target"] = _rss()
-    start = time.perf_counter()
-    for expert in names:  # what the first TIES apply would do: one table per (expert, tensor)
-        for name in engine.layout.slots:
-            engine._table(expert, name, engine._delta(expert, name))
-    result["tables_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    for expert in names:  # what the first DARE apply with mergekit's L1 rescale adds: one WindowL1 per large tensor
-        for name in engine.layout.slots:
-            table = engine._table(expert, name, engine._delta(expert, name))
-            table.window_l1(engine._delta(expert, name), field_key(RECIPE_SEED, table.identity))
-    result["window_tables_s"] = time.perf_counter() - start
-    phases["tables"] = _rss()
-    # Warm-up: the first apply of each method compiles its fused kernels (and hands the tables'
-    # temporaries back to the OS); not per-candidate cost, so it is timed apart.
-    result["chunk"] = engine.chunk_elements
-    plains: list[float] = []
-    for chunk in chunk_sizes or [engine.chunk_elements]:
-        engine.chunk_elements = chunk
-        suffix = "" if chunk_sizes is None or len(chunk_sizes) == 1 else f"@{chunk}"
-        recipes = {m: per_layer_recipe(m, names, engine.layout.num_layers) for m in ("ties", "dare_ties")}
-        for method, recipe in recipes.items():
-            result[f"{method}{suffix}_first_s"] = timed(lambda: engine.apply(recipe, target, stats=False))
-            timed(lambda: engine.apply(recipe, target, stats=True))  # compiles the stats variant
-        phases.setdefault("compiled", _rss())
-        # Interleaved rounds, medians: the machine is shared, so every ratio compares times taken
-        # side by side rather than a plain pass measured minutes before the merges.
-        times: dict[str, list[float]] = {"plain": []}
-        for _ in range(repeats):
-            times["plain"].append(timed(lambda: plain_pass(engine, target)))
-            for method, recipe in recipes.items():
-                times.setdefault(method, []).append(timed(lambda: engine.apply(recipe, target, stats=False)))
-                times.setdefault(f"{method}_stats", []).append(timed(lambda: engine.apply(recipe, target, stats=True)))
-        plain = statistics.median(times["plain"])
-        plains += times["plain"]
-        for method in recipes:
-            result[f"{method}{suffix}_s"] = statistics.median(times[method])
-            result[f"{method}{suffix}_ratio"] = result[f"{method}{suffix}_s"] / plain
-            result[f"{method}{suffix}_stats_ratio"] = statistics.median(times[f"{method}_stats"]) / plain
-    plain = result["plain_s"] = statistics.median(plains)
-    plain_after = result["plain_after_s"] = max(plains)
+    recipes = {m: per_layer_recipe(m, names, engine.layout.num_layers, pruning=pruning) for m in METHODS}
+    # Warm-up (what a search does before its first timed candidate): tables, kernel compiles.
+    result["warm_up_s"] = timed(lambda: engine.warm_up(recipes.values(), target))
+    phases["warmed up"] = _rss()
+    plain = PlainPass(engine, target)
+    result["plain_compile_s"] = timed(plain)
+    phases["plain compiled"] = _rss()
+    # Interleaved rounds, medians: the machine is shared, so every ratio compares times taken side by
+    # side rather than a plain pass measured minutes before the merges. Small models repeat each call
+    # within a sample (>= ~20 ms of the slowest method), so one preemption does not decide a sample.
+    runs: dict[str, Callable[[], object]] = {"plain": plain}
+    for method, recipe in recipes.items():
+        runs[method] = lambda recipe=recipe: engine.apply(recipe, target, stats=False)
+        runs[f"{method}_stats"] = lambda recipe=recipe: engine.apply(recipe, target, stats=True)
+    slowest = max(sample(fn, 1)[1] for fn in runs.values())
+    calls = result["calls_per_sample"] = max(1, min(100, round(0.02 / max(slowest, 1e-6))))
+    times: dict[str, list[tuple[float, float]]] = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            times[key].append(sample(fn, calls))
+    for key, values in times.items():
+        result[f"{key}_s"] = statistics.median(w for w, _ in values)
+        result[f"{key}_cpu_s"] = statistics.median(c for _, c in values)
+    for key in times:
+        result[f"{key}_ratio"] = result[f"{key}_s"] / result["plain_s"]
+        result[f"{key}_cpu_ratio"] = result[f"{key}_cpu_s"] / result["plain_cpu_s"]
+    result["plain_max_s"] = max(w for w, _ in times["plain"])
     peak = phases["merging"] = _rss()
     for phase, rss in phases.items():
-        result[f"peak_rss_{phase}_over_model"] = rss / model_bytes
+        result[f"peak_rss_{phase.replace(' ', '_')}_over_model"] = rss / model_bytes
     result["peak_rss_gb"] = peak / 1e9
     result["peak_rss_over_model"] = peak / model_bytes
     result["idle_rss_gb"] = idle / 1e9
     result["engine_rss_over_model"] = (peak - idle) / model_bytes
     result["budget_over_model"] = len(names) + 2
-    print(f"{label}: {engine.num_params / 1e6:.2f}M params, {model_bytes / 1e9:.4f} GB ({engine.dtype}), {len(names)} experts, "
-          f"{torch.get_num_threads()} threads, chunk {engine.chunk_elements if chunk_sizes is None else chunk_sizes}, "
-          f"fused kernels {'on' if engine.fused else 'off'}")
-    print(f"  load {load_s:.2f}s | magnitude tables {result['tables_s']:.2f}s | DARE window-L1 tables "
-          f"{result['window_tables_s']:.2f}s | plain pass median {plain:.3f}s (slowest {plain_after:.3f}s)")
-    for chunk in chunk_sizes or [None]:
-        suffix = "" if chunk is None or len(chunk_sizes or []) == 1 else f"@{chunk}"
-        head = f"  chunk {chunk}: " if suffix else "  "
-        print(f"{head}TIES {result[f'ties{suffix}_s']:.3f}s = {result[f'ties{suffix}_ratio']:.2f}x "
-              f"(with stats {result[f'ties{suffix}_stats_ratio']:.2f}x) | "
-              f"DARE-TIES {result[f'dare_ties{suffix}_s']:.3f}s = {result[f'dare_ties{suffix}_ratio']:.2f}x "
-              f"(with stats {result[f'dare_ties{suffix}_stats_ratio']:.2f}x)   [x plain pass]")
-        print(f"{head}first apply (includes compiling): TIES {result[f'ties{suffix}_first_s']:.2f}s, "
-              f"DARE-TIES {result[f'dare_ties{suffix}_first_s']:.2f}s")
+    plain_s = result["plain_s"]
+    print(f"{label}: {engine.num_params / 1e6:.2f}M params, {len(engine.layout.slots)} tensors, "
+          f"{model_bytes / 1e9:.4f} GB ({engine.dtype}), {len(names)} experts, {torch.get_num_threads()} threads, "
+          f"fused kernels {'on' if engine.fused else 'off'}, TIES pruning {pruning}")
+    print(f"  load {load_s:.2f}s | warm-up (tables + kernel compiles, once per process) {result['warm_up_s']:.2f}s | "
+          f"plain pass compile {result['plain_compile_s']:.2f}s")
+    print(f"  plain pass (one compiled read of base + {len(names)} task vectors, one write): median "
+          f"{plain_s * 1e3:.3f} ms wall (slowest {result['plain_max_s'] * 1e3:.3f} ms), {result['plain_cpu_s'] * 1e3:.3f} ms "
+          f"CPU; {repeats} interleaved rounds of {calls} call(s) each")
+    for method in METHODS:
+        verdict = "ok" if max(result[f"{method}_ratio"], result[f"{method}_cpu_ratio"]) <= LIMITS[method] else "OVER"
+        print(f"  {method:9s} {result[f'{method}_s'] * 1e3:9.3f} ms = {result[f'{method}_ratio']:5.2f}x plain wall, "
+              f"{result[f'{method}_cpu_ratio']:5.2f}x CPU (limit {LIMITS[method]:.0f}x: {verdict}) | with stats "
+              f"{result[f'{method}_stats_s'] * 1e3:9.3f} ms = {result[f'{method}_stats_ratio']:5.2f}x wall, "
+              f"{result[f'{method}_stats_cpu_ratio']:5.2f}x CPU")
     print(f"  peak RSS {peak / 1e9:.2f} GB = {result['peak_rss_over_model']:.2f}x model "
           f"(interpreter + torch alone {idle / 1e9:.2f} GB; engine {result['engine_rss_over_model']:.2f}x model; "
           f"budget {len(names) + 2}x)")
     print("  peak RSS after each phase (x model): " + ", ".join(f"{phase} {rss / model_bytes:.2f}" for phase, rss in phases.items()))
     print(f"  (peak RSS = ru_maxrss of this process: loading, tables, compiling and merging, with the interpreter and "
-          f"torch; the data alone, base + {len(names)} task vectors + target, is {len(names) + 2}.00x model)")
+          f"torch; the data alone, base + {len(names)} task vectors + target, is {len(names) + 2}.00x model)", flush=True)
     return result
 
 
@@ -230,40 +269,54 @@ def _zoo(size: str) -> Path | None:
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1M,50M,500M",
+                        help=f"comma-separated synthetic model sizes out of {', '.join(SIZES)}")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--experts", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (medians are reported)")
-    parser.add_argument("--zoo", choices=["tiny", "small"], default="small",
-                        help="also benchmark this toy zoo if it is cached (small falls back to tiny; never built here)")
-    parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic 0.5B model")
-    parser.add_argument("--layers", type=int, default=34,
-                        help="layers of the synthetic model (34 = 0.47B parameters; e.g. 100 = 1.25B, to see which "
-                             "part of the peak RSS grows with the model and which is the process's fixed cost)")
-    parser.add_argument("--chunks", help="comma-separated chunk lengths to compare (default: the engine's)")
+    parser.add_argument("--zoo", choices=["none", "tiny", "small"], default="none",
+                        help="also benchmark this toy zoo if it is cached (never built here)")
+    parser.add_argument("--layers", type=int,
+                        help="override the depth of every synthetic size (e.g. --sizes 500M --layers 100 = 1.25B "
+                             "parameters, to see which part of the peak RSS grows with the model)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                        help="fused compiled kernels (MergeEngine.load(compile=...)); auto = on for >= 50M params")
+                        help="fused compiled kernels (MergeEngine.load(compile=...)); off = the eager chunked path")
+    parser.add_argument("--pruning", choices=["exact", "approximate"], default="exact",
+                        help="MergeRecipe.pruning of the TIES recipe: mergekit's exact top-k (default) or thresholds")
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
-    chunk_sizes = [int(c) for c in args.chunks.split(",")] if args.chunks else None
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        parser.error(f"--sizes: unknown size {unknown[0]!r}; choose from {', '.join(SIZES)}")
     results: dict[str, dict[str, float]] = {}
-    sizes = [args.zoo] + (["tiny"] if args.zoo == "small" else [])
-    zoo = next(((size, folder) for size in sizes if (folder := _zoo(size)) is not None), None)
-    if zoo is None:
-        print(f"zoo: no cached {' or '.join(sizes)} zoo in ~/.cache/evomerge/zoo; skipped "
-              f"(build it with `python -m evomerge.experiments.zoo build --size {args.zoo}`)")
-    else:
-        from evomerge.experiments.zoo import load_manifest
+    if args.zoo != "none":
+        folder = _zoo(args.zoo)
+        if folder is None:
+            print(f"zoo: no cached {args.zoo} zoo in ~/.cache/evomerge/zoo; skipped "
+                  f"(build it with `python -m evomerge.experiments.zoo build --size {args.zoo}`)")
+        else:
+            from evomerge.experiments.zoo import load_manifest
 
-        size, folder = zoo
-        manifest = load_manifest(folder)
-        experts = {n: folder / p for n, p in manifest["experts"].items()}
-        results[f"zoo-{size}"] = in_child(measure, f"zoo {size}", folder / "base", experts, args.repeats, chunk_sizes, args.threads, args.compile)  # type: ignore[assignment]
-    if not args.no_synthetic:
+            experts = {n: folder / p for n, p in load_manifest(folder)["experts"].items()}
+            results[f"zoo-{args.zoo}"] = in_child(measure, f"zoo {args.zoo}", folder / "base", experts, args.repeats,  # type: ignore[assignment]
+                                                  args.threads, args.compile, args.pruning)
+    for size in sizes:
         with tempfile.TemporaryDirectory(prefix="merge_speed_") as tmp:
-            base, experts = in_child(synthetic_llama, Path(tmp), args.experts, getattr(torch, args.dtype), 0, args.layers)  # type: ignore[misc]
-            key = "synthetic-0.5B" if args.layers == 34 else f"synthetic-{args.layers}-layers"
-            results[key] = in_child(measure, "synthetic Llama", base, experts, args.repeats, chunk_sizes, args.threads, args.compile)  # type: ignore[assignment]
+            base, experts = in_child(synthetic_llama, Path(tmp), args.experts, getattr(torch, args.dtype), 0, size,  # type: ignore[misc]
+                                     args.layers)
+            label = f"synthetic Llama {size}" + (f" ({args.layers} layers)" if args.layers else "")
+            results[size] = in_child(measure, label, base, experts, args.repeats, args.threads, args.compile,  # type: ignore[assignment]
+                                     args.pruning)
+    print("\nsummary (medians of interleaved rounds; x = method / plain pass, wall and CPU; limits TIES 3x, "
+          "DARE-TIES 4x)")
+    print(f"{'model':>6} {'params':>8} {'plain ms':>9} {'TIES ms':>9} {'x wall':>6} {'x CPU':>6} {'DARE ms':>9} "
+          f"{'x wall':>6} {'x CPU':>6} {'peak RSS x':>10}")
+    for key, r in results.items():
+        print(f"{key:>6} {r['params'] / 1e6:7.2f}M {r['plain_s'] * 1e3:9.3f} {r['ties_s'] * 1e3:9.3f} "
+              f"{r['ties_ratio']:6.2f} {r['ties_cpu_ratio']:6.2f} {r['dare_ties_s'] * 1e3:9.3f} "
+              f"{r['dare_ties_ratio']:6.2f} {r['dare_ties_cpu_ratio']:6.2f} {r['peak_rss_over_model']:10.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results

@@ -1,4 +1,4 @@
-"""``evomerge zoo build``: build (or find cached) the toy zoo and print its accuracy table."""
+"""``evomerge zoo build`` (the toy zoo and its accuracy table) and ``evomerge zoo build-real`` (real-shaped fixtures)."""
 from __future__ import annotations
 
 import sys
@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .architecture import ARCHS
+from .families import FAMILIES
 from .sizes import ZOO_SIZES
 
 
@@ -39,6 +40,45 @@ def build(out: Path | None, size: str, seed: int, arch: str, tied: bool, force: 
     click.echo(format_accuracy_table(manifest))
     click.echo(f"built in {manifest['build_seconds']:.1f} s (exact match on test splits)")
     click.echo(str(path))
+
+
+@zoo.command(name="build-real")
+@click.option("--family", type=click.Choice(list(FAMILIES)), default="qwen2.5", show_default=True,
+              help="Published architecture: qwen2.5 (Qwen2.5-0.5B), llama3.2 (Llama-3.2-1B), "
+                   "mistral0.3 (Mistral-7B-v0.3), gemma2 (Gemma-2-2B).")
+@click.option("--layers", type=click.IntRange(min=1), default=None,
+              help="Decoder layers kept (default: qwen2.5 4, the others 2).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Fixture directory (default: $EVOMERGE_CACHE/real-shapes/<family>-L<layers>-seed<N>).")
+@click.option("--force", is_flag=True, help="Rebuild even if a complete fixture is cached.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def build_real(family: str, layers: int | None, seed: int, out: Path | None, force: bool, quiet: bool) -> None:
+    """Build a real-shaped fixture (published config, random weights, few layers, bf16 shards,
+    fine-tuned experts, one LoRA adapter) or find it cached; print its summary and path."""
+    from .manifest import load_manifest
+    from .real_shapes import RealShapeError, build_real_shape
+
+    try:
+        path = build_real_shape(family, layers=layers, seed=seed, out=out, force=force, progress=not quiet)
+    except RealShapeError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(format_real_shape(load_manifest(path)))
+    click.echo(str(path))
+
+
+def format_real_shape(manifest: dict) -> str:
+    """A few lines: source, shape, folders (shards, size) and the experts' training losses."""
+    m = manifest["model"]
+    lines = [f"{manifest['family']}: {manifest['source']} config, {m['num_layers']} layers, "
+             f"{m['n_params'] / 1e6:.0f}M parameters, vocabulary {m['vocab_size']:,} ({manifest['features']})"]
+    for name, info in manifest["folders"].items():
+        lines.append(f"  {name:14s} {info['shards']} shards, {info['bytes'] / 2**20:.0f} MiB (bf16)")
+    for name, t in manifest["training"].items():
+        lines.append(f"  {name:14s} {t['steps']} AdamW steps, loss {t['first_loss']:.2f} -> {t['final_loss']:.2f}")
+    lines.append(f"built in {manifest['build_seconds']:.0f} s")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from ._base import MergeMethod
 from ._gta import release_workspace
 from ._magnitude import MagnitudeTable, prune_topk_
 from ._options import MethodOptions
-from ._registry import METHODS, get_method, mask_generator, mask_seed
+from ._registry import METHODS, get_method, mask_generator, mask_seed, mergekit_seed
 
 __all__ = [
     "METHODS",
@@ -24,6 +24,7 @@ __all__ = [
     "get_method",
     "mask_generator",
     "mask_seed",
+    "mergekit_seed",
     "prune_topk_",
     "release_workspace",
 ]

@@ -81,9 +81,12 @@ class MergeMethod(ABC):
         the returned plan then computes any flat chunk `[start, stop)` of the merged task vector.
 
         The engine's fast path: it runs `plan.run(chunk_buffer, start, stop)` over cache-sized chunks
-        and adds the base in the same pass. Not available when `whole_tensor(options)` is true.
+        and adds the base in the same pass. When `whole_tensor(options)` is true (mergekit's draws) the
+        plan merges the whole tensor on its first `run` and serves chunks from that result.
         """
         self._validate(None, deltas, params, base, options, tables, generator)
+        if self.whole_tensor(options):
+            return WholeTensorPlan(self, deltas, params, base=base, options=options, tables=tables, generator=generator)
         with torch.no_grad():
             return self._prepare(deltas, params, base=base, options=options, tables=tables, generator=generator, chunk=chunk)
 
@@ -215,6 +218,30 @@ class ChunkPlan(ABC):
 
     @abstractmethod
     def run(self, out: torch.Tensor, start: int, stop: int) -> None: ...
+
+
+class WholeTensorPlan(ChunkPlan):
+    """A merge that cannot be chunked (`draws="mergekit"`: torch.bernoulli over the whole tensor, as
+    mergekit draws): `merge` runs once into an fp32 buffer of the tensor's size on the first `run`,
+    later chunks are copied from it. Slow and one tensor of extra memory; for parity checks. The
+    generator is reseeded with its seed's low 32 bits, the most mergekit's `--random-seed` takes, so
+    `run_merge(..., MergeOptions(random_seed=mergekit_seed(seed, trial, name)))` draws the same."""
+
+    def __init__(self, method: MergeMethod, deltas: Sequence[torch.Tensor], params: Sequence[ExpertParams], *,
+                 base: torch.Tensor | None, options: MethodOptions, tables: Sequence[MagnitudeTable] | None,
+                 generator: torch.Generator | None) -> None:
+        self.numel = deltas[0].numel()
+        if generator is not None:  # mergekit seeds numpy too, which takes 32-bit seeds (`mergekit_seed`)
+            generator.manual_seed(generator.initial_seed() & 0xFFFFFFFF)
+        self._call = (method, deltas, params, base, options, tables, generator)
+        self._merged: torch.Tensor | None = None
+
+    def run(self, out: torch.Tensor, start: int, stop: int) -> None:
+        if self._merged is None:
+            method, deltas, params, base, options, tables, generator = self._call
+            self._merged = torch.empty(deltas[0].shape, dtype=torch.float32, device=out.device)
+            method.merge(self._merged, deltas, params, base=base, options=options, tables=tables, generator=generator)
+        out.copy_(self._merged.reshape(-1)[start:stop])
 
 
 class LinearPlan(ChunkPlan):

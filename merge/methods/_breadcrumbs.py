@@ -1,10 +1,11 @@
 """Model Breadcrumbs: drop the `gamma` largest-magnitude entries (outliers) and the smallest, keep `density`.
 
-mergekit's `magnitude_outliers` semantics, reproduced exactly for exact tables:
+mergekit's `magnitude_outliers` semantics, reproduced to the entry (its tie-breaking too, `_ranks`):
 `n_top = int(gamma * N)` largest entries are removed, then the next `int(density * N)` are kept; when
 `density + gamma > 1` the outlier cut shrinks so that `int(density * N)` entries are still kept.
 density >= 1 keeps everything (no outlier removal either); `int(density * N) == 0` keeps nothing.
-The band is a pair of thresholds from the `MagnitudeTable`: `lo <= |x| <= hi`.
+The band is a pair of thresholds `lo <= |x| <= hi` plus, where an end splits a tie group, the
+explicit positions of the members mergekit keeps (`TieBandSpec`).
 
 * `breadcrumbs`: band-pruned deltas, weighted sum (mergekit `breadcrumbs`, default normalize false).
 * `breadcrumbs_ties`: band-pruned deltas with TIES sign election (mergekit `breadcrumbs_ties`).
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .._recipe import ExpertParams
-from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec
+from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec, FixList
 from ._magnitude import MagnitudeTable, prune_band
 from ._options import MethodOptions
 
@@ -32,19 +33,11 @@ def band_sparsify(
     scratch: Scratch,
     index: int,
 ) -> Sparsified:
-    density = float(p.density)
-    if density >= 1:
-        return delta, 1.0
-    if delta.numel() == 0:
+    spec = band_spec(delta, p, table, options, None)
+    if spec.zero:
         return None, 1.0
-    if table is None:
-        table = MagnitudeTable.build(delta, resolution=max(1, delta.numel()))
-    band = table.band(density, float(p.gamma))
-    if band is None:
-        return None, 1.0
-    lo, hi = band
-    out = scratch.get("prune", delta.dtype)
-    return prune_band(delta, lo, hi, out=out, scratch=scratch.get("band_high", delta.dtype)), 1.0
+    flat = delta.reshape(-1)
+    return spec.chunk(flat, 0, Scratch(flat)).view(delta.shape), 1.0
 
 
 class BandSpec(Spec):
@@ -56,21 +49,53 @@ class BandSpec(Spec):
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
         return prune_band(d, self.lo, self.hi, out=scratch.get("prune", d.dtype), scratch=scratch.get("band_high", d.dtype))
 
+    def keep_at(self, x: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
+        if self.lo > self.hi:
+            return torch.zeros_like(x)
+        return prune_band(x, self.lo, self.hi, out=torch.empty_like(x), scratch=torch.empty_like(x))
+
+
+class TieBandSpec(BandSpec):
+    """Exact Breadcrumbs band with split tie groups at its ends: keep `lo <= |x| <= hi` (strict at a
+    split end; lo > hi: an empty band) and the members mergekit keeps, `fix` (`_ranks`)."""
+
+    def __init__(self, lo: float, hi: float, fix: torch.Tensor) -> None:
+        super().__init__(lo, hi)
+        self.fix = fix
+        self._list = FixList(fix)
+
+    def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
+        if self.lo > self.hi:
+            out = scratch.get("prune", d.dtype).zero_()
+        else:
+            out = super().chunk(d, start, scratch)
+        return self._list.restore(out, d, start)
+
+    def keep_at(self, x: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
+        plain = super().keep_at(x, None)
+        return plain if fixed is None else torch.where(fixed, x, plain)
+
 
 def band_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable | None, options: MethodOptions,
               key: tuple[int, int] | None) -> Spec:
-    """`band_sparsify` resolved once per tensor: the band comes from the table."""
+    """`band_sparsify` resolved once per tensor: mergekit's entries exactly (`_ranks`), or with
+    `options.pruning == "approximate"` a band interpolated from the table."""
     density = float(p.density)
     if density >= 1:
         return DenseSpec()
     if delta.numel() == 0:
         return ZeroSpec()
-    if table is None:
-        table = MagnitudeTable.build(delta, resolution=max(1, delta.numel()))
-    band = table.band(density, float(p.gamma))
-    if band is None:
+    if table is None:  # slow path: one sort per call, as mergekit
+        table = MagnitudeTable.build(delta, resolution=1)
+    if options.pruning == "approximate":
+        band = table.band(density, float(p.gamma))
+        return ZeroSpec() if band is None else BandSpec(*band)
+    selection = table.select_band(delta, density, float(p.gamma))
+    if selection is None:
         return ZeroSpec()
-    return BandSpec(*band)
+    if selection.fix is None:
+        return BandSpec(selection.lo, selection.hi)
+    return TieBandSpec(selection.lo, selection.hi, selection.fix)
 
 
 class Breadcrumbs(GeneralizedTaskArithmetic):

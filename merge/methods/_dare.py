@@ -31,10 +31,10 @@ from ._rescale import l1_restore_factor
 
 
 def work_dtype(delta: torch.Tensor) -> torch.dtype:
-    """mergekit's choice: fp32 on CPU (bernoulli lacks fp16 there), the tensor's dtype elsewhere or for bf16."""
-    if delta.device.type != "cpu" or delta.dtype in (torch.bfloat16, torch.float64):
-        return delta.dtype
-    return torch.float32
+    """The dtype mergekit draws and rescales in under the YAML evomerge exports (`dtype: float32`:
+    every input is cast to fp32 first): fp32, or fp64 for fp64 task vectors. (mergekit run with
+    `dtype: bfloat16` draws bf16 probabilities, whose rounded density gives other masks.)"""
+    return torch.float64 if delta.dtype == torch.float64 else torch.float32
 
 
 def mergekit_sparsify(

@@ -38,12 +38,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ._base import chunks
-from ._breadcrumbs import BandSpec
+from ._breadcrumbs import BandSpec, TieBandSpec
 from ._dare import DareSpec
 from ._draws import _M1, _M2, _M3, _s32
 from ._gta import DenseSpec, GtaPlan, ZeroSpec, _EPS
 from ._magnitude import _strict_below
-from ._ties import ThresholdSpec
+from ._ties import ThresholdSpec, TieThresholdSpec
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Delta / target dtypes the kernels take (fp64 stays eager: fp32 math would lose precision)."""
@@ -116,18 +116,18 @@ def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats
     """The eager function of one variant (compiled by `_call`; also runnable as is).
 
     `packed`: the chunk spans many tensors (`PackedGta`): inputs are (rows, block) with each row in one
-    tensor, every per-expert value is an (experts, segments) table and `start` a per-segment table,
-    looked up per ROW through `seg` (each row's segment). The lookup is then one scalar load per row,
-    outside the vectorized loop over the block (a per-entry gather measured 3x slower: inductor
-    scalarizes it)."""
+    tensor, every per-expert value an (experts, rows) table and `start` each row's first element index
+    within its tensor, all gathered per row by the caller (`PackedGta.apply`). The kernel's loads of
+    them are affine, one scalar per row, outside the vectorized loop over the block (a per-entry
+    gather measured 3x slower: inductor scalarizes it; an in-kernel lookup through each row's segment
+    id kept a bounds check and a dependent load in the inner loop)."""
 
     def kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], lo: torch.Tensor,
                hi: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor,
-               k1: torch.Tensor, shift: torch.Tensor, start: torch.Tensor, lam: torch.Tensor,
-               seg: torch.Tensor | None = None):
+               k1: torch.Tensor, shift: torch.Tensor, start: torch.Tensor, lam: torch.Tensor):
         if packed:
-            (lo, hi, coef, weight, bound, k0, k1, shift), start = _per_row(
-                (lo, hi, coef, weight, bound, k0, k1, shift), start, seg, out.shape[-1])
+            lo, hi, coef, weight, bound, k0, k1, shift = (t[:, :, None] for t in (lo, hi, coef, weight, bound, k0, k1, shift))
+            start = start[:, None]
         xs = _weighted(kinds, deltas, coef, lo, hi, bound, k0, k1, shift, start)
         if not consensus:  # linear_combine: coef = rescale * w * lambda / divisor
             merged = xs[0]
@@ -157,23 +157,15 @@ def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats
     return kernel
 
 
-def _per_row(tables: Sequence[torch.Tensor], start: torch.Tensor, seg: torch.Tensor,
-             block: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Packed kernels: each (experts, segments) table as (experts, rows, 1) through each row's segment,
-    and each row's first element index within its own tensor, as (rows, 1)."""
-    rows = torch.arange(seg.shape[0], dtype=torch.int32, device=seg.device)
-    return [t[:, seg, None] for t in tables], (start[seg] + rows * block)[:, None]
-
-
 def _make_l1_kernel() -> Callable:
     """Pass 1 of mergekit's L1 rescale for packed small tensors (`PackedGta`): the kept L1 (fp64) of
     the DARE experts' masked entries per row of a (rows, block) chunk, summed per tensor by the
     caller. (Large tensors look their kept L1 up in a `WindowL1` instead.)"""
 
     def kernel(deltas: list[torch.Tensor], bound: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor,
-               shift: torch.Tensor, start: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        (bound, k0, k1, shift), start = _per_row((bound, k0, k1, shift), start, seg, deltas[0].shape[-1])
-        index = torch.arange(deltas[0].shape[-1], dtype=torch.int32, device=seg.device) + start
+               shift: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        bound, k0, k1, shift = (t[:, :, None] for t in (bound, k0, k1, shift))  # per row, as in `_make_kernel`
+        index = torch.arange(deltas[0].shape[-1], dtype=torch.int32, device=start.device) + start[:, None]
         kept = []
         for i, d in enumerate(deltas):
             keep = _in_window(index, k0[i], k1[i], shift[i], bound[i])
@@ -249,7 +241,8 @@ class FusedGta:
         for i, (spec, w) in enumerate(zip(plan.specs, plan.weights)):
             if spec.zero or w == 0:
                 continue  # contributes nothing, eager skips it too
-            kind = {DenseSpec: "dense", ThresholdSpec: "thr", BandSpec: "band", DareSpec: "dare"}.get(type(spec))
+            kind = {DenseSpec: "dense", ThresholdSpec: "thr", BandSpec: "band", DareSpec: "dare",
+                    TieThresholdSpec: "thr", TieBandSpec: "band"}.get(type(spec))  # ties: fixed after the kernel
             if kind is None:
                 return None  # DELLA (per-entry probabilities) and any future spec: eager
             kinds.append(kind)
@@ -296,6 +289,9 @@ class FusedGta:
             if stats:
                 nnz = result[0] if nnz is None else nnz + result[0]
                 l1 = result[1] if l1 is None else l1 + result[1]
+        fixed = self.plan.fix_ties(out, base, stats)  # exact top-k: split tie groups (`_gta`, `_ranks`)
+        if fixed is not None:
+            nnz, l1 = nnz + fixed[0], l1 + fixed[1]
         return (nnz, l1) if stats else None
 
 
@@ -354,7 +350,6 @@ class PackedGta:
         self.normalize = normalize
         self.tables = tables
         self.lam = torch.tensor(lam, dtype=torch.float32, device=row_starts.device)
-        self.row_starts = row_starts
 
     @classmethod
     def of(cls, segments: Sequence[tuple[object, Sequence[int]] | None], n_experts: int,
@@ -423,33 +418,35 @@ class PackedGta:
         return cls(handled, live, kinds, first.consensus, first.normalize, tables, first.lambda_, row_starts)
 
     def apply(self, out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor], segment: torch.Tensor,
-              chunk: int, stats: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+              row_first: torch.Tensor, chunk: int, stats: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`out = (base + merged).to(out.dtype)` over the packed buffers, one kernel call per chunk.
 
         `out`, `base`, `deltas` (one per arena expert): (rows, block) views, each row inside one tensor;
-        `segment`: each row's segment (int32); `chunk`: entries per call (rounded to whole rows).
+        `segment`: each row's segment (int32); `row_first`: each row's first element index within its
+        tensor (int32); `chunk`: entries per call (rounded to whole rows).
         Returns (changed entries, fp64 L1 of the merged task vector) when `stats`, else None.
         Raises `FusedUnavailable` (before writing anything) when the kernel cannot be compiled."""
         deltas = [deltas[e] for e in self.experts]
         if "before" in self.tables:
-            self._l1_rescale(deltas, segment, chunk)
-        t = self.tables
+            self._l1_rescale(deltas, segment, row_first, chunk)
+        # each (experts, segments) table gathered per row once per apply: a few small eager ops
+        t = {name: table.index_select(1, segment) for name, table in self.tables.items()}
         block = out.shape[1]
         key = ("packed", self.kinds, self.consensus, self.normalize, stats, tuple(d.dtype for d in deltas),
                base.dtype, out.dtype)
         build = lambda: _make_kernel(self.kinds, self.consensus, self.normalize, stats, packed=True)  # noqa: E731
         nnz = l1 = None
         for lo, hi in chunks(out.shape[0], max(1, chunk // block)):
-            starts = (lo - self.row_starts) * block  # each segment's own element index at this chunk's first row
-            result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in deltas], t["lo"], t["hi"],
-                           t["coef"], t["weight"], t["bound"], t["k0"], t["k1"], t["shift"], starts, self.lam,
-                           segment[lo:hi])
+            result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in deltas],
+                           *(t[name][:, lo:hi] for name in ("lo", "hi", "coef", "weight", "bound", "k0", "k1", "shift")),
+                           row_first[lo:hi], self.lam)
             if stats:
                 nnz = result[0] if nnz is None else nnz + result[0]
                 l1 = result[1] if l1 is None else l1 + result[1]
         return (nnz, l1) if stats else None
 
-    def _l1_rescale(self, deltas: Sequence[torch.Tensor], segment: torch.Tensor, chunk: int) -> None:
+    def _l1_rescale(self, deltas: Sequence[torch.Tensor], segment: torch.Tensor, row_first: torch.Tensor,
+                    chunk: int) -> None:
         """mergekit's L1 rescale of the pending DARE cells (`GtaPlan.resolve_rescale` per tensor):
         pass 1 sums each row's kept |x| in fp64 (one kernel call per chunk), rows are added up per
         tensor, and the fp32 factor `|d|_1 / kept` (1 when either < 1e-7) multiplies the coefficient."""
@@ -458,10 +455,10 @@ class PackedGta:
         block = deltas[0].shape[1]
         kept = torch.zeros(len(dare), t["before"].shape[1], dtype=torch.float64, device=segment.device)
         key = ("l1-packed", len(dare), tuple(deltas[r].dtype for r in dare))
-        bound, k0, k1, shift = (t[name][dare] for name in ("bound", "k0", "k1", "shift"))
+        per_row = [t[name][dare].index_select(1, segment) for name in ("bound", "k0", "k1", "shift")]
         for lo, hi in chunks(segment.shape[0], max(1, chunk // block)):
             rows = _call(key, _make_l1_kernel, [deltas[r][lo:hi] for r in dare],
-                         bound, k0, k1, shift, (lo - self.row_starts) * block, segment[lo:hi])
+                         *(table[:, lo:hi] for table in per_row), row_first[lo:hi])
             kept.index_add_(1, segment[lo:hi].long(), rows)
         before = t["before"][dare]
         ok = (before >= _EPS) & (kept >= _EPS)

@@ -41,6 +41,7 @@ import struct
 import numpy as np
 import torch
 
+from ._ranks import BandSelection, RankTable, TopSelection, select_band, select_top
 from ._rescale import WINDOW_L1_MIN_NUMEL, WindowL1
 from ._scratch import scratch
 
@@ -100,7 +101,7 @@ class MagnitudeTable:
     """Sorted-magnitude statistics of one task vector (see module docstring for the error bound)."""
 
     __slots__ = ("numel", "resolution", "exact", "values", "positions", "l1", "sampled", "identity", "_row_ranks",
-                 "_row_len", "_lookup", "_windows")
+                 "_row_len", "_lookup", "_windows", "_ranks")
 
     def __init__(
         self,
@@ -125,6 +126,7 @@ class MagnitudeTable:
         field of its window masks from it and the run seed (`_draws.field_key`), so the field, and
         with it the kept-L1 table (`window_l1`), stays the same across the trials of a run."""
         self._windows: dict[tuple[int, int], WindowL1] = {}
+        self._ranks: RankTable | None = None
         self._row_ranks: torch.Tensor | None = None
         self._row_len = 0
         # numpy views of values / positions: a threshold lookup per (tensor, expert) and candidate
@@ -228,6 +230,29 @@ class MagnitudeTable:
         n_top = int(gamma * self.numel)
         n_bot = max(0, self.numel - target - n_top)
         return self.order_statistic(n_bot), self.order_statistic(n_bot + target - 1)
+
+    # -- exact selections (mergekit's count and tie-breaking; `_ranks`) ---------------------------
+    def ranks(self, delta: torch.Tensor) -> RankTable:
+        """The exact rank table of `delta` (the task vector this table describes), built on first use."""
+        if self._ranks is None:
+            with torch.no_grad():
+                self._ranks = RankTable(delta)
+        return self._ranks
+
+    def select_top(self, delta: torch.Tensor, density: float) -> TopSelection | None:
+        """mergekit's `magnitude` selection at `density` (0 < density < 1); None keeps nothing."""
+        if self.numel == 0 or density <= 0:
+            return None
+        return select_top(self.ranks(delta), max(1, int(density * self.numel)))
+
+    def select_band(self, delta: torch.Tensor, density: float, gamma: float) -> BandSelection | None:
+        """mergekit's `magnitude_outliers` selection (density < 1); None keeps nothing."""
+        target = int(density * self.numel)
+        if target <= 0:
+            return None
+        n_top = int(gamma * self.numel)
+        n_bot = max(0, self.numel - target - n_top)
+        return select_band(self.ranks(delta), n_bot, target)
 
     # -- DARE --------------------------------------------------------------------------------------
     def window_l1(self, delta: torch.Tensor, key: tuple[int, int]) -> WindowL1 | None:
@@ -335,21 +360,27 @@ def prune_band(delta: torch.Tensor, lo: float, hi: float, out: torch.Tensor, scr
 
 
 def prune_topk_(tensor: torch.Tensor, table: MagnitudeTable | None, density: float) -> torch.Tensor:
-    """In place: zero all but the top `density` fraction of `tensor` by magnitude; returns `tensor`.
+    """In place: keep exactly mergekit's top `max(1, int(density * N))` entries of `tensor` by magnitude
+    (its tie-breaking included), zero the rest; returns `tensor`.
 
     The asymmetric-LoRA Evo-Merging variant prunes each adapter's A matrix with this (B untouched) and
     then merges adapters with `topk` at density 1: see docs/merge-methods.md.
-    `table` must describe `tensor`'s current values (None builds an exact one: a sort, slow path).
+    `table` must describe `tensor`'s current values (None builds one: a sort, slow path).
     """
-    if density >= 1:
+    if density >= 1 or tensor.numel() == 0:
         return tensor
     if table is None:
-        table = MagnitudeTable.build(tensor, resolution=max(1, tensor.numel()))
-    threshold = table.threshold(density)
-    if math.isinf(threshold):
+        table = MagnitudeTable.build(tensor, resolution=1)
+    selection = table.select_top(tensor, density)
+    if selection is None:
         return tensor.zero_()
-    if threshold <= 0:
+    if selection.threshold <= 0:
         return tensor
-    lambd = _strict_below(threshold, tensor.dtype)
+    flat = tensor.view(-1)
+    kept = flat[selection.fix] if selection.fix is not None and not selection.drop else None
+    lambd = _strict_below(selection.threshold, tensor.dtype)
     # hardshrink has no in-place variant; masked_fill_ with a fresh bool mask is the in-place route.
-    return tensor.masked_fill_(tensor.abs() <= lambd, 0)
+    tensor.masked_fill_(tensor.abs() <= lambd, 0)
+    if selection.fix is not None:
+        flat[selection.fix] = 0 if selection.drop else kept
+    return tensor

@@ -32,6 +32,11 @@ class MethodOptions:
     like mergekit 0.1.5, so on CPU the masks are bit-identical to mergekit's under the same seed
     (used by the parity tests). Both keep each entry with probability p; a recipe is reproducible
     with either, but only with the same choice."""
+    pruning: Literal["exact", "approximate"] = "exact"
+    """Magnitude pruning (ties, breadcrumbs*, topk). "exact": mergekit's count and tie-breaking, to the
+    entry (`_ranks`: one sort per task vector, kept for the search). "approximate": a threshold
+    interpolated from the `MagnitudeTable`'s order statistics (sampled above 2**18 entries), ties at
+    the threshold all kept; no sort, error bound in `_magnitude`'s docstring."""
     seed: int = 0
     """The run seed (`MergeRecipe.seed`): with a table's `identity` it fixes DARE's field for the
     run (`_draws.field_key`); the trial's generator then only picks the window."""
@@ -39,5 +44,7 @@ class MethodOptions:
     def __post_init__(self) -> None:
         if self.rescale not in ("mergekit", "paper"):
             raise ValueError(f"rescale must be 'mergekit' or 'paper', got {self.rescale!r}")
+        if self.pruning not in ("exact", "approximate"):
+            raise ValueError(f"pruning must be 'exact' or 'approximate', got {self.pruning!r}")
         if self.draws not in ("fast", "mergekit"):
             raise ValueError(f"draws must be 'fast' or 'mergekit', got {self.draws!r}")

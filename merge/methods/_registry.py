@@ -50,6 +50,13 @@ def mask_seed(seed: int, trial: int, tensor_name: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def mergekit_seed(seed: int, trial: int, tensor_name: str) -> int:
+    """The seed `draws="mergekit"` draws one tensor's masks with: `mask_seed`'s low 32 bits, so mergekit
+    run with `random_seed` set to it draws the same masks for that tensor (its numpy seeding takes
+    32 bits). mergekit seeds once per run, so only a run whose one drawing tensor is this one matches."""
+    return mask_seed(seed, trial, tensor_name) & 0xFFFFFFFF
+
+
 def mask_generator(seed: int, trial: int, tensor_name: str, device: torch.device | str) -> torch.Generator:
     """A generator on `device` seeded from (run seed, trial, tensor name), so any trial's random masks
     (DARE, DELLA) can be rebuilt bit for bit. Python's `hash()` is salted per process, hence blake2b."""

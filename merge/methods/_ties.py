@@ -1,7 +1,7 @@
 """TIES (magnitude pruning + sign election) and task arithmetic, plus Evo-Merging's `topk`.
 
 * `task_arithmetic`: `lambda * sum_i w_i d_i` (/ sum_i w_i with normalize). mergekit: `task_arithmetic`.
-* `ties`: keep the top `density` of each |d_i| (threshold from the `MagnitudeTable`), elect the sign of
+* `ties`: keep the top `density` of each |d_i| (exactly mergekit's entries, `_ranks`), elect the sign of
   `sum_i w_i d_i'` per entry (ties at exactly 0 elect +), keep the weighted entries agreeing with it,
   divide by the sum of the agreeing weights (normalize), scale by lambda. mergekit: `ties`.
 * `topk` (Evo-Merging stages 1 and 2): the same magnitude pruning, then a plain sign-aware scaled sum
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from .._recipe import ExpertParams
-from ._gta import GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, trivial_spec
+from ._gta import DenseSpec, GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, ZeroSpec, FixList, trivial_spec
 from ._magnitude import MagnitudeTable, prune_magnitude
 from ._options import MethodOptions
 
@@ -39,14 +39,11 @@ def magnitude_sparsify(
     index: int,
 ) -> Sparsified:
     """mergekit's `magnitude` (without rescale, its default for TIES): top max(1, int(density*N)) entries."""
-    density = float(p.density)
-    if density >= 1:
-        return delta, 1.0
-    if density <= 0 or delta.numel() == 0:
+    spec = magnitude_spec(delta, p, table, options, None)
+    if spec.zero:
         return None, 1.0
-    if table is None:  # slow path: exact table, one sort per call
-        table = MagnitudeTable.build(delta, resolution=max(1, delta.numel()))
-    return prune_magnitude(delta, table.threshold(density), out=scratch.get("prune", delta.dtype)), 1.0
+    flat = delta.reshape(-1)
+    return spec.chunk(flat, 0, Scratch(flat)).view(delta.shape), 1.0
 
 
 class ThresholdSpec(Spec):
@@ -58,17 +55,52 @@ class ThresholdSpec(Spec):
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
         return prune_magnitude(d, self.threshold, out=scratch.get("prune", d.dtype))
 
+    def keep_at(self, x: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
+        return prune_magnitude(x, self.threshold)
+
+
+class TieThresholdSpec(ThresholdSpec):
+    """Exact top-k with a split tie group: keep `|x| >= threshold` (strictly above the boundary value)
+    and the boundary members mergekit keeps, `fix`; or with `drop`, `|x| >= threshold` (the boundary
+    value) except the members mergekit drops, `fix` (flat indices; `_ranks`)."""
+
+    def __init__(self, threshold: float, fix: torch.Tensor, drop: bool = False) -> None:
+        super().__init__(threshold)
+        self.fix = fix
+        self.drop = drop
+        self._list = FixList(fix)
+
+    def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
+        out = prune_magnitude(d, self.threshold, out=scratch.get("prune", d.dtype))
+        if out is d:  # threshold 0 keeps all: never with a fix list, but never write into d
+            out = scratch.get("prune", d.dtype).copy_(d)
+        return self._list.restore(out, d, start, self.drop)
+
+    def keep_at(self, x: torch.Tensor, fixed: torch.Tensor | None) -> torch.Tensor:
+        plain = prune_magnitude(x, self.threshold)
+        if fixed is None:
+            return plain
+        return torch.where(fixed, torch.zeros_like(x) if self.drop else x, plain)
+
 
 def magnitude_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable | None, options: MethodOptions,
                    key: tuple[int, int] | None) -> Spec:
-    """`magnitude_sparsify` resolved once per tensor: the threshold comes from the table."""
+    """`magnitude_sparsify` resolved once per tensor: exactly mergekit's entries (`_ranks`), or with
+    `options.pruning == "approximate"` a threshold interpolated from the table."""
     density = float(p.density)
     trivial = trivial_spec(delta, density)
     if trivial is not None:
         return trivial
-    if table is None:  # slow path: exact table, one sort per call
-        table = MagnitudeTable.build(delta, resolution=max(1, delta.numel()))
-    return ThresholdSpec(table.threshold(density))
+    if table is None:  # slow path: one sort per call, as mergekit
+        table = MagnitudeTable.build(delta, resolution=1)
+    if options.pruning == "approximate":
+        return ThresholdSpec(table.threshold(density))
+    selection = table.select_top(delta, density)
+    if selection is None:
+        return ZeroSpec()
+    if selection.fix is None:
+        return ThresholdSpec(selection.threshold) if selection.threshold > 0 else DenseSpec()
+    return TieThresholdSpec(selection.threshold, selection.fix, selection.drop)
 
 
 class TaskArithmetic(GeneralizedTaskArithmetic):

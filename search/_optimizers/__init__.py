@@ -7,7 +7,7 @@ from typing import Any
 
 from ._base import Candidate, Failure, Optimizer, Result
 from ._baselines import GridSearch, RandomSearch
-from ._coordinator import CoordinatedOptimizer
+from ._coordinator import CoordinatedOptimizer, ResumeError
 from ._nevergrad import NEVERGRAD_OPTIMIZERS, NevergradOptimizer
 from ._optuna import OPTUNA_SAMPLERS, OptunaOptimizer
 
@@ -41,6 +41,7 @@ __all__ = [
     "Optimizer",
     "OptunaOptimizer",
     "RandomSearch",
+    "ResumeError",
     "Result",
     "make_optimizer",
 ]

@@ -1,30 +1,45 @@
 """Coordinator for optimizers whose state lives outside the study (nevergrad, the baselines).
 
+The state is data, never code: what a coordinator stores is its *history*, a JSON list of
+integers (``-n``: n new candidates asked; ``k >= 0``: candidate k told), plus the optimizer's name,
+budget and batch size. Resume rebuilds the backend by replaying that history into a fresh backend
+of the same seed, taking every told result from the ledger, so nothing stored is ever unpickled or
+executed, and a resumed deterministic backend continues the uninterrupted run's ask/tell sequence.
+Each replayed candidate that the ledger holds is checked against the ledger's genome, so a history
+that does not fit the ledger (edited, from another nevergrad version) is detected, not trusted.
+
 Crash safety rests on three rules:
 
-1. Every ``ask`` batch ends with the whole state (backend optimizer, candidates asked but not
-   told, ids told) pickled atomically: temp file, fsync, ``os.replace``, directory fsync. A
-   candidate thus exists in the checkpoint before its result reaches the ledger. The run loop
-   has the file written behind (`write_behind`: on its background thread, during the batch's
-   evaluation, and waited for before the batch's first result is written).
+1. Every ``ask`` batch ends with the history written atomically (temp file, fsync,
+   ``os.replace``, directory fsync: `evomerge.merge.write_atomic`). A candidate thus exists in
+   the history before its result reaches the ledger. The run loop has the file written behind
+   (`write_behind`: on its background thread, during the batch's evaluation, and waited for
+   before the batch's first result is written).
 2. A finished trial reaches the ledger (one append, with its candidate id) *before* the
-   optimizer is told, so the ledger is never behind the optimizer; every checkpoint write
-   starts with a ledger fsync (`Ledger.sync`), so that also holds for what survives a power loss.
-   The tell itself is not checkpointed on its own: the next ask's checkpoint includes it, and if
-   the process dies first, rule 3 replays it from the ledger with the same values. Durability
-   thus costs three fsyncs per ask batch (ledger, checkpoint file, its directory), whatever the
-   batch size, all off the critical path in the run loop; `save` also runs when a run stops.
-3. On ``bind`` (resume): finished ledger trials the checkpoint has not told are told now; pending
-   candidates with no finished trial are re-queued, and the next ``ask`` hands out those alone
-   (the rest of the interrupted batch). Every candidate is evaluated to completion exactly once,
-   and a deterministic backend sees the same ask/tell sequence as an uninterrupted run.
+   optimizer is told, so the ledger is never behind the optimizer; every history write starts
+   with a ledger fsync (`Ledger.sync`), so that also holds for what survives a power loss. The
+   tell itself is not written on its own: the next ask's write includes it, and if the process
+   dies first, rule 3 replays it from the ledger with the same values. Durability thus costs
+   three fsyncs per ask batch (ledger, history file, its directory), whatever the batch size,
+   all off the critical path in the run loop; `save` also runs when a run stops.
+3. On ``bind`` (resume): the history is replayed; finished ledger trials it has not told are told
+   now; pending candidates with no finished trial are re-queued, and the next ``ask`` hands out
+   those alone (the rest of the interrupted batch). Every candidate is evaluated to completion
+   exactly once, and a deterministic backend sees the same ask/tell sequence as an uninterrupted
+   run.
+
+The history is a convenience, not a necessity: when it is missing or unusable (deleted, replaced
+by anything else, such as a pickle), the coordinator rebuilds from the ledger alone, asking each
+candidate just before its result is told in ledger order. That is exactly the sequence of a run
+that asks one candidate at a time (the CLI's single-process loop); for batched or multi-worker
+runs the genome check tells whether it fits, and a clear `ResumeError` says so when it does not.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
-import pickle
-import tempfile
 from abc import abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 from optuna.distributions import BaseDistribution
 
-from evomerge.merge import MergeRecipe
+from evomerge.merge import MergeRecipe, write_atomic
 
 from .._durable import WriteBehind
 from .._scalarize import to_losses
@@ -58,36 +73,28 @@ class Proposal:
     recipe: MergeRecipe | None = None
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable across a machine restart
-    finally:
-        os.close(dir_fd)
+HISTORY_FORMAT = "evomerge.coordinator-history/1"
+"""Tag of the stored history (JSON); anything else in the store is ignored, never loaded."""
+
+
+class ResumeError(RuntimeError):
+    """Neither the stored history nor the ledger alone rebuilds the optimizer (one-line message)."""
+
+
+class _Unusable(Exception):
+    """One way of rebuilding the backend failed (the reason is tried next to the other's)."""
 
 
 @runtime_checkable
 class CheckpointStore(Protocol):
-    """Where a coordinator's pickle lives: a file next to the ledger, or (several machines) a
-    row in the study's database guarded by the coordinator lease (`search._lease`)."""
+    """Where a coordinator's history lives (JSON bytes): a file next to the ledger, or (several
+    machines) a row in the study's database guarded by the coordinator lease (`search._lease`)."""
 
     def read(self) -> bytes | None:
-        """The last checkpoint, or None when there is none yet."""
+        """The last history, or None when there is none yet."""
 
     def write(self, data: bytes) -> None:
-        """Replace the checkpoint atomically (a crash leaves the old or the new one)."""
+        """Replace the history atomically (a crash leaves the old or the new one)."""
 
 
 class FileCheckpoint:
@@ -107,7 +114,7 @@ class FileCheckpoint:
 
 
 class CoordinatedOptimizer(Optimizer):
-    """Base for backends driven through ask/tell with a pickled state (see module docstring)."""
+    """Base for backends driven through ask/tell, rebuilt by replay (see module docstring)."""
 
     def __init__(self, *, checkpoint: str | os.PathLike[str] | CheckpointStore | None = None) -> None:
         self._checkpoint_arg: CheckpointStore | None = (
@@ -117,6 +124,8 @@ class CoordinatedOptimizer(Optimizer):
         self._told: set[int] = set()
         self._next_id = 0
         self._requeue: list[int] = []
+        self._events: list[int] = []
+        self._started_with: tuple[int | None, int] = (None, 1)
         self._backend: Any = None
         self._dirty = False
         self._write_behind: WriteBehind | None = None
@@ -139,45 +148,111 @@ class CoordinatedOptimizer(Optimizer):
         self, space: "SearchSpace", ledger: "Ledger", *, budget: int | None = None, batch_size: int = 1,
         finished: "Sequence[FrozenTrial] | None" = None,
     ) -> None:
-        """Restore (or start) the backend and reconcile it with the ledger (rule 3).
+        """Rebuild (or start) the backend by replay and reconcile it with the ledger (rule 3).
 
         ``finished``: the trials to reconcile with, instead of ``ledger.finished()``; a multi-worker
         coordinator passes the final ones of the same snapshot it re-queues from
         (`search._workers.Coordinator`)."""
         self._space, self._ledger = space, ledger
-        self._path = self._checkpoint_arg or FileCheckpoint(ledger.checkpoint_path("optimizer.pkl"))
-        finished = {
+        self._path = self._checkpoint_arg or FileCheckpoint(ledger.checkpoint_path("optimizer.json"))
+        by_candidate = {
             int(t.user_attrs["candidate"]): t
             for t in (ledger.finished() if finished is None else finished) if "candidate" in t.user_attrs
         }
-        stored = self._path.read()
-        if stored is not None:
-            state = pickle.loads(stored)
-            if state["name"] != self.name:
-                raise ValueError(f"checkpoint {self._path} belongs to optimizer {state['name']!r}, not {self.name!r}")
-            self._backend, self._pending, self._told, self._next_id = (
-                state["backend"], state["pending"], state["told"], state["next_id"],
-            )
-        elif finished:
-            raise RuntimeError(
-                f"the ledger holds {len(finished)} coordinated trials but the optimizer checkpoint "
-                f"{self._path} is missing; restore it or start a new run"
-            )
-        else:
-            self._backend = self._start(space, ledger.seed, budget, batch_size)
+        history, why_not = self._read_history()
+        reasons: list[str] = [] if why_not is None else [why_not]
+        rebuilt_from_history = False
+        if history is not None:
+            try:
+                self._restart(space, history["budget"], history["batch_size"])
+                self._replay_history(history["events"], by_candidate)
+                rebuilt_from_history = True
+            except _Unusable as exc:
+                reasons.append(f"its history: {exc}")
+        if not rebuilt_from_history:
+            try:
+                self._restart(space, budget, batch_size)
+                self._replay_ledger(by_candidate)
+            except _Unusable as exc:
+                raise ResumeError(
+                    f"cannot rebuild optimizer {self.name} of study {ledger.study_name!r} from {self._path} "
+                    f"({'; '.join(reasons) or 'none stored'}) nor from the ledger alone ({exc}); restore the "
+                    "history file or start a new run"
+                ) from None
         reconciled = False
-        for cid in sorted(finished):
+        for cid in sorted(by_candidate):
             if cid in self._told:
                 continue
             if cid not in self._pending:
-                raise RuntimeError(f"ledger trial with candidate {cid} is unknown to the checkpoint {self._path}")
-            trial = finished[cid]
-            values = ledger.objective_values(trial)
-            self._tell_backend(cid, Failure(trial.user_attrs.get("failure", "failed")) if values is None else values)
+                raise ResumeError(f"ledger trial {by_candidate[cid].number} holds candidate {cid}, which {self._path} never asked")
+            self._tell_trial(cid, by_candidate[cid])
             reconciled = True
-        self._requeue = sorted(cid for cid in self._pending if cid not in finished)
-        if reconciled or stored is None:
+        self._requeue = sorted(cid for cid in self._pending if cid not in by_candidate)
+        if reconciled or not rebuilt_from_history:
             self.save()
+        else:
+            self._dirty = False
+
+    # ---------------------------------------------------------------- rebuilding
+    def _read_history(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The stored history if it is ours and well-formed, else (None, why not). Only JSON is
+        ever parsed: a store holding anything else (a pickle from an older version, a planted
+        file) is ignored, never loaded."""
+        stored = self._path.read()
+        if stored is None:
+            return None, None
+        try:
+            data = json.loads(stored.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None, f"{self._path} is not a JSON history"
+        ok = (
+            isinstance(data, dict) and data.get("format") == HISTORY_FORMAT
+            and isinstance(data.get("events"), list) and all(type(e) is int for e in data["events"])
+            and (data.get("budget") is None or type(data.get("budget")) is int) and type(data.get("batch_size")) is int
+        )
+        if not ok:
+            return None, f"{self._path} is not a coordinator history ({HISTORY_FORMAT})"
+        if data.get("name") != self.name:
+            return None, f"{self._path} belongs to optimizer {data.get('name')!r}, not {self.name!r}"
+        return data, None
+
+    def _restart(self, space: "SearchSpace", budget: int | None, batch_size: int) -> None:
+        """A fresh backend of the run's seed and an empty history."""
+        self._pending, self._told, self._next_id, self._events = {}, set(), 0, []
+        self._started_with = (budget, batch_size)
+        self._backend = self._start(space, self._ledger.seed, budget, batch_size)
+
+    def _replay_history(self, events: list[int], by_candidate: dict[int, "FrozenTrial"]) -> None:
+        for event in events:
+            if event < 0:
+                for _ in range(-event):
+                    self._ask_checked(by_candidate)
+            elif event in self._pending and event in by_candidate:
+                self._tell_trial(event, by_candidate[event])
+            else:
+                raise _Unusable(f"it tells candidate {event}, which the ledger has not finished")
+
+    def _replay_ledger(self, by_candidate: dict[int, "FrozenTrial"]) -> None:
+        """Each candidate asked just before its result is told, results in ledger order."""
+        for trial in sorted(by_candidate.values(), key=lambda t: t.number):
+            cid = int(trial.user_attrs["candidate"])
+            while self._next_id <= cid:
+                self._ask_checked(by_candidate)
+            if cid in self._pending:
+                self._tell_trial(cid, trial)
+
+    def _ask_checked(self, by_candidate: dict[int, "FrozenTrial"]) -> None:
+        """Ask one candidate and check it against the ledger's genome for it, if finished."""
+        cid = self._ask_one()
+        if cid is None:
+            raise _Unusable(f"the optimizer has no candidate {self._next_id}")
+        trial = by_candidate.get(cid)
+        if trial is not None and not _same_params(self._pending[cid][1].params, trial.params):
+            raise _Unusable(f"candidate {cid} differs from ledger trial {trial.number}'s genome")
+
+    def _tell_trial(self, cid: int, trial: "FrozenTrial") -> None:
+        values = self._ledger.objective_values(trial)
+        self._tell_backend(cid, Failure(trial.user_attrs.get("failure", "failed")) if values is None else values)
 
     def ask(self, n: int) -> list[Candidate]:
         out: list[Candidate] = []
@@ -188,12 +263,9 @@ class CoordinatedOptimizer(Optimizer):
                 out.append(self._candidate(self._requeue.pop(0)))
             return out
         while len(out) < n:
-            proposed = self._propose(self._space)
-            if proposed is None:
+            cid = self._ask_one()
+            if cid is None:
                 break
-            cid, self._next_id = self._next_id, self._next_id + 1
-            self._pending[cid] = proposed
-            self._dirty = True
             out.append(self._candidate(cid))
         if self._dirty:
             self._save_after_ask()
@@ -211,7 +283,7 @@ class CoordinatedOptimizer(Optimizer):
         self._write_behind = queue
 
     def _save_after_ask(self) -> None:
-        # pickled now (the state of this moment); a file checkpoint may be written behind, other
+        # serialized now (the state of this moment); a file checkpoint may be written behind, other
         # stores (a lease's database row) are written at once
         queue, data = self._write_behind, self._state()
         self._dirty = False
@@ -225,14 +297,9 @@ class CoordinatedOptimizer(Optimizer):
         self._path.write(data)
 
     def _state(self) -> bytes:
-        state = {
-            "name": self.name,
-            "backend": self._backend,
-            "pending": self._pending,
-            "told": self._told,
-            "next_id": self._next_id,
-        }
-        return pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+        budget, batch_size = self._started_with
+        state = {"format": HISTORY_FORMAT, "name": self.name, "budget": budget, "batch_size": batch_size, "events": self._events}
+        return json.dumps(state, separators=(",", ":")).encode("utf-8")
 
     def use_checkpoint(self, store: CheckpointStore) -> None:
         """Keep the checkpoint in ``store`` (call before ``bind``): a coordinator lease's row."""
@@ -265,6 +332,20 @@ class CoordinatedOptimizer(Optimizer):
             x=None if proposal.x is None else proposal.x.copy(), recipe=recipe, coordinated=True,
         )
 
+    def _ask_one(self) -> int | None:
+        """One new candidate from the backend, recorded in the history; None when it has none."""
+        proposed = self._propose(self._space)
+        if proposed is None:
+            return None
+        cid, self._next_id = self._next_id, self._next_id + 1
+        self._pending[cid] = proposed
+        if self._events and self._events[-1] < 0:
+            self._events[-1] -= 1
+        else:
+            self._events.append(-1)
+        self._dirty = True
+        return cid
+
     def _tell_backend(self, cid: int, result: Result) -> None:
         token, _ = self._pending.pop(cid)
         if isinstance(result, Failure):
@@ -277,4 +358,19 @@ class CoordinatedOptimizer(Optimizer):
                 losses = to_losses(result, ledger.directions)
         self._observe(token, losses)
         self._told.add(cid)
+        self._events.append(cid)
         self._dirty = True
+
+
+def _same_params(proposed: dict[str, Any], stored: dict[str, Any]) -> bool:
+    """Whether a replayed candidate is the one the ledger recorded (floats as stored, to 1e-9)."""
+    if proposed.keys() != stored.keys():
+        return False
+    for name, value in proposed.items():
+        other = stored[name]
+        if isinstance(value, str) or isinstance(other, str):
+            if value != other:
+                return False
+        elif not math.isclose(float(value), float(other), rel_tol=1e-9, abs_tol=1e-12):
+            return False
+    return True

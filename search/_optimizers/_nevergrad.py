@@ -1,8 +1,8 @@
 """nevergrad optimizers behind the coordinator.
 
 Classes are named explicitly: the ``NGOpt`` family picks its algorithm from the budget and the
-number of workers, and with one worker it picks Cobyla, which cannot be pickled (no checkpoint, no
-resume). nevergrad minimizes; several losses are told as a list (nevergrad's multi-objective mode,
+number of workers, and with one worker it picks Cobyla, which runs scipy in a thread: its asks are
+no function of the told history, so a resume could not rebuild it by replay (`CoordinatedOptimizer`). nevergrad minimizes; several losses are told as a list (nevergrad's multi-objective mode,
 a hypervolume-based internal scalarization). Only candidates this optimizer asked are ever told:
 DE and TwoPointsDE in multi-objective mode crash on points they did not ask for.
 
@@ -30,7 +30,7 @@ NEVERGRAD_OPTIMIZERS = ("CMA", "DE", "TwoPointsDE", "PSO", "OnePlusOne", "NgIohT
 
 _AUTO_SELECTING = ("NGOpt", "NgIoh", "Shiwa", "NGO")
 """Prefixes of meta-optimizers that choose an algorithm themselves (NgIohTuned is allowed: its
-choice is made picklable through ``enable_pickling``)."""
+choice is made at construction through ``enable_pickling``, a deterministic function of the budget)."""
 
 
 class NevergradOptimizer(CoordinatedOptimizer):
@@ -43,8 +43,8 @@ class NevergradOptimizer(CoordinatedOptimizer):
             raise ValueError(f"unknown nevergrad optimizer {optimizer!r}; e.g. {', '.join(NEVERGRAD_OPTIMIZERS)}")
         if optimizer != "NgIohTuned" and optimizer.startswith(_AUTO_SELECTING):
             raise ValueError(
-                f"{optimizer!r} picks its algorithm itself (with one worker: Cobyla, which cannot be "
-                f"pickled); name an explicit class such as {', '.join(NEVERGRAD_OPTIMIZERS[:5])}"
+                f"{optimizer!r} picks its algorithm itself (with one worker: Cobyla, which a resume cannot "
+                f"replay); name an explicit class such as {', '.join(NEVERGRAD_OPTIMIZERS[:5])}"
             )
         super().__init__(checkpoint=checkpoint)
         self.optimizer = optimizer
@@ -61,8 +61,8 @@ class NevergradOptimizer(CoordinatedOptimizer):
         param = ng.p.Array(init=space.x0, lower=low, upper=high).set_mutation(sigma=(high - low) / 6)
         param.random_state = np.random.RandomState(seed)
         opt = ng.optimizers.registry[self.optimizer](parametrization=param, budget=budget, num_workers=batch_size)
-        opt.enable_pickling()
-        inner = getattr(opt, "optim", opt)  # the class a CMA meta-optimizer picked (enable_pickling did)
+        opt.enable_pickling()  # meta-optimizers pick their inner class now, not at the first ask
+        inner = getattr(opt, "optim", opt)  # the class a CMA meta-optimizer picked
         if hasattr(type(inner), "es"):
             # CMA builds its evolution strategy (and imports ``cma``, about 20 ms) on the first
             # ask; built here, at bind, that one-time cost stays out of the trials. Building it

@@ -54,6 +54,7 @@ class OptunaOptimizer(Optimizer):
     def __init__(self, sampler: str = "tpe", **sampler_kwargs: Any) -> None:
         if sampler not in OPTUNA_SAMPLERS:
             raise ValueError(f"unknown optuna sampler {sampler!r}; expected one of {', '.join(OPTUNA_SAMPLERS)}")
+        _make_sampler(sampler, 0, sampler_kwargs)  # unknown or invalid options fail here, before a run starts
         self.sampler = sampler
         self.sampler_kwargs = sampler_kwargs
         self.name = f"optuna:{sampler}"

@@ -36,7 +36,7 @@ def finished_run(zoo_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 def test_run_writes_the_run_folder_and_inspection_commands_read_it(finished_run: tuple[Path, Path]) -> None:
     cwd, run = finished_run
     for name in ("spec.yaml", "state.json", "ledger.log", "comparison.json", "report.html",
-                 "results/search/front.csv", "results/grid/trials.json", "grid.optimizer.pkl"):
+                 "results/search/front.csv", "results/grid/trials.json", "grid.optimizer.json"):
         assert (run / name).exists(), name
     assert json.loads((run / "state.json").read_text())["status"] == "done"
     status = evomerge("status", str(run), cwd=cwd).stdout

@@ -169,10 +169,10 @@ def test_tables_own_their_values_though_built_in_pooled_buffers() -> None:
 # -- engine -----------------------------------------------------------------------------------------
 
 def _recipe(method: str, trial: int = 0) -> MergeRecipe:
-    return MergeRecipe(rules=[
-        GroupRule(method=method, experts={"a": ExpertParams(weight=0.6, density=0.5), "b": ExpertParams(weight=0.4, density=0.7),
-                                          "c": ExpertParams(weight=-0.3, density=0.3)}),
-    ], normalize=True, seed=11, trial=trial)
+    sparse = "density" in METHODS[method].uses  # a density the method ignores is refused
+    experts = {e: ExpertParams(weight=w, **({"density": d} if sparse else {}))
+               for e, w, d in (("a", 0.6, 0.5), ("b", 0.4, 0.7), ("c", -0.3, 0.3))}
+    return MergeRecipe(rules=[GroupRule(method=method, experts=experts)], normalize=True, seed=11, trial=trial)
 
 
 @pytest.fixture(scope="module")

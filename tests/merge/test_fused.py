@@ -205,11 +205,35 @@ def test_compile_policy(engines: tuple[MergeEngine, MergeEngine], monkeypatch: p
     auto = MergeEngine.__new__(MergeEngine)
     auto.compile, auto.num_params = "auto", eager.num_params
     monkeypatch.delenv("EVOMERGE_COMPILE", raising=False)
-    assert not auto.fused  # a tiny model stays eager under "auto"
+    assert auto.fused and not eager.fused  # "auto" fuses every size, even a tiny model
     monkeypatch.setenv("EVOMERGE_COMPILE", "1")
     assert auto.fused and eager.fused
     monkeypatch.setenv("EVOMERGE_COMPILE", "0")
     assert not fused.fused
+
+
+def test_warm_up_compiles_and_builds_before_the_first_timed_apply(engines: tuple[MergeEngine, MergeEngine]) -> None:
+    """`warm_up` leaves nothing one-time for a later apply of the same methods: its applies build
+    the tables and compile each variant (with and without stats), and it wrote the recipe's merge."""
+    from evomerge.merge.methods import _fused
+
+    fused, eager = engines
+    if os.environ.get("EVOMERGE_COMPILE") == "0":
+        pytest.skip("EVOMERGE_COMPILE=0 forces the eager path")
+    recipe = MergeRecipe(rules=[GroupRule(method="breadcrumbs_ties", experts={
+        "a": ExpertParams(weight=0.4, density=0.6, gamma=0.1), "b": ExpertParams(weight=0.8, density=0.5, gamma=0.05)})],
+        seed=8)
+    target = {n: torch.empty_like(fused.base_tensor(n)) for n in fused.layout.slots}
+    assert fused.warm_up([recipe], target) > 0
+    ready, tables = set(_fused._READY), len(fused._tables)
+    assert any(key[0] == "packed" and key[4] for key in ready) and any(key[0] == "packed" and not key[4] for key in ready)
+    expected = {n: torch.empty_like(eager.base_tensor(n)) for n in eager.layout.slots}
+    eager.apply(recipe, expected)
+    for name in expected:
+        torch.testing.assert_close(target[name], expected[name], rtol=1e-6, atol=1e-7, msg=name)
+    fused.apply(recipe, target, stats=True)
+    fused.apply(recipe, target, stats=False)
+    assert set(_fused._READY) == ready and len(fused._tables) == tables
 
 
 FALLBACK = """

@@ -192,3 +192,33 @@ def test_drafted_generation_on_other_architectures(arch, tiny_lm):
     for requests in ([(p, []) for p in prompts], list(zip(prompts, drafts))):
         gens = _generate(model, tok, requests, max_new_tokens=8, batch_size=3)
         assert [g.text for g in gens] == [tok.decode(r, skip_special_tokens=True) for r in refs]
+
+
+def test_greedy_takes_the_first_maximum_like_argmax():
+    """`_greedy` uses max(-1).indices for speed; on ties it must pick the first index like argmax."""
+    from evomerge.objectives._generation import _greedy
+
+    logits = torch.tensor([[0.5, 2.0, 2.0, 1.0], [3.0, 3.0, 3.0, 3.0], [-1.0, -2.0, -1.0, -5.0]], dtype=torch.bfloat16)
+    assert _greedy(logits).tolist() == logits.float().argmax(-1).tolist() == [1, 0, 0]
+
+
+def test_kept_logits_are_the_model_head_s_own_on_gemma2():
+    """`logits_to_keep` as an index tensor keeps the model's own head: Gemma 2's final logit
+    soft-capping included (bf16 too), so log-probs equal a plain full forward's."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=32, final_logit_softcapping=0.5, sliding_window=8,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = Gemma2ForCausalLM(config).eval()
+    pairs = [([1, 5, 6, 7], [8, 9, 10]), ([1, 11], [12]), ([1, 13, 14, 15, 16, 17], [18, 19])]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        model.to(dtype)
+        got = continuation_logprobs(model, pairs, pad_id=0, batch_size=3, deadline=Deadline(None))
+        for (prefix, cont), lp in zip(pairs, got):
+            with torch.no_grad():
+                logits = model(torch.tensor([prefix + cont])).logits[0].float()
+            assert logits.abs().max() <= 0.5  # capped
+            want = [logits[len(prefix) - 1 + t].log_softmax(-1)[c].item() for t, c in enumerate(cont)]
+            assert lp == pytest.approx(want, abs=tol)

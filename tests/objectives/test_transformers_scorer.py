@@ -100,6 +100,34 @@ def test_failures_are_results(scorer):
     assert not scorer.evaluate(recipe({"rev": 1.0})).failed
 
 
+def test_a_timed_out_trial_keeps_its_split(scorer):
+    """A timeout that strikes during inference keeps the time spent so far in its phase: the split
+    (merge + swap + inference) still accounts for the total (it used to say inference 0.0)."""
+    r = recipe({"rev": 0.7, "sort": 0.4})
+    full = scorer.evaluate(r)
+    assert not full.failed
+    late = scorer.evaluate(r, timeout=full.timings["merge"] + full.timings["swap"] + 0.5 * full.timings["inference"])
+    assert late.failed and late.reason.startswith("timeout")
+    t = late.timings
+    assert t["inference"] > 0 and t["merge"] > 0
+    assert t["merge"] + t["swap"] + t["inference"] == pytest.approx(t["total"], rel=0.1, abs=0.01)
+
+
+def test_warm_up_is_not_timed(scorer):
+    """`warm_up` evaluates without the scorer's timeout (one-time compiles and first calls must not
+    fail the first candidate); `evaluate` keeps the timeout."""
+    r = recipe({"rev": 0.5, "sort": 0.5})
+    scorer.timeout = 1e-9
+    try:
+        warm = scorer.warm_up(r)
+        timed = scorer.evaluate(r)
+    finally:
+        scorer.timeout = None
+    assert not warm.failed and warm.values
+    assert timed.failed and timed.reason.startswith("timeout")
+    assert warm.values == scorer.evaluate(r).values
+
+
 def test_evaluation_round_trips_through_json(scorer):
     ev = scorer.evaluate(recipe({"sort": 1.0}))
     assert Evaluation.from_dict(json.loads(json.dumps(ev.to_dict()))) == ev

@@ -1,0 +1,186 @@
+"""Checks that need more than the spec's schema, run before anything is written.
+
+The spec's pydantic models check each field on its own; these check what the fields point at: the
+run folder can be created, the storage URL opens, every stage's optimizer can be constructed with
+its options; `report_remote_code` names models that ship code (``auto_map``) once they loaded. Models and calibration sets are
+checked where they are loaded (`evomerge.merge.MergeEngine.load`, `CalibrationSet.load`), which
+also happens before the run folder exists. A failure is a `UserError`: one line, exit status 2,
+and no file or folder created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from ._errors import UserError, first_line
+from ._rundir import RunDir
+from ._spec import ExperimentSpec
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_CONNECT_TIMEOUT_S = 10
+
+
+def preflight(spec: ExperimentSpec, rd: RunDir) -> None:
+    """Every check of this module for ``spec`` run in ``rd`` (a new or an existing run folder)."""
+    if rd.exists():
+        rd.read_state()  # a corrupt state.json is reported now, not after the models are loaded
+    else:
+        check_run_dir(rd.path)
+    if spec.storage:
+        check_storage(spec.storage)
+    check_optimizers(spec)
+
+
+# ---------------------------------------------------------------------------------------- run folder
+
+
+def _writable_parent(path: Path, what: str) -> None:
+    """The nearest existing ancestor of ``path`` is a folder this process may create files in."""
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{what} {path}: {parent} is a file, not a folder; pick a path under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: folder {parent} is not writable; pick a writable location")
+
+
+def check_run_dir(path: Path) -> None:
+    """A new run folder: absent or empty, and creatable."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run folder {path} is a file; pick a new folder with --run-dir")
+    if path.is_dir():
+        if any(path.iterdir()):
+            raise UserError(f"run folder {path} holds files but no spec.yaml (not a run folder); pick a new or empty folder with --run-dir")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UserError(f"run folder {path} is not writable; pick a writable location with --run-dir")
+        return
+    _writable_parent(path, "run folder")
+
+
+# ------------------------------------------------------------------------------------------- storage
+
+
+def check_storage(storage: str) -> None:
+    """The ledger storage of ``storage`` (a URL or a file path, as `evomerge.search.resolve_storage`
+    reads it) can be opened: files can be created where they go and hold the right format, and a
+    database answers a connection. Nothing is created."""
+    if storage.startswith("sqlite:///"):
+        _check_sqlite(Path(storage[len("sqlite:///"):]), storage)
+    elif "://" in storage:
+        _check_database(storage)
+    elif Path(storage).suffix in (".db", ".sqlite", ".sqlite3"):
+        _check_sqlite(Path(storage), storage)
+    else:
+        path = Path(storage)
+        if path.suffix not in (".log", ".journal"):
+            if path.exists() and not path.is_dir():
+                raise UserError(f"storage: {storage!r} is a file without a .log/.journal suffix; name the journal file ledger.log")
+            path = path / "ledger.log"
+        _check_file(path, storage, "journal file")
+        if path.is_file() and path.stat().st_size:
+            with open(path, "rb") as f:
+                head = f.readline()
+            try:
+                json.loads(head.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                raise UserError(f"storage: {path} is not an optuna journal file (first line is not JSON); pick another path") from None
+
+
+def _check_file(path: Path, storage: str, kind: str) -> None:
+    if path.exists() and not path.is_file():
+        raise UserError(f"storage: {storage!r}: {path} is not a file; point it at a {kind}")
+    if path.exists():
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise UserError(f"storage: {storage!r}: {path} is not readable and writable; fix its permissions")
+        return
+    _writable_parent(path, "storage")
+
+
+def _check_sqlite(path: Path, storage: str) -> None:
+    _check_file(path, storage, "SQLite database")
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:
+            if f.read(len(_SQLITE_MAGIC)) != _SQLITE_MAGIC:
+                raise UserError(f"storage: {path} is not an SQLite database; point storage at a new file or an optuna SQLite ledger")
+
+
+def _check_database(url: str) -> None:
+    import sqlalchemy as sa
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+    from sqlalchemy.pool import NullPool
+
+    try:
+        parsed = sa.engine.make_url(url)
+    except (ArgumentError, ValueError):
+        raise UserError(f"storage: {url!r} is not a database URL; use e.g. sqlite:///ledger.db or postgresql+psycopg2://user@host/db") from None
+    shown = parsed.render_as_string(hide_password=True)
+    backend = parsed.get_backend_name()
+    connect_args = {"connect_timeout": _CONNECT_TIMEOUT_S} if backend in ("postgresql", "mysql") else {}
+    try:
+        engine = sa.create_engine(parsed, poolclass=NullPool, connect_args=connect_args)
+    except NoSuchModuleError:
+        raise UserError(f"storage: {shown!r}: {parsed.drivername!r} is not a database sqlalchemy knows; use sqlite:/// or postgresql+psycopg2://") from None
+    except ImportError as exc:
+        raise UserError(f"storage: {shown!r}: its driver is not installed ({exc.name or first_line(exc)}); install it (PostgreSQL: pip install 'evomerge[postgres]')") from None
+    except (ArgumentError, TypeError, ValueError) as exc:
+        raise UserError(f"storage: {shown!r}: {first_line(exc)}") from None
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        raise UserError(f"storage: cannot connect to {shown} ({first_line(cause)}); check host, port, database, user and that the server runs") from None
+    finally:
+        engine.dispose()
+
+
+# ----------------------------------------------------------------------------------------- optimizers
+
+
+def check_optimizers(spec: ExperimentSpec) -> None:
+    """Construct every stage's optimizer with its options (the run constructs them again later)."""
+    from evomerge.search import make_optimizer
+
+    for i, stage in enumerate(spec.resolved_stages()):
+        opt = stage.optimizer
+        assert opt is not None and stage.budget is not None
+        own = spec.stages is not None and spec.stages[i].optimizer is not None
+        where = f"stages[{i}].optimizer" if own else "optimizer"
+        if opt.library == "nevergrad" and opt.name == "NgIohTuned" and stage.budget.evaluations is None:
+            raise UserError(f"{where}.name: NgIohTuned picks its algorithm from the evaluation budget; set budget.evaluations")
+        try:
+            make_optimizer(opt.factory_name, **opt.options)
+        except (TypeError, ValueError) as exc:
+            raise UserError(
+                f"{where}.options: {opt.options!r} is refused by {opt.factory_name} ({first_line(exc)}); "
+                "use the keywords its sampler/optimizer documents"
+            ) from None
+
+
+# ---------------------------------------------------------------------------------------- remote code
+
+
+def report_remote_code(spec: ExperimentSpec) -> None:
+    """Name every model whose config.json ships code (``auto_map``): it is never run (evomerge has
+    no trust_remote_code), the model loads as transformers' built-in class of its model_type."""
+    folders = [spec.models.base, *spec.models.experts.values()]
+    for folder in folders:
+        if folder is None:
+            continue
+        config = Path(folder) / "config.json"
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # a missing or broken config is reported where the model is loaded
+        if isinstance(data, dict) and data.get("auto_map"):
+            names = ", ".join(sorted(map(str, data["auto_map"]))) if isinstance(data["auto_map"], dict) else "?"
+            click.echo(
+                f"evomerge: note: {config} has auto_map ({names}): code shipped with the model is never run; "
+                f"it loads as transformers' built-in model_type {data.get('model_type')!r}",
+                err=True,
+            )

@@ -1,0 +1,85 @@
+"""Atomic outputs: a file or a folder appears complete, or not at all.
+
+Every output a user may open after a kill (an exported model, the report, the CSV/JSON exports,
+state files, optimizer state) is written beside its final name and renamed into place, so a
+SIGKILL at any moment leaves the old version or the complete new one, never a half. This module
+is the one home of that rule; `merge` is the lowest package, so `search` and `experiments` reuse
+it from here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable across a machine restart."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str], mode: str = "w", *, encoding: str | None = "utf-8",
+                newline: str | None = None, durable: bool = True) -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing; on success it replaces ``path``.
+
+    ``durable``: fsync the file and the folder (state a resume reads); exports that can be
+    redone skip the fsyncs but keep the all-or-nothing rename.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    binary = "b" in mode
+    try:
+        with os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else newline) as f:
+            yield f
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` (text is written as UTF-8) all at once (see `atomic_file`)."""
+    with atomic_file(path, "wb" if isinstance(data, bytes) else "w", durable=durable) as f:
+        f.write(data)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Build a folder in a temporary sibling and rename it to ``path`` when the block succeeds.
+
+    An existing ``path`` is replaced only after the new folder is complete (it is moved aside,
+    the new one renamed in, then the old one removed), so a kill leaves the old folder, the new
+    one, or a hidden ``.<name>.*`` leftover that no reader takes for an export.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)

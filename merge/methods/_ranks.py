@@ -1,0 +1,209 @@
+"""Exact magnitude ranks: mergekit 0.1.5's top-k, tie-breaking included, without a sort per candidate.
+
+Why: mergekit's `magnitude` keeps the entries at positions `[:k]` of `torch.argsort(|d|.float(),
+descending=True)` (`k = max(1, int(density * N))`), and `magnitude_outliers` (Breadcrumbs) the
+positions `[n_bot : n_bot + target]` of `torch.sort(|d|.float()).indices`. On CPU torch's unstable
+sort is an introsort: entries of equal magnitude come out in an order that depends on the whole
+tensor (not index order), so no threshold can say which members of a tie group mergekit keeps. bf16
+task vectors have only ~128 magnitudes per octave, so the boundary value is shared by hundreds or
+thousands of entries for any realistic k, and fp32 task vectors of bf16-trained models are the same.
+
+A task vector never changes during a search, so its magnitude ranks do not either: `RankTable` runs
+mergekit's very sort call once per (expert, tensor, direction) and keeps the permutation (int32,
+4 bytes per entry, built on first exact use). Per candidate a selection is then:
+
+* the boundary value `v` (the magnitude at rank k) and its tie group `[p0, p1)` in sorted order,
+  from a per-tensor histogram of the magnitudes' top bits (bf16/fp16: the whole value; fp32: one
+  gather of the boundary bucket, ~N/2000 entries);
+* if the group is kept whole (`p1 == k`): the plain threshold `|x| >= v`, exactly mergekit's set;
+* else the strict threshold `|x| > v` plus the explicit positions `order[p0:k]` of the group members
+  mergekit keeps, or (top-k, when fewer) `|x| >= v` minus the members it drops, `order[k:p1]`: a
+  "fix" list of at most half the group, applied after the threshold.
+
+Equal magnitudes are equal fp32 values, so the permutation is the one mergekit computes from the
+same task vector whatever its dtype (mergekit sorts `w.float()` on CPU). Zero magnitudes never
+matter (a kept 0 adds 0 and agrees with no elected sign), so a boundary at 0 keeps everything.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_SIXTEEN = (torch.bfloat16, torch.float16)
+
+
+def _keys(flat: torch.Tensor, full: bool) -> torch.Tensor:
+    """Monotone integer keys of |x| (equal keys <=> equal magnitudes when `full` or 16-bit dtypes):
+    the 15 magnitude bits of a 16-bit float, or the fp32 pattern's top 15 (`full`: all 31) bits."""
+    if flat.dtype in _SIXTEEN:
+        return flat.view(torch.int16).to(torch.int32) & 0x7FFF
+    bits = flat.float().view(torch.int32) & 0x7FFFFFFF
+    return bits if full else bits >> 16
+
+
+def key_value(key: int, dtype: torch.dtype) -> float:
+    """The magnitude whose (full) key is `key` in `dtype` (a Python float, exact)."""
+    if dtype == torch.float16:
+        return float(np.array([key], dtype=np.uint16).view(np.float16)[0])
+    if dtype == torch.bfloat16:
+        return struct.unpack("<f", struct.pack("<I", key << 16))[0]
+    return struct.unpack("<f", struct.pack("<I", key))[0]
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """A rank boundary: the value's full key and its tie group's positions `[start, stop)` in sorted order."""
+
+    key: int
+    start: int
+    stop: int
+
+
+class RankTable:
+    """Magnitude histogram + mergekit's sort permutations of one task vector (see module docstring)."""
+
+    __slots__ = ("numel", "dtype", "_flat", "_offset", "_counts", "_above", "_below", "_desc", "_asc")
+
+    def __init__(self, delta: torch.Tensor) -> None:
+        flat = delta.detach().reshape(-1)
+        self.numel = flat.numel()
+        self.dtype = flat.dtype
+        self._flat = flat
+        """The task vector itself (not a copy): fp32 boundary buckets are resolved by a gather."""
+        keys = _keys(flat, full=False)
+        lo, hi = int(keys.min()), int(keys.max())
+        self._offset = lo
+        counts = torch.bincount((keys - lo).long(), minlength=hi - lo + 1).cpu().numpy().astype(np.int64)
+        self._counts = counts
+        self._above = np.concatenate([np.cumsum(counts[::-1])[::-1][1:], [0]])  # entries in higher buckets
+        self._below = np.concatenate([[0], np.cumsum(counts)[:-1]])  # entries in lower buckets
+        self._desc: torch.Tensor | None = None
+        self._asc: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held beyond the task vector (histogram + built permutations)."""
+        perms = sum(p.numel() * 4 for p in (self._desc, self._asc) if p is not None)
+        return int(self._counts.nbytes * 3) + perms
+
+    def order(self, descending: bool) -> torch.Tensor:
+        """mergekit's permutation (int32, CPU): `argsort(|d|.float(), descending=True)` for top-k,
+        `sort(|d|.float()).indices` for Breadcrumbs; built on first use, then cached."""
+        perm = self._desc if descending else self._asc
+        if perm is None:
+            w = self._flat.abs().float().cpu()
+            perm = (torch.argsort(w, descending=True) if descending else torch.sort(w, descending=False).indices)
+            perm = perm.to(torch.int32)
+            del w
+            if descending:
+                self._desc = perm
+            else:
+                self._asc = perm
+        return perm
+
+    def boundary(self, position: int, descending: bool) -> Boundary:
+        """The tie group containing sorted position `position` (0-based) of the given sort direction."""
+        counts = self._counts
+        if descending:
+            ends = np.cumsum(counts[::-1])  # ends of buckets from the top
+            b = len(counts) - 1 - int(np.searchsorted(ends, position, side="right"))
+            start = int(self._above[b])
+        else:
+            ends = np.cumsum(counts)
+            b = int(np.searchsorted(ends, position, side="right"))
+            start = int(self._below[b])
+        stop = start + int(counts[b])
+        key = b + self._offset
+        if self.dtype in _SIXTEEN:
+            return Boundary(key, start, stop)
+        # fp32: the bucket spans 2**16 values; its members are contiguous in the permutation and sorted.
+        members = self.order(descending)[start:stop].to(self._flat.device, torch.long)
+        full = _keys(self._flat[members], full=True).cpu().numpy()
+        value = int(full[position - start])
+        if descending:  # non-increasing
+            first = start + int(np.count_nonzero(full > value))
+            last = start + int(np.count_nonzero(full >= value))
+        else:
+            first = start + int(np.count_nonzero(full < value))
+            last = start + int(np.count_nonzero(full <= value))
+        return Boundary(value, first, last)
+
+    def value(self, key: int) -> float:
+        """The magnitude of full key `key` in this table's dtype (fp32 for fp32/fp64 tensors)."""
+        return key_value(key, self.dtype if self.dtype in _SIXTEEN else torch.float32)
+
+    def positions(self, descending: bool, start: int, stop: int) -> torch.Tensor:
+        """Flat indices of sorted positions `[start, stop)` (in sort order), int64 on the tensor's device."""
+        return self.order(descending)[start:stop].to(self._flat.device, torch.long)
+
+
+@dataclass(frozen=True)
+class TopSelection:
+    """Which entries mergekit's `magnitude` keeps: `|x| >= threshold` (0.0: all), plus `fix`, the
+    flat indices of boundary tie members kept beyond the threshold (None: no split)."""
+
+    threshold: float
+    fix: torch.Tensor | None = None
+    drop: bool = False
+    """True: `fix` lists the boundary members mergekit drops although `|x| >= threshold` (the
+    threshold is then the boundary value itself): whichever side of the split group is smaller."""
+
+
+@dataclass(frozen=True)
+class BandSelection:
+    """Which entries mergekit's `magnitude_outliers` keeps: `lo <= |x| <= hi` (an empty band when
+    lo > hi), plus `fix` as in `TopSelection`."""
+
+    lo: float
+    hi: float
+    fix: torch.Tensor | None = None
+
+
+def select_top(table: RankTable, k: int) -> TopSelection:
+    """The top-`k` selection (1 <= k < N) with mergekit's tie-breaking."""
+    edge = table.boundary(k - 1, descending=True)
+    if edge.key == 0:
+        return TopSelection(0.0)  # the boundary is 0: every nonzero entry is kept, zeros do not matter
+    if edge.stop == k:
+        return TopSelection(table.value(edge.key))
+    if edge.stop - k < k - edge.start:  # fewer members dropped than kept: list those
+        return TopSelection(table.value(edge.key), table.positions(True, k, edge.stop), drop=True)
+    return TopSelection(_next_up(table, edge.key), table.positions(True, edge.start, k))
+
+
+def select_band(table: RankTable, n_bot: int, target: int) -> BandSelection | None:
+    """Ascending positions `[n_bot, n_bot + target)` (target >= 1) with mergekit's tie-breaking;
+    None when every kept entry is 0 (nothing to add)."""
+    last = n_bot + target - 1
+    low = table.boundary(n_bot, descending=False)
+    high = table.boundary(last, descending=False)
+    if high.key == 0:
+        return None
+    fixes = []
+    if low.key == high.key:  # one tie group holds the whole band
+        if low.start == n_bot and high.stop == last + 1:
+            v = table.value(low.key)
+            return BandSelection(v, v)
+        return BandSelection(1.0, 0.0, table.positions(False, n_bot, last + 1))
+    if low.key == 0 or low.start == n_bot:
+        lo = table.value(low.key)
+    else:
+        lo = _next_up(table, low.key)
+        fixes.append(table.positions(False, n_bot, low.stop))
+    if high.stop == last + 1:
+        hi = table.value(high.key)
+    else:
+        hi = table.value(high.key - 1)
+        fixes.append(table.positions(False, high.start, last + 1))
+    if not fixes:
+        return BandSelection(lo, hi)
+    return BandSelection(lo, hi, fixes[0] if len(fixes) == 1 else torch.cat(fixes))
+
+
+def _next_up(table: RankTable, key: int) -> float:
+    """The smallest magnitude above full key `key` in the table's dtype: `|x| >= it` <=> `|x| > v`."""
+    return table.value(key + 1)

@@ -1,0 +1,117 @@
+"""Exact magnitude pruning (`_ranks`): mergekit 0.1.5's `magnitude` and `magnitude_outliers` to the
+entry, its tie-breaking included, on tensors above 2**18 entries, chunked or whole, eager or fused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mergekit.sparsify import magnitude, magnitude_outliers
+
+from evomerge.merge import ExpertParams
+from evomerge.merge.methods import MagnitudeTable, MethodOptions, get_method, prune_topk_
+from evomerge.merge.methods._base import run_plan
+from evomerge.merge.methods._breadcrumbs import TieBandSpec, band_spec
+from evomerge.merge.methods._gta import Scratch
+from evomerge.merge.methods._ties import TieThresholdSpec, magnitude_spec
+
+N = 300_007  # > 2**18: the sizes that used sampled order statistics before
+
+
+def _tensor(kind: str, n: int = N, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 0.01
+    if kind == "grid":  # 80 distinct magnitudes: tie groups of thousands, and zeros
+        return torch.randint(-40, 41, (n,), generator=g).float() / 64
+    if kind == "fp32-of-bf16":  # an fp32 checkpoint trained in bf16: bf16 values, fp32 dtype
+        return x.bfloat16().float()
+    return x.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[kind])
+
+
+def _chunked(spec, delta: torch.Tensor, chunk: int) -> torch.Tensor:
+    flat = delta.reshape(-1)
+    if spec.zero:
+        return torch.zeros_like(flat)
+    parts = []
+    for start in range(0, flat.numel(), chunk):
+        piece = flat[start:start + chunk]
+        parts.append(spec.chunk(piece, start, Scratch(piece)).clone())
+    return torch.cat(parts)
+
+
+KINDS = ["fp32", "bf16", "fp16", "grid", "fp32-of-bf16"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_top_k_keeps_exactly_mergekits_entries(kind: str) -> None:
+    delta = _tensor(kind)
+    table = MagnitudeTable.build(delta)
+    split = 0
+    for density in (1e-5, 0.001, 0.1, 0.33, 0.5, 0.77, 0.999):
+        spec = magnitude_spec(delta, ExpertParams(density=density), table, MethodOptions(), None)
+        want = magnitude(delta, density)
+        split += isinstance(spec, TieThresholdSpec)
+        for chunk in (N, 65_536, 4099):
+            assert torch.equal(_chunked(spec, delta, chunk), want), (kind, density, chunk)
+        assert torch.equal(prune_topk_(delta.clone(), table, density), want), (kind, density)
+    if kind != "fp32":
+        assert split >= 3, "ties at the boundary must be exercised"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_breadcrumbs_band_keeps_exactly_mergekits_entries(kind: str) -> None:
+    delta = _tensor(kind, seed=1)
+    table = MagnitudeTable.build(delta)
+    split = 0
+    for density, gamma in ((0.001, 0.0), (0.1, 0.01), (0.5, 0.2), (0.9, 0.3), (0.3, 0.0), (0.999, 0.01), (2e-6, 0.5)):
+        spec = band_spec(delta, ExpertParams(density=density, gamma=gamma), table, MethodOptions(), None)
+        split += isinstance(spec, TieBandSpec)
+        want = magnitude_outliers(delta, density, gamma=gamma)
+        for chunk in (N, 4099):
+            assert torch.equal(_chunked(spec, delta, chunk), want), (kind, density, gamma, chunk)
+    if kind != "fp32":
+        assert split >= 3
+
+
+def test_approximate_pruning_is_the_opt_in_threshold() -> None:
+    """`pruning: approximate` keeps every tie at its interpolated threshold: more than k entries here."""
+    delta = _tensor("grid")
+    table = MagnitudeTable.build(delta)
+    params = ExpertParams(density=0.3)
+    exact = _chunked(magnitude_spec(delta, params, table, MethodOptions(), None), delta, N)
+    approx = _chunked(magnitude_spec(delta, params, table, MethodOptions(pruning="approximate"), None), delta, N)
+    assert int(exact.count_nonzero()) <= int(0.3 * N) < int(approx.count_nonzero())
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "topk", "breadcrumbs"])
+def test_fused_kernel_fixes_split_ties_like_the_eager_path(method: str) -> None:
+    """The fused kernel runs the plain thresholds and `GtaPlan.fix_ties` rewrites the split tie groups:
+    the target equals the eager chunked merge (bit for bit for TIES; linear sums within an fp32
+    multiply-add, then the bf16 cast), and the stats count the fixed entries."""
+    from evomerge.merge.methods._fused import FusedGta
+
+    g = torch.Generator().manual_seed(4)
+    base = (torch.randn(N, generator=g) * 0.02).bfloat16()
+    deltas = [_tensor("bf16", seed=s) for s in (5, 6, 7)]
+    tables = [MagnitudeTable.build(d) for d in deltas]
+    params = [ExpertParams(weight=0.6, density=0.3), ExpertParams(weight=-0.4, density=0.55),
+              ExpertParams(weight=0.5, density=0.8)]
+    plan = get_method(method).prepare(deltas, params, base=base, options=MethodOptions(), tables=tables,
+                                      generator=None, chunk=1 << 16)
+    assert sum(s.fix is not None for s in plan.specs) == 3
+    merged = torch.empty(N)
+    run_plan(plan, merged, 1 << 16)
+    eager = (base.float() + merged).bfloat16()
+    fused = FusedGta.of(plan)
+    assert fused is not None
+    out = torch.empty(N, dtype=torch.bfloat16)
+    nnz, l1 = fused.apply(out, base, 1 << 30, stats=True)
+    if method.endswith("ties"):
+        assert torch.equal(out, eager)
+        assert int(nnz) == int(merged.count_nonzero())
+    else:
+        # one bf16 ulp of the result (multiply-add rounding flips the final cast), plus a few fp32 ulps
+        # of the operands where base + merged cancels to ~0 (then that rounding exceeds the result's ulp)
+        step = eager.float().abs() * 2.0**-7 + (base.float().abs() + merged.abs()) * 2.0**-21 + 2.0**-126
+        assert bool(((out.float() - eager.float()).abs() <= step).all())
+        assert abs(int(nnz) - int(merged.count_nonzero())) <= N // 1000
+    assert float(l1) == pytest.approx(float(merged.double().abs().sum()), rel=1e-5)
