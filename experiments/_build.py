@@ -67,8 +67,9 @@ def compile_mode(spec: ExperimentSpec) -> "bool | str":
 
 def build_objective(obj: ObjectiveSpec, *, seed: int, data: str | None = None) -> "Objective":
     """One `Objective`; ``data`` replaces the calibration file with a held-out set (scored in full)."""
-    from evomerge.objectives import CalibrationSet, Objective
+    from evomerge.objectives import CalibrationSet, LmEvalTask, Objective
 
+    task = None if obj.lm_eval is None else LmEvalTask(**obj.lm_eval.model_dump())
     path = data or obj.data
     calibration = None
     if path is not None:
@@ -86,13 +87,16 @@ def build_objective(obj: ObjectiveSpec, *, seed: int, data: str | None = None) -
         pattern=obj.pattern,
         normalization=obj.normalization,
         function=obj.function,
+        lm_eval=task,
     )
 
 
 def build_objectives(spec: ExperimentSpec, *, holdout: bool = False) -> list["Objective"]:
     """The spec's objectives; with ``holdout`` the metric objectives read their held-out sets."""
     if holdout:
-        return [build_objective(o, seed=spec.seed, data=o.holdout) for o in spec.objectives if o.holdout or o.data is None]
+        # lm-eval tasks have no held-out set of their own here: re-scoring them would only repeat the search's numbers.
+        return [build_objective(o, seed=spec.seed, data=o.holdout) for o in spec.objectives
+                if o.holdout or (o.data is None and o.lm_eval is None)]
     return [build_objective(o, seed=spec.seed) for o in spec.objectives]
 
 

@@ -25,6 +25,7 @@ from ._compare import holdout_scores, single_model_recipes
 from ._errors import UserError, first_line
 from ._fitness import PenalizedScorer, constraint_function, ledger_objectives, scalarization
 from ._inspect import GRID_STAGE, format_table, load_view, main_stage, recipe_of, status_text
+from ._mergekit_in import baseline_recipes, check_mergekit_files, start_from_mergekit
 from ._preflight import preflight, report_remote_code
 from ._resolve import resolve
 from ._rundir import RunDir
@@ -88,6 +89,7 @@ class Session:
     @classmethod
     def open(cls, spec: ExperimentSpec, *, progress: bool) -> "Session":
         engine = build_engine(spec, progress=progress)
+        check_mergekit_files(spec, engine)
         scorer = build_scorer(spec, engine, build_objectives(spec))
         for recipe in _warm_up_recipes(spec, engine):
             scorer.warm_up(recipe)
@@ -205,7 +207,10 @@ def _stage_space(session: Session, stage: StageSpec, held: dict[str, float]) -> 
     if stage.inherit:
         kinds = list(space.searched_kinds)
         space = space.model_copy(update={"params": kinds + [k for k in stage.inherit if k not in kinds]})
-    return build_space(session.engine, space, held)
+    built = build_space(session.engine, space, held)
+    if session.spec.init is not None and stage.name == session.spec.resolved_stages()[0].name:
+        built = start_from_mergekit(built, session.spec, session.engine, echo=True)
+    return built
 
 
 def _budget_seconds(stage: StageSpec, elapsed: float) -> float | None:
@@ -323,7 +328,7 @@ def finish_run(rd: RunDir, session: Session) -> None:
     """After the last stage: reference points, the held-out comparison, the report, a summary."""
     spec = session.spec
     view = load_view(rd.path, main_stage(rd))
-    experts = single_model_recipes(session.engine.expert_names)
+    experts = {**single_model_recipes(session.engine.expert_names), **baseline_recipes(spec, session.engine)}
     references = {label: session.scorer.evaluate(r).values for label, r in experts.items()}
     candidates = dict(experts)
     best = view.best_mean_trial()

@@ -26,6 +26,7 @@ from typing import Any
 import click
 
 from ._errors import UserError, user_error_types
+from ._import_cli import import_group
 from .zoo.cli import zoo as zoo_group
 
 
@@ -36,7 +37,8 @@ class _Main(click.Group):
         try:
             return super().invoke(ctx)
         except user_error_types() as exc:
-            click.echo(f"evomerge: {UserError.message_of(exc)}", err=True)
+            for line in UserError.message_of(exc).splitlines():
+                click.echo(f"evomerge: {line}", err=True)
             sys.exit(2)
 
 
@@ -73,6 +75,7 @@ def _searching(command: Any) -> int:
 
 
 main.add_command(zoo_group)
+main.add_command(import_group)
 
 _run_dir_arg = click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
 
