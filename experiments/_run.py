@@ -115,7 +115,8 @@ def _warm_up_recipes(spec: ExperimentSpec, engine: "MergeEngine") -> list[Any]:
     if spec.baseline:
         grid, space = GridSearch(), build_space(engine, stages[-1].space)
         for method in grid.methods:
-            params = {"grid.method": method, "grid.weight": grid.weights[0], "grid.density": min(grid.densities)}
+            density = min(grid.densities) if method == "ties" else 1.0  # the grid's own points: density is TIES'
+            params = {"grid.method": method, "grid.weight": grid.weights[0], "grid.density": density}
             recipes.setdefault((method,), grid.recipe(space, params, seed=spec.seed, trial=0))
     return list(recipes.values())
 
