@@ -44,25 +44,8 @@ def build_engine(spec: ExperimentSpec, *, progress: bool = True) -> "MergeEngine
         dtype=_torch_dtype(spec.scorer.dtype),
         allow_pickle=models.allow_pickle,
         progress=progress,
-        compile=compile_mode(spec),
+        compile=models.compile,
     )
-
-
-LONG_RUN_EVALUATIONS = 1000
-LONG_RUN_SECONDS = 3600.0
-
-
-def compile_mode(spec: ExperimentSpec) -> "bool | str":
-    """`models.compile`, with "auto" turned on for long runs: compiling the merge kernels costs
-    seconds once and saves milliseconds per candidate on small models (break-even ~1000 merges on
-    the small zoo, docs/merge-engine.md); the engine's own "auto" still covers large models."""
-    mode = spec.models.compile
-    if mode != "auto":
-        return mode
-    stages = spec.resolved_stages()
-    evaluations = sum(s.budget.evaluations or 0 for s in stages)
-    seconds = sum(s.budget.wall_clock or 0.0 for s in stages)
-    return True if evaluations >= LONG_RUN_EVALUATIONS or seconds >= LONG_RUN_SECONDS else "auto"
 
 
 def build_objective(obj: ObjectiveSpec, *, seed: int, data: str | None = None) -> "Objective":

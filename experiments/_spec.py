@@ -148,8 +148,8 @@ class ModelsSpec(_Strict):
     """Load ``.bin`` / ``.pt`` checkpoints (weights-only); off by default: safetensors only."""
     compile: Literal["auto"] | bool = "auto"
     """Fused compiled merge kernels (``MergeEngine.load(compile=...)``): a one-time compile of
-    seconds (5-18 s on 2 CPU cores) for merges several times faster. ``auto``: on for models of
-    >= 50M parameters, and for any model when the run is long (>= 1000 evaluations or >= 1 h)."""
+    seconds once per process (paid by the untimed warm-up before the first trial) for merges several
+    times faster. ``auto`` (and true): fused for every model size; false: the eager chunked path."""
 
     @field_validator("trust_remote_code", mode="before")
     @classmethod
