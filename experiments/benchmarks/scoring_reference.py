@@ -37,8 +37,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from evomerge.experiments.benchmarks.scoring_speed import random_recipes
 from evomerge.experiments.zoo import build_real_shape, load_manifest
-from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe
+from evomerge.merge import MergeEngine
 from evomerge.objectives import CalibrationSet, Deadline, Objective, TransformersScorer
 from evomerge.objectives._generation import length_batches
 from evomerge.objectives._plan import Generation, ScoringPlan, TokenIds
@@ -66,17 +67,6 @@ def _status_kib(key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {key}")
-
-
-def random_recipes(experts: Sequence[str], n: int, seed: int) -> list[MergeRecipe]:
-    """Alternating task arithmetic / TIES candidates with random weights and densities."""
-    rng = np.random.default_rng(seed)
-    recipes = []
-    for trial in range(n):
-        method = "ties" if trial % 2 else "task_arithmetic"
-        params = {e: ExpertParams(weight=float(rng.uniform(0.1, 1.0)), density=float(rng.uniform(0.3, 1.0))) for e in experts}
-        recipes.append(MergeRecipe(rules=[GroupRule(method=method, experts=params)], seed=seed, trial=trial))
-    return recipes
 
 
 def captured_requests(objectives: Sequence[Objective], tokenizer: Any) -> tuple[list, list]:

@@ -53,12 +53,15 @@ def make_objectives(zoo: Path, skills: Sequence[str], calib_size: int) -> list[O
 
 
 def random_recipes(experts: Sequence[str], n: int, seed: int) -> list[MergeRecipe]:
-    """Per-layer-free task-arithmetic / TIES candidates with random weights and densities."""
+    """Alternating task-arithmetic / TIES candidates (one global rule) with random weights and, for
+    TIES, densities (task arithmetic reads no density; the draw is made anyway so the sequence of
+    weights does not depend on the method)."""
     rng = np.random.default_rng(seed)
     recipes = []
     for trial in range(n):
         method = "ties" if trial % 2 else "task_arithmetic"
-        params = {e: ExpertParams(weight=float(rng.uniform(0.1, 1.0)), density=float(rng.uniform(0.3, 1.0))) for e in experts}
+        draws = {e: (float(rng.uniform(0.1, 1.0)), float(rng.uniform(0.3, 1.0))) for e in experts}
+        params = {e: ExpertParams(weight=w, density=d if method == "ties" else 1.0) for e, (w, d) in draws.items()}
         recipes.append(MergeRecipe(rules=[GroupRule(method=method, experts=params)], seed=seed, trial=trial))
     return recipes
 
