@@ -400,13 +400,25 @@ class MergeEngine:
         self._chunk = value
 
     def iter_merged(self, recipe: MergeRecipe) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, merged tensor in the model dtype) one at a time: exports, vLLM weight loaders."""
+        """(name, merged tensor in the model dtype) one at a time, for exports.
+
+        With the fused kernels on, `apply` itself writes the recipe into one fresh state dict, so an
+        export holds exactly the bits a scorer scored: a separate eager pass rounds a few bf16
+        entries differently (multiply-add contraction, docs/merge-engine.md). That costs one model
+        of memory while exporting, what the scorer's live model costs during a search. The eager
+        engine streams one tensor at a time, as its apply computes them."""
+        if self.fused:
+            target = {name: torch.empty_like(self._base[name]) for name in self.layout.slots}
+            self.apply(recipe, target, stats=False)
+            for name in list(target):
+                yield name, target.pop(name)
+            return
         for name, delta in self._merged_deltas(recipe):
             base = self._base[name]
             yield name, (base.clone() if delta is None else (delta + base).to(self.dtype))
 
     def merged_state(self, recipe: MergeRecipe) -> dict[str, torch.Tensor]:
-        """The whole merged state dict (one extra model in memory; prefer `iter_merged`)."""
+        """The whole merged state dict (one extra model in memory)."""
         return dict(self.iter_merged(recipe))
 
     def _merged_deltas(self, recipe: MergeRecipe) -> Iterator[tuple[str, torch.Tensor | None]]:
