@@ -28,6 +28,8 @@ matter (a kept 0 adds 0 and agrees with no elected sign), so a boundary at 0 kee
 from __future__ import annotations
 
 import struct
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,3 +209,38 @@ def select_band(table: RankTable, n_bot: int, target: int) -> BandSelection | No
 def _next_up(table: RankTable, key: int) -> float:
     """The smallest magnitude above full key `key` in the table's dtype: `|x| >= it` <=> `|x| > v`."""
     return table.value(key + 1)
+
+
+_MARKS = threading.local()
+
+
+def _marks(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's all-zero mark buffer of at least `numel` entries (callers leave it zeroed)."""
+    pool = _MARKS.__dict__.setdefault("pool", {})
+    key = (str(device), dtype)
+    buf = pool.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = pool[key] = torch.zeros(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def fix_union(fixes: Sequence[torch.Tensor], numel: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The union of some experts' `fix` lists (flat indices into one `numel`-entry tensor, each list
+    without repeats) and, per list, which union entries it holds (bool).
+
+    Why not a sort (`unique`): a list can hold ~2% of a tensor (600k indices on a 32M-entry embedding),
+    and sorting it every candidate cost more than the fused merge itself. Instead each list sets its bit
+    in a pooled all-zero mark array: an index enters the union from the first list that holds it, a
+    list's membership is its bit of the union's marks, and the marks are cleared again. Random
+    gathers and scatters of the lists' size only, no pass over the tensor, no host sync."""
+    device = fixes[0].device
+    marks = _marks(numel, device, torch.uint8 if len(fixes) <= 8 else torch.int64)
+    parts = []
+    for i, fix in enumerate(fixes):
+        seen = marks[fix]
+        parts.append(fix if i == 0 else fix[seen == 0])
+        marks[fix] = seen | (1 << i)
+    index = parts[0] if len(parts) == 1 else torch.cat(parts)
+    held = marks[index]
+    marks[index] = 0
+    return index, [(held & (1 << i)) != 0 for i in range(len(fixes))]
