@@ -43,7 +43,7 @@ from ._dare import DareSpec
 from ._draws import _M1, _M2, _M3, _s32
 from ._gta import DenseSpec, GtaPlan, ZeroSpec, _EPS
 from ._magnitude import _strict_below
-from ._ranks import fix_union
+from ._ranks import mark_fixes
 from ._ties import ThresholdSpec, TieThresholdSpec
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -76,10 +76,11 @@ def _field_hash(index: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torc
 
 def _weighted(kinds: tuple[str, ...], deltas: Sequence[torch.Tensor], coef: torch.Tensor, lo: torch.Tensor,
               hi: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, shift: torch.Tensor,
-              start: torch.Tensor) -> list[torch.Tensor]:
+              start: torch.Tensor, flipped: tuple[int, ...] = (), flips: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Each expert's sparsified chunk times its coefficient, in fp32: the eager `Spec.chunk` times
     `coef` (dropped entries are +0 here; eager's `mask * x` may give -0, which no sum or election
-    tells apart from +0)."""
+    tells apart from +0). `flipped[i]` (exact top-k, a split tie group): expert i's bit in `flips`,
+    set where its plain threshold decides the opposite of mergekit (`_ranks.mark_fixes`)."""
     index = None
     out = []
     for i, (kind, d) in enumerate(zip(kinds, deltas)):
@@ -87,6 +88,8 @@ def _weighted(kinds: tuple[str, ...], deltas: Sequence[torch.Tensor], coef: torc
         if kind == "dare" and index is None:
             index = torch.arange(d.shape[-1], dtype=torch.int32, device=d.device) + start
         keep = _keep(kind, x, lo[i], hi[i], bound[i], k0[i], k1[i], shift[i], index)
+        if flipped and flipped[i]:  # a threshold or band ("thr"/"band": keep is not None)
+            keep = keep ^ ((flips & flipped[i]) != 0)
         # select, then weight: measured a few % faster than the other order (inductor, AVX-512)
         out.append((x if keep is None else torch.where(keep, x, 0.0)) * coef[i])
     return out
@@ -113,7 +116,7 @@ def _in_window(index: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, shift: t
 
 
 def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats: bool,
-                 packed: bool = False) -> Callable:
+                 packed: bool = False, flipped: tuple[int, ...] = ()) -> Callable:
     """The eager function of one variant (compiled by `_call`; also runnable as is).
 
     `packed`: the chunk spans many tensors (`PackedGta`): inputs are (rows, block) with each row in one
@@ -125,11 +128,12 @@ def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats
 
     def kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], lo: torch.Tensor,
                hi: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor,
-               k1: torch.Tensor, shift: torch.Tensor, start: torch.Tensor, lam: torch.Tensor):
+               k1: torch.Tensor, shift: torch.Tensor, start: torch.Tensor, lam: torch.Tensor,
+               flips: torch.Tensor | None = None):
         if packed:
             lo, hi, coef, weight, bound, k0, k1, shift = (t[:, :, None] for t in (lo, hi, coef, weight, bound, k0, k1, shift))
             start = start[:, None]
-        xs = _weighted(kinds, deltas, coef, lo, hi, bound, k0, k1, shift, start)
+        xs = _weighted(kinds, deltas, coef, lo, hi, bound, k0, k1, shift, start, flipped, flips)
         if not consensus:  # linear_combine: coef = rescale * w * lambda / divisor
             merged = xs[0]
             for x in xs[1:]:
@@ -279,56 +283,29 @@ class FusedGta:
         """
         if self.coef is None:
             self._resolve_rescale()
+        fixes = [self.plan.specs[i].fix for i in self.experts]
+        flipped, flips = (), None
+        if any(fix is not None for fix in fixes):  # exact top-k with split tie groups (`_ranks`)
+            flipped, flips = mark_fixes(fixes, self.plan.numel)
         key = ("gta", self.kinds, self.plan.consensus, self.plan.normalize, stats,
-               tuple(d.dtype for d in self.deltas), base.dtype, out.dtype)
-        build = lambda: _make_kernel(self.kinds, self.plan.consensus, self.plan.normalize, stats)  # noqa: E731
+               tuple(d.dtype for d in self.deltas), base.dtype, out.dtype, flipped,
+               None if flips is None else flips.dtype)
+        build = lambda: _make_kernel(self.kinds, self.plan.consensus, self.plan.normalize, stats,  # noqa: E731
+                                     flipped=flipped)
         nnz = l1 = None
-        for lo, hi in chunks(self.plan.numel, chunk):
-            result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in self.deltas], self.lo, self.hi,
-                           self.coef, self.weight, self.bound, self.k0, self.k1, self.shift, self._set_start(lo),
-                           self.lam)
-            if stats:
-                nnz = result[0] if nnz is None else nnz + result[0]
-                l1 = result[1] if l1 is None else l1 + result[1]
-        fixed = self._fix_ties(out, base, stats)  # exact top-k: split tie groups (`_ranks`)
-        if fixed is not None:
-            nnz, l1 = nnz + fixed[0], l1 + fixed[1]
+        try:
+            for lo, hi in chunks(self.plan.numel, chunk):
+                extra = () if flips is None else (flips[lo:hi],)
+                result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in self.deltas], self.lo,
+                               self.hi, self.coef, self.weight, self.bound, self.k0, self.k1, self.shift,
+                               self._set_start(lo), self.lam, *extra)
+                if stats:
+                    nnz = result[0] if nnz is None else nnz + result[0]
+                    l1 = result[1] if l1 is None else l1 + result[1]
+        finally:
+            if flips is not None:
+                flips.zero_()  # the pooled marks stay all zero between calls (a failed compile included)
         return (nnz, l1) if stats else None
-
-    def _fix_ties(self, out: torch.Tensor, base: torch.Tensor,
-                  stats: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """After the kernel ran the specs' plain thresholds: rewrite the entries of split tie groups
-        (`Spec.fix`) exactly. The task vectors are gathered at the union of the fix lists, each
-        sparsified there with its list (`Spec.keep_at`), and merged by this plan's kernel with every
-        expert dense (a dropped entry is a 0, as in the kernel), so the fix is one compiled call of
-        the same arithmetic instead of ~40 eager ops. Returns the change of (nonzero count, fp64 L1)
-        of the merged task vector when `stats`, else None (None too without fixes)."""
-        specs = [self.plan.specs[i] for i in self.experts]
-        fixes = [spec.fix for spec in specs if spec.fix is not None]
-        if not fixes:
-            return None
-        index, held = fix_union(fixes, self.plan.numel)
-        gathered = [d.index_select(0, index) for d in self.deltas]  # 3x faster than d[index] (CPU)
-        lists = iter(held)
-        exact = [spec.keep_at(x, next(lists) if spec.fix is not None else None) for spec, x in zip(specs, gathered)]
-        at_base = base.index_select(0, index)
-        merged = torch.empty(index.numel(), dtype=out.dtype, device=out.device)
-        result = self._dense(merged, at_base, exact, stats)
-        out[index] = merged
-        if not stats:
-            return None
-        plain = self._dense(torch.empty_like(merged), at_base, [s.keep_at(x, None) for s, x in zip(specs, gathered)],
-                            stats)
-        return result[0] - plain[0], result[1] - plain[1]
-
-    def _dense(self, out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], stats: bool):
-        """`out = (base + merged).to(out.dtype)` of already sparsified (gathered) task vectors."""
-        kinds = ("dense",) * len(deltas)
-        key = ("gta", kinds, self.plan.consensus, self.plan.normalize, stats, tuple(d.dtype for d in deltas),
-               base.dtype, out.dtype)
-        build = lambda: _make_kernel(kinds, self.plan.consensus, self.plan.normalize, stats)  # noqa: E731
-        return _call(key, build, out, base, deltas, self.lo, self.hi, self.coef, self.weight, self.bound, self.k0,
-                     self.k1, self.shift, self._set_start(0), self.lam)
 
 
 def _encode(spec: object, dtype: torch.dtype) -> tuple[float, float, int, int, int, int]:

@@ -206,7 +206,7 @@ class Spec:
     fix: torch.Tensor | None = None
     """Exact magnitude pruning with a split tie group: the flat indices kept beyond the spec's
     threshold or band (in no particular order; `_ranks`). The fused kernels run the plain threshold and then
-    `FusedGta` recomputes these entries (`_fused.FusedGta._fix_ties`)."""
+    flips the decision at these entries (`_ranks.mark_fixes`)."""
 
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
         return d
@@ -220,7 +220,7 @@ class Spec:
 
 class FixList:
     """A `fix` list sorted once, on first use by the eager chunked path (the fused path's
-    fix takes the unsorted list: `_ranks.fix_union`)."""
+    kernel marks the unsorted list: `_ranks.mark_fixes`)."""
 
     def __init__(self, fix: torch.Tensor) -> None:
         self._fix = fix
