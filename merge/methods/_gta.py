@@ -204,9 +204,9 @@ class Spec:
     rescale: Coefficient = 1.0
 
     fix: torch.Tensor | None = None
-    """Exact magnitude pruning with a split tie group: the flat indices kept beyond the spec's
-    threshold or band (in no particular order; `_ranks`). The fused kernels run the plain threshold and then
-    flips the decision at these entries (`_ranks.mark_fixes`)."""
+    """Exact magnitude pruning with a split tie group: the flat indices where the spec's plain
+    threshold or band decides the opposite of mergekit (in no particular order; `_ranks`). The fused
+    kernels run the plain threshold with the decision flipped at these entries (`_ranks.mark_fixes`)."""
 
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
         return d
