@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import tempfile
 import time
@@ -59,6 +60,7 @@ def run(num_layers: int, num_experts: int, rounds: int, methods: list[str]) -> d
             result[f"{key}_first_s"] = _timed(lambda: engine.apply(recipe, target, stats=False))
         rank_bytes = sum(t._ranks.nbytes for t in engine._tables.values() if t._ranks is not None)
         result["rank_tables_gb"] = rank_bytes / 1e9
+        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
         times: dict[str, list[float]] = {k: [] for k in recipes}
         for _ in range(rounds):
             for key, recipe in recipes.items():

@@ -43,7 +43,7 @@ from ._dare import DareSpec
 from ._draws import _M1, _M2, _M3, _s32
 from ._gta import DenseSpec, GtaPlan, ZeroSpec, _EPS
 from ._magnitude import _strict_below
-from ._ranks import mark_fixes
+from ._ranks import clear_marks, mark_fixes
 from ._ties import ThresholdSpec, TieThresholdSpec
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -303,8 +303,8 @@ class FusedGta:
                     nnz = result[0] if nnz is None else nnz + result[0]
                     l1 = result[1] if l1 is None else l1 + result[1]
         finally:
-            if flips is not None:
-                flips.zero_()  # the pooled marks stay all zero between calls (a failed compile included)
+            if flips is not None:  # the pooled marks stay all zero between calls (a failed compile included)
+                clear_marks(flips, fixes)
         return (nnz, l1) if stats else None
 
 

@@ -115,3 +115,7 @@ def test_fused_kernel_fixes_split_ties_like_the_eager_path(method: str) -> None:
         assert bool(((out.float() - eager.float()).abs() <= step).all())
         assert abs(int(nnz) - int(merged.count_nonzero())) <= N // 1000
     assert float(l1) == pytest.approx(float(merged.double().abs().sum()), rel=1e-5)
+    from evomerge.merge.methods._ranks import _marks
+
+    assert not bool(_marks(N, torch.device("cpu"), torch.int32).any())  # the pooled tie marks are cleared
+
