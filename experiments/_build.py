@@ -44,31 +44,15 @@ def build_engine(spec: ExperimentSpec, *, progress: bool = True) -> "MergeEngine
         dtype=_torch_dtype(spec.scorer.dtype),
         allow_pickle=models.allow_pickle,
         progress=progress,
-        compile=compile_mode(spec),
+        compile=models.compile,
     )
-
-
-LONG_RUN_EVALUATIONS = 1000
-LONG_RUN_SECONDS = 3600.0
-
-
-def compile_mode(spec: ExperimentSpec) -> "bool | str":
-    """`models.compile`, with "auto" turned on for long runs: compiling the merge kernels costs
-    seconds once and saves milliseconds per candidate on small models (break-even ~1000 merges on
-    the small zoo, docs/merge-engine.md); the engine's own "auto" still covers large models."""
-    mode = spec.models.compile
-    if mode != "auto":
-        return mode
-    stages = spec.resolved_stages()
-    evaluations = sum(s.budget.evaluations or 0 for s in stages)
-    seconds = sum(s.budget.wall_clock or 0.0 for s in stages)
-    return True if evaluations >= LONG_RUN_EVALUATIONS or seconds >= LONG_RUN_SECONDS else "auto"
 
 
 def build_objective(obj: ObjectiveSpec, *, seed: int, data: str | None = None) -> "Objective":
     """One `Objective`; ``data`` replaces the calibration file with a held-out set (scored in full)."""
-    from evomerge.objectives import CalibrationSet, Objective
+    from evomerge.objectives import CalibrationSet, LmEvalTask, Objective
 
+    task = None if obj.lm_eval is None else LmEvalTask(**obj.lm_eval.model_dump())
     path = data or obj.data
     calibration = None
     if path is not None:
@@ -86,13 +70,16 @@ def build_objective(obj: ObjectiveSpec, *, seed: int, data: str | None = None) -
         pattern=obj.pattern,
         normalization=obj.normalization,
         function=obj.function,
+        lm_eval=task,
     )
 
 
 def build_objectives(spec: ExperimentSpec, *, holdout: bool = False) -> list["Objective"]:
     """The spec's objectives; with ``holdout`` the metric objectives read their held-out sets."""
     if holdout:
-        return [build_objective(o, seed=spec.seed, data=o.holdout) for o in spec.objectives if o.holdout or o.data is None]
+        # lm-eval tasks have no held-out set of their own here: re-scoring them would only repeat the search's numbers.
+        return [build_objective(o, seed=spec.seed, data=o.holdout) for o in spec.objectives
+                if o.holdout or (o.data is None and o.lm_eval is None)]
     return [build_objective(o, seed=spec.seed) for o in spec.objectives]
 
 

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from ._rundir import RunDir
+
+if TYPE_CHECKING:
+    from ._signals import SignalLog
 
 PRESET = "pareto-layerwise"
 
@@ -51,8 +55,7 @@ def _verdict(comparison: dict) -> list[str]:
 QUICK = {"size": "tiny", "minutes": 2.0, "trials": 12}
 
 
-def run_demo(size: str = "small", run_dir: Path = Path("runs/demo"), minutes: float = 4.0,
-             trials: int | None = None) -> int:
+def run_demo(size: str, run_dir: Path, minutes: float, trials: int | None = None, *, signals: "SignalLog") -> int:
     """Run the demo; returns the exit status (130/143 when interrupted: rerun to continue).
 
     ``trials`` caps the search's evaluations (default: the preset's 200); ``minutes`` caps its time.
@@ -73,7 +76,7 @@ def run_demo(size: str = "small", run_dir: Path = Path("runs/demo"), minutes: fl
     overrides = [f"models.zoo.size={size}", f"budget.wall_clock={minutes * 60:.0f}"]
     if trials is not None:
         overrides.append(f"budget.evaluations={trials}")
-    code = start(spec=None, preset=PRESET, run_dir=run_dir, overrides=overrides, progress=True)
+    code = start(spec=None, preset=PRESET, run_dir=run_dir, overrides=overrides, progress=True, signals=signals)
     if code != 0:
         return code
 

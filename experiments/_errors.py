@@ -12,10 +12,13 @@ class UserError(ValueError):
 
     @staticmethod
     def message_of(exc: BaseException) -> str:
-        """The one-line message of a user error (file errors name the path)."""
+        """The message of a user error: one line per problem (file errors name the path)."""
+        from ._spec_io import SpecError
+
         if isinstance(exc, FileNotFoundError) and exc.filename:
             return f"{exc.filename}: no such file or directory"
-        return " ".join(str(exc).split())
+        lines = str(exc).splitlines() if isinstance(exc, SpecError) else [str(exc)]
+        return "\n".join(" ".join(line.split()) for line in lines if line.strip())
 
 
 def first_line(exc: BaseException) -> str:
@@ -28,9 +31,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types reported as one line with exit status 2."""
     from evomerge.experiments.zoo import ZooBuildError
     from evomerge.merge import MergeError
-    from evomerge.objectives import CalibrationError
+    from evomerge.objectives import CalibrationError, LmEvalError
     from evomerge.search import ResumeError
 
     from ._spec_io import SpecError
 
-    return (UserError, SpecError, MergeError, CalibrationError, ZooBuildError, ResumeError, FileNotFoundError)
+    return (UserError, SpecError, MergeError, CalibrationError, LmEvalError, ZooBuildError, ResumeError, FileNotFoundError)

@@ -34,12 +34,17 @@ class LedgerObjective:
 
 def ledger_objectives(spec: ExperimentSpec, optimizer: OptimizerSpec) -> list[LedgerObjective]:
     """The spec's objectives (directions resolved) plus ``l1`` when the optimizer is penalized."""
-    from evomerge.objectives import COSTS, METRICS
+    from evomerge.objectives import COSTS, METRICS, LmEvalTask, lm_eval_direction
 
     out = []
     for o in spec.objectives:
-        default = "minimize" if o.metric in COSTS else METRICS[o.metric][1]
-        out.append(LedgerObjective(o.name, o.direction or default))
+        if o.direction is not None:
+            direction = o.direction
+        elif o.lm_eval is not None:
+            direction = lm_eval_direction(LmEvalTask(**o.lm_eval.model_dump()))
+        else:
+            direction = "minimize" if o.metric in COSTS else METRICS[o.metric][1]
+        out.append(LedgerObjective(o.name, direction))
     if optimizer.l1_penalty > 0:
         out.append(LedgerObjective(L1_OBJECTIVE, "minimize"))
     return out

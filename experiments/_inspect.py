@@ -1,4 +1,4 @@
-"""Reading a run folder: ``status``, ``front``, ``export``, ``report``, and the end-of-run summary.
+"""Reading a run folder: ``status``, ``front``, ``export``, ``report`` (and the views the end-of-run summary prints).
 
 The ledger is read through Optuna directly (read-only, no `Ledger` object), following the layout
 `evomerge.search.Ledger` documents: raw objective values in ``user_attrs["objectives"]``, the
@@ -9,41 +9,33 @@ recipe JSON in ``user_attrs["recipe"]``, run metadata in the study's ``user_attr
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import click
-
-from evomerge.merge import write_atomic
-
-from ._compare import holdout_scores, single_model_recipes
 from ._errors import UserError, first_line
-from ._results import Reference, RunView, TrialRecord, read_json
+from ._results import Reference, RunView, read_json
 from ._rundir import RunDir
 
 if TYPE_CHECKING:
     import optuna
 
-    from ._run import Session
-
-_STATES = {"COMPLETE": "complete", "FAIL": "failed", "RUNNING": "running", "WAITING": "running"}
+GRID_STAGE = "grid"
+"""Study name of the built-in uniform grid baseline (``baseline: true``)."""
 
 
 def _study(rd: RunDir, stage: str) -> "optuna.Study":
     import optuna
 
-    from evomerge.search import resolve_storage
+    from evomerge.search import storage_for
 
     spec = rd.load_spec(check_paths=False)
     if not rd.has_ledger(spec):
         raise UserError(f"{rd.path}: stage {stage!r} has no trials yet")
     where = rd.storage(spec, shared=False)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        storage, _ = resolve_storage(where)
+        storage, _ = storage_for(where)
         return optuna.load_study(study_name=stage, storage=storage)
     except KeyError:
         raise UserError(f"{rd.path}: stage {stage!r} has no trials yet") from None
@@ -52,8 +44,6 @@ def _study(rd: RunDir, stage: str) -> "optuna.Study":
 
 
 def _stage_names(rd: RunDir) -> list[str]:
-    from ._run import GRID_STAGE
-
     spec = rd.load_spec(check_paths=False)
     return [s.name for s in spec.resolved_stages()] + ([GRID_STAGE] if spec.baseline else [])
 
@@ -62,34 +52,15 @@ def main_stage(rd: RunDir) -> str:
     """The stage a user means by default: the current one while running, else the last search stage."""
     state = rd.read_state()
     names = [n for n in _stage_names(rd) if n in state.get("stages_done", []) or n == state.get("stage")]
-    from ._run import GRID_STAGE
-
     searches = [n for n in names if n != GRID_STAGE]
     if state.get("status") in ("running", "interrupted") and state.get("stage") in searches:
         return state["stage"]
     return (searches or names or _stage_names(rd))[-1]
 
 
-def _records(study: "optuna.Study", stage: str) -> list[TrialRecord]:
-    out = []
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("interrupted"):
-            continue  # cut off by a stop and re-queued; its rerun is the real trial
-        recipe = t.user_attrs.get("recipe")
-        out.append(
-            TrialRecord(
-                number=t.number, stage=stage, state=_STATES.get(t.state.name, t.state.name.lower()),
-                values=dict(t.user_attrs.get("objectives", {})), params=dict(t.params),
-                recipe=json.loads(recipe) if recipe else None, timings=dict(t.user_attrs.get("timings", {})),
-                reason=t.user_attrs.get("failure"),
-            )
-        )
-    return out
-
-
 def load_view(run_dir: Path, stage: str | None = None) -> RunView:
     """A `RunView` of one stage of a run folder (default: `main_stage`)."""
-    from evomerge.search import ParetoArchive
+    from evomerge.search import ParetoArchive, read_records
 
     rd = RunDir(run_dir.resolve())
     spec = rd.load_spec(check_paths=False)
@@ -99,14 +70,13 @@ def load_view(run_dir: Path, stage: str | None = None) -> RunView:
     study = _study(rd, stage)
     meta = study.user_attrs
     objectives = [(o["name"], o["direction"]) for o in meta["objectives"]]
-    trials = _records(study, stage)
+    # interrupted attempts are left out: cut off by a stop and re-run, their re-run is the real trial
+    trials = [t for t in read_records(study) if t.state != "interrupted"]
     archive = ParetoArchive([d for _, d in objectives], meta.get("reference_point"))
-    frozen = {t.number: t for t in study.get_trials(deepcopy=False)}
     for t in trials:
         if t.state in ("complete", "failed"):
             values = [t.values[n] for n, _ in objectives] if t.state == "complete" else None
-            feasible = all(c <= 0 for c in frozen[t.number].system_attrs.get("constraints", ()))
-            archive.add(t.number, values, feasible=feasible)
+            archive.add(t.number, values, feasible=t.feasible)
     comparison = read_json(rd.comparison_file) or None
     references = [Reference(name, values) for name, values in (comparison or {}).get("references", {}).items()]
     return RunView(
@@ -152,14 +122,14 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
-def _recipe_of(view: RunView, number: int) -> Any:
+def recipe_of(view: RunView, number: int) -> Any:
     from evomerge.merge import MergeRecipe
 
     trial = view.trial(number)
     if trial is None:
         raise UserError(f"--trial: {number} is not a trial of stage {view.stage!r}; front: {view.front}")
     if trial.state != "complete" or trial.recipe is None:
-        raise UserError(f"--trial: trial {number} did not complete ({trial.reason or trial.state})")
+        raise UserError(f"--trial: trial {number} did not complete ({trial.failure or trial.state})")
     return MergeRecipe.model_validate(trial.recipe)
 
 
@@ -168,7 +138,7 @@ def export_trial(run_dir: Path, trial: int, *, out: Path | None = None, stage: s
     from ._build import build_engine
 
     view = load_view(run_dir, stage)
-    recipe = _recipe_of(view, trial)
+    recipe = recipe_of(view, trial)
     target = (out or RunDir(view.run_dir).export_dir(trial)).resolve()
     _check_output(target, folder=True)
     engine = build_engine(view.spec, progress=False)
@@ -198,55 +168,3 @@ def write_run_report(run_dir: Path, *, out: Path | None = None) -> Path:
         out = out.resolve()
         _check_output(out, folder=False)
     return write_report(view, out)
-
-
-# ------------------------------------------------------------------------------------------ end of run
-
-
-def finish_run(rd: RunDir, session: "Session") -> None:
-    """After the last stage: reference points, the held-out comparison, the report, a summary."""
-    from ._run import GRID_STAGE
-
-    spec = session.spec
-    view = load_view(rd.path, main_stage(rd))
-    experts = single_model_recipes(session.engine.expert_names)
-    references = {label: session.scorer.evaluate(r).values for label, r in experts.items()}
-    candidates = dict(experts)
-    best = view.best_mean_trial()
-    grid_best = None
-    if spec.baseline:
-        grid = load_view(rd.path, GRID_STAGE)
-        grid_best = grid.best_mean_trial()
-        if grid_best is not None:
-            references[f"grid best (trial {grid_best})"] = grid.trial(grid_best).values
-            candidates[f"uniform grid best (trial {grid_best})"] = _recipe_of(grid, grid_best)
-    if best is not None:
-        candidates[f"searched best mean (trial {best})"] = _recipe_of(view, best)
-    comparison: dict[str, Any] = {"references": references}
-    holdout = [o.name for o in spec.objectives if o.holdout]
-    if holdout:
-        comparison.update(
-            objectives=holdout,
-            scores=holdout_scores(spec, session.engine, candidates),
-            note="Scores on the held-out sets (never seen by the search). Experts are the fine-tuned "
-            "models themselves; the uniform grid is the best single shared coefficient chosen on "
-            "the calibration sets; the searched row is the front member with the best mean calibration score.",
-        )
-    write_atomic(rd.comparison_file, json.dumps(comparison, indent=2) + "\n")
-    # the outputs describe the finished run; state.json says "done" only once they are all in place
-    view = load_view(rd.path, view.stage)
-    view = dataclasses.replace(view, state={**view.state, "status": "done"})
-    report = None
-    if spec.outputs.report:
-        from ._report import write_report
-
-        report = write_report(view)
-    rd.write_state(status="done")
-    click.echo(status_text(rd.path))
-    if holdout:
-        header, rows, _ = view.comparison_rows()
-        click.echo("\nheld-out scores (mean over " + ", ".join(holdout) + "):")
-        click.echo(format_table(header, rows))
-    if report is not None:
-        click.echo(f"\nreport: {report}")
-

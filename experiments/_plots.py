@@ -1,13 +1,17 @@
-"""Matplotlib figures of a run, returned as PNG bytes so the report can embed them (base64).
+"""Matplotlib figures of a run: the one plot module (the report embeds them as base64, and
+`write_plots` leaves them as PNG files next to a stage's CSV/JSON exports).
 
-Pure functions of a `RunView`: no file I/O, the Agg backend, one figure per function, closed
-after rendering so a long batch does not accumulate figures.
+Figures are pure functions of a `RunView` returning PNG bytes: the Agg backend, one figure per
+function, closed after rendering so a long batch does not accumulate figures.
 """
 
 from __future__ import annotations
 
 import io
 import itertools
+import os
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib
@@ -114,3 +118,19 @@ def layer_profile(view: "RunView", number: int) -> bytes | None:
         ax.legend(fontsize=6, loc="best")
     fig.suptitle(f"trial {number}: coefficients per layer group")
     return _png(fig)
+
+
+def write_plots(view: "RunView", out_dir: Path) -> dict[str, Path]:
+    """``front.png`` (objective pairs) and ``hypervolume.png`` of the view's stage in ``out_dir``,
+    each replaced atomically; a figure with nothing to show is not written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, png in (("front.png", front_pairs(view)), ("hypervolume.png", hypervolume_curve(view))):
+        if png is None:
+            continue
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(png)
+        os.replace(tmp, out_dir / name)
+        paths[name] = out_dir / name
+    return paths

@@ -31,7 +31,7 @@ def preflight(spec: ExperimentSpec, rd: RunDir) -> None:
     else:
         check_run_dir(rd.path)
     if spec.storage:
-        check_storage(spec.storage)
+        check_ledger_location(spec.storage)
     check_optimizers(spec)
 
 
@@ -65,8 +65,8 @@ def check_run_dir(path: Path) -> None:
 # ------------------------------------------------------------------------------------------- storage
 
 
-def check_storage(storage: str) -> None:
-    """The ledger storage of ``storage`` (a URL or a file path, as `evomerge.search.resolve_storage`
+def check_ledger_location(storage: str) -> None:
+    """The ledger storage of ``storage`` (a URL or a file path, as `evomerge.search.storage_for`
     reads it) can be opened: files can be created where they go and hold the right format, and a
     database answers a connection. Nothing is created."""
     if storage.startswith("sqlite:///"):

@@ -15,7 +15,7 @@ import yaml
 from evomerge.merge import write_atomic
 
 from . import _plots
-from ._results import RunView
+from ._results import RunView, format_value
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -61,6 +61,16 @@ def _comparison(view: RunView) -> str:
     return f"<h2>Merged vs. experts vs. uniform grid</h2><p class=muted>{note}</p>" + _table(header, rows, best)
 
 
+def _references(view: RunView) -> str:
+    """The base, experts, mergekit baselines and grid on the search's own objectives (calibration sets)."""
+    if not view.references:
+        return ""
+    names = view.objective_names
+    rows = [[ref.name, *(format_value(ref.values.get(n)) for n in names)] for ref in view.references]
+    return ("<h2>Reference models on the search's objectives</h2><p class=muted>The base, each expert, the "
+            "mergekit baselines of the spec and the grid's best, scored like every trial.</p>" + _table(["model", *names], rows))
+
+
 def render(view: RunView) -> str:
     """The report page as one HTML string."""
     best = view.best_mean_trial()
@@ -73,6 +83,7 @@ def render(view: RunView) -> str:
         "<h2>Summary</h2>",
         _summary(view),
         _comparison(view),
+        _references(view),
         "<h2>Pareto front</h2>",
         _front_table(view),
         _img(_plots.front_pairs(view), "objective pairs"),
@@ -83,7 +94,7 @@ def render(view: RunView) -> str:
         parts += [f"<h2>Coefficients of trial {best} (best mean score)</h2>", _img(_plots.layer_profile(view, best), "profile")]
     parts += [
         "<h2>Failed trials</h2>" if view.failed else "",
-        _table(["trial", "reason"], [[str(t.number), t.reason or ""] for t in view.failed]) if view.failed else "",
+        _table(["trial", "reason"], [[str(t.number), t.failure or ""] for t in view.failed]) if view.failed else "",
         f"<h2>Spec</h2><details><summary>resolved spec</summary><pre>{html.escape(spec_yaml)}</pre></details>",
         f"<p class=muted>run folder: {html.escape(str(view.run_dir))}</p></body></html>",
     ]

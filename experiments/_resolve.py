@@ -1,7 +1,8 @@
-"""Turn a spec's symbolic references (the toy zoo, LoRA pool folders) into concrete paths.
+"""Turn a spec's symbolic references (the toy zoo, LoRA pool folders, Hugging Face ids) into concrete paths.
 
 The run folder keeps the *resolved* spec, so a run can be resumed, audited or reproduced without
-knowing which zoo or pool it came from: every model and data path in it is absolute.
+knowing which zoo, pool or hub revision it came from: every model and data path in it is absolute
+(a hub id becomes its cache snapshot folder, whose name is the commit).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ._hub import ModelIdError, parse_model_id, resolve_model_id
 from ._spec import ZOO_PREFIX, ExperimentSpec, ZooRef
 from ._spec_io import SpecError, validate_spec
 
@@ -66,13 +68,38 @@ def _per_skill(objectives: list[dict[str, Any]], zoo: Path) -> list[dict[str, An
     return out
 
 
+def _model_folder(value: str, *, field: str, label: str, allow_pickle: bool) -> str:
+    """``value`` itself when it is a path, else the cache folder of the hub id it names."""
+    model = parse_model_id(value)
+    if model is None:
+        return value
+    try:
+        return str(resolve_model_id(model, allow_pickle=allow_pickle))
+    except ModelIdError as exc:
+        raise SpecError(f"{label}: {field}: {exc}") from None
+
+
+def _hub_models(models: dict[str, Any], *, label: str) -> dict[str, Any]:
+    """``models`` with every hub id among base and experts replaced by its local folder."""
+    pickle = bool(models.get("allow_pickle"))
+    out = dict(models)
+    if out.get("base") is not None:
+        out["base"] = _model_folder(out["base"], field="models.base", label=label, allow_pickle=pickle)
+    out["experts"] = {
+        name: _model_folder(ref, field=f"models.experts.{name}", label=label, allow_pickle=pickle)
+        for name, ref in out.get("experts", {}).items()
+    }
+    return out
+
+
 def resolve(spec: ExperimentSpec, *, label: str, progress: bool = True) -> ExperimentSpec:
-    """The spec with the zoo built and expanded and pools listed: plain base + experts, absolute paths.
+    """The spec with the zoo built and expanded, pools listed and hub ids found in the cache: plain
+    base + experts, absolute paths.
 
     Re-validated, so a zoo that lacks a referenced file is a one-line error naming the field.
     """
     data = spec.model_dump(mode="json", by_alias=True)
-    models = data["models"]
+    models = data["models"] = _hub_models(data["models"], label=label)
     if spec.models.zoo is not None:
         zoo = zoo_dir(spec.models.zoo, progress=progress)
         data["objectives"] = _per_skill(data["objectives"], zoo)

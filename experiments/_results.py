@@ -11,12 +11,15 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._rundir import read_json_object
 from ._spec import ExperimentSpec
+
+if TYPE_CHECKING:
+    from evomerge.search import TrialRecord
 
 
 def format_value(value: float | None, digits: int = 4) -> str:
@@ -36,21 +39,6 @@ def format_seconds(seconds: float | None) -> str:
 
 
 @dataclass(frozen=True)
-class TrialRecord:
-    """One trial as the ledger stores it."""
-
-    number: int
-    stage: str
-    state: str
-    """complete | failed | running."""
-    values: dict[str, float]
-    params: dict[str, float]
-    recipe: dict[str, Any] | None
-    timings: dict[str, float]
-    reason: str | None = None
-
-
-@dataclass(frozen=True)
 class Reference:
     """A labelled point to compare against (an expert, the grid's best) in objective space."""
 
@@ -67,6 +55,7 @@ class RunView:
     objectives: list[tuple[str, str]]
     """(name, direction) as the ledger records them (the spec's, plus ``l1`` when penalized)."""
     trials: list[TrialRecord]
+    """The stage's trials (interrupted attempts left out: their re-run is the real trial)."""
     front: list[int]
     hv_history: list[tuple[int, float]]
     reference_point: list[float] | None
@@ -92,14 +81,14 @@ class RunView:
 
     @property
     def completed(self) -> list[TrialRecord]:
-        return [t for t in self.trials if t.state == "complete" and t.stage == self.stage]
+        return [t for t in self.trials if t.state == "complete"]
 
     @property
     def failed(self) -> list[TrialRecord]:
-        return [t for t in self.trials if t.state == "failed" and t.stage == self.stage]
+        return [t for t in self.trials if t.state == "failed"]
 
     def trial(self, number: int) -> TrialRecord | None:
-        return next((t for t in self.trials if t.number == number and t.stage == self.stage), None)
+        return next((t for t in self.trials if t.number == number), None)
 
     @property
     def hypervolume(self) -> float:

@@ -8,6 +8,8 @@ stop at any point resumes with ``evomerge resume RUN_DIR``.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,24 +18,26 @@ from typing import TYPE_CHECKING, Any
 import click
 import yaml
 
+from evomerge.merge import write_atomic
+
 from ._build import build_engine, build_objectives, build_scorer, build_space
+from ._compare import holdout_scores, single_model_recipes
 from ._errors import UserError, first_line
 from ._fitness import PenalizedScorer, constraint_function, ledger_objectives, scalarization
+from ._inspect import GRID_STAGE, format_table, load_view, main_stage, recipe_of, status_text
+from ._mergekit_in import baseline_recipes, check_mergekit_files, start_from_mergekit
 from ._preflight import preflight, report_remote_code
 from ._resolve import resolve
 from ._rundir import RunDir
-from ._signals import SignalLog
 from ._spec import ExperimentSpec, OptimizerSpec, SpaceSpec, StageSpec
 from ._spec_io import dump_spec, preset_path, read_yaml, validate_spec
 
 if TYPE_CHECKING:
     from evomerge.merge import MergeEngine
+
+    from ._signals import SignalLog
     from evomerge.objectives import Scorer
     from evomerge.search import Ledger, SearchSpace
-
-GRID_STAGE = "grid"
-"""Study name of the built-in uniform grid baseline (``baseline: true``)."""
-
 
 # ------------------------------------------------------------------------------------------- loading
 
@@ -85,13 +89,36 @@ class Session:
     @classmethod
     def open(cls, spec: ExperimentSpec, *, progress: bool) -> "Session":
         engine = build_engine(spec, progress=progress)
+        check_mergekit_files(spec, engine)
         scorer = build_scorer(spec, engine, build_objectives(spec))
-        # One untimed candidate (the first stage's starting point): compiles and first calls are not the first trial's.
-        scorer.warm_up((space := build_space(engine, spec.resolved_stages()[0].space)).decode(space.x0, seed=spec.seed))
+        for recipe in _warm_up_recipes(spec, engine):
+            scorer.warm_up(recipe)
         return cls(spec, engine, scorer)
 
     def close(self) -> None:
         self.scorer.close()
+
+
+def _warm_up_recipes(spec: ExperimentSpec, engine: "MergeEngine") -> list[Any]:
+    """One untimed candidate per distinct merge method a run will use (each stage's starting point,
+    and one grid recipe per method of the uniform grid baseline): kernel compiles, table builds and
+    the first inference calls then fall before the first timed trial of every stage, not into its
+    timeout (issue 13: a first trial timed out while the fused kernels compiled)."""
+    from evomerge.search import GridSearch
+
+    recipes: dict[tuple[str, ...], Any] = {}
+    stages = spec.resolved_stages()
+    for stage in stages:
+        space = build_space(engine, stage.space)
+        recipe = space.decode(space.x0, seed=spec.seed)
+        recipes.setdefault(tuple(sorted({rule.method for rule in recipe.rules})), recipe)
+    if spec.baseline:
+        grid, space = GridSearch(), build_space(engine, stages[-1].space)
+        for method in grid.methods:
+            density = min(grid.densities) if method == "ties" else 1.0  # the grid's own points: density is TIES'
+            params = {"grid.method": method, "grid.weight": grid.weights[0], "grid.density": density}
+            recipes.setdefault((method,), grid.recipe(space, params, seed=spec.seed, trial=0))
+    return list(recipes.values())
 
 
 def _same_spec(a: ExperimentSpec, b: ExperimentSpec) -> bool:
@@ -101,46 +128,46 @@ def _same_spec(a: ExperimentSpec, b: ExperimentSpec) -> bool:
 
 
 def start(
-    *, spec: Path | None, preset: str | None, run_dir: Path | None, overrides: list[str], progress: bool
+    *, spec: Path | None, preset: str | None, run_dir: Path | None, overrides: list[str], progress: bool,
+    signals: "SignalLog",
 ) -> int:
-    """``evomerge run``: validate, load, create the run folder, search. Returns the exit status."""
+    """``evomerge run``: validate, load, create the run folder, search. Returns the exit status.
+    ``signals``: the CLI's record of SIGINT/SIGTERM (both arrive here as ``KeyboardInterrupt``)."""
     parsed, label = load_spec_with_overrides(spec, preset, overrides)
     rd = RunDir((run_dir or parsed.run_dir()).resolve())
-    with SignalLog() as signals:
-        try:
-            resolved = resolve(parsed, label=label, progress=progress)
-            outputs = resolved.outputs.model_copy(update={"run_dir": str(rd.path)})
-            resolved = resolved.model_copy(update={"outputs": outputs})
-            if rd.exists() and not _same_spec(rd.load_spec(check_paths=False), resolved):
-                raise UserError(f"{rd.path} holds a run of a different spec; pick another --run-dir, or `evomerge resume {rd.path}`")
-            preflight(resolved, rd)
-            session = Session.open(resolved, progress=progress)
-            report_remote_code(resolved)
-        except KeyboardInterrupt:
-            return signals.exit_code()
-        if not rd.exists():
-            rd.path.mkdir(parents=True, exist_ok=True)
-            dump_spec(resolved, rd.spec_file)
-            rd.write_state(status="created", name=resolved.name, elapsed={})
-            click.echo(f"run folder: {rd.path}")
-        else:
-            click.echo(f"resuming: {rd.path}")
-        return _execute(rd, session, signals, progress=progress)
+    try:
+        resolved = resolve(parsed, label=label, progress=progress)
+        outputs = resolved.outputs.model_copy(update={"run_dir": str(rd.path)})
+        resolved = resolved.model_copy(update={"outputs": outputs})
+        if rd.exists() and not _same_spec(rd.load_spec(check_paths=False), resolved):
+            raise UserError(f"{rd.path} holds a run of a different spec; pick another --run-dir, or `evomerge resume {rd.path}`")
+        preflight(resolved, rd)
+        session = Session.open(resolved, progress=progress)
+        report_remote_code(resolved)
+    except KeyboardInterrupt:
+        return signals.exit_code()
+    if not rd.exists():
+        rd.path.mkdir(parents=True, exist_ok=True)
+        dump_spec(resolved, rd.spec_file)
+        rd.write_state(status="created", name=resolved.name, elapsed={})
+        click.echo(f"run folder: {rd.path}")
+    else:
+        click.echo(f"resuming: {rd.path}")
+    return _execute(rd, session, signals, progress=progress)
 
 
-def resume(run_dir: Path, *, progress: bool) -> int:
+def resume(run_dir: Path, *, progress: bool, signals: "SignalLog") -> int:
     """``evomerge resume``: reopen the run's ledger and continue where it stopped."""
     rd = RunDir(run_dir.resolve())
     spec = rd.load_spec()
-    with SignalLog() as signals:
-        try:
-            preflight(spec, rd)
-            session = Session.open(spec, progress=progress)
-            report_remote_code(spec)
-        except KeyboardInterrupt:
-            return signals.exit_code()
-        click.echo(f"resuming: {rd.path}")
-        return _execute(rd, session, signals, progress=progress)
+    try:
+        preflight(spec, rd)
+        session = Session.open(spec, progress=progress)
+        report_remote_code(spec)
+    except KeyboardInterrupt:
+        return signals.exit_code()
+    click.echo(f"resuming: {rd.path}")
+    return _execute(rd, session, signals, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -181,7 +208,10 @@ def _stage_space(session: Session, stage: StageSpec, held: dict[str, float]) -> 
     if stage.inherit:
         kinds = list(space.searched_kinds)
         space = space.model_copy(update={"params": kinds + [k for k in stage.inherit if k not in kinds]})
-    return build_space(session.engine, space, held)
+    built = build_space(session.engine, space, held)
+    if session.spec.init is not None and stage.name == session.spec.resolved_stages()[0].name:
+        built = start_from_mergekit(built, session.spec, session.engine, echo=True)
+    return built
 
 
 def _budget_seconds(stage: StageSpec, elapsed: float) -> float | None:
@@ -255,10 +285,8 @@ def _execute(rd: RunDir, session: Session, signals: SignalLog, *, progress: bool
                     raise KeyboardInterrupt
                 done.append(stage.name)
                 rd.write_state(stages_done=done)
-                _export_stage(rd, stage.name, ledger)
+                export_stage(rd, stage.name, ledger)
             held = _inherited(ledger, stages, stage)
-        from ._inspect import finish_run
-
         finish_run(rd, session)  # marks the run done once its last output is in place
     except KeyboardInterrupt:
         rd.write_state(status="interrupted")
@@ -270,14 +298,16 @@ def _execute(rd: RunDir, session: Session, signals: SignalLog, *, progress: bool
     return 0
 
 
-def _export_stage(rd: RunDir, stage: str, ledger: "Ledger") -> None:
+def export_stage(rd: RunDir, stage: str, ledger: "Ledger") -> None:
     """The stage's trials and front as CSV/JSON and its plots, for spreadsheets and notebooks."""
-    from evomerge.search import export_results, plot_run
+    from evomerge.search import export_results
+
+    from ._plots import write_plots
 
     out = rd.results_dir(stage)
     export_results(ledger, out)
     if ledger.trials():
-        plot_run(ledger, out)
+        write_plots(load_view(rd.path, stage), out)
 
 
 def _inherited(ledger: "Ledger", stages: list[StageSpec], stage: StageSpec) -> dict[str, float]:
@@ -290,3 +320,52 @@ def _inherited(ledger: "Ledger", stages: list[StageSpec], stage: StageSpec) -> d
     if best is None:
         raise UserError(f"stage {stage.name!r} has no completed trial for stage {following.name!r} to inherit from")
     return {name: float(v) for name, v in best.params.items() if _kind_of(name) in following.inherit}
+
+
+# ------------------------------------------------------------------------------------------ end of run
+
+
+def finish_run(rd: RunDir, session: Session) -> None:
+    """After the last stage: reference points, the held-out comparison, the report, a summary."""
+    spec = session.spec
+    view = load_view(rd.path, main_stage(rd))
+    experts = {**single_model_recipes(session.engine.expert_names), **baseline_recipes(spec, session.engine)}
+    references = {label: session.scorer.evaluate(r).values for label, r in experts.items()}
+    candidates = dict(experts)
+    best = view.best_mean_trial()
+    grid_best = None
+    if spec.baseline:
+        grid = load_view(rd.path, GRID_STAGE)
+        grid_best = grid.best_mean_trial()
+        if grid_best is not None:
+            references[f"grid best (trial {grid_best})"] = grid.trial(grid_best).values
+            candidates[f"uniform grid best (trial {grid_best})"] = recipe_of(grid, grid_best)
+    if best is not None:
+        candidates[f"searched best mean (trial {best})"] = recipe_of(view, best)
+    comparison: dict[str, Any] = {"references": references}
+    holdout = [o.name for o in spec.objectives if o.holdout]
+    if holdout:
+        comparison.update(
+            objectives=holdout,
+            scores=holdout_scores(spec, session.engine, candidates),
+            note="Scores on the held-out sets (never seen by the search). Experts are the fine-tuned "
+            "models themselves; the uniform grid is the best single shared coefficient chosen on "
+            "the calibration sets; the searched row is the front member with the best mean calibration score.",
+        )
+    write_atomic(rd.comparison_file, json.dumps(comparison, indent=2) + "\n")
+    # the outputs describe the finished run; state.json says "done" only once they are all in place
+    view = load_view(rd.path, view.stage)
+    view = dataclasses.replace(view, state={**view.state, "status": "done"})
+    report = None
+    if spec.outputs.report:
+        from ._report import write_report
+
+        report = write_report(view)
+    rd.write_state(status="done")
+    click.echo(status_text(rd.path))
+    if holdout:
+        header, rows, _ = view.comparison_rows()
+        click.echo("\nheld-out scores (mean over " + ", ".join(holdout) + "):")
+        click.echo(format_table(header, rows))
+    if report is not None:
+        click.echo(f"\nreport: {report}")

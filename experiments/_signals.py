@@ -2,11 +2,11 @@
 
 Two situations:
 
-* a run (`SignalLog`): the search loop (`evomerge.search.run_search`) already turns both signals
-  into a clean stop (ledger and optimizer checkpoint consistent) but does not say which signal it
-  was, and the exit status must (130 for Ctrl-C, 143 for a scheduler's SIGTERM). A wakeup fd
-  records every signal number whoever handles it; outside the loop SIGTERM is made to interrupt
-  like SIGINT does, so loading or reporting stops too.
+* a run (`SignalLog`, installed by the CLI around ``run``, ``resume``, ``worker`` and ``demo``):
+  SIGTERM is made to interrupt like SIGINT does, so the search loop (`evomerge.search.run_search`,
+  which installs no handler) stops cleanly on either (the trial in flight goes back to the queue),
+  and loading or reporting stops too. A wakeup fd records which signal it was, for the exit
+  status (130 for Ctrl-C, 143 for a scheduler's SIGTERM).
 * a batch queue (`graceful_stop`): the parent must not die while its child checkpoints; the
   first signal is forwarded to the child and raises a flag the queue checks between specs, a
   second one interrupts at once.

@@ -30,6 +30,8 @@ from pydantic import (
 from evomerge.search import SpaceTemplate
 from evomerge.search._space import ParamKind
 
+from ._hub import is_model_id
+
 ZOO_PREFIX = "zoo:"
 """Paths starting with this prefix resolve inside the toy zoo named by ``models.zoo``."""
 
@@ -76,6 +78,27 @@ SpecPath = Annotated[str, BeforeValidator(_resolve_path)]
 """A file or folder path: absolute after validation, or a symbolic ``zoo:`` path."""
 
 
+def _resolve_model(value: Any, info: ValidationInfo) -> Any:
+    """A model folder as `SpecPath`, or a Hugging Face id (``org/name[@revision]``) kept as written.
+
+    A local path wins over an id of the same shape; ids become cache folders in `_resolve.resolve`,
+    which knows whether the hub may be reached.
+    """
+    if isinstance(value, str) and is_model_id(value):
+        local = Path(value).expanduser()
+        root = (info.context or {}).get("root")
+        if not (local if local.is_absolute() or root is None else Path(root) / local).exists():
+            return value
+    try:
+        return _resolve_path(value, info)
+    except ValueError as exc:
+        raise ValueError(f"{exc}, and it is not a Hugging Face id (org/name[@revision])") from None
+
+
+ModelRef = Annotated[str, BeforeValidator(_resolve_model)]
+"""A model or adapter: a local folder (absolute after validation) or a Hugging Face id."""
+
+
 def _resolve_out_path(value: Any, info: ValidationInfo) -> Any:
     """Like `SpecPath` for outputs: resolved against the spec's folder, need not exist yet."""
     if value is None or not isinstance(value, (str, Path)):
@@ -109,12 +132,14 @@ class ModelsSpec(_Strict):
     """The base model and the experts merged into it.
 
     Either ``zoo`` (symbolic), or ``base`` plus ``experts`` (name -> HF folder or PEFT adapter
-    folder) and/or ``pool`` (a folder whose subfolders are LoRA adapters of the base).
+    folder) and/or ``pool`` (a folder whose subfolders are LoRA adapters of the base). ``base``
+    and experts may be Hugging Face ids (``Qwen/Qwen2.5-7B``, ``org/name@revision``), resolved
+    from the local HF cache (see `evomerge.experiments._hub`).
     """
 
     zoo: ZooRef | None = None
-    base: SpecPath | None = None
-    experts: dict[str, SpecPath] = Field(default_factory=dict)
+    base: ModelRef | None = None
+    experts: dict[str, ModelRef] = Field(default_factory=dict)
     pool: SpecPath | None = None
     trust_remote_code: Literal[False] = False
     """Always false: evomerge builds models from transformers' own classes (by ``model_type``) and
@@ -123,8 +148,8 @@ class ModelsSpec(_Strict):
     """Load ``.bin`` / ``.pt`` checkpoints (weights-only); off by default: safetensors only."""
     compile: Literal["auto"] | bool = "auto"
     """Fused compiled merge kernels (``MergeEngine.load(compile=...)``): a one-time compile of
-    seconds (5-18 s on 2 CPU cores) for merges several times faster. ``auto``: on for models of
-    >= 50M parameters, and for any model when the run is long (>= 1000 evaluations or >= 1 h)."""
+    seconds once per process (paid by the untimed warm-up before the first trial) for merges several
+    times faster. ``auto`` (and true): fused for every model size; false: the eager chunked path."""
 
     @field_validator("trust_remote_code", mode="before")
     @classmethod
@@ -199,11 +224,41 @@ class SpaceSpec(SpaceTemplate):
 
 def _known_metric(name: str) -> str:
     """Metric names come from `evomerge.objectives` (imported lazily: it pulls in torch)."""
-    from evomerge.objectives import COSTS, METRICS
+    from evomerge.objectives import COSTS, LM_EVAL, METRICS
 
-    if name not in METRICS and name not in COSTS:
-        raise ValueError(f"{name!r} is not one of {', '.join([*METRICS, *COSTS])}")
+    if name not in METRICS and name not in COSTS and name != LM_EVAL:
+        raise ValueError(f"{name!r} is not one of {', '.join([*METRICS, *COSTS, LM_EVAL])}")
     return name
+
+
+class LmEvalSpec(_Strict):
+    """An lm-eval-harness task as the objective (`evomerge.objectives.LmEvalTask`; extra ``lm_eval``)."""
+
+    task: str
+    """A task or group lm-eval knows (``arc_easy``, ``gsm8k``, ``mmlu``) or one of ``include_path``."""
+    num_fewshot: int | None = Field(None, ge=0)
+    limit: int | float | None = Field(None, gt=0)
+    """The first N documents (N >= 1), or a fraction (< 1), as lm-eval's ``--limit``."""
+    metric: str | None = None
+    """Which of the task's metrics (default: its first), e.g. ``acc_norm``."""
+    filter: str | None = None
+    """Which filter's result (default: the task's first), e.g. ``strict-match`` for gsm8k."""
+    include_path: SpecPath | None = None
+    """Folder of your own task YAML files."""
+    fewshot_seed: int = 1234
+    apply_chat_template: bool = False
+    """Wrap prompts in the tokenizer's chat template (lm-eval's ``--apply_chat_template``)."""
+    fewshot_as_multiturn: bool = True
+    """With the chat template: few-shot examples as conversation turns."""
+    system_instruction: str | None = None
+
+    @model_validator(mode="after")
+    def _installed(self) -> "LmEvalSpec":
+        from evomerge.objectives import lm_eval_installed
+
+        if not lm_eval_installed():
+            raise ValueError("lm-eval tasks need the lm-eval package; install it with: pip install 'evomerge[lm_eval]'")
+        return self
 
 
 class ObjectiveSpec(_Strict):
@@ -216,7 +271,10 @@ class ObjectiveSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]*(\{skill\})?[A-Za-z0-9_.-]*$")
     """Objective name; a name containing ``{skill}`` is a template: with ``models.zoo`` it expands
     to one objective per zoo skill, substituting ``{skill}`` in name, data and holdout."""
-    metric: Annotated[str, AfterValidator(_known_metric)]
+    metric: Annotated[str, AfterValidator(_known_metric)] | None = None
+    """One of the metrics or costs; ``lm_eval`` (the default when ``lm_eval`` is given)."""
+    lm_eval: LmEvalSpec | None = None
+    """An lm-eval-harness task instead of ``data``: ``{task: arc_easy, num_fewshot: 0, limit: 100}``."""
     data: SpecPath | None = None
     """Calibration set (JSONL); ``zoo:data/<skill>/calib.jsonl`` inside the toy zoo."""
     holdout: SpecPath | None = None
@@ -237,8 +295,19 @@ class ObjectiveSpec(_Strict):
 
     @model_validator(mode="after")
     def _data_matches_metric(self) -> "ObjectiveSpec":
-        from evomerge.objectives import COSTS
+        from evomerge.objectives import COSTS, LM_EVAL
 
+        if self.lm_eval is not None:
+            if self.metric not in (None, LM_EVAL):
+                raise ValueError(f"objective '{self.name}': 'lm_eval' takes its metric from the task (set lm_eval.metric), not metric {self.metric!r}")
+            if self.data is not None or self.holdout is not None:
+                raise ValueError(f"objective '{self.name}': an lm_eval task brings its own documents; drop 'data'/'holdout'")
+            object.__setattr__(self, "metric", LM_EVAL)
+            return self
+        if self.metric is None:
+            raise ValueError(f"objective '{self.name}': needs 'metric' (or 'lm_eval' for an lm-eval-harness task)")
+        if self.metric == LM_EVAL:
+            raise ValueError(f"objective '{self.name}': metric 'lm_eval' needs an 'lm_eval' section ({{task: ...}})")
         if self.metric in COSTS and (self.data is not None or self.holdout is not None):
             raise ValueError(f"objective '{self.name}': cost '{self.metric}' takes no 'data' or 'holdout'")
         if self.metric not in COSTS and self.data is None:
@@ -410,6 +479,11 @@ class ExperimentSpec(_Strict):
     stages: list[StageSpec] | None = None
     baseline: bool = False
     """Also score the built-in uniform grid (one global coefficient) for comparison in reports."""
+    init: SpecPath | None = None
+    """A mergekit YAML (``models:`` form) whose coefficients, fitted to the first stage's space and
+    clipped to its bounds, are the search's first point."""
+    baselines: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")], SpecPath] = Field(default_factory=dict)
+    """Named mergekit YAMLs scored beside the experts (comparison table and report)."""
     storage: str | None = None
     """Optuna storage URL; default ``<run_dir>/ledger.log`` (journal file), ``sqlite:///<run_dir>/ledger.db``
     with ``run --workers``."""

@@ -21,7 +21,7 @@ from ._spec import ExperimentSpec
 
 
 class SpecError(ValueError):
-    """A spec is unusable; the message is one line: ``<file>: <field>: <problem>``."""
+    """A spec is unusable; the message is one line per problem: ``<file>: <field>: <problem>``."""
 
 
 # ------------------------------------------------------------------------------------------------ YAML
@@ -86,7 +86,7 @@ def validate_spec(data: dict[str, Any], *, root: Path, label: str, check_paths: 
     try:
         return ExperimentSpec.model_validate(data, context={"root": root, "check_paths": check_paths})
     except ValidationError as exc:
-        raise SpecError(f"{label}: {describe_validation_error(exc)}") from None
+        raise SpecError("\n".join(f"{label}: {problem}" for problem in validation_problems(exc))) from None
 
 
 def dump_spec(spec: ExperimentSpec, path: Path) -> None:
@@ -201,18 +201,20 @@ def _alternative(err: dict[str, Any]) -> str:
     return msg[len("Input should be "):] if msg.startswith("Input should be ") else msg
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line for the first problem (plus a count of the others): field, bad value, what is allowed.
+def validation_problems(exc: ValidationError) -> list[str]:
+    """One line per field with a problem, in spec order: field, bad value, what is allowed.
 
-    A union field (e.g. granularity: a name or an integer) reports one error per member; they are
-    folded into one "is not A or B" sentence.
+    All of them at once, so a spec is fixed in one edit rather than one run per typo. A union
+    field (e.g. granularity: a name or an integer) reports one error per member; they are folded
+    into one "is not A or B" sentence.
     """
-    errors = exc.errors(include_url=False)
-    where = _field_path(tuple(errors[0]["loc"]))
-    same = [e for e in errors if _field_path(tuple(e["loc"])) == where]
-    if len(same) > 1 and all(e["type"] not in ("value_error", "extra_forbidden", "missing") for e in same):
-        text = f"{where}: {_short(same[0].get('input'))} is not {' or '.join(_alternative(e) for e in same)}"
-    else:
-        text = _describe(errors[0])
-    others = len({_field_path(tuple(e["loc"])) for e in errors}) - 1
-    return text + (f" (and {others} more problem{'s' if others > 1 else ''})" if others > 0 else "")
+    by_field: dict[str, list[dict[str, Any]]] = {}
+    for err in exc.errors(include_url=False):
+        by_field.setdefault(_field_path(tuple(err["loc"])), []).append(err)
+    problems = []
+    for where, same in by_field.items():
+        if len(same) > 1 and all(e["type"] not in ("value_error", "extra_forbidden", "missing") for e in same):
+            problems.append(f"{where}: {_short(same[0].get('input'))} is not {' or '.join(_alternative(e) for e in same)}")
+        else:
+            problems.append(_describe(same[0]))
+    return problems

@@ -1,7 +1,8 @@
 """``evomerge worker`` and ``evomerge run --workers N``: one search shared by several processes.
 
-A worker loads its own engine and scorer (one per GPU) and runs `evomerge.search.run_worker` on
-the spec's (single) stage in a shared storage: PostgreSQL across machines, or the run folder's
+A worker loads its own engine and scorer (one per GPU) and runs `evomerge.search.run_search` (the
+same loop as a single-process run, here as one worker of several) on the spec's (single) stage in
+a shared storage: PostgreSQL across machines, or the run folder's
 SQLite file on one machine (both are optuna RDB storages, so trials heartbeat and a dead worker's
 trial is retried once). ``run --workers N`` starts N local workers, one per visible GPU
 (``CUDA_VISIBLE_DEVICES``) or N CPU workers, and exports the results when they are done.
@@ -22,7 +23,7 @@ import click
 
 from ._errors import UserError
 from ._fitness import PenalizedScorer, constraint_function, ledger_objectives, scalarization
-from ._preflight import check_optimizers, check_storage, preflight
+from ._preflight import check_optimizers, check_ledger_location, preflight
 from ._resolve import resolve
 from ._rundir import RunDir
 from ._spec import ExperimentSpec, StageSpec
@@ -30,6 +31,8 @@ from ._spec_io import dump_spec
 
 if TYPE_CHECKING:
     from evomerge.search import Ledger, SearchSpace
+
+    from ._signals import SignalLog
 
 HEARTBEAT_SECONDS = 10
 """Trial heartbeat: a worker silent for two intervals is presumed dead and its trial retried."""
@@ -59,7 +62,7 @@ def open_shared_ledger(spec: ExperimentSpec, stage: StageSpec, storage: str, spa
             return Ledger(
                 storage, objectives=objectives, study_name=stage.name, seed=spec.seed,
                 scalarization=scalarization(objectives, stage.optimizer), space=space.to_dict(),
-                heartbeat=heartbeat if _is_database(storage) else None,
+                heartbeat=heartbeat,
             )
         except sqlalchemy.exc.SQLAlchemyError:
             # workers starting together race to create optuna's tables and the study; the
@@ -72,10 +75,10 @@ def open_shared_ledger(spec: ExperimentSpec, stage: StageSpec, storage: str, spa
 
 def work(
     spec: ExperimentSpec, *, storage: str, worker_id: str | None, heartbeat: int, lease_ttl: float, queue: int,
-    progress: bool,
+    progress: bool, signals: "SignalLog",
 ) -> int:
     """``evomerge worker``: evaluate the shared study's trials until its budget is spent."""
-    from evomerge.search import make_optimizer, run_worker
+    from evomerge.search import make_optimizer, run_search
 
     from ._build import build_space
     from ._run import Session
@@ -83,15 +86,18 @@ def work(
     stage = _single_stage(spec)
     assert stage.optimizer is not None and stage.budget is not None and stage.space is not None
     worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    session = Session.open(spec, progress=progress)
+    try:
+        session = Session.open(spec, progress=progress)
+    except KeyboardInterrupt:
+        return signals.exit_code()
     try:
         space = build_space(session.engine, stage.space)
         ledger = open_shared_ledger(spec, stage, storage, space, heartbeat=heartbeat)
         optimizer = make_optimizer(stage.optimizer.factory_name, **stage.optimizer.options)
         scorer = PenalizedScorer(session.scorer, space) if stage.optimizer.l1_penalty > 0 else session.scorer
-        result = run_worker(
+        result = run_search(
             space, scorer, optimizer, ledger, budget_evals=stage.budget.evaluations, worker_id=worker_id,
-            constraints=constraint_function(spec.constraints), queue=queue, lease_ttl=lease_ttl,
+            constraints=constraint_function(spec.constraints), queue=queue, lease_ttl=lease_ttl, progress=False,
         )
     finally:
         session.close()
@@ -101,12 +107,12 @@ def work(
         f"evaluation {result.evaluation_seconds:.3f} s, coordination {result.overhead_seconds:.3f} s "
         f"({100 * ratio:.1f}%), stopped by {result.stopped_by}"
     )
-    return 130 if result.stopped_by == "interrupt" else 0
+    return signals.exit_code() if result.stopped_by == "interrupt" else 0
 
 
 def worker_command(
     spec_path: Path, *, overrides: list[str], storage: str | None, worker_id: str | None, heartbeat: int,
-    lease_ttl: float, queue: int, progress: bool,
+    lease_ttl: float, queue: int, progress: bool, signals: "SignalLog",
 ) -> int:
     """Parse and resolve the spec, then `work` (the CLI's ``worker`` command)."""
     from ._run import load_spec_with_overrides
@@ -115,11 +121,13 @@ def worker_command(
     storage = storage or parsed.storage
     if storage is None:
         raise UserError("give --storage URL (or set `storage:` in the spec): the study the workers share")
-    check_storage(storage)
+    if not _is_database(storage):
+        raise UserError(f"--storage {storage}: workers share a database (postgresql+psycopg2://... or a .db SQLite file)")
+    check_ledger_location(storage)
     check_optimizers(parsed)
     spec = resolve(parsed, label=label, progress=progress)
     return work(spec, storage=storage, worker_id=worker_id, heartbeat=heartbeat, lease_ttl=lease_ttl, queue=queue,
-                progress=progress)
+                progress=progress, signals=signals)
 
 
 def run_workers(spec_path: Path, *, run_dir: Path | None, workers: int, overrides: list[str]) -> int:
@@ -132,7 +140,7 @@ def run_workers(spec_path: Path, *, run_dir: Path | None, workers: int, override
 
 def launch(spec: ExperimentSpec, spec_path: Path, *, run_dir: Path | None, workers: int, overrides: list[str]) -> int:
     """``evomerge run --workers N``: N local worker processes on the run's storage, then exports."""
-    from evomerge.search import export_results, plot_run
+    from ._run import export_stage
 
     stage = _single_stage(spec)
     rd = RunDir((run_dir or spec.run_dir()).resolve())
@@ -158,11 +166,8 @@ def launch(spec: ExperimentSpec, spec_path: Path, *, run_dir: Path | None, worke
 
     ledger = open_shared_ledger(resolved, stage, storage, build_space(build_engine(resolved, progress=False), stage.space),  # type: ignore[arg-type]
                                 heartbeat=HEARTBEAT_SECONDS)
-    out = rd.results_dir(stage.name)
-    export_results(ledger, out)
-    if ledger.trials():
-        plot_run(ledger, out)
-    click.echo(f"{len(ledger.finished())} trials in {storage}; results in {out}")
+    export_stage(rd, stage.name, ledger)
+    click.echo(f"{len(ledger.finished())} trials in {storage}; results in {rd.results_dir(stage.name)}")
     return next((c for c in codes if c != 0), 0)
 
 

@@ -5,8 +5,14 @@ module, so everything the CLI does is also available from Python. Heavy imports 
 transformers) happen inside commands, which keeps ``evomerge --help`` instant.
 
 Bad input (a spec error, a missing file, an incompatible checkpoint, a malformed calibration set)
-is one line on stderr and exit status 2, before anything is written. SIGINT / SIGTERM finish the
-trial in flight, checkpoint and exit with 130 / 143; ``evomerge resume`` continues.
+is one line on stderr and exit status 2, before anything is written. SIGINT / SIGTERM stop a run:
+the trial in flight goes back to the queue, and the exit status is 130 / 143; ``evomerge resume``
+continues.
+
+This module is the edge where process-wide settings belong: the signal handlers (`_signals`,
+installed around the commands that search) and the allocator setting of the merge engine
+(`evomerge.merge.fixed_mmap_threshold`, before anything loads a model). The library installs
+neither.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 import click
 
 from ._errors import UserError, user_error_types
+from ._import_cli import import_group
 from .zoo.cli import zoo as zoo_group
 
 
@@ -30,7 +37,8 @@ class _Main(click.Group):
         try:
             return super().invoke(ctx)
         except user_error_types() as exc:
-            click.echo(f"evomerge: {UserError.message_of(exc)}", err=True)
+            for line in UserError.message_of(exc).splitlines():
+                click.echo(f"evomerge: {line}", err=True)
             sys.exit(2)
 
 
@@ -49,9 +57,25 @@ def main() -> None:
     # Library deprecation notices (optuna, transformers) are for developers, not for run logs.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".* is experimental")
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and `status` report trials
+
+
+def _searching(command: Any) -> int:
+    """Run ``command(signals)`` as a search does: the merge engine's allocator setting first, and
+    SIGTERM turned into ``KeyboardInterrupt`` (as SIGINT is), recorded for the exit status."""
+    from evomerge.merge import fixed_mmap_threshold
+
+    from ._signals import SignalLog
+
+    fixed_mmap_threshold()
+    with SignalLog() as signals:
+        return command(signals)
 
 
 main.add_command(zoo_group)
+main.add_command(import_group)
 
 _run_dir_arg = click.argument("run_dir", type=click.Path(path_type=Path, file_okay=False))
 
@@ -76,7 +100,8 @@ def run(spec: Path | None, preset: str | None, run_dir: Path | None, overrides: 
         if spec is None:
             raise UserError("--workers needs a SPEC file")
         sys.exit(run_workers(spec, run_dir=run_dir, workers=workers, overrides=list(overrides)))
-    sys.exit(start(spec=spec, preset=preset, run_dir=run_dir, overrides=list(overrides), progress=not quiet))
+    sys.exit(_searching(lambda signals: start(spec=spec, preset=preset, run_dir=run_dir, overrides=list(overrides),
+                                              progress=not quiet, signals=signals)))
 
 
 @main.command()
@@ -93,8 +118,10 @@ def worker(spec: Path, storage: str | None, worker_id: str | None, queue: int, h
     """Join the search of SPEC in a shared storage and evaluate its candidates (docs/scale-out.md)."""
     from ._workers import worker_command
 
-    sys.exit(worker_command(spec, overrides=list(overrides), storage=storage, worker_id=worker_id, heartbeat=heartbeat,
-                            lease_ttl=lease_ttl, queue=queue, progress=not quiet))
+    sys.exit(_searching(lambda signals: worker_command(
+        spec, overrides=list(overrides), storage=storage, worker_id=worker_id, heartbeat=heartbeat, lease_ttl=lease_ttl,
+        queue=queue, progress=not quiet, signals=signals,
+    )))
 
 
 @main.command()
@@ -104,7 +131,7 @@ def resume(run_dir: Path, quiet: bool) -> None:
     """Continue an interrupted run where its ledger stopped."""
     from ._run import resume as resume_run
 
-    sys.exit(resume_run(run_dir, progress=not quiet))
+    sys.exit(_searching(lambda signals: resume_run(run_dir, progress=not quiet, signals=signals)))
 
 
 @main.command()
@@ -134,8 +161,11 @@ def front(run_dir: Path, stage: str | None, fmt: str) -> None:
 @click.option("--stage", help="Stage of a multi-stage run (default: the last one started).")
 def export(run_dir: Path, trial: int, out: Path | None, stage: str | None) -> None:
     """Write one trial's merged model as a Hugging Face folder (+ recipe.json, mergekit.yaml)."""
+    from evomerge.merge import fixed_mmap_threshold
+
     from ._inspect import export_trial
 
+    fixed_mmap_threshold()
     path = export_trial(run_dir, trial, out=out, stage=stage)
     click.echo(f"exported trial {trial} to {path}")
 
@@ -186,7 +216,7 @@ def demo(size: str, run_dir: Path, minutes: float, trials: int | None, quick: bo
 
     if quick:
         size, minutes, trials = QUICK["size"], QUICK["minutes"], QUICK["trials"]
-    sys.exit(run_demo(size=size, run_dir=run_dir, minutes=minutes, trials=trials))
+    sys.exit(_searching(lambda signals: run_demo(size, run_dir, minutes, trials, signals=signals)))
 
 
 if __name__ == "__main__":

@@ -113,7 +113,6 @@ class MergeEngine:
         """
         from transformers import AutoConfig
 
-        _fixed_mmap_threshold()
         base_path = require_dir(base, "base model")
         if not experts:
             raise MergeError("no experts given; pass experts={'name': 'path/to/model-or-adapter', ...}")
@@ -611,14 +610,15 @@ def _libc() -> Any:
         return None
 
 
-def _fixed_mmap_threshold() -> None:
+def fixed_mmap_threshold() -> None:
     """glibc: serve every allocation >= 4 MiB by its own mmap (returned to the OS when freed).
 
     glibc raises its mmap threshold dynamically (up to 32 MiB) after large frees, so the per-tensor
     temporaries of loading and table building (tensors of 1-32 MiB) were carved from the brk heap;
     their holes between the long-lived task vectors stayed resident and the engine peaked at ~7.5x the
     model instead of (experts + 2)x. A fixed threshold (M_MMAP_THRESHOLD = -3) turns that off. Chunk
-    work buffers are pooled, so the extra mmap/munmap calls are few. Process-wide; no-op off glibc.
+    work buffers are pooled, so the extra mmap/munmap calls are few. Process-wide (call it at a
+    program's edge, before loading: the CLI does); no-op off glibc.
     """
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):

@@ -4,7 +4,9 @@ Public API::
 
     CalibrationSet.load(path, *, name=None, size=None, seed=0, chat_template=False, system_prompt=None)
     Objective(name, metric, calibration=None, direction=None, extract="strip", pattern=None,
-              normalization="sum", function=None)
+              normalization="sum", function=None, lm_eval=None)
+    LmEvalTask(task, num_fewshot=None, limit=None, metric=None, filter=None, include_path=None)
+    # metric "lm_eval": an lm-eval-harness task (optional extra `lm_eval`)
     TransformersScorer(engine, objectives, *, device="cpu", dtype=None, batch_size=32,
                        max_new_tokens=32, stop=("\\n",), timeout=None, tokenizer=None)
     VllmScorer(base, experts, objectives, *, dtype="bfloat16", max_new_tokens=32, stop=("\\n",),
@@ -26,7 +28,8 @@ from ._metrics import (
     perplexity,
     predict_choice,
 )
-from ._objective import METRICS, Objective
+from ._lm_eval import LmEvalError, LmEvalTask, lm_eval_direction, lm_eval_installed
+from ._objective import LM_EVAL, METRICS, Objective
 from ._plan import Generation
 from ._scorer import Deadline, EvaluationTimeout, Scorer, SwapResult
 from ._transformers_scorer import TransformersScorer
@@ -34,6 +37,7 @@ from ._vllm_scorer import VllmScorer
 
 __all__ = [
     "COSTS",
+    "LM_EVAL",
     "METRICS",
     "CalibrationError",
     "CalibrationItem",
@@ -42,6 +46,8 @@ __all__ = [
     "Evaluation",
     "EvaluationTimeout",
     "Generation",
+    "LmEvalError",
+    "LmEvalTask",
     "Objective",
     "Scorer",
     "SwapResult",
@@ -52,6 +58,8 @@ __all__ = [
     "contains",
     "exact_match",
     "extract_answer",
+    "lm_eval_direction",
+    "lm_eval_installed",
     "load_custom_metric",
     "perplexity",
     "predict_choice",

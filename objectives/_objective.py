@@ -1,7 +1,8 @@
 """`Objective`: one number a search optimizes, with a name and a direction.
 
-An objective is either a metric over a calibration set (needs inference) or a cost read from the
-merge engine's `MergeStats` (needs none). It is plain data so it can cross into `search/` and the
+An objective is a metric over a calibration set (needs inference), an lm-eval-harness task
+(metric ``lm_eval``: lm-eval builds the requests and computes the value, `_lm_eval`), or a cost
+read from the merge engine's `MergeStats` (needs none). It is plain data so it can cross into `search/` and the
 ledger (`to_dict` / `from_dict`, JSON-safe); the scorer does the work.
 """
 
@@ -12,6 +13,7 @@ from typing import Any, Literal
 
 from ._calibration import CalibrationSet, SetKind
 from ._costs import COSTS
+from ._lm_eval import LmEvalTask
 from ._metrics import Extraction, LengthNormalization, load_custom_metric
 
 Direction = Literal["maximize", "minimize"]
@@ -26,6 +28,8 @@ METRICS: dict[str, tuple[SetKind, Direction]] = {
     "mc_accuracy": ("multiple_choice", "maximize"),
     "perplexity": ("perplexity", "minimize"),
 }
+LM_EVAL = "lm_eval"
+"""The metric of objectives defined by an lm-eval task (`Objective.lm_eval`)."""
 GENERATION_METRICS = frozenset({"exact_match", "contains", "response_length", "custom"})
 """Metrics computed from greedy generations (one generation pass per set serves all of them)."""
 
@@ -38,7 +42,8 @@ class Objective:
     ``l1_distance``, ``changed_params``; no calibration). Options that only some metrics read:
     ``extract``/``pattern`` (exact_match), ``normalization`` (mc_accuracy: ``sum`` or per-token
     ``mean``), ``function`` (custom: ``"pkg.mod:func"`` taking ``(prediction, target)``).
-    ``direction`` defaults to the metric's natural one.
+    ``direction`` defaults to the metric's natural one. Metric ``lm_eval`` takes ``lm_eval`` (an
+    `LmEvalTask`) instead of a calibration set; its direction is the task metric's.
     """
 
     name: str
@@ -49,9 +54,18 @@ class Objective:
     pattern: str | None = None
     normalization: LengthNormalization = "sum"
     function: str | None = None
+    lm_eval: LmEvalTask | None = None
 
     def __post_init__(self) -> None:
-        if self.metric in COSTS:
+        if (self.metric == LM_EVAL) != (self.lm_eval is not None):
+            raise ValueError(f"objective {self.name!r}: metric 'lm_eval' and an lm_eval task go together")
+        if self.metric == LM_EVAL:
+            if self.calibration is not None:
+                raise ValueError(f"objective {self.name!r}: an lm-eval task brings its own data; no calibration set")
+            from ._lm_eval import lm_eval_direction
+
+            default: Direction = lm_eval_direction(self.lm_eval) if self.direction is None else self.direction  # type: ignore[arg-type]
+        elif self.metric in COSTS:
             if self.calibration is not None:
                 raise ValueError(f"objective {self.name!r}: cost {self.metric!r} takes no calibration set")
             default: Direction = "minimize"
@@ -65,7 +79,7 @@ class Objective:
                     f"but {self.calibration.name!r} is {self.calibration.kind}"
                 )
         else:
-            allowed = ", ".join([*METRICS, *COSTS])
+            allowed = ", ".join([*METRICS, *COSTS, LM_EVAL])
             raise ValueError(f"objective {self.name!r}: unknown metric {self.metric!r}; expected one of {allowed}")
         if self.metric == "custom":
             if self.function is None:
@@ -93,6 +107,7 @@ class Objective:
             "pattern": self.pattern,
             "normalization": self.normalization,
             "function": self.function,
+            "lm_eval": None if self.lm_eval is None else self.lm_eval.to_dict(),
         }
 
     @classmethod
@@ -100,4 +115,6 @@ class Objective:
         data = dict(data)
         if data.get("calibration") is not None:
             data["calibration"] = CalibrationSet.from_dict(data["calibration"])
+        if data.get("lm_eval") is not None:
+            data["lm_eval"] = LmEvalTask.from_dict(data["lm_eval"])
         return cls(**data)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 
 from ._calibration import CalibrationSet
 from ._costs import COSTS
+from ._lm_eval import LmEvalSuite
 from ._metrics import (
     answer_cross_entropy,
     choice_score,
@@ -41,10 +42,11 @@ class Generation:
     """The draft's teacher-forced log-probs, when the backend computed them on the way (None if not)."""
 
 
-GenerateFn = Callable[[Sequence[tuple[TokenIds, TokenIds]]], list[Generation]]
+GenerateFn = Callable[..., list[Generation]]
 """Backend call: greedy generations for tokenized (prompt, draft) pairs (stop rules are the
-backend's). The draft is the reference answer (or empty): a backend may use it to verify many
-greedy tokens in one forward, but the generation must not depend on it."""
+backend's, or the keywords ``stop`` / ``max_new_tokens``). The draft is the reference answer (or
+empty): a backend may use it to verify many greedy tokens in one forward, but the generation must
+not depend on it."""
 LogprobFn = Callable[[Sequence[tuple[TokenIds, TokenIds]]], list[list[float]]]
 """Backend call: log p(continuation token | prefix + earlier continuation) for each pair."""
 
@@ -80,6 +82,8 @@ class ScoringPlan:
             if req is None:
                 req = self._sets[id(obj.calibration)] = _tokenize(obj.calibration, tokenizer)
             req.needs_generation |= obj.metric in GENERATION_METRICS
+        # lm-eval tasks build their own requests (prompts, few-shot examples) through lm-eval.
+        self._lm_eval = LmEvalSuite(self.objectives, tokenizer) if any(o.lm_eval for o in self.objectives) else None
 
     @property
     def needs_costs(self) -> bool:
@@ -121,11 +125,18 @@ class ScoringPlan:
                 if metric in metrics:
                     logprob_requests.append((key, slot, pairs))
         n_sequences += _run_packed(logprobs, logprob_requests, outputs)
+        task_values: dict[str, float] = {}
+        if self._lm_eval is not None:
+            task_values, task_details, n_tasks = self._lm_eval.run(generate, logprobs)
+            details.update(task_details)
+            n_sequences += n_tasks
         for obj in self.objectives:
             if obj.is_cost:
                 values[obj.name] = COSTS[obj.metric](costs)
-                continue
-            values[obj.name], details[obj.name] = self._reduce(obj, outputs[id(obj.calibration)])
+            elif obj.lm_eval is not None:
+                values[obj.name] = task_values[obj.name]
+            else:
+                values[obj.name], details[obj.name] = self._reduce(obj, outputs[id(obj.calibration)])
         return values, details, n_sequences
 
     def _reduce(self, obj: Objective, out: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:

@@ -120,9 +120,10 @@ class Scorer(ABC):
         timings["total"] = time.perf_counter() - start
         return Evaluation.failure(reason, timings)
 
-    def _checked_generate(self, requests: Sequence[tuple[TokenIds, TokenIds]]) -> list[Generation]:
+    def _checked_generate(self, requests: Sequence[tuple[TokenIds, TokenIds]], *, stop: Sequence[str] | None = None,
+                          max_new_tokens: int | None = None) -> list[Generation]:
         self._deadline.check()
-        return self._generate(requests, self._deadline)
+        return self._generate(requests, self._deadline, stop=stop, max_new_tokens=max_new_tokens)
 
     def _checked_logprobs(self, pairs: Sequence[tuple[TokenIds, TokenIds]]) -> list[list[float]]:
         self._deadline.check()
@@ -133,10 +134,13 @@ class Scorer(ABC):
         """Make the backend's model use ``recipe``'s merged weights."""
 
     @abstractmethod
-    def _generate(self, requests: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[Generation]:
+    def _generate(self, requests: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline, *,
+                  stop: Sequence[str] | None = None, max_new_tokens: int | None = None) -> list[Generation]:
         """Greedy generations for (prompt, draft) requests, in order, honouring the scorer's stop
         rules. The draft (the reference answer, possibly empty) may speed generation up and let the
-        backend return its log-probs (`Generation.draft_logprobs`); it must not change the text."""
+        backend return its log-probs (`Generation.draft_logprobs`); it must not change the text.
+        ``stop`` / ``max_new_tokens`` replace the scorer's own for this call (an lm-eval task's
+        ``until`` and ``max_gen_toks``)."""
 
     @abstractmethod
     def _logprobs(self, pairs: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[list[float]]:

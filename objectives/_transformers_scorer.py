@@ -58,8 +58,9 @@ class TransformersScorer(Scorer):
             torch.cuda.synchronize(self.device)
         return SwapResult(stats=stats, merge_seconds=t1 - t0, swap_seconds=time.perf_counter() - t1)
 
-    def _generate(self, requests: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[Generation]:
-        return self.inference.generate(requests, deadline)
+    def _generate(self, requests: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline, *,
+                  stop: Sequence[str] | None = None, max_new_tokens: int | None = None) -> list[Generation]:
+        return self.inference.generate(requests, deadline, stop=stop, max_new_tokens=max_new_tokens)
 
     def _logprobs(self, pairs: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[list[float]]:
         return self.inference.logprobs(pairs, deadline)
@@ -87,15 +88,17 @@ class ModelInference:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
 
-    def generate(self, requests: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[Generation]:
+    def generate(self, requests: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline, *,
+                 stop: Sequence[str] | None = None, max_new_tokens: int | None = None) -> list[Generation]:
+        """Greedy generations; ``stop`` / ``max_new_tokens`` replace the defaults for this call."""
         return greedy_generate(
             self.model,
             requests,
             decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
             pad_id=self.pad_id,
             eos_ids=self.eos_ids,
-            stop=self.stop,
-            max_new_tokens=self.max_new_tokens,
+            stop=self.stop if stop is None else tuple(stop),
+            max_new_tokens=self.max_new_tokens if max_new_tokens is None else max_new_tokens,
             batch_size=self.batch_size,
             deadline=deadline,
         )

@@ -87,10 +87,12 @@ class VllmScorer(Scorer):
         stats = MergeStats(**{k: first[k] for k in ("kept_fraction", "l1_distance", "changed_params", "seconds")})
         return SwapResult(stats=stats, merge_seconds=merge, swap_seconds=swap)
 
-    def _generate(self, requests: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline) -> list[Generation]:
+    def _generate(self, requests: Sequence[tuple[TokenIds, TokenIds]], deadline: Deadline, *,
+                  stop: Sequence[str] | None = None, max_new_tokens: int | None = None) -> list[Generation]:
         # Drafts are not used: vLLM's own scheduler batches decoding; answer losses go through
         # `_logprobs` (`prompt_logprobs`) instead.
-        params = compat.greedy_params(self.max_new_tokens, self.stop, sorted(self._eos_ids))
+        params = compat.greedy_params(self.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                                      self.stop if stop is None else tuple(stop), sorted(self._eos_ids))
         outputs = self.llm.generate(compat.token_prompts([prompt for prompt, _ in requests]), params, use_tqdm=False)
         results = []
         for out in outputs:

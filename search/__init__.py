@@ -8,21 +8,24 @@ Public API::
     SearchSpace(layout, experts, template)  # .dim .names .bounds .x0 .decode(x, *, seed, trial) .encode(recipe)
     Scalarization(kind="weighted_sum"|"chebyshev", weights=None, ideal=None, rho=1e-3)
     Ledger(storage, *, objectives, study_name="evomerge", seed=0, scalarization=None,
-           reference_point=None, space=None)
-    run_worker(space, scorer, optimizer, ledger, *, budget_evals, worker_id, ...) -> WorkerResult  # docs/scale-out.md
+           reference_point=None, space=None, heartbeat=None)  # .records() -> [TrialRecord]
     ParetoArchive(directions, reference_point=None)  # .add(number, values, *, feasible) .front .hypervolume() .history
     make_optimizer("nevergrad:CMA" | "optuna:tpe" | "random" | "grid", **kwargs) -> Optimizer
     NevergradOptimizer(optimizer="CMA"), OptunaOptimizer(sampler="tpe", **kw), RandomSearch(), GridSearch(...)
     run_search(space, scorer, optimizer, ledger, *, budget_evals=None, budget_seconds=None,
-               batch_size=1, constraints=None, callbacks=(), progress=True) -> SearchResult
+               constraints=None, callbacks=(), progress=True,
+               worker_id=None, queue=4, lease_ttl=10.0, poll=0.2) -> SearchResult  # one process, or a worker
     export_results(ledger, out_dir) -> {name: path}   # trials/front as CSV + JSON
-    plot_run(ledger, out_dir) -> {name: path}         # front.png, hypervolume.png
     export_trial_model(ledger, engine, number, out_dir) -> Path
+
+Layout: the space (`_space`), the optimizers (`_optimizers`, fed through `_queue` when coordinated),
+the loop (`_loop`), the ledger (`_ledger`, `_journal`), the archive (`_pareto`, `_scalarize`),
+exports (`_export`), and scale-out (`scaleout`: heartbeats, stale retries, the coordinator lease).
 """
 
 from ._export import export_results, export_trial_model, trial_recipe
-from ._ledger import MAX_DETAIL_ITEMS, Ledger, ObjectiveSpec, resolve_storage
-from ._loop import SearchResult, TrialRecord, run_search
+from ._ledger import MAX_DETAIL_ITEMS, Ledger, ObjectiveSpec, TrialRecord, read_records, storage_for
+from ._loop import SearchResult, run_search
 from ._optimizers import (
     NEVERGRAD_OPTIMIZERS,
     OPTUNA_SAMPLERS,
@@ -36,10 +39,8 @@ from ._optimizers import (
     ResumeError,
     make_optimizer,
 )
-from ._plots import plot_front, plot_hypervolume, plot_run
 from ._pareto import ParetoArchive, ParetoPoint, hypervolume, pareto_mask
 from ._scalarize import Scalarization, to_losses
-from ._workers import WorkerResult, run_worker
 from ._space import DEFAULT_BOUNDS, METHOD_KINDS, ParamKind, SearchSpace, SpaceTemplate
 
 __all__ = [
@@ -66,18 +67,14 @@ __all__ = [
     "SearchSpace",
     "SpaceTemplate",
     "TrialRecord",
-    "WorkerResult",
     "export_results",
     "export_trial_model",
     "hypervolume",
     "make_optimizer",
     "pareto_mask",
-    "plot_front",
-    "plot_hypervolume",
-    "plot_run",
-    "resolve_storage",
+    "read_records",
     "run_search",
-    "run_worker",
+    "storage_for",
     "to_losses",
     "trial_recipe",
 ]

@@ -2,35 +2,31 @@
 
 Using a study (not a format of our own) means resume is reopening it, optuna samplers run on it
 natively, several machines can share one through a database URL, and ``optuna-dashboard <storage>``
-opens any run. What a trial holds:
+opens any run. Everything goes through optuna's public API. What a trial holds:
 
 * ``params``: the genome, one float per `SearchSpace.names` entry (or a baseline's own params);
 * ``values``: what the optimizer optimizes: the objective values in the run's directions, or one
   scalarized loss (``minimize``) when the run uses a `Scalarization`;
 * ``user_attrs``: ``objectives`` (name -> value, always the raw values), ``recipe`` (JSON),
   ``details`` (per-task records, truncated to `MAX_DETAIL_ITEMS` per objective), ``timings``,
-  ``failure`` (reason, FAIL trials only), ``constraints`` (optional), ``candidate`` (coordinator id,
-  nevergrad and baselines) and ``interrupted`` (a trial cut off by a crash or a stop, re-queued);
+  ``failure`` (the evaluation's reason on a FAIL trial, else None), ``constraints`` (optional),
+  ``candidate`` (coordinator id: nevergrad and the baselines), ``worker`` (who claimed it),
+  ``interrupted`` (why a claim was given back) and ``requeued_from`` (the trial it re-runs);
 * constraints also as optuna's ``Trial.set_constraint`` entries (feasible iff all <= 0), which
   optuna's constrained samplers and ``best_trials`` read.
+
+**What counts** against the budget (`counted`): a COMPLETE trial, or a FAIL trial with a
+``failure`` (its evaluation failed) that nothing re-runs. A trial cut off by a stop, a crash or a
+give-back, or failed by a heartbeat check, carries no failure of its own and is re-run (a
+``requeued_from`` copy, or optuna's retry listing it in ``retry_history``).
 
 The study's ``user_attrs`` hold the run metadata: objectives and directions, scalarization,
 reference point, seed, space description and fingerprint. Reopening with a different space or
 objectives raises instead of silently mixing incompatible trials.
 
-Storage: a directory (-> ``<dir>/ledger.log``, Optuna's JournalStorage file), a ``.log`` /
-``.journal`` file, a ``.db``/``.sqlite`` file (SQLite), or any Optuna storage URL. The journal is
-the default because it is fast: one fsynced line per finished trial (~4 ms with 64 params),
-where optuna's SQLite ORM path costs ~90 ms per trial, beyond the 2% overhead budget; lines
-are fsynced once per ask batch (`_JournalFile`, `Ledger.sync`). Its lock
-is an ``flock`` (released by the kernel when a killed process dies) and a torn last line from a
-kill mid-append is cut at open. A ledger has one writer (the run loop): at open, RUNNING trials
-are from a dead process. ``optuna-dashboard <dir>/ledger.log`` opens a journal run.
-
-Several workers (`run_worker`, docs/scale-out.md) share one ledger through a database: opened with
-``heartbeat=`` seconds, a database ledger gets optuna's trial heartbeats and a
-`RetryFailedTrialCallback` (``max_retry=1``), so a RUNNING trial whose worker died is failed and
-re-queued once; `finished` then leaves the failed attempt out of the budget.
+Storage: a directory (-> ``<dir>/ledger.log``, an optuna journal file, `search._journal`), a
+``.log`` / ``.journal`` file, a ``.db``/``.sqlite`` file (SQLite), or any Optuna storage URL.
+Several workers share a database ledger opened with ``heartbeat=`` seconds (docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -38,20 +34,15 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-
-try:
-    import fcntl
-except ImportError:  # Windows: optuna's own lock file
-    fcntl = None  # type: ignore[assignment]
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import optuna
-from optuna.distributions import BaseDistribution
-from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
+from ._journal import JournalFile
 from ._pareto import Direction, ParetoArchive
 from ._scalarize import Scalarization
 
@@ -59,8 +50,8 @@ MAX_DETAIL_ITEMS = 64
 """Per-task detail records kept per objective and trial: enough to read failures, small enough
 that a 10k-trial SQLite ledger stays in the tens of megabytes."""
 
-CONSTRAINTS_PREFIX = "constraints:"
-"""optuna's system attribute prefix for one constraint value (what ``Trial.set_constraint`` writes)."""
+MAX_RETRY = 1
+"""How often optuna's heartbeat retry re-queues a trial whose worker died."""
 
 
 class ObjectiveLike(Protocol):
@@ -76,145 +67,103 @@ class ObjectiveSpec:
     direction: Direction
 
 
-def resolve_storage(
-    storage: str | os.PathLike[str], *, heartbeat: int | None = None
-) -> tuple[str | optuna.storages.BaseStorage, Path | None]:
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the ledger stores it: what callbacks, exports and reports read."""
+
+    number: int
+    state: str
+    """complete | failed | interrupted (cut off and re-run, not counted) | running | waiting"""
+    values: dict[str, float]
+    """raw objective values (complete trials)"""
+    params: dict[str, Any]
+    recipe: dict[str, Any] | None
+    timings: dict[str, float]
+    failure: str | None = None
+    feasible: bool = True
+    candidate: int | None = None
+    details: dict[str, Any] = field(default_factory=dict, repr=False)
+    constraints: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class Counts:
+    """One look at the study for the budget rule: counted trials, RUNNING ones (numbers), WAITING ones."""
+
+    counted: int
+    running: frozenset[int]
+    waiting: int
+
+
+def rerun_numbers(trials: Sequence[FrozenTrial]) -> set[int]:
+    """Numbers of trials something re-runs: a ``requeued_from`` copy or optuna's heartbeat retry."""
+    out = {int(t.user_attrs["requeued_from"]) for t in trials if t.user_attrs.get("requeued_from") is not None}
+    return out | {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+
+
+def counted(trial: FrozenTrial, rerun: set[int]) -> bool:
+    """Whether ``trial`` counts against the budget (module docstring); ``rerun``: `rerun_numbers`."""
+    if trial.state == TrialState.COMPLETE:
+        return True
+    return trial.state == TrialState.FAIL and trial.user_attrs.get("failure") is not None and trial.number not in rerun
+
+
+def storage_for(
+    location: str | os.PathLike[str], *, heartbeat: int | None = None
+) -> tuple[optuna.storages.BaseStorage | str, Path | None]:
     """An Optuna storage for a path or URL, plus the run folder (None for remote databases).
 
-    ``heartbeat`` (seconds) turns on optuna's trial heartbeats for database storages (the
-    journal file has none; a refused combination rather than a silent lack of fault tolerance).
+    ``heartbeat`` (seconds) turns on optuna's trial heartbeats for database storages, with
+    optuna's retry of a heartbeat-stale trial (`MAX_RETRY` times); the journal file has no
+    heartbeats (a refused combination rather than a silent lack of fault tolerance).
     """
-    text = os.fspath(storage)
+    storage, run_dir, _ = _open(location, heartbeat)
+    return storage, run_dir
+
+
+def _open(
+    location: str | os.PathLike[str], heartbeat: int | None
+) -> tuple[optuna.storages.BaseStorage | str, Path | None, JournalFile | None]:
+    """`storage_for`, plus the journal file behind the storage (None for databases)."""
+    text = os.fspath(location)
     if "://" in text:
         if text.startswith("sqlite:///"):
             path = Path(text[len("sqlite:///"):])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return _sqlite(path, heartbeat), path.parent
-        if heartbeat is None:
-            return text, None
-        return _rdb(text, heartbeat, {}), None
+            return _sqlite(path, heartbeat), path.parent, None
+        return (text if heartbeat is None else _database(text, heartbeat, {})), None, None
     path = Path(text)
     if path.suffix in (".db", ".sqlite", ".sqlite3"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return _sqlite(path, heartbeat), path.parent
+        return _sqlite(path, heartbeat), path.parent, None
     if heartbeat is not None:
         raise ValueError(f"{text}: trial heartbeats need a database storage (sqlite:///... or postgresql://...)")
     if path.suffix not in (".log", ".journal"):
-        path.mkdir(parents=True, exist_ok=True)
         path = path / "ledger.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _journal(path), path.parent
-
-
-class _FlockLock(JournalFileOpenLock):
-    """Journal lock held through ``flock``: the kernel drops it when its process dies, so a
-    SIGKILLed run never leaves a stale lock behind (optuna's file locks wait out a grace period)."""
-
-    def __init__(self, filepath: str) -> None:
-        super().__init__(filepath)
-        self._file: IO[bytes] | None = None  # opened once: a lock per append costs no open/close
-
-    def acquire(self) -> bool:
-        if self._file is None:
-            self._file = open(self._lock_file, "ab")
-        fcntl.flock(self._file.fileno(), fcntl.LOCK_EX)
-        return True
-
-    def release(self) -> None:
-        if self._file is not None:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
-
-
-class _JournalFile(JournalFileBackend):
-    """optuna's journal file, fsynced once per ask batch instead of once per line.
-
-    optuna fsyncs every append, and a native sampler's ``study.ask`` appends one line per
-    parameter: 16 parameters cost 16 fsyncs (~50 ms here). Lines still reach the OS at once, so
-    a killed process (SIGKILL, Ctrl-C) loses nothing. `sync` makes them durable against power
-    loss; the run loop calls it after every ask and a coordinated optimizer before every
-    checkpoint write, so after a machine restart the checkpoint is never ahead of the ledger, and
-    lines lost since the last sync are trials whose candidates the checkpoint still holds as
-    pending (re-evaluated). The file stays open (one ``write`` per append) and a read that finds
-    it unchanged opens nothing: optuna's storage reads before every call.
-    """
-
-    def __init__(self, file_path: str, lock_obj: JournalFileOpenLock) -> None:
-        super().__init__(file_path, lock_obj=lock_obj)
-        # kept open: O_APPEND puts every write at the end whoever else appended meanwhile
-        self._out = open(file_path, "ab", buffering=0)
-        self._synced = -1  # size at the last fsync (none yet: a killed writer's lines may be unsynced)
-
-    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
-        # optuna's storage re-reads the file before every call (a native sampler makes a few per
-        # parameter); when the file has not grown since the last read there is nothing to open
-        if self._log_number_offset.get(log_number_from) == os.fstat(self._out.fileno()).st_size:
-            return
-        yield from super().read_logs(log_number_from)
-
-    def append_logs(self, logs: list[dict[str, Any]]) -> None:
-        data = memoryview(("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode("utf-8"))
-        self._lock.acquire()
-        try:
-            while data:
-                data = data[self._out.write(data):]
-        finally:
-            self._lock.release()
-
-    def sync(self) -> None:
-        """fsync the file, unless nothing was appended since the last one (the run loop and a
-        checkpoint write may both ask for the same lines)."""
-        size = os.fstat(self._out.fileno()).st_size
-        if size != self._synced:
-            os.fsync(self._out.fileno())
-            self._synced = size
-
-
-def _journal(path: Path) -> optuna.storages.JournalStorage:
-    lock = _FlockLock(str(path)) if fcntl is not None else JournalFileOpenLock(str(path))
-    if _torn(path):
-        # A kill in the middle of an append leaves a torn last line; optuna would refuse the file
-        # once a new line follows it: cut back to the last complete line. Checked again under
-        # the append lock: a reader (`evomerge status` on a live run) must not cut a line that
-        # its writer is appending right now.
-        lock.acquire()
-        try:
-            if _torn(path):
-                data = path.read_bytes()
-                with open(path, "r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
-                    f.flush()
-                    os.fsync(f.fileno())
-        finally:
-            lock.release()
-    return optuna.storages.JournalStorage(_JournalFile(str(path), lock_obj=lock))
-
-
-def _torn(path: Path) -> bool:
-    """Whether the file's last line is incomplete (read from its end: a ledger grows large)."""
-    if not path.exists() or not path.stat().st_size:
-        return False
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
+    journal = JournalFile(path)
+    return optuna.storages.JournalStorage(journal), path.parent, journal
 
 
 def _sqlite(path: Path, heartbeat: int | None) -> optuna.storages.RDBStorage:
     # WAL: one fsync per commit instead of several, and readers (a dashboard) never block the run.
     # The mode is persistent in the file, so it is set once with the stdlib driver.
+    path.parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(path) as conn:
         conn.execute("PRAGMA journal_mode=WAL")
-    return _rdb(f"sqlite:///{path}", heartbeat, {"connect_args": {"timeout": 60}})
+    return _database(f"sqlite:///{path}", heartbeat, {"connect_args": {"timeout": 60}})
 
 
-def _rdb(url: str, heartbeat: int | None, engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
+def _database(url: str, heartbeat: int | None, engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
     """optuna's RDB storage; with a heartbeat, a trial whose worker stops beating for two
-    intervals is failed (by whichever worker looks next) and re-queued exactly once."""
+    intervals is failed (by whichever worker looks next, `fail_stale`) and re-queued by optuna's
+    `RetryHeartbeatStaleTrialCallback` (at most `MAX_RETRY` times)."""
     if heartbeat is None:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    return optuna.storages.RDBStorage(
-        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
-    )
+    with warnings.catch_warnings():
+        # heartbeats and their retry callback are "experimental" in optuna's API sense
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+        )
 
 
 def _jsonable(value: Any) -> Any:
@@ -263,13 +212,11 @@ class Ledger:
         self.objectives = [ObjectiveSpec(o.name, o.direction) for o in objectives]  # type: ignore[arg-type]
         if not self.objectives:
             raise ValueError("a ledger needs at least one objective")
-        self.storage, self.run_dir = resolve_storage(storage, heartbeat=heartbeat)
-        backend = getattr(self.storage, "_backend", None)
-        self._sync: Callable[[], None] = backend.sync if isinstance(backend, _JournalFile) else (lambda: None)
+        self.storage, self.run_dir, self._journal = _open(storage, heartbeat)
+        self.heartbeat = heartbeat
         self.study_name = study_name
         self.scalarization = scalarization
         directions = ["minimize"] if scalarization is not None else [o.direction for o in self.objectives]
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(
             storage=self.storage, study_name=study_name, directions=directions, load_if_exists=True
         )
@@ -296,7 +243,7 @@ class Ledger:
             # another creates it never compares against half-written attributes
             for key in sorted(meta, key=lambda k: k == "objectives"):
                 self.study.set_user_attr(key, _jsonable(meta[key]))
-            self._sync()
+            self.sync()
             self.reference_point = None
         if self.reference_point is None and reference_point is not None:
             self.record_reference_point(reference_point)
@@ -316,22 +263,17 @@ class Ledger:
         return [o.name for o in self.objectives]
 
     def record_reference_point(self, reference_point: Sequence[float]) -> None:
-        """Fix the run's hypervolume reference point (once; later runs read it back).
-
-        Durable with the next `sync` (the run loop's, once per batch), not at once: one fsync
-        less on the critical path, and one lost to a power cut is recorded again the same way
-        (the explicit point of the next open, or the one derived from the first feasible trial).
-        """
+        """Fix the run's hypervolume reference point (once; later runs read it back)."""
         self.reference_point = [float(v) for v in reference_point]
         self.study.set_user_attr("reference_point", self.reference_point)
 
     def sync(self) -> None:
         """Make everything written so far durable against power loss (journal: one fsync, none if
-        nothing was written since the last; other storages commit per write). A coordinated
-        optimizer calls it before each checkpoint write, so a checkpoint never becomes durable
-        ahead of the trials it has been told; the run loop once per ask batch. Thread-safe: the
-        run loop calls it from its background writer (`search._durable`)."""
-        self._sync()
+        nothing was written since the last; databases commit per write). A coordinated optimizer
+        calls it before each checkpoint write, so a checkpoint never becomes durable ahead of the
+        trials it has been told; the run loop once per finished trial."""
+        if self._journal is not None:
+            self._journal.sync()
 
     def checkpoint_path(self, suffix: str) -> Path:
         """Where an optimizer keeps its state (a JSON history) next to the ledger."""
@@ -343,18 +285,21 @@ class Ledger:
     def trials(self, states: Sequence[TrialState] | None = None) -> list[FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=None if states is None else tuple(states))
 
-    def finished(self) -> list[FrozenTrial]:
-        """Trials that count against the budget: completed, or failed by their evaluation
-        (not those cut off by an interruption, nor stale trials failed by a heartbeat check and
-        retried: both are re-queued and run again)."""
-        trials = self.trials()
-        retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
-        return [
-            t for t in trials
-            if t.state in (TrialState.COMPLETE, TrialState.FAIL)
-            and not t.user_attrs.get("interrupted", False)
-            and not (t.state == TrialState.FAIL and t.number in retried)
-        ]
+    def finished(self, trials: Sequence[FrozenTrial] | None = None) -> list[FrozenTrial]:
+        """Trials that count against the budget (module docstring), of ``trials`` (default: a fresh read)."""
+        trials = self.trials() if trials is None else trials
+        rerun = rerun_numbers(trials)
+        return [t for t in trials if counted(t, rerun)]
+
+    def counts(self, trials: Sequence[FrozenTrial] | None = None) -> Counts:
+        """One look at the study for the budget rule (`search._loop`), of ``trials`` (default: a fresh read)."""
+        trials = self.trials() if trials is None else trials
+        rerun = rerun_numbers(trials)
+        return Counts(
+            counted=sum(1 for t in trials if counted(t, rerun)),
+            running=frozenset(t.number for t in trials if t.state == TrialState.RUNNING),
+            waiting=sum(1 for t in trials if t.state == TrialState.WAITING),
+        )
 
     def objective_values(self, trial: FrozenTrial) -> list[float] | None:
         """Raw objective values of a completed trial, in objective order (None if failed)."""
@@ -365,7 +310,7 @@ class Ledger:
 
     @staticmethod
     def feasible(trial: FrozenTrial) -> bool:
-        return all(c <= 0 for c in trial.user_attrs.get("constraints", ()))
+        return all(c <= 0 for c in trial.user_attrs.get("constraints") or ())
 
     def archive(self) -> ParetoArchive:
         """The Pareto archive rebuilt from the ledger, in trial order (so resume restores history)."""
@@ -375,6 +320,10 @@ class Ledger:
         if archive.reference_point is not None and self.reference_point is None:
             self.record_reference_point(archive.reference_point)
         return archive
+
+    def records(self) -> list[TrialRecord]:
+        """Every trial as a `TrialRecord` (interrupted attempts included, marked as such)."""
+        return read_records(self.study)
 
     # ------------------------------------------------------------------ writing
     def trial_attrs(
@@ -386,22 +335,18 @@ class Ledger:
         timings: Mapping[str, float],
         failure: str | None,
         constraints: Sequence[float] | None,
-        candidate: int | None,
     ) -> dict[str, Any]:
-        """The user attributes of one finished trial (details truncated to `MAX_DETAIL_ITEMS`)."""
-        attrs: dict[str, Any] = {"timings": _jsonable(dict(timings))}
+        """The user attributes of one finished trial (details truncated to `MAX_DETAIL_ITEMS`).
+        ``failure`` is always written (None on success): a re-run copies its attempt's attributes."""
+        attrs: dict[str, Any] = {"timings": _jsonable(dict(timings)), "failure": failure}
         if recipe_json is not None:
             attrs["recipe"] = recipe_json
         if values is not None:
             attrs["objectives"] = {k: float(v) for k, v in values.items()}
         if details:
             attrs["details"] = _jsonable({k: list(v)[:MAX_DETAIL_ITEMS] for k, v in details.items()})
-        if failure is not None:
-            attrs["failure"] = failure
         if constraints is not None:
             attrs["constraints"] = [float(c) for c in constraints]
-        if candidate is not None:
-            attrs["candidate"] = int(candidate)
         return attrs
 
     def study_values(self, values: Mapping[str, float]) -> list[float]:
@@ -411,75 +356,76 @@ class Ledger:
             return [self.scalarization(ordered, self.directions)]
         return ordered
 
-    def add_finished(
-        self,
-        params: Mapping[str, Any],
-        distributions: Mapping[str, BaseDistribution],
-        attrs: Mapping[str, Any],
-        values: Mapping[str, float] | None,
-    ) -> int:
-        """Write one finished trial in a single transaction (the coordinator path); returns its number."""
-        state = TrialState.COMPLETE if values is not None else TrialState.FAIL
-        system_attrs = {f"{CONSTRAINTS_PREFIX}{i}": c for i, c in enumerate(attrs.get("constraints", ()))}
-        trial = optuna.trial.create_trial(
-            state=state,
-            params=dict(params),
-            distributions=dict(distributions),
-            values=None if values is None else self.study_values(values),
-            user_attrs=dict(attrs),
-            system_attrs=system_attrs,
-        )
-        # (create_trial validated it) study.add_trial does the same but does not return the number
-        storage = self.study._storage
-        trial_id = storage.create_new_trial(self.study._study_id, template_trial=trial)
-        return storage.get_trial_number_from_id(trial_id)
-
-    def finish_live(self, trial: optuna.trial.Trial, attrs: Mapping[str, Any], values: Mapping[str, float] | None) -> None:
-        """Finish a trial an optuna sampler asked for (the native path)."""
+    def finish(self, trial: optuna.Trial, attrs: Mapping[str, Any], values: Mapping[str, float] | None) -> None:
+        """Write a claimed trial's attributes and constraints, then tell the study (COMPLETE with
+        ``values``, else FAIL): the tell comes last, so a finished trial is complete in the ledger."""
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
-        for i, c in enumerate(attrs.get("constraints", ())):
+        for i, c in enumerate(attrs.get("constraints") or ()):
             trial.set_constraint(str(i), c)
         if values is None:
             self.study.tell(trial, state=TrialState.FAIL)
         else:
             self.study.tell(trial, self.study_values(values))
 
-    def fail_running(self, reason: str, *, worker: str | None = None) -> list[FrozenTrial]:
-        """Mark trials left RUNNING (a dead or stopped process; only ``worker``'s when given) as
-        interrupted failures and re-queue their params as WAITING, so they run again exactly
-        once; returns them."""
-        stale = [t for t in self.trials((TrialState.RUNNING,)) if worker is None or t.user_attrs.get("worker") == worker]
+    def give_back(self, trial: optuna.Trial, reason: str, *, requeue: bool) -> None:
+        """Undo a claim: the trial fails as ``interrupted`` (not counted), then (``requeue``) a copy
+        of it goes back into the queue. In that order: a worker dying in between leaves a candidate that
+        nothing re-runs (a coordinator re-queues it after its grace, `search._queue`), never one
+        that two mechanisms re-run (optuna's heartbeat retry would re-queue a RUNNING trial too)."""
+        trial.set_user_attr("interrupted", reason)
+        self.study.tell(trial, state=TrialState.FAIL)
+        if requeue:
+            self.requeue(self.study.get_trials(deepcopy=False)[trial.number])
+
+    def fail_running(self) -> list[FrozenTrial]:
+        """Re-queue, then fail, the trials left RUNNING by a dead or stopped process, so they run
+        again exactly once; returns them. Only for a ledger with one writer (no heartbeat): there,
+        a RUNNING trial at open belongs to no live process."""
+        stale = self.trials((TrialState.RUNNING,))
+        requeued = {t.user_attrs.get("requeued_from") for t in self.trials((TrialState.WAITING,))}
         for t in stale:
-            self._interrupt(t, reason, requeue=True)
-        self._sync()
+            if t.number not in requeued:  # else a crash cut off the tell after the re-queue
+                self.requeue(t)
+            self.study.tell(t.number, state=TrialState.FAIL)
+        self.sync()
         return stale
 
-    def give_back(self, trial_id: int, reason: str, *, requeue: bool) -> None:
-        """Undo a worker's claim: the trial is failed as interrupted (not counted) and, when it
-        came from the queue (``requeue``), an identical copy goes back into it."""
-        self._interrupt(self.study._storage.get_trial(trial_id), reason, requeue=requeue)
-
-    def _interrupt(self, trial: FrozenTrial, reason: str, *, requeue: bool) -> None:
-        storage = self.study._storage
-        try:
-            storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-            storage.set_trial_user_attr(trial._trial_id, "failure", reason)
-            if not storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
-                return
-        except optuna.exceptions.UpdateFinishedTrialError:
-            return  # finished meanwhile (a heartbeat check failed and retried it): nothing to undo
-        if requeue:
-            # keep the candidate id (coordinated optimizers) and optuna's retry lineage
-            user_attrs = {k: v for k, v in trial.user_attrs.items() if k in _REQUEUE_USER_ATTRS}
-            system_attrs = {k: v for k, v in trial.system_attrs.items() if k in _REQUEUE_SYSTEM_ATTRS}
-            self.study.add_trial(
-                optuna.trial.create_trial(
-                    state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-                    user_attrs={**user_attrs, "requeued_from": trial.number}, system_attrs=system_attrs,
-                )
+    def requeue(self, trial: FrozenTrial, *, system_attrs: Mapping[str, Any] | None = None) -> None:
+        """A WAITING copy of ``trial`` (its params, candidate id and retry lineage) marked
+        ``requeued_from`` it, so the study's next ``ask`` hands it out again."""
+        user_attrs = {k: trial.user_attrs[k] for k in ("candidate",) if k in trial.user_attrs}
+        lineage = {k: v for k, v in trial.system_attrs.items() if k in ("failed_trial", "retry_history")}
+        self.study.add_trial(
+            optuna.trial.create_trial(
+                state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+                user_attrs={**user_attrs, "requeued_from": trial.number}, system_attrs={**lineage, **(system_attrs or {})},
             )
+        )
 
 
-_REQUEUE_USER_ATTRS = ("candidate",)
-_REQUEUE_SYSTEM_ATTRS = ("failed_trial", "retry_history", "fixed_params")
+def read_records(study: optuna.Study) -> list[TrialRecord]:
+    """Every trial of any ledger's study as a `TrialRecord`, read through optuna alone (no
+    `Ledger`: ``evomerge status`` polls a run another process is writing)."""
+    trials = study.get_trials(deepcopy=False)
+    rerun = rerun_numbers(trials)
+    return [record(t, rerun) for t in trials]
+
+
+def record(trial: FrozenTrial, rerun: set[int]) -> TrialRecord:
+    """A trial of the study as a `TrialRecord`; ``rerun``: `rerun_numbers` of its study."""
+    attrs = trial.user_attrs
+    if trial.state in (TrialState.COMPLETE, TrialState.FAIL):
+        state = "complete" if trial.state == TrialState.COMPLETE else "failed" if counted(trial, rerun) else "interrupted"
+    else:
+        state = trial.state.name.lower()
+    recipe = attrs.get("recipe")
+    return TrialRecord(
+        number=trial.number, state=state,
+        values=dict(attrs.get("objectives") or {}) if trial.state == TrialState.COMPLETE else {},
+        params=dict(trial.params), recipe=json.loads(recipe) if recipe else None,
+        timings=dict(attrs.get("timings") or {}),
+        failure=attrs.get("interrupted") if state == "interrupted" else attrs.get("failure"),
+        feasible=Ledger.feasible(trial), candidate=attrs.get("candidate"), details=dict(attrs.get("details") or {}),
+        constraints=attrs.get("constraints"),
+    )

@@ -1,59 +1,55 @@
-"""`run_search`: ask -> decode -> evaluate -> record -> tell -> archive, until a budget is spent.
+"""`run_search`: the one run loop, for a single process and for each of several workers.
 
-The budget counts finished trials *in the ledger* (completed + failed by their evaluation, not those
-cut off by an interruption), so a resumed run continues to the same total. ``budget_seconds``
-counts this call's wall time only.
+Every trial goes the same way: a look at the budget, ``study.ask`` (an optuna sampler fills the
+genome; a coordinated optimizer's candidates wait in the study's queue, `search._queue`), decode,
+evaluate, the ledger write (``study.tell`` last), one fsync. A failed evaluation fails its trial,
+never the run.
 
-Order per trial: the ledger write comes before ``optimizer.tell`` (see `CoordinatedOptimizer`),
-and both run with SIGINT/SIGTERM deferred, so a stop never splits them. A stop during an
-evaluation aborts that evaluation: its candidate stays pending (coordinated optimizers re-queue
-it from their checkpoint; optuna's RUNNING trial is failed as interrupted and re-queued).
+**Budget** (exact, also across racing workers): the loop claims only after a look at the ledger
+saw ``counted + running < budget``; a worker then looks again and keeps its claim only if
+``counted + (RUNNING trials other than its own) + 1 <= budget`` (and, for a queued candidate,
+no other attempt of it is RUNNING or counted), else gives it back
+(`Ledger.give_back`: failed as interrupted, re-queued) and backs off. Of any set of kept claims,
+the last to look saw all the others, so the ledger ends with exactly ``budget`` counted trials.
+``budget_seconds`` counts this call's wall time only.
 
-Durability I/O (the ledger fsync, a coordinated optimizer's checkpoint file) is written behind on
-a background thread while the batch evaluates (`search._durable.WriteBehind`); the loop waits for
-it before it writes the batch's first result, so the crash-safety order is unchanged and the
-fsyncs cost the search nothing unless the disk is slower than an evaluation.
+**Stops and crashes**: a ``KeyboardInterrupt`` (the CLI turns SIGINT and SIGTERM into one) gives
+the claimed trial back and returns; a SIGKILL leaves it RUNNING: one process re-queues it at its
+next start (`Ledger.fail_running`), workers through optuna's heartbeats (`search.scaleout`). A
+coordinated optimizer is told a result only after the ledger holds it, at the queue's next step.
+Results not yet told when the loop stops are told at the next start, from the ledger (`CoordinatedOptimizer.bind`).
+The loop installs no signal handler: that is the caller's edge (`evomerge.experiments.cli`).
 """
 
 from __future__ import annotations
 
 import math
-import signal
-import threading
+import random
 import time
-from contextlib import contextmanager
+import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
+
+import optuna
+from optuna.trial import TrialState
 
 from evomerge.merge import MergeRecipe
 from evomerge.objectives import Evaluation
 
-from ._durable import WriteBehind
-from ._ledger import Ledger
-from ._optimizers import Candidate, Failure, Optimizer
+from ._ledger import Counts, Ledger, TrialRecord, counted, record, rerun_numbers
+from ._optimizers import CoordinatedOptimizer, Optimizer, OptunaOptimizer
 from ._pareto import ParetoArchive
+from ._queue import CandidateQueue
 from ._space import SearchSpace
+from .scaleout import Crew
 
 
 class ScorerLike(Protocol):
     def evaluate(self, recipe: MergeRecipe) -> Evaluation: ...
 
 
-@dataclass(frozen=True)
-class TrialRecord:
-    """What a callback receives after each finished trial."""
-
-    number: int
-    candidate: Candidate
-    recipe: MergeRecipe
-    evaluation: Evaluation
-    values: list[float] | None
-    hypervolume: float
-    overhead_seconds: float
-    """Search-side time of this trial: ask share, decode, ledger write, tell, archive."""
-
-
 Callback = Callable[[TrialRecord], None]
+"""Called with each trial this call finished, as the ledger stores it."""
 
 
 @dataclass
@@ -62,72 +58,25 @@ class SearchResult:
 
     archive: ParetoArchive
     n_finished: int
-    """Finished trials in the ledger (this call and earlier ones)."""
-    n_new: int
+    """Counted trials in the ledger (this call's and earlier ones, other workers' included)."""
+    n_new: int = 0
     """Trials finished by this call."""
     evaluation_seconds: float = 0.0
-    overhead_seconds: float = 0.0
-    """ask + decode + ledger writes + tell (+ checkpoints) + archive, summed over this call."""
+    overheads: list[float] = field(default_factory=list)
+    """Per trial finished here: optimizer (ask, the queue's step) + ledger (looks, claim, the
+    trial's writes and fsync) + decode + archive; waiting for work is not overhead."""
+    gave_back: int = 0
     wall_seconds: float = 0.0
     stopped_by: Literal["budget", "time", "exhausted", "interrupt"] = "budget"
-    overheads: list[float] = field(default_factory=list)
+
+    @property
+    def overhead_seconds(self) -> float:
+        return sum(self.overheads)
 
     @property
     def overhead_ratio(self) -> float:
-        """Search overhead as a fraction of evaluation time (the 2% target)."""
+        """Search overhead as a fraction of evaluation time."""
         return self.overhead_seconds / self.evaluation_seconds if self.evaluation_seconds > 0 else math.nan
-
-
-class _Signals:
-    """SIGINT/SIGTERM -> KeyboardInterrupt, except inside critical sections, where it is deferred."""
-
-    def __init__(self) -> None:
-        self.critical = False
-        self.pending = False
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.critical:
-            self.pending = True
-        else:
-            raise KeyboardInterrupt(f"signal {signum}")
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be set from the main thread
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handler)
-        try:
-            yield
-        finally:
-            for sig, old in self._old.items():
-                signal.signal(sig, old)
-
-    @contextmanager
-    def deferred(self) -> Iterator[None]:
-        self.critical = True
-        try:
-            yield
-        finally:
-            self.critical = False
-        if self.pending:
-            self.pending = False
-            raise KeyboardInterrupt("deferred signal")
-
-
-def _objective_values(evaluation: Evaluation, names: Sequence[str]) -> tuple[list[float] | None, str | None]:
-    """Values in objective order, or the reason they cannot be used."""
-    if evaluation.failed:
-        return None, evaluation.reason or "evaluation failed"
-    missing = [n for n in names if n not in evaluation.values]
-    if missing:
-        return None, f"evaluation lacks objectives {missing}"
-    values = [float(evaluation.values[n]) for n in names]
-    if not all(math.isfinite(v) for v in values):
-        return None, f"non-finite objective values {dict(zip(names, values))}"
-    return values, None
 
 
 def run_search(
@@ -138,120 +87,145 @@ def run_search(
     *,
     budget_evals: int | None = None,
     budget_seconds: float | None = None,
-    batch_size: int = 1,
     constraints: Callable[[Evaluation], Sequence[float]] | None = None,
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
+    worker_id: str | None = None,
+    queue: int = 4,
+    lease_ttl: float = 10.0,
+    poll: float = 0.2,
 ) -> SearchResult:
-    """Run (or resume) a search until ``budget_evals`` finished trials are in the ledger, the
-    time budget is spent, the optimizer is exhausted, or SIGINT/SIGTERM arrives.
+    """Run (or resume, or join) a search until ``budget_evals`` trials count in the ledger, the
+    time budget is spent, the optimizer is exhausted, or a ``KeyboardInterrupt`` arrives.
 
-    ``constraints`` maps an evaluation to values that must all be <= 0 for the trial to be
-    feasible (optuna's convention); infeasible trials never enter the Pareto front. Each
-    ``callbacks`` entry is called with a `TrialRecord` after every finished trial.
+    A ledger opened with a heartbeat is shared: this call is one worker (``worker_id``) among
+    several (docs/scale-out.md); ``queue``: candidates a coordinated optimizer keeps in flight for
+    them (about the number of workers); ``lease_ttl``: seconds after which a silent coordinator
+    is replaced. ``constraints`` maps an evaluation to values that must all be <= 0 for the trial
+    to be feasible (optuna's convention); infeasible trials never enter the Pareto front.
     """
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
     started = time.perf_counter()
-    ledger.fail_running("interrupted: the process stopped before the evaluation finished")
-    optimizer.bind(space, ledger, budget=budget_evals, batch_size=batch_size)
-    durability = WriteBehind()
-    optimizer.write_behind(durability)
+    shared = ledger.heartbeat is not None
+    if shared != (worker_id is not None) or (shared and budget_evals is None):
+        raise ValueError("workers (a worker_id) share a database ledger opened with a heartbeat, and a budget_evals")
+    if not shared:
+        ledger.fail_running()  # one writer: what is RUNNING now was cut off by a crash or a stop
+    feed: CandidateQueue | None = None
+    if isinstance(optimizer, CoordinatedOptimizer):
+        feed = CandidateQueue(space, optimizer, ledger, budget=budget_evals, depth=queue if shared else 1,
+                              grace=lease_ttl if shared else 0.0)
+        # claims pop queued trials; the sampler is consulted only for its hooks: the cheapest one
+        ledger.study.sampler = optuna.samplers.RandomSampler()
+        if not shared:
+            feed.start()
+    elif isinstance(optimizer, OptunaOptimizer):
+        optimizer.bind(space, ledger, budget=budget_evals, seed_offset=0 if worker_id is None else zlib.crc32(worker_id.encode()))
+    else:
+        optimizer.bind(space, ledger, budget=budget_evals)
+    crew = Crew(ledger, worker_id, feed, lease_ttl=lease_ttl, poll=poll) if shared else None  # type: ignore[arg-type]
+    local = feed if not shared else None
+    distributions = optimizer.ask_distributions(space)
     archive = ledger.archive()
-    done = len(ledger.finished())
-    result = SearchResult(archive=archive, n_finished=done, n_new=0)
-    signals = _Signals()
-    bar = _progress_bar(progress, budget_evals, done)
-    names = ledger.objective_names
+    result = SearchResult(archive=archive, n_finished=len(ledger.finished()))
+    bar = _progress_bar(progress, budget_evals, result.n_finished)
+    seed, names, trial = ledger.seed, ledger.objective_names, None
     try:
-        with signals.installed():
-            while True:
-                if budget_evals is not None and done >= budget_evals:
-                    result.stopped_by = "budget"
-                    break
-                if budget_seconds is not None and time.perf_counter() - started >= budget_seconds:
-                    result.stopped_by = "time"
-                    break
-                n = batch_size if budget_evals is None else min(batch_size, budget_evals - done)
-                t0 = time.perf_counter()
-                with signals.deferred():
-                    # a coordinated optimizer queues its checkpoint (after a ledger fsync); the
-                    # fsync of the lines this ask wrote (optuna) comes after: both run while the
-                    # batch evaluates, not while optuna appends, which an fsync would stall
-                    candidates = optimizer.ask(n)
-                    durability.submit(ledger.sync)
-                ask_share = (time.perf_counter() - t0) / max(len(candidates), 1)
-                if not candidates:
-                    result.stopped_by = "exhausted"
-                    break
-                for cand in candidates:
-                    t1 = time.perf_counter()
-                    recipe = cand.recipe if cand.recipe is not None else space.decode(cand.x, seed=ledger.seed, trial=cand.key)
-                    pre = ask_share + time.perf_counter() - t1
-                    evaluation, eval_seconds = evaluate_guarded(scorer, recipe)
-                    t3 = time.perf_counter()
-                    with signals.deferred():
-                        durability.wait()  # the checkpoint holding this candidate is durable
-                        number, values = _record(ledger, optimizer, cand, recipe, evaluation, names, constraints, pre, archive)
-                    overhead = pre + time.perf_counter() - t3
-                    done += 1
-                    result.n_new += 1
-                    result.evaluation_seconds += eval_seconds
-                    result.overhead_seconds += overhead
-                    result.overheads.append(overhead)
-                    record = TrialRecord(number, cand, recipe, evaluation, values, archive.history[-1][1], overhead)
-                    for callback in callbacks:
-                        callback(record)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(hv=f"{record.hypervolume:.4g}", front=len(archive.front), refresh=False)
-        durability.close()
-        ledger.sync()
-        optimizer.save()
+        while True:
+            t0 = time.perf_counter()
+            if crew is not None:
+                crew.check()
+            if budget_seconds is not None and t0 - started >= budget_seconds:
+                result.stopped_by = "time"
+                break
+            if local is not None and not local.step():
+                result.stopped_by = "budget" if _spent(ledger.counts(), budget_evals) else "exhausted"
+                break
+            look = ledger.counts()
+            result.n_finished = look.counted
+            if _spent(look, budget_evals):
+                break
+            if _spent(look, budget_evals, running=True) or (feed is not None and not look.waiting):
+                time.sleep(poll)  # work in flight elsewhere may finish or go stale; a coordinator refills
+                continue
+            trial = ledger.study.ask(distributions) if crew is None else crew.claim(ledger.study, distributions)
+            candidate = trial.user_attrs.get("candidate")
+            if crew is not None:
+                reason, requeue = _second_look(ledger, trial.number, candidate, budget_evals, feed is not None)
+                if reason is not None:
+                    ledger.give_back(trial, reason, requeue=requeue)
+                    crew.released()
+                    trial = None
+                    result.gave_back += 1
+                    time.sleep(random.uniform(0, poll))  # break the symmetry of a collision
+                    continue
+            key = trial.number if candidate is None else int(candidate)
+            recipe = optimizer.recipe(space, trial.params, seed=seed, trial=key)
+            pre = time.perf_counter() - t0
+            evaluation, eval_seconds = evaluate_guarded(scorer, recipe)
+            t2 = time.perf_counter()
+            values, attrs = _outcome(ledger, recipe, evaluation, names, constraints, pre)
+            ledger.finish(trial, attrs, None if values is None else dict(zip(names, values)))
+            if crew is not None:
+                crew.released()
+            number, trial = trial.number, None
+            ledger.sync()
+            had_reference = archive.reference_point is not None
+            archive.add(number, values, feasible=all(c <= 0 for c in attrs.get("constraints") or ()))
+            if not had_reference and archive.reference_point is not None:
+                ledger.record_reference_point(archive.reference_point)
+            result.overheads.append(pre + time.perf_counter() - t2)
+            result.n_new += 1
+            result.evaluation_seconds += eval_seconds
+            if callbacks:
+                done = record(ledger.study.get_trials(deepcopy=False)[number], set())
+                for callback in callbacks:
+                    callback(done)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(hv=f"{archive.hypervolume():.4g}", front=len(archive.front), refresh=False)
     except KeyboardInterrupt:
         result.stopped_by = "interrupt"
-        durability.close()  # no queued checkpoint may land after the one saved below
-        ledger.fail_running("interrupted: the run was stopped (SIGINT/SIGTERM)")
-        ledger.sync()
-        optimizer.save()
+        if trial is not None:
+            ledger.give_back(trial, "interrupted: the run was stopped", requeue=True)
     finally:
-        optimizer.write_behind(None)
-        durability.close()
+        if crew is not None:
+            crew.close()
         if bar is not None:
             bar.close()
-    result.n_finished = done
+    result.n_finished = ledger.counts().counted
     result.wall_seconds = time.perf_counter() - started
     return result
 
 
-def _record(
-    ledger: Ledger,
-    optimizer: Optimizer,
-    cand: Candidate,
-    recipe: MergeRecipe,
-    evaluation: Evaluation,
-    names: Sequence[str],
-    constraints: Callable[[Evaluation], Sequence[float]] | None,
-    pre_overhead: float,
-    archive: ParetoArchive,
-) -> tuple[int, list[float] | None]:
-    """Ledger write, then tell, then archive (the crash-safe order)."""
-    values, failure, constraint_values, attrs = finished_attrs(
-        ledger, recipe, evaluation, names, constraints, pre_overhead, cand.key if cand.coordinated else None
-    )
-    value_map = None if values is None else dict(zip(names, values))
-    if cand.trial is not None:
-        ledger.finish_live(cand.trial, attrs, value_map)
-        number = cand.trial.number
-    else:
-        number = ledger.add_finished(cand.params, cand.distributions, attrs, value_map)
-    optimizer.tell(cand, Failure(failure or "failed") if values is None else values)
-    feasible = constraint_values is None or all(c <= 0 for c in constraint_values)
-    had_reference = archive.reference_point is not None
-    archive.add(number, values, feasible=feasible)
-    if not had_reference and archive.reference_point is not None:
-        ledger.record_reference_point(archive.reference_point)
-    return number, values
+def _spent(look: Counts, budget: int | None, *, running: bool = False) -> bool:
+    """Whether the counted trials (with ``running``: and the RUNNING ones) reach the budget."""
+    return budget is not None and look.counted + (len(look.running) if running else 0) >= budget
+
+
+def _second_look(
+    ledger: Ledger, number: int, candidate: int | None, budget: int | None, coordinated: bool,
+) -> tuple[str | None, bool]:
+    """(None to keep a worker's claim, else why it goes back; whether it goes back to the queue).
+
+    Besides the budget rule (module docstring): a coordinated worker keeps only a candidate that
+    no other attempt holds (RUNNING) or has finished (counted). A coordinator that lost its lease
+    without knowing it yet may have enqueued a candidate its successor enqueued too; of two
+    claims of one candidate the later look sees the earlier, so at most one is evaluated (both
+    may go back: the queue then re-queues the candidate after its grace, `search._queue`)."""
+    trials = ledger.trials()
+    if coordinated and candidate is None:
+        return "given back: a fresh trial (a coordinator queues every candidate; the queue ran empty)", False
+    if candidate is not None:
+        rerun = rerun_numbers(trials)
+        twins = [t.number for t in trials if t.user_attrs.get("candidate") == candidate and t.number != number
+                 and (t.state == TrialState.RUNNING or counted(t, rerun))]
+        if twins:
+            return f"given back: candidate {candidate} is held by trial {twins[0]}", False
+    look = ledger.counts(trials)
+    others = len(look.running - {number})
+    if budget is not None and look.counted + others + 1 > budget:
+        return f"given back: {look.counted} counted + {others} running reach the budget of {budget}", True
+    return None, True
 
 
 def evaluate_guarded(scorer: ScorerLike, recipe: MergeRecipe) -> tuple[Evaluation, float]:
@@ -268,24 +242,26 @@ def evaluate_guarded(scorer: ScorerLike, recipe: MergeRecipe) -> tuple[Evaluatio
     return evaluation, time.perf_counter() - start
 
 
-def finished_attrs(
+def _outcome(
     ledger: Ledger,
     recipe: MergeRecipe,
     evaluation: Evaluation,
     names: Sequence[str],
     constraints: Callable[[Evaluation], Sequence[float]] | None,
     pre_overhead: float,
-    candidate: int | None,
-) -> tuple[list[float] | None, str | None, list[float] | None, dict[str, Any]]:
-    """(values, failure, constraint values, ledger attributes) of one finished evaluation.
-
-    Shared by the single-process loop and the workers, so a trial reads the same in the ledger
-    whichever of them evaluated it.
-    """
-    values, failure = _objective_values(evaluation, names)
-    constraint_values = None
-    if values is not None and constraints is not None:
-        constraint_values = [float(c) for c in constraints(evaluation)]
+) -> tuple[list[float] | None, dict[str, Any]]:
+    """(objective values or None, ledger attributes) of one finished evaluation."""
+    values, failure = None, evaluation.reason or "evaluation failed"
+    if not evaluation.failed:
+        missing = [n for n in names if n not in evaluation.values]
+        values = None if missing else [float(evaluation.values[n]) for n in names]
+        if values is None:
+            failure = f"evaluation lacks objectives {missing}"
+        elif not all(math.isfinite(v) for v in values):
+            failure, values = f"non-finite objective values {dict(zip(names, values))}", None
+        else:
+            failure = None
+    constraint_values = None if values is None or constraints is None else [float(c) for c in constraints(evaluation)]
     attrs = ledger.trial_attrs(
         recipe_json=recipe.to_json(),
         values=None if values is None else dict(zip(names, values)),
@@ -293,9 +269,8 @@ def finished_attrs(
         timings={**evaluation.timings, "search_overhead": pre_overhead},
         failure=failure,
         constraints=constraint_values,
-        candidate=candidate,
     )
-    return values, failure, constraint_values, attrs
+    return values, attrs
 
 
 def _progress_bar(enabled: bool, total: int | None, initial: int) -> Any:

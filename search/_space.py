@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Protocol, Sequence, Union
 
@@ -45,6 +47,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator,
 from evomerge.merge import ExpertParams, GroupRule, MergeRecipe
 
 ParamKind = Literal["weight", "density", "t", "gamma", "epsilon"]
+PARAM_KINDS: tuple[ParamKind, ...] = ("weight", "density", "t", "gamma", "epsilon")
+_PARAM_NAME = re.compile(r"^[^.\[\]]+(\.[^.\[\]]+)*\.(weight|density|t|gamma|epsilon)(\[[^\]]+\])?$")
+"""A parameter name: ``<group>[.<module>].<kind>[expert]``."""
 PER_EXPERT_KINDS: tuple[ParamKind, ...] = ("weight", "density", "gamma", "epsilon")
 """Kinds with one value per expert; ``t`` is one value per cell."""
 
@@ -116,8 +121,9 @@ class SpaceTemplate(BaseModel):
     """Searched kinds; None = the method's defaults (`METHOD_KINDS`)."""
     bounds: dict[ParamKind, tuple[float, float]] = Field(default_factory=dict)
     """(low, high) per kind, overriding `DEFAULT_BOUNDS`."""
-    init: dict[ParamKind, float] = Field(default_factory=dict)
-    """Starting value per kind (the genome's ``x0``), overriding the default."""
+    init: dict[str, float] = Field(default_factory=dict)
+    """Starting value (the genome's ``x0``) per kind, or per parameter name (e.g. a fitted mergekit
+    config, `SearchSpace.fit`), overriding the default; a name wins over its kind."""
     fixed: dict[str, float] = Field(default_factory=dict)
     """Held values, keyed by kind (``"density"``) or by parameter name; excluded from the genome."""
     granularity: Union[Literal["global", "layer"], PositiveInt] = "global"
@@ -176,6 +182,14 @@ class SpaceTemplate(BaseModel):
             low, high = self.bounds[kind]
         init = float(np.clip(self.init.get(kind, init), low, high))
         return low, high, init
+
+    @field_validator("init")
+    @classmethod
+    def _init_keys(cls, init: dict[str, float]) -> dict[str, float]:
+        bad = [k for k in init if k not in PARAM_KINDS and not _PARAM_NAME.match(k)]
+        if bad:
+            raise ValueError(f"init keys are kinds ({', '.join(PARAM_KINDS)}) or parameter names; got {bad}")
+        return init
 
 
 @dataclass(frozen=True)
@@ -305,6 +319,7 @@ class SearchSpace:
         def param(name: str, kind: ParamKind) -> int:
             if name not in index:
                 low, high, init = self.template.kind_bounds(kind)
+                init = float(np.clip(self.template.init.get(name, init), low, high))
                 index[name] = len(params)
                 params.append(_Param(name, kind, low, high, init))
             return index[name]
@@ -328,9 +343,12 @@ class SearchSpace:
     def _held_values(self) -> dict[str, float]:
         fixed = self.template.fixed
         names = {p.name for p in self._all_params}
-        unknown = [k for k in fixed if k not in names and k not in ("weight", "density", "t", "gamma", "epsilon")]
+        unknown = [k for k in fixed if k not in names and k not in PARAM_KINDS]
         if unknown:
             raise ValueError(f"fixed: unknown parameter names {unknown}; see SearchSpace.names")
+        unknown = [k for k in self.template.init if k not in names and k not in PARAM_KINDS]
+        if unknown:
+            raise ValueError(f"init: unknown parameter names {unknown}; see SearchSpace.names")
         held = {}
         for p in self._all_params:
             if p.name in fixed:
@@ -476,8 +494,58 @@ class SearchSpace:
         low, high = self.bounds
         return np.clip(full[self._free], low, high)
 
-    def _solve(self, cell_values: Mapping[tuple[int, ParamKind, str | None], float]) -> np.ndarray:
-        """Parameters from per-cell values: direct without smoothing, least squares per control line."""
+    def fit(self, recipe: MergeRecipe) -> tuple[np.ndarray, list[str]]:
+        """The genome nearest to ``recipe``, and notes on what did not fit; for recipes made
+        elsewhere (a mergekit config as the search's first point), which `encode` would refuse.
+
+        Per cell and parameter the recipe's values over the cell's tensor slots are averaged; a
+        slot no rule merges, or whose rule lacks an expert, counts as weight 0 (the base) and the
+        kind's starting value otherwise; smoothing curves are fitted by least squares; held values
+        stay held; the result is clipped to the bounds. Each of these, and a different method or
+        global option, gives one note naming the parameters concerned.
+        """
+        tpl = self.template
+        notes: list[str] = []
+        for field_name in ("normalize", "lambda_", "rescale", "lora_mode"):
+            ours, theirs = getattr(tpl, field_name), getattr(recipe, field_name)
+            if ours != theirs:
+                notes.append(f"{field_name.rstrip('_')}={theirs!r} differs from the space's {ours!r}: the space's is kept")
+        samples: dict[tuple[int, ParamKind, str | None], list[float]] = defaultdict(list)
+        methods: set[str] = set()
+        for ci, cell in enumerate(self._cells):
+            for layer, kind in cell.slots:
+                rule = recipe.rule_for(layer, kind)  # type: ignore[arg-type]
+                if rule is not None:
+                    methods.add(rule.method)
+                for k in tpl.searched_kinds:
+                    for expert in self.experts if k in PER_EXPERT_KINDS else (None,):
+                        samples[(ci, k, expert)].append(_rule_value(rule, k, expert, tpl.kind_bounds(k)[2]))
+        if methods - {tpl.method}:
+            notes.append(f"method {', '.join(sorted(methods - {tpl.method}))} differs from the space's {tpl.method!r}: coefficients carried over")
+        averaged = sorted({self._key_label(key) for key, v in samples.items() if max(v) - min(v) > 1e-9})
+        if averaged:
+            notes.append(f"averaged over layers/modules the space groups together: {_listed(averaged)}")
+        full, residual = self._lstsq({key: float(np.mean(v)) for key, v in samples.items()})
+        if residual > 1e-6:
+            notes.append(f"per-layer values fitted to the smoothing curves by least squares (max error {residual:.3g})")
+        for i, p in enumerate(self._all_params):
+            if p.name in self._held:
+                if abs(full[i] - self._held[p.name]) > 1e-6:
+                    notes.append(f"{p.name} = {full[i]:.4g} but the space holds it at {self._held[p.name]:g}")
+                full[i] = self._held[p.name]
+        genome = full[self._free]
+        low, high = self.bounds
+        clipped = [f"{n} = {v:.4g} -> {np.clip(v, lo, hi):g}" for n, v, lo, hi in zip(self.names, genome, low, high) if not lo <= v <= hi]
+        if clipped:
+            notes.append(f"clipped to the bounds: {_listed(clipped)}")
+        return np.clip(genome, low, high), notes
+
+    def _key_label(self, key: tuple[int, ParamKind, str | None]) -> str:
+        cell = self._cells[key[0]]
+        return self._param_name(cell.label, cell.module, key[1], key[2])
+
+    def _lstsq(self, cell_values: Mapping[tuple[int, ParamKind, str | None], float]) -> tuple[np.ndarray, float]:
+        """All parameters from per-cell values (least squares under smoothing) and the largest error."""
         n = len(self._all_params)
         rows: list[np.ndarray] = []
         rhs: list[float] = []
@@ -489,7 +557,12 @@ class SearchSpace:
             rhs.append(cell_values[key])
         a, b = np.array(rows), np.array(rhs)
         full, *_ = np.linalg.lstsq(a, b, rcond=None)
-        if np.max(np.abs(a @ full - b), initial=0.0) > 1e-6:
+        return full, float(np.max(np.abs(a @ full - b), initial=0.0))
+
+    def _solve(self, cell_values: Mapping[tuple[int, ParamKind, str | None], float]) -> np.ndarray:
+        """Parameters from per-cell values: direct without smoothing, least squares per control line."""
+        full, residual = self._lstsq(cell_values)
+        if residual > 1e-6:
             raise ValueError("per-layer values do not lie on the space's piecewise-linear curves: not expressible")
         return full
 
@@ -504,3 +577,17 @@ class SearchSpace:
             raise ValueError(f"params lack {missing[:3]}{'...' if len(missing) > 3 else ''}")
         return np.array([float(params[n]) for n in self.names])
 
+
+def _rule_value(rule: GroupRule | None, kind: ParamKind, expert: str | None, start: float) -> float:
+    """A kind's value under ``rule`` for `SearchSpace.fit`: an unmerged slot or an absent expert
+    has weight 0 (the base's own weights) and the kind's starting value otherwise."""
+    if kind == "t":
+        return start if rule is None or rule.t is None else float(rule.t)
+    if rule is None or expert not in rule.experts:
+        return 0.0 if kind == "weight" else start
+    return float(getattr(rule.experts[expert], kind))
+
+
+def _listed(items: Sequence[str], most: int = 6) -> str:
+    """The first ``most`` items and how many more, for one-line notes."""
+    return ", ".join(items[:most]) + (f" (+{len(items) - most} more)" if len(items) > most else "")

@@ -1,13 +1,16 @@
 """Coordination overhead of several workers sharing one search (docs/scale-out.md).
 
 Starts ``--workers`` `evomerge worker` processes on the small zoo against ``--storage`` (a
-PostgreSQL URL; each run uses a fresh study) and prints, summed over the workers, evaluation time
-and coordination time per trial (claim: stale-trial check when due, budget counts, the claim and
-its genome, budget re-check; decode; the trial's ledger write) and their ratio; the target is
-<= 5% (docs/scale-out.md, Overhead).
+PostgreSQL URL; each run uses a fresh study) and prints, over the workers, the evaluation time
+per trial (real evaluations: ``--calib-size`` items per skill, several seconds each while the
+workers share the cores) and the coordination time per trial: optimizer + ledger (stale-trial
+check when due, the budget's looks, ``study.ask`` and its genome, the heartbeat's first beat,
+decode, the trial's writes and ``study.tell``); waiting for work is not counted.
 
     python -m evomerge.experiments.benchmarks.coordination_overhead --storage postgresql+psycopg2://... \\
-        --workers 4 --trials 40 --optimizer optuna:random --calib-size 64
+        --workers 4 --trials 24 --optimizer optuna:tpe --calib-size 64
+
+Target (issue 15): <= 100 ms per trial with 4 workers on PostgreSQL.
 """
 
 from __future__ import annotations
@@ -53,9 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--storage", required=True, help="PostgreSQL URL shared by the workers")
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--trials", type=int, default=40)
-    parser.add_argument("--optimizer", default="optuna:random", help="optuna:<sampler> or nevergrad:<Class>")
-    parser.add_argument("--calib-size", type=int, default=16, help="items per skill (evaluation cost)")
+    parser.add_argument("--trials", type=int, default=24)
+    parser.add_argument("--optimizer", default="optuna:tpe", help="optuna:<sampler> or nevergrad:<Class>")
+    parser.add_argument("--calib-size", type=int, default=64, help="items per skill (evaluation cost)")
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +83,7 @@ def main() -> None:
     print(f"{args.optimizer}, {args.workers} workers, {int(n)} trials, {args.calib_size} items/skill")
     print(f"evaluation   {evaluation / n * 1000:8.1f} ms/trial")
     print(f"coordination {coordination / n * 1000:8.1f} ms/trial")
-    print(f"overhead     {100 * coordination / evaluation:8.2f} % of evaluation time (target <= 5%)")
+    print(f"overhead     {100 * coordination / evaluation:8.2f} % of evaluation time (target: <= 100 ms per trial)")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe
+from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe, fixed_mmap_threshold
 
 
 SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -166,6 +166,7 @@ def measure(label: str, base: Path, experts: Mapping[str, Path], repeats: int, t
     """Load, warm up, time plain pass / TIES / DARE-TIES interleaved; runs in a fresh process (`in_child`)."""
     if threads:
         torch.set_num_threads(threads)
+    fixed_mmap_threshold()  # as the CLI does before it loads
     idle = _rss()
     start = time.perf_counter()
     mode = {"auto": "auto", "on": True, "off": False}[compile]

@@ -14,10 +14,10 @@ differences are the loops, not the kernels:
     python -m evomerge.experiments.benchmarks.scoring_speed --size small
     python -m evomerge.experiments.benchmarks.scoring_speed --size small --compile off   # eager merges
 
-`--compile on` (default) merges with the fused compiled kernels, as a search does for large models,
-for long runs (>= 1000 evaluations or >= 1 h) and with `models.compile: true`; their one-time
+`--compile on` (default) merges with the fused compiled kernels, as a search does for every model
+size (`models.compile: auto`); their one-time
 compile happens during the warm-up (one candidate per method) and is printed, not counted per
-candidate. `--compile off` is the eager path of short runs on small models.
+candidate. `--compile off` is the eager chunked path (`models.compile: false`).
 
 Acceptance (issue "Objectives and scorers"): (merge + swap) <= 10% of candidate time, and in-place
 throughput >= 5x the naive loop.

@@ -1,25 +1,25 @@
 """The optimizer interface the run loop talks to.
 
-An optimizer proposes `Candidate`s (``ask``) and learns their results (``tell``). Results are raw
-objective values in the ledger's objective order; each adapter turns them into what its backend
-wants (losses, a scalarized loss, nothing for optuna, which reads the study). ``bind`` attaches the
-optimizer to a space and a ledger and restores its state when the ledger already holds trials.
+Every trial is claimed from the ledger's study with ``study.ask``: an optuna sampler (the study's
+sampler, set by ``bind``) fills the genome itself; a coordinated optimizer (nevergrad, the
+baselines) proposes `Candidate`s (``ask``) that `search._queue` enqueues as WAITING trials, and
+learns their results (``tell``: raw objective values in the ledger's objective order, which each
+adapter turns into what its backend wants). ``bind`` attaches the optimizer to a space and a
+ledger and restores its state when the ledger already holds trials.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import numpy as np
-import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution
 
 from evomerge.merge import MergeRecipe
 
 if TYPE_CHECKING:
-    from .._durable import WriteBehind
     from .._ledger import Ledger
     from .._space import SearchSpace
 
@@ -36,10 +36,10 @@ Result = Union[Sequence[float], Failure]
 
 @dataclass
 class Candidate:
-    """One point to evaluate.
+    """One point a coordinated optimizer asked for.
 
-    ``key`` is stable across a resume (coordinator id, or optuna trial number) and becomes the
-    recipe's ``trial``, so random masks of a re-evaluated candidate are the same.
+    ``key`` (the coordinator's candidate id) is stable across a resume and becomes the recipe's
+    ``trial``, so random masks of a re-evaluated candidate are the same.
     """
 
     key: int
@@ -48,10 +48,6 @@ class Candidate:
     x: np.ndarray | None = None
     """Genome in the space; None for candidates that carry their own recipe (grid baseline)."""
     recipe: MergeRecipe | None = None
-    trial: optuna.trial.Trial | None = field(default=None, repr=False)
-    """Live optuna trial (native samplers); None for coordinated optimizers, whose trials are
-    written to the ledger in one transaction when finished."""
-    coordinated: bool = False
 
 
 def genome_distributions(space: "SearchSpace") -> dict[str, BaseDistribution]:
@@ -61,7 +57,7 @@ def genome_distributions(space: "SearchSpace") -> dict[str, BaseDistribution]:
 
 
 class Optimizer(ABC):
-    """ask / tell over a `SearchSpace`, with its state kept next to the ledger."""
+    """Proposes the trials of a ledger's study, and learns their results (see `search._loop`)."""
 
     name: str = "optimizer"
 
@@ -69,19 +65,11 @@ class Optimizer(ABC):
     def bind(self, space: "SearchSpace", ledger: "Ledger", *, budget: int | None = None, batch_size: int = 1) -> None:
         """Attach to a space and ledger; on a ledger with trials, restore state and reconcile."""
 
-    @abstractmethod
-    def ask(self, n: int) -> list[Candidate]:
-        """Up to ``n`` candidates; fewer (or none) when a finite generator is exhausted."""
+    def ask_distributions(self, space: "SearchSpace") -> dict[str, BaseDistribution]:
+        """What the run loop's ``study.ask`` passes: the genome, which the study's sampler fills
+        (optuna samplers); a coordinated optimizer's queued trials carry their params (none)."""
+        return genome_distributions(space)
 
-    @abstractmethod
-    def tell(self, candidate: Candidate, result: Result) -> None:
-        """Learn a result; called after the ledger recorded the trial."""
-
-    def save(self) -> None:
-        """Persist the optimizer's state now (no-op where the ledger is the state); the run loop
-        calls it when it stops."""
-
-    def write_behind(self, queue: "WriteBehind | None") -> None:
-        """Let ``ask`` queue its checkpoint write on ``queue`` (the run loop's background writer,
-        which it waits for before writing a result); None: write at once. No-op without a
-        checkpoint."""
+    def recipe(self, space: "SearchSpace", params: dict[str, Any], *, seed: int, trial: int) -> MergeRecipe:
+        """The recipe a trial with these params evaluates (``trial``: the key of its random masks)."""
+        return space.decode(space.from_params(params), seed=seed, trial=trial)

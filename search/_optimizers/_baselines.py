@@ -81,19 +81,23 @@ class GridSearch(CoordinatedOptimizer):
             return None
         method, weight, density = self._points[self._backend["next"]]
         self._backend["next"] += 1
-        tpl = space.template
-        recipe = MergeRecipe(
-            rules=[GroupRule(method=method, experts={e: ExpertParams(weight=weight, density=density) for e in space.experts})],
-            normalize=False, lambda_=tpl.lambda_, rescale=tpl.rescale, lora_mode=tpl.lora_mode,
-            seed=self._backend["seed"],
-        )
         distributions = {
             "grid.method": CategoricalDistribution(self.methods),
             "grid.weight": FloatDistribution(min(self.weights), max(self.weights)),
             "grid.density": FloatDistribution(min(min(self.densities), 1.0), 1.0),
         }
         params = {"grid.method": method, "grid.weight": weight, "grid.density": density}
+        recipe = self.recipe(space, params, seed=self._backend["seed"], trial=0)
         return None, Proposal(params=params, distributions=distributions, recipe=recipe)
+
+    def recipe(self, space: "SearchSpace", params: dict[str, Any], *, seed: int, trial: int) -> MergeRecipe:
+        """One global rule: the grid point's method, shared weight and density for every expert."""
+        tpl = space.template
+        expert = ExpertParams(weight=float(params["grid.weight"]), density=float(params["grid.density"]))
+        return MergeRecipe(
+            rules=[GroupRule(method=params["grid.method"], experts={e: expert for e in space.experts})],
+            normalize=False, lambda_=tpl.lambda_, rescale=tpl.rescale, lora_mode=tpl.lora_mode, seed=seed, trial=trial,
+        )
 
     def _observe(self, token: Any, losses: np.ndarray | None) -> None:
         """A grid does not adapt."""

@@ -12,16 +12,15 @@ Crash safety rests on three rules:
 
 1. Every ``ask`` batch ends with the history written atomically (temp file, fsync,
    ``os.replace``, directory fsync: `evomerge.merge.write_atomic`). A candidate thus exists in
-   the history before its result reaches the ledger. The run loop has the file written behind
-   (`write_behind`: on its background thread, during the batch's evaluation, and waited for
-   before the batch's first result is written).
+   the history before it is enqueued (`search._queue`), hence before its result reaches the
+   ledger.
 2. A finished trial reaches the ledger (one append, with its candidate id) *before* the
    optimizer is told, so the ledger is never behind the optimizer; every history write starts
    with a ledger fsync (`Ledger.sync`), so that also holds for what survives a power loss. The
    tell itself is not written on its own: the next ask's write includes it, and if the process
    dies first, rule 3 replays it from the ledger with the same values. Durability thus costs
-   three fsyncs per ask batch (ledger, history file, its directory), whatever the batch size,
-   all off the critical path in the run loop; `save` also runs when a run stops.
+   three fsyncs per ask batch (ledger, history file, its directory); `save` also runs after tells
+   that no ask follows.
 3. On ``bind`` (resume): the history is replayed; finished ledger trials it has not told are told
    now; pending candidates with no finished trial are re-queued, and the next ``ask`` hands out
    those alone (the rest of the interrupted batch). Every candidate is evaluated to completion
@@ -50,7 +49,6 @@ from optuna.distributions import BaseDistribution
 
 from evomerge.merge import MergeRecipe, write_atomic
 
-from .._durable import WriteBehind
 from .._scalarize import to_losses
 from ._base import Candidate, Failure, Optimizer, Result
 
@@ -88,7 +86,7 @@ class _Unusable(Exception):
 @runtime_checkable
 class CheckpointStore(Protocol):
     """Where a coordinator's history lives (JSON bytes): a file next to the ledger, or (several
-    machines) a row in the study's database guarded by the coordinator lease (`search._lease`)."""
+    machines) a row in the study's database guarded by the coordinator lease (`search.scaleout`)."""
 
     def read(self) -> bytes | None:
         """The last history, or None when there is none yet."""
@@ -128,7 +126,6 @@ class CoordinatedOptimizer(Optimizer):
         self._started_with: tuple[int | None, int] = (None, 1)
         self._backend: Any = None
         self._dirty = False
-        self._write_behind: WriteBehind | None = None
 
     # ---------------------------------------------------------------- backend hooks
     @abstractmethod
@@ -144,6 +141,10 @@ class CoordinatedOptimizer(Optimizer):
         """Tell the backend: ``losses`` (one per optimized value; lower is better) or None (failure)."""
 
     # ---------------------------------------------------------------- interface
+    def ask_distributions(self, space: "SearchSpace") -> dict[str, BaseDistribution]:
+        """None: the queued trials carry their params (`search._queue`)."""
+        return {}
+
     def bind(
         self, space: "SearchSpace", ledger: "Ledger", *, budget: int | None = None, batch_size: int = 1,
         finished: "Sequence[FrozenTrial] | None" = None,
@@ -152,7 +153,7 @@ class CoordinatedOptimizer(Optimizer):
 
         ``finished``: the trials to reconcile with, instead of ``ledger.finished()``; a multi-worker
         coordinator passes the final ones of the same snapshot it re-queues from
-        (`search._workers.Coordinator`)."""
+        (`search._queue.CandidateQueue`)."""
         self._space, self._ledger = space, ledger
         self._path = self._checkpoint_arg or FileCheckpoint(ledger.checkpoint_path("optimizer.json"))
         by_candidate = {
@@ -260,15 +261,15 @@ class CoordinatedOptimizer(Optimizer):
             # the rest of the batch a crash interrupted, alone: asking new candidates before these
             # are told would show the backend a different history than an uninterrupted run
             while self._requeue and len(out) < n:
-                out.append(self._candidate(self._requeue.pop(0)))
+                out.append(self.candidate(self._requeue.pop(0)))
             return out
         while len(out) < n:
             cid = self._ask_one()
             if cid is None:
                 break
-            out.append(self._candidate(cid))
+            out.append(self.candidate(cid))
         if self._dirty:
-            self._save_after_ask()
+            self.save()
         return out
 
     def tell(self, candidate: Candidate, result: Result) -> None:
@@ -277,20 +278,6 @@ class CoordinatedOptimizer(Optimizer):
     def save(self) -> None:
         self._persist(self._state())
         self._dirty = False
-
-    def write_behind(self, queue: WriteBehind | None) -> None:
-        """Queue the checkpoint of each ``ask`` on ``queue`` instead of writing it at once."""
-        self._write_behind = queue
-
-    def _save_after_ask(self) -> None:
-        # serialized now (the state of this moment); a file checkpoint may be written behind, other
-        # stores (a lease's database row) are written at once
-        queue, data = self._write_behind, self._state()
-        self._dirty = False
-        if queue is None or not isinstance(self._path, FileCheckpoint):
-            self._persist(data)
-        else:
-            queue.submit(lambda: self._persist(data))
 
     def _persist(self, data: bytes) -> None:
         self._ledger.sync()  # rule 2: the trials this state has been told are durable first
@@ -313,23 +300,21 @@ class CoordinatedOptimizer(Optimizer):
     def outstanding(self) -> list[Candidate]:
         """Every candidate asked but not told, and the caller takes over re-queueing them.
 
-        For a coordinator feeding several workers (`search._workers`): after ``bind`` it
-        enqueues whichever of these the study does not own (`search._workers.study_state`: not
-        waiting, running, or failed/given back with a re-queue on the way), instead of the
-        single-process ``ask`` that hands the re-queued ones out first.
+        For the queue feeding the run loop (`search._queue`): after ``bind`` it enqueues whichever
+        of these the study does not hold already, instead of ``ask`` handing them out first.
         """
         self._requeue = []
-        return [self._candidate(cid) for cid in sorted(self._pending)]
+        return [self.candidate(cid) for cid in sorted(self._pending)]
 
     # ---------------------------------------------------------------- helpers
-    def _candidate(self, cid: int) -> Candidate:
+    def candidate(self, cid: int) -> Candidate:
         _, proposal = self._pending[cid]
         recipe = proposal.recipe
         if recipe is not None:
             recipe = recipe.model_copy(update={"trial": cid})
         return Candidate(
             key=cid, params=dict(proposal.params), distributions=dict(proposal.distributions),
-            x=None if proposal.x is None else proposal.x.copy(), recipe=recipe, coordinated=True,
+            x=None if proposal.x is None else proposal.x.copy(), recipe=recipe,
         )
 
     def _ask_one(self) -> int | None:

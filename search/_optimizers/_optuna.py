@@ -1,13 +1,12 @@
 """optuna samplers, running natively on the ledger's study.
 
-The sampler is the study's sampler, so optuna sees every trial exactly as it would in any optuna
-program, and resume is reopening the study. Trials left RUNNING by a dead process are failed and
-their params re-queued as WAITING (the run loop does this before ``bind``); ``study.ask`` hands
-those out first; every other trial is proposed by the sampler before it is stored, in one write
-(`search._propose`: one journal line instead of one per parameter). The sampler's random state
-is not persisted: a resumed run reseeds it with ``(seed, number of finished trials)``, so a resume
-is deterministic for a given interruption point, but it need not repeat the uninterrupted run's
-sequence (for that, use a coordinated optimizer).
+The sampler is the study's sampler and the run loop claims trials with ``study.ask``, so optuna
+sees every trial exactly as it would in any optuna program, and resume is reopening the study.
+Trials left RUNNING by a dead process are re-queued as WAITING (the run loop does this before
+``bind``); ``study.ask`` hands those out first. The sampler's random state is not persisted: a
+resumed run reseeds it with ``(seed, number of finished trials)``, so a resume is deterministic
+for a given interruption point, but it need not repeat the uninterrupted run's sequence (for
+that, use a coordinated optimizer). Workers sharing a study seed their samplers apart.
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 
-from .._propose import propose
-from ._base import Candidate, Optimizer, Result, genome_distributions
+from ._base import Optimizer
 
 if TYPE_CHECKING:
     from .._ledger import Ledger
@@ -29,12 +27,14 @@ SINGLE_OBJECTIVE = ("cmaes",)
 """Samplers that need one value: use them with a `Scalarization` when there are several objectives."""
 
 
-def _make_sampler(kind: str, seed: int, kwargs: dict[str, Any]) -> optuna.samplers.BaseSampler:
+def _make_sampler(kind: str, seed: int, kwargs: dict[str, Any], *, workers: bool) -> optuna.samplers.BaseSampler:
     s = optuna.samplers
     # constraints reach the samplers through Trial.set_constraint (the ledger sets them)
     factories: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
-        # constant_liar: batched asks see pending trials as bad, so one batch spreads out
-        "tpe": lambda: s.TPESampler(seed=seed, constant_liar=True, **kwargs),
+        # constant_liar: the RUNNING trials of other workers count as bad, so concurrent proposals
+        # spread out. One process never has another RUNNING trial, and without it TPE reads the
+        # study once per trial instead of once per parameter: same proposals, cheaper
+        "tpe": lambda: s.TPESampler(seed=seed, **{"constant_liar": workers, **kwargs}),
         "cmaes": lambda: s.CmaEsSampler(seed=seed, **kwargs),
         "nsga2": lambda: s.NSGAIISampler(seed=seed, **kwargs),
         "nsga3": lambda: s.NSGAIIISampler(seed=seed, **kwargs),
@@ -54,33 +54,17 @@ class OptunaOptimizer(Optimizer):
     def __init__(self, sampler: str = "tpe", **sampler_kwargs: Any) -> None:
         if sampler not in OPTUNA_SAMPLERS:
             raise ValueError(f"unknown optuna sampler {sampler!r}; expected one of {', '.join(OPTUNA_SAMPLERS)}")
-        _make_sampler(sampler, 0, sampler_kwargs)  # unknown or invalid options fail here, before a run starts
+        _make_sampler(sampler, 0, sampler_kwargs, workers=False)  # unknown or invalid options fail here, before a run starts
         self.sampler = sampler
         self.sampler_kwargs = sampler_kwargs
         self.name = f"optuna:{sampler}"
-        self.seed_offset = 0
-        """Added to the sampler seed: workers sharing a study set their own (`run_worker`), or
-        samplers with one seed and one history would propose the same points."""
 
-    def bind(self, space: "SearchSpace", ledger: "Ledger", *, budget: int | None = None, batch_size: int = 1) -> None:
+    def bind(
+        self, space: "SearchSpace", ledger: "Ledger", *, budget: int | None = None, batch_size: int = 1, seed_offset: int = 0,
+    ) -> None:
+        """Make this sampler the study's; ``seed_offset``: workers sharing a study set their own,
+        or samplers with one seed and one history would propose the same points."""
         if self.sampler in SINGLE_OBJECTIVE and len(ledger.study.directions) > 1:
             raise ValueError(f"optuna sampler {self.sampler!r} is single-objective; give the run a Scalarization")
-        self._space, self._ledger = space, ledger
-        self._distributions = genome_distributions(space)
-        seed = ledger.seed + self.seed_offset + len(ledger.finished())
-        ledger.study.sampler = _make_sampler(self.sampler, seed, self.sampler_kwargs)
-
-    def ask(self, n: int) -> list[Candidate]:
-        out = []
-        for _ in range(n):
-            study = self._ledger.study
-            trial = propose(study, self._distributions) or study.ask(self._distributions)
-            params = dict(trial.params)
-            out.append(
-                Candidate(key=trial.number, params=params, distributions=dict(self._distributions),
-                          x=self._space.from_params(params), trial=trial)
-            )
-        return out
-
-    def tell(self, candidate: Candidate, result: Result) -> None:
-        """Nothing to do: ``study.tell`` (the ledger write) already showed the result to the sampler."""
+        seed = ledger.seed + seed_offset + len(ledger.finished())
+        ledger.study.sampler = _make_sampler(self.sampler, seed, self.sampler_kwargs, workers=ledger.heartbeat is not None)

@@ -138,7 +138,7 @@ def spec_is_a_folder(d, w):
     return ["run", "spec.yaml"]
 
 
-@case("spec.yaml:2")
+@case("invalid YAML")
 def yaml_syntax(d, w):
     (d / "spec.yaml").write_text("name: x\nmodels: [unclosed\n")
     return ["run", "spec.yaml"]

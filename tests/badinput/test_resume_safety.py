@@ -15,7 +15,7 @@ import optuna
 import pytest
 import yaml
 
-from evomerge.search import resolve_storage
+from evomerge.search import storage_for
 
 from .conftest import EVOMERGE, World, evomerge
 
@@ -56,7 +56,7 @@ def test_resume_with_planted_payloads_runs_nothing_and_finishes(world: World, tm
     done = evomerge("resume", str(run), "--quiet", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert not marker.exists()
-    storage, _ = resolve_storage(run / "ledger.log")
+    storage, _ = storage_for(run / "ledger.log")
     trials = [t for t in optuna.load_study(study_name="search", storage=storage).get_trials()
               if t.state.is_finished() and not t.user_attrs.get("interrupted")]
     assert sorted(t.user_attrs["candidate"] for t in trials) == list(range(6))

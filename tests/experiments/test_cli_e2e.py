@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from evomerge.experiments._spec_io import preset_names
-from evomerge.search import resolve_storage
+from evomerge.search import storage_for
 
 from .conftest import EVOMERGE, evomerge, front_json, tiny_spec
 
@@ -36,7 +36,8 @@ def finished_run(zoo_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
 def test_run_writes_the_run_folder_and_inspection_commands_read_it(finished_run: tuple[Path, Path]) -> None:
     cwd, run = finished_run
     for name in ("spec.yaml", "state.json", "ledger.log", "comparison.json", "report.html",
-                 "results/search/front.csv", "results/grid/trials.json", "grid.optimizer.json"):
+                 "results/search/front.csv", "results/search/front.png", "results/search/hypervolume.png",
+                 "results/grid/trials.json", "grid.optimizer.json"):
         assert (run / name).exists(), name
     assert json.loads((run / "state.json").read_text())["status"] == "done"
     status = evomerge("status", str(run), cwd=cwd).stdout
@@ -105,7 +106,7 @@ def _finished_trials(run: Path) -> int:
     """Finished trials of every stage, read from the journal while the run appends to it."""
     if not (run / "ledger.log").exists():
         return 0
-    storage, _ = resolve_storage(run / "ledger.log")
+    storage, _ = storage_for(run / "ledger.log")
     return sum(
         t.state.is_finished()
         for study in storage.get_all_studies()

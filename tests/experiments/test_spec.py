@@ -116,21 +116,6 @@ def test_unknown_preset_lists_presets() -> None:
         preset_path("nope")
 
 
-@pytest.mark.parametrize(("models", "budget", "expected"), [
-    ({}, {"evaluations": 4}, "auto"),  # short run: the engine decides by model size
-    ({}, {"evaluations": 1000}, True),  # long runs earn the one-time compile back
-    ({}, {"wall_clock": "2h"}, True),
-    ({"compile": False}, {"evaluations": 5000}, False),  # an explicit choice wins
-    ({"compile": True}, {"evaluations": 4}, True),
-])
-def test_compile_mode_turns_fused_kernels_on_for_long_runs(tmp_path: Path, models: dict, budget: dict,
-                                                            expected: object) -> None:
-    from evomerge.experiments._build import compile_mode
-
-    spec = load_spec(_write(tmp_path, {**GOOD, "models": {**GOOD["models"], **models}, "budget": budget}))
-    assert compile_mode(spec) == expected
-
-
-def test_compile_mode_rejects_other_values(tmp_path: Path) -> None:
+def test_compile_rejects_other_values(tmp_path: Path) -> None:
     message = _error(tmp_path, models={"zoo": {"size": "tiny"}, "compile": "sometimes"})
     assert "compile" in message

@@ -109,10 +109,10 @@ def test_fused_kernel_fixes_split_ties_like_the_eager_path(method: str) -> None:
         assert torch.equal(out, eager)
         assert int(nnz) == int(merged.count_nonzero())
     else:
-        # one bf16 ulp of the result (multiply-add rounding flips the final cast), plus a few fp32 ulps
-        # of the operands where base + merged cancels to ~0 (then that rounding exceeds the result's ulp)
-        step = eager.float().abs() * 2.0**-7 + (base.float().abs() + merged.abs()) * 2.0**-21 + 2.0**-126
-        assert bool(((out.float() - eager.float()).abs() <= step).all())
+        # one bf16 ulp, or fp32 multiply-add rounding of the inputs where base + merged cancels to ~0
+        step = torch.maximum(eager.float().abs() * 2.0**-7, base.float().abs() * 2.0**-20)
+        diff = (out.float() - eager.float()).abs()
+        assert bool((diff <= step).all()), float((diff / step).max())
         assert abs(int(nnz) - int(merged.count_nonzero())) <= N // 1000
     assert float(l1) == pytest.approx(float(merged.double().abs().sum()), rel=1e-5)
     from evomerge.merge.methods._ranks import _marks

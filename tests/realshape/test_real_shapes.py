@@ -3,9 +3,10 @@
 For each published architecture (Qwen2.5-0.5B, Llama-3.2-1B, Mistral-7B-v0.3, Gemma-2-2B, depth
 cut to 2-4 layers, random weights): the folders have the published shape (config values, bf16
 shards + index, a tokenizer of the published vocabulary size), the experts differ from the base
-where fine-tuning changed them, and the checkpoints load, merge (TIES over the full experts and
-the LoRA adapter), export (the exported folder gives the live merged model's logits exactly) and
-score (TransformersScorer; the loss equals a plain forward pass of the merged model).
+where fine-tuning changed them, and the checkpoints load, merge in place (TIES over the full experts and
+the LoRA adapter, compiled kernels as for any model of >= 50M parameters), export (the exported
+folder gives the live merged model's logits exactly) and score (TransformersScorer; the loss equals
+a plain forward pass of the merged model).
 
 Each fixture is built once (about 0.5-2 minutes on 2 cores) and cached under $EVOMERGE_CACHE;
 calibration sets are 4 items, because scoring a 128k-256k vocabulary on CPU is the slow part.
@@ -42,16 +43,23 @@ def _experts(root: Path, manifest: dict) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def engine(fixture) -> MergeEngine:
     _, root, manifest = fixture
-    # Eager kernels: the compiled ones are exercised by the CLI search test; here it would add a
-    # compile per architecture to the suite for no extra coverage of the shapes.
-    return MergeEngine.load(root / manifest["base"], _experts(root, manifest), progress=False, compile=False)
+    return MergeEngine.load(root / manifest["base"], _experts(root, manifest), progress=False)
 
 
-def _recipe(manifest: dict) -> MergeRecipe:
+def _ties(manifest: dict) -> MergeRecipe:
+    """TIES over every tensor, the full experts and the LoRA adapter with different weights."""
     names = [*manifest["experts"], *manifest["lora_experts"]]
     weights = [0.7, 0.5, 0.3][: len(names)]
     rule = GroupRule(method="ties", experts={n: ExpertParams(weight=w, density=0.6) for n, w in zip(names, weights)})
     return MergeRecipe(rules=[rule], seed=3)
+
+
+def _mixed(manifest: dict) -> MergeRecipe:
+    """Task arithmetic everywhere, TIES on the first layer: the export test's recipe (export takes
+    the engine's out-of-place path, where TIES over 100M+ embedding rows costs minutes on CPU)."""
+    experts = {n: ExpertParams(weight=0.4, density=0.5) for n in [*manifest["experts"], *manifest["lora_experts"]]}
+    return MergeRecipe(rules=[GroupRule(method="task_arithmetic", experts=experts),
+                              GroupRule(layers=[0], method="ties", experts=experts)], normalize=False, seed=5)
 
 
 def _tensor_names(folder: Path) -> dict[str, str]:
@@ -111,23 +119,42 @@ def test_experts_are_fine_tunes_of_the_base(fixture):
             assert moved == trained, (family, name, tensor)
 
 
-def test_load_merge_export_reload_gives_identical_logits(fixture, engine, tmp_path):
-    _, root, manifest = fixture
-    recipe = _recipe(manifest)
+IDS = torch.tensor([[1, 21, 8, 25, 40, 4, 5, 6, 41], [1, 22, 18, 21, 23, 40, 7, 9, 41]])
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.clone()
+
+
+def test_merge_in_place_is_repeatable(fixture, engine):
+    _, _, manifest = fixture
     model = engine.new_target_model()
-    ids = torch.tensor([[1, 21, 8, 25, 40, 4, 5, 6, 41], [1, 22, 18, 21, 23, 40, 7, 9, 41]])
-    with torch.no_grad():
-        before = model(ids).logits.clone()
-    engine.apply(recipe, model)
-    with torch.no_grad():
-        merged = model(ids).logits.clone()
-    assert not torch.equal(before, merged)
+    base = _logits(model)
+    engine.apply(_ties(manifest), model)
+    merged = _logits(model)
+    assert not torch.equal(base, merged)
+    engine.apply(_mixed(manifest), model)
+    engine.apply(_ties(manifest), model)
+    assert torch.equal(_logits(model), merged)
+
+
+def test_export_reloads_with_identical_logits(fixture, engine, tmp_path):
+    family, _, manifest = fixture
+    recipe = _mixed(manifest)
+    model = engine.new_target_model()
+    # Export takes the eager path; the fused kernels' linear combine may differ by one bf16 ulp in a
+    # few entries (docs/merge-engine.md, tests/merge/test_fused.py), so compare with the eager apply.
+    engine.compile = False
+    try:
+        engine.apply(recipe, model)
+    finally:
+        engine.compile = "auto"
+    merged = _logits(model)
     out = engine.export(recipe, tmp_path / "merged")
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=engine.dtype).eval()
-    with torch.no_grad():
-        again = reloaded(ids).logits
-    assert torch.equal(merged, again)
-    assert len(AutoTokenizer.from_pretrained(out)) == FAMILIES[fixture[0]].config["vocab_size"]
+    assert torch.equal(_logits(reloaded), merged)
+    assert len(AutoTokenizer.from_pretrained(out)) == FAMILIES[family].config["vocab_size"]
 
 
 def test_scorer_matches_a_plain_forward_pass(fixture, engine):
@@ -136,7 +163,7 @@ def test_scorer_matches_a_plain_forward_pass(fixture, engine):
     cal = CalibrationSet.load(root / manifest["data"][skill]["calib"], size=ITEMS, seed=0)
     objectives = [Objective("acc", "exact_match", cal), Objective("loss", "answer_loss", cal),
                   Objective("kept", "kept_fraction")]
-    recipe = _recipe(manifest)
+    recipe = _ties(manifest)
     with TransformersScorer(engine, objectives, batch_size=ITEMS, max_new_tokens=4) as scorer:
         ev = scorer.evaluate(recipe)
         assert not ev.failed, ev.reason

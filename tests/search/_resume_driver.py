@@ -21,12 +21,12 @@ else:  # run as a script by the test's subprocess
     from _problem import build_problem
 
 
-def drive(run_dir: Path, zoo: Path, optimizer: str, budget: int, *, batch: int = 2, seed: int = 0) -> SearchResult:
+def drive(run_dir: Path, zoo: Path, optimizer: str, budget: int, *, seed: int = 0) -> SearchResult:
     """Run or resume the search in ``run_dir`` (the test also calls this in-process)."""
     _, scorer, space = build_problem(zoo)
     ledger = Ledger(run_dir, objectives=scorer.objectives, seed=seed, space=space.to_dict())
     print("ready", flush=True)
-    return run_search(space, scorer, make_optimizer(optimizer), ledger, budget_evals=budget, batch_size=batch, progress=False)
+    return run_search(space, scorer, make_optimizer(optimizer), ledger, budget_evals=budget, progress=False)
 
 
 def main() -> None:
@@ -35,10 +35,9 @@ def main() -> None:
     parser.add_argument("zoo", type=Path)
     parser.add_argument("--optimizer", default="nevergrad:CMA")
     parser.add_argument("--budget", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    result = drive(args.run_dir, args.zoo, args.optimizer, args.budget, batch=args.batch, seed=args.seed)
+    result = drive(args.run_dir, args.zoo, args.optimizer, args.budget, seed=args.seed)
     print("done", result.n_finished, result.stopped_by, flush=True)
 
 

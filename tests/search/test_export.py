@@ -1,4 +1,5 @@
-"""Exports of a real tiny-zoo run: CSV/JSON of all trials and the front, PNG plots, a trial's model."""
+"""Exports of a real tiny-zoo run: CSV/JSON of all trials and the front, a trial's model (the
+plots are experiments/_plots.py's: tests/experiments)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from evomerge.merge import MergeRecipe
-from evomerge.objectives import Objective, TransformersScorer
-from evomerge.search import Ledger, export_results, export_trial_model, make_optimizer, plot_run, run_search, trial_recipe
+from evomerge.search import Ledger, export_results, export_trial_model, make_optimizer, run_search, trial_recipe
 
 from ._problem import build_problem
 
@@ -20,7 +19,7 @@ from ._problem import build_problem
 def finished_run(tiny_zoo: Path, tmp_path_factory: pytest.TempPathFactory):
     engine, scorer, space = build_problem(tiny_zoo)
     ledger = Ledger(tmp_path_factory.mktemp("run"), objectives=scorer.objectives, space=space.to_dict(), reference_point=[50.0, 1e6])
-    run_search(space, scorer, make_optimizer("nevergrad:TwoPointsDE"), ledger, budget_evals=10, batch_size=2, progress=False)
+    run_search(space, scorer, make_optimizer("nevergrad:TwoPointsDE"), ledger, budget_evals=10, progress=False)
     return engine, scorer, space, ledger
 
 
@@ -43,19 +42,6 @@ def test_trials_and_front_as_csv_and_json(finished_run, tmp_path: Path) -> None:
     assert len(rows) == 10
     assert {"rev_loss", "l1", "on_front", "recipe", "time:merge", f"param:{space.names[0]}"} <= set(rows[0])
     assert sorted(int(r["number"]) for r in rows if r["on_front"] == "True") == front_numbers
-
-
-def test_plots_for_two_and_three_objectives(finished_run, tiny_zoo: Path, tmp_path: Path) -> None:
-    engine, scorer, space, ledger = finished_run
-    paths = plot_run(ledger, tmp_path / "two")
-    for path in paths.values():
-        assert Image.open(path).size[0] > 300
-    # a third objective: pairwise panels
-    three = TransformersScorer(engine, [*scorer.objectives, Objective("kept", "kept_fraction")], batch_size=4)
-    ledger3 = Ledger(tmp_path / "run3", objectives=three.objectives, space=space.to_dict())
-    run_search(space, three, make_optimizer("random"), ledger3, budget_evals=5, progress=False)
-    wide = Image.open(plot_run(ledger3, tmp_path / "three")["front.png"])
-    assert wide.size[0] > Image.open(paths["front.png"]).size[0]  # three panels side by side
 
 
 def test_any_trial_exports_as_a_model(finished_run, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from optuna.trial import TrialState
 
+from evomerge.experiments._signals import SignalLog
 from evomerge.merge import MergeRecipe
 from evomerge.objectives import TransformersScorer
 from evomerge.search import (
@@ -45,7 +46,7 @@ def _ledger(path: Path, scorer, space: SearchSpace, **kwargs) -> Ledger:
 def test_each_optimizer_runs_a_real_multi_objective_search(problem, spec: str, tmp_path: Path) -> None:
     _, scorer, space = problem
     ledger = _ledger(tmp_path, scorer, space, seed=1)
-    result = run_search(space, scorer, make_optimizer(spec), ledger, budget_evals=8, batch_size=2, progress=False)
+    result = run_search(space, scorer, make_optimizer(spec), ledger, budget_evals=8, progress=False)
     assert (result.n_finished, result.stopped_by) == (8, "budget")
     trials = ledger.finished()
     assert len(trials) == 8 and all(t.state == TrialState.COMPLETE for t in trials)
@@ -64,7 +65,7 @@ def test_grid_baseline_walks_task_arithmetic_and_ties_coefficients(problem, tmp_
     _, scorer, space = problem
     grid = GridSearch(weights=(0.5, 1.0), densities=(0.3, 0.7))
     ledger = _ledger(tmp_path, scorer, space)
-    result = run_search(space, scorer, grid, ledger, batch_size=3, progress=False)
+    result = run_search(space, scorer, grid, ledger, progress=False)
     assert result.stopped_by == "exhausted" and result.n_finished == len(grid) == 2 + 4
     seen = {(t.params["grid.method"], t.params["grid.weight"], t.params["grid.density"]) for t in ledger.finished()}
     assert seen == {("task_arithmetic", 0.5, 1.0), ("task_arithmetic", 1.0, 1.0),
@@ -80,7 +81,7 @@ def test_same_seed_same_trial_sequence(problem, spec: str, tmp_path: Path) -> No
     runs = []
     for name in ("a", "b.db"):  # the journal file and SQLite hold the same trials
         ledger = _ledger(tmp_path / name, scorer, space, seed=5)
-        run_search(space, scorer, make_optimizer(spec), ledger, budget_evals=8, batch_size=2, progress=False)
+        run_search(space, scorer, make_optimizer(spec), ledger, budget_evals=8, progress=False)
         runs.append([(t.params, t.user_attrs["objectives"]) for t in ledger.finished()])
     assert runs[0] == runs[1]
     other = _ledger(tmp_path / "c", scorer, space, seed=6)
@@ -124,7 +125,7 @@ def test_infeasible_trials_never_reach_the_front(problem, spec: str, tmp_path: P
 @pytest.mark.parametrize("spec", ["nevergrad:CMA", "optuna:tpe"])
 def test_failed_evaluations_fail_the_trial_not_the_run(problem, spec: str, tmp_path: Path) -> None:
     engine, scorer, space = problem
-    hurried = TransformersScorer(engine, scorer.objectives, batch_size=4, timeout=1e-9)  # every evaluation times out
+    hurried = TransformersScorer(engine, scorer.objectives, timeout=1e-9)  # every evaluation times out
     ledger = _ledger(tmp_path, hurried, space)
     result = run_search(space, hurried, make_optimizer(spec), ledger, budget_evals=4, progress=False)
     assert result.n_finished == 4
@@ -134,26 +135,42 @@ def test_failed_evaluations_fail_the_trial_not_the_run(problem, spec: str, tmp_p
 
 
 def test_sigterm_stops_cleanly_and_the_run_resumes_to_the_same_total(problem, tmp_path: Path) -> None:
+    """The CLI's edge (`SignalLog`) turns SIGTERM into a KeyboardInterrupt; the loop installs no
+    handler of its own and stops cleanly on it."""
     _, scorer, space = problem
+    before = signal.getsignal(signal.SIGTERM)
 
     def stop_after_three(record) -> None:
         if record.number == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
     ledger = _ledger(tmp_path, scorer, space)
-    stopped = run_search(space, scorer, make_optimizer("nevergrad:DE"), ledger, budget_evals=7, batch_size=2,
-                         callbacks=[stop_after_three], progress=False)
+    with SignalLog() as signals:
+        stopped = run_search(space, scorer, make_optimizer("nevergrad:DE"), ledger, budget_evals=7,
+                             callbacks=[stop_after_three], progress=False)
+        assert signals.exit_code() == 143
     assert stopped.stopped_by == "interrupt" and stopped.n_finished == 3
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+    assert signal.getsignal(signal.SIGTERM) is before
     resumed = run_search(space, scorer, make_optimizer("nevergrad:DE"), _ledger(tmp_path, scorer, space),
-                         budget_evals=7, batch_size=2, progress=False)
+                         budget_evals=7, progress=False)
     assert resumed.n_new == 4 and resumed.n_finished == 7
     candidates = sorted(t.user_attrs["candidate"] for t in ledger.finished())
     assert candidates == list(range(7))  # the candidate pending at the stop ran once, after the resume
-    # the stop fell inside a batch: the resumed run still repeats the uninterrupted one
+    # the resumed run repeats the uninterrupted one
     straight = _ledger(tmp_path / "straight", scorer, space)
-    run_search(space, scorer, make_optimizer("nevergrad:DE"), straight, budget_evals=7, batch_size=2, progress=False)
+    run_search(space, scorer, make_optimizer("nevergrad:DE"), straight, budget_evals=7, progress=False)
     assert [t.params for t in ledger.finished()] == [t.params for t in straight.finished()]
+
+
+def test_the_loop_installs_no_signal_handler(problem, tmp_path: Path) -> None:
+    _, scorer, space = problem
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def look(record) -> None:
+        assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+    run_search(space, scorer, make_optimizer("random"), _ledger(tmp_path, scorer, space), budget_evals=2,
+               callbacks=[look], progress=False)
 
 
 def test_reopening_with_another_space_fails_loudly(problem, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from evomerge.search import resolve_storage
+from evomerge.search import read_records, storage_for
 
 from ._resume_driver import drive
 
@@ -43,12 +43,14 @@ def _wait_ready(proc: subprocess.Popen) -> bool:
 
 
 def _trials(run_dir: Path) -> list[optuna.trial.FrozenTrial]:
-    storage, _ = resolve_storage(run_dir)
+    storage, _ = storage_for(run_dir)
     return optuna.load_study(study_name="evomerge", storage=storage).get_trials(deepcopy=False)
 
 
 def _finished(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    return [t for t in trials if t.state.is_finished() and not t.user_attrs.get("interrupted")]
+    """The trials that count (`Ledger.finished`'s rule: not cut off by a kill and re-run)."""
+    rerun = {t.user_attrs["requeued_from"] for t in trials if "requeued_from" in t.user_attrs}
+    return [t for t in trials if t.state.is_finished() and t.number not in rerun]
 
 
 def _run_with_kills(run_dir: Path, zoo: Path, optimizer: str, budget: int, kills: int, seed: int) -> tuple[int, list]:
@@ -108,7 +110,8 @@ def test_sigkill_resume_of_an_optuna_sampler_requeues_running_trials(tiny_zoo: P
     finished = _finished(trials)
     assert len(finished) == budget
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    study = optuna.load_study(study_name="evomerge", storage=storage_for(tmp_path / "run")[0])
+    interrupted = [r for r in read_records(study) if r.state == "interrupted"]
     requeued = [t for t in finished if "requeued_from" in t.user_attrs]
     assert sorted(t.user_attrs["requeued_from"] for t in requeued) == sorted(t.number for t in interrupted)
     for t in requeued:  # the re-queued trial ran the interrupted one's params (those it had), once

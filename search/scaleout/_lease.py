@@ -12,22 +12,14 @@ the others wait and take over, from the checkpoint, once the holder has stopped 
   that both saw an expired lease cannot both win. Checkpoint writes carry ``WHERE owner = me``:
   a coordinator that lost the lease (paused past the ttl) can no longer overwrite its
   successor's state, and stops. Clocks of the machines must agree to well within the ttl (NTP).
-* Journal files (`FileLease`, one machine): an exclusive ``flock`` on ``<study>.coordinator.lock``
-  next to the ledger; the kernel releases it when the holder dies, and the checkpoint stays the
-  history file (JSON) next to the ledger.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
 import time
 from abc import ABC, abstractmethod
-from pathlib import Path
 
 import sqlalchemy as sa
-
-from ._optimizers._coordinator import FileCheckpoint
 
 LEASE_TABLE = "evomerge_coordinator"
 
@@ -120,45 +112,3 @@ class DatabaseLease(Lease):
 
     def __str__(self) -> str:
         return f"{LEASE_TABLE}[{self.study_name}]"
-
-
-class FileLease(Lease):
-    """An ``flock`` next to a journal ledger (one machine); the checkpoint is the history file."""
-
-    def __init__(self, run_dir: Path, study_name: str, owner: str) -> None:
-        self.owner = owner
-        self._lock_path = run_dir / f"{study_name}.coordinator.lock"
-        self._checkpoint = FileCheckpoint(run_dir / f"{study_name}.optimizer.json")
-        self._fd: int | None = None
-
-    def acquire(self) -> bool:
-        if self._fd is not None:
-            return True
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._fd = fd
-        return True
-
-    def renew(self) -> bool:
-        return self._fd is not None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def read(self) -> bytes | None:
-        return self._checkpoint.read()
-
-    def write(self, data: bytes) -> None:
-        if self._fd is None:
-            raise LeaseLost(f"coordinator {self.owner} does not hold {self._lock_path}")
-        self._checkpoint.write(data)
-
-    def __str__(self) -> str:
-        return str(self._checkpoint)

@@ -1,0 +1,181 @@
+"""mergekit YAML -> `MergeRecipe`: a merge users already have, as a starting point or a baseline.
+
+The inverse of `_mergekit.recipe_to_mergekit`, for the ``models:`` form of mergekit configs (one
+``merge_method``, a ``base_model``, per-model and shared ``parameters``). A parameter's value at
+a tensor follows mergekit's rules (`mergekit.config.evaluate_setting`): a scalar; a list of
+numbers is a gradient interpolated over the layers (``t = layer / (num_layers - 1)``, ``t = 0``
+outside the decoder layers); a list of ``{filter, value}`` conditions takes the first whose filter
+is a substring of the tensor name (no filter: the default). A per-model value wins over a shared one.
+
+A recipe holds one value per tensor *slot* (layer x module kind), so tensors of one slot with
+different values (a filter on ``q_proj`` only) are averaged; every such approximation is reported
+in the returned notes, never silently dropped. What evomerge cannot express at all (``slices``,
+a method it lacks) raises `MergeError` with one line.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Mapping
+
+from ._errors import MergeError
+from ._layout import ModelLayout
+from ._recipe import ExpertParams, GroupRule, MergeRecipe
+
+MERGEKIT_DEFAULTS: dict[str, dict[str, bool]] = {
+    # mergekit method: defaults of its shared boolean options; checked against mergekit's registry in tests.
+    "task_arithmetic": {"normalize": False, "rescale": False},
+    "ties": {"normalize": True, "rescale": False},
+    "dare_ties": {"normalize": False, "rescale": True},
+    "dare_linear": {"normalize": False, "rescale": True},
+    "breadcrumbs": {"normalize": False, "rescale": False},
+    "breadcrumbs_ties": {"normalize": False, "rescale": False},
+    "della": {"normalize": True, "rescale": True},
+    "della_linear": {"normalize": False, "rescale": True},
+    "linear": {"normalize": True},
+    "slerp": {},
+}
+"""Methods read from mergekit YAML (those `recipe_to_mergekit` writes), with mergekit's defaults."""
+
+PER_MODEL_DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15}
+"""mergekit's defaults of the per-model parameters (``weight`` has none: it is required)."""
+
+
+def evaluate_setting(tensor: str, setting: Any, t: float) -> float | None:
+    """A numeric mergekit parameter's value at ``tensor`` (see the module docstring); None if unset."""
+    if setting is None:
+        return None
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, bool):
+        return float(setting)
+    if isinstance(setting, (int, float)):
+        return float(setting)
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return (1 - frac) * float(setting[i0]) + frac * float(setting[i1])
+        for cond in setting:
+            if not isinstance(cond, dict) or "value" not in cond:
+                raise MergeError(f"mergekit parameter {setting!r}: a list holds numbers (a gradient) or {{filter, value}} conditions")
+            flt = cond.get("filter")
+            if flt is None or flt == "*" or flt in tensor:
+                return evaluate_setting(tensor, cond["value"], t)
+        return None
+    raise MergeError(f"mergekit parameter value {setting!r} is not a number, a gradient list or conditions")
+
+
+def _method(config: Mapping[str, Any]) -> str:
+    from .methods import METHODS
+
+    if "slices" in config:
+        raise MergeError("mergekit 'slices' configs (layer ranges, passthrough stacking) have no evomerge equivalent; use 'models:'")
+    name = config.get("merge_method")
+    ours = {m.mergekit_name: n for n, m in METHODS.items() if m.mergekit_name in MERGEKIT_DEFAULTS}
+    if name not in ours:
+        raise MergeError(f"mergekit merge_method {name!r} is not one of {', '.join(sorted(ours))}")
+    if not isinstance(config.get("models"), list) or not config["models"]:
+        raise MergeError("mergekit config has no 'models' list")
+    return ours[name]
+
+
+def model_refs(config: Mapping[str, Any]) -> list[str]:
+    """The model references of a mergekit config's ``models`` (``base+adapter`` as written)."""
+    _method(config)
+    refs = []
+    for entry in config["models"]:
+        ref = entry.get("model") if isinstance(entry, dict) else None
+        if not isinstance(ref, str):
+            raise MergeError(f"mergekit models entry {entry!r} has no 'model' path")
+        refs.append(ref)
+    return refs
+
+
+def _slot_t(layer: Any, num_layers: int) -> float:
+    """mergekit's gradient position: ``layer / (num_layers - 1)``; 0 outside the decoder layers."""
+    if not isinstance(layer, int):
+        return 0.0
+    return layer / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def recipe_from_mergekit(
+    config: Mapping[str, Any], layout: ModelLayout, expert_of: Callable[[str], str | None]
+) -> tuple[MergeRecipe, list[str]]:
+    """The recipe of a mergekit config over ``layout``, and notes on what it approximates.
+
+    ``expert_of`` maps a model reference of the config to an expert name (None: not an expert,
+    e.g. the base model listed among ``models``).
+    """
+    method = _method(config)
+    from .methods import get_method
+
+    mk = get_method(method).mergekit_name
+    shared = dict(config.get("parameters") or {})
+    notes: list[str] = []
+    per_model: dict[str, dict[str, Any]] = {}
+    for ref, entry in zip(model_refs(config), config["models"]):
+        expert = expert_of(ref)
+        params = dict(entry.get("parameters") or {})
+        if expert is None and ref == config.get("base_model"):
+            continue  # mergekit lists the base among models; its task vector is zero
+        if expert is None:
+            if method == "linear" and any(evaluate_setting(n, params.get("weight", shared.get("weight", 0)), 0) for n in layout.slots):
+                notes.append(f"model {ref!r} is not an expert: its linear weight is dropped (evomerge's linear mixes experts' task vectors)")
+            elif method not in ("linear", "slerp"):
+                notes.append(f"model {ref!r} is not one of the spec's experts: left out")
+            continue
+        per_model[expert] = params
+    if not per_model:
+        raise MergeError("mergekit config names none of the spec's experts among its models")
+    kinds = [k for k in ("weight", "density", "gamma", "epsilon") if k in get_method(method).uses]
+    if method == "slerp":
+        kinds = []
+    # Per slot: the values of its tensors, per (expert, kind), and the slerp t.
+    values: dict[Any, dict[tuple[str, str], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for name, slot in layout.slots.items():
+        t = _slot_t(slot.layer, layout.num_layers)
+        cell = values[(slot.layer, slot.kind)]
+        for expert, params in per_model.items():
+            for kind in kinds:
+                value = evaluate_setting(name, params.get(kind, shared.get(kind)), t)
+                if value is None:
+                    if kind == "weight":
+                        raise MergeError(f"mergekit model of expert {expert!r} has no 'weight' (mergekit requires one)")
+                    value = PER_MODEL_DEFAULTS[kind]
+                cell[(expert, kind)].append(value)
+        if method == "slerp":
+            value = evaluate_setting(name, shared.get("t"), t)
+            if value is None:
+                raise MergeError("mergekit slerp config has no 't' parameter")
+            cell[("", "t")].append(value)
+    rules: list[GroupRule] = []
+    spread: list[str] = []
+    for (layer, kind), cell in values.items():
+        mean = {key: sum(v) / len(v) for key, v in cell.items()}
+        spread += [f"{k}[{e}]" if e else k for (e, k), v in cell.items() if max(v) - min(v) > 1e-9]
+        try:
+            experts = {e: ExpertParams(**{k: mean[(e, k)] for k in kinds}) for e in per_model}
+        except ValueError as exc:  # pydantic: a density or gamma outside [0, 1]
+            raise MergeError(f"mergekit parameters at layer {layer} {kind}: {' '.join(str(exc).split())[:200]}") from None
+        rule = GroupRule(layers=None if layer is None else [layer], kinds=[kind], method=method,
+                         experts=experts, t=mean.get(("", "t")))
+        # A rule without layers selects its kind everywhere: it goes first, so per-layer rules win.
+        if layer is None:
+            rules.insert(0, rule)
+        else:
+            rules.append(rule)
+    if spread:
+        notes.append(f"values that differ between tensors of one layer and module kind are averaged: {', '.join(sorted(set(spread)))}")
+    defaults = MERGEKIT_DEFAULTS[mk]
+    normalize = bool(shared.get("normalize", defaults.get("normalize", True)))
+    if "rescale" in defaults and not shared.get("rescale", defaults["rescale"]) and "rescale" in get_method(method).uses:
+        notes.append("rescale: false is not expressible: evomerge rescales as mergekit's rescale: true")
+    lam = float(shared.get("lambda", 1.0))
+    for key in sorted(set(shared) - {"normalize", "rescale", "lambda", "int8_mask", "t", *kinds}):
+        notes.append(f"shared parameter {key!r} ignored")
+    return MergeRecipe(rules=rules, normalize=normalize, lambda_=lam), notes
