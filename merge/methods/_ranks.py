@@ -236,6 +236,8 @@ def mark_fixes(fixes: Sequence[torch.Tensor | None], numel: int) -> tuple[tuple[
     The caller clears the marks again after use (`clear_marks`). The pool holds one int32 per
     entry of the largest tensor merged so far, per thread."""
     listed = [fix for fix in fixes if fix is not None]
+    if len(listed) > 62:
+        raise ValueError(f"exact top-k marks hold at most 62 experts per tensor, got {len(listed)}")
     device = listed[0].device
     # int32, not uint8: inductor vectorizes the kernel's `marks & bit` on int32 (+20% over the plain
     # kernel, measured) but not on 8/16-bit integers (4-40x slower kernels)
