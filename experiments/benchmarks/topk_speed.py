@@ -1,8 +1,8 @@
 """Exact vs approximate magnitude pruning: what mergekit's exact top-k costs per candidate.
 
 Per-layer TIES and Breadcrumbs-TIES merges of the synthetic ~0.5B Llama (bf16, `merge_speed`'s
-model) applied in place, `pruning: exact` (mergekit's entries, tie-breaking included: rank tables
-plus a fix of the split tie groups) against `pruning: approximate` (thresholds interpolated from
+model) applied in place, `pruning: exact` (mergekit's entries, tie-breaking included: rank tables,
+the split tie groups' members marked and flipped inside the fused kernel) against `pruning: approximate` (thresholds interpolated from
 sampled order statistics, ties at the threshold all kept), interleaved round by round in one
 process so machine load hits both alike; medians and their ratio are printed. The one-time cost
 of the exact path (mergekit's sort, once per task vector and direction) and its memory are
@@ -15,7 +15,7 @@ reported separately: they are paid at the first candidate, not per candidate.
 
 On a shared machine (load above the core count) torch's 2-thread kernels wait for a descheduled
 thread on every op: a 20k-entry gather measured 29 ms with 2 threads and 0.6 ms with 1, which
-swamps the small per-tensor fix-ups; `--threads 1` measures the work instead.
+swamps small per-tensor ops; `--threads 1` measures the work instead.
 
 Acceptance (issue 17): exact <= 1.5x approximate per apply at 0.5B parameters.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import tempfile
 import time
@@ -59,6 +60,7 @@ def run(num_layers: int, num_experts: int, rounds: int, methods: list[str]) -> d
             result[f"{key}_first_s"] = _timed(lambda: engine.apply(recipe, target, stats=False))
         rank_bytes = sum(t._ranks.nbytes for t in engine._tables.values() if t._ranks is not None)
         result["rank_tables_gb"] = rank_bytes / 1e9
+        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
         times: dict[str, list[float]] = {k: [] for k in recipes}
         for _ in range(rounds):
             for key, recipe in recipes.items():

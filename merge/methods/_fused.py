@@ -43,6 +43,7 @@ from ._dare import DareSpec
 from ._draws import _M1, _M2, _M3, _s32
 from ._gta import DenseSpec, GtaPlan, ZeroSpec, _EPS
 from ._magnitude import _strict_below
+from ._ranks import clear_marks, mark_fixes
 from ._ties import ThresholdSpec, TieThresholdSpec
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -75,10 +76,11 @@ def _field_hash(index: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torc
 
 def _weighted(kinds: tuple[str, ...], deltas: Sequence[torch.Tensor], coef: torch.Tensor, lo: torch.Tensor,
               hi: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, shift: torch.Tensor,
-              start: torch.Tensor) -> list[torch.Tensor]:
+              start: torch.Tensor, flipped: tuple[int, ...] = (), flips: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Each expert's sparsified chunk times its coefficient, in fp32: the eager `Spec.chunk` times
     `coef` (dropped entries are +0 here; eager's `mask * x` may give -0, which no sum or election
-    tells apart from +0)."""
+    tells apart from +0). `flipped[i]` (exact top-k, a split tie group): expert i's bit in `flips`,
+    set where its plain threshold decides the opposite of mergekit (`_ranks.mark_fixes`)."""
     index = None
     out = []
     for i, (kind, d) in enumerate(zip(kinds, deltas)):
@@ -86,6 +88,8 @@ def _weighted(kinds: tuple[str, ...], deltas: Sequence[torch.Tensor], coef: torc
         if kind == "dare" and index is None:
             index = torch.arange(d.shape[-1], dtype=torch.int32, device=d.device) + start
         keep = _keep(kind, x, lo[i], hi[i], bound[i], k0[i], k1[i], shift[i], index)
+        if flipped and flipped[i]:  # a threshold or band ("thr"/"band": keep is not None)
+            keep = keep ^ ((flips & flipped[i]) != 0)
         # select, then weight: measured a few % faster than the other order (inductor, AVX-512)
         out.append((x if keep is None else torch.where(keep, x, 0.0)) * coef[i])
     return out
@@ -112,7 +116,7 @@ def _in_window(index: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, shift: t
 
 
 def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats: bool,
-                 packed: bool = False) -> Callable:
+                 packed: bool = False, flipped: tuple[int, ...] = ()) -> Callable:
     """The eager function of one variant (compiled by `_call`; also runnable as is).
 
     `packed`: the chunk spans many tensors (`PackedGta`): inputs are (rows, block) with each row in one
@@ -124,11 +128,12 @@ def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats
 
     def kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], lo: torch.Tensor,
                hi: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor,
-               k1: torch.Tensor, shift: torch.Tensor, start: torch.Tensor, lam: torch.Tensor):
+               k1: torch.Tensor, shift: torch.Tensor, start: torch.Tensor, lam: torch.Tensor,
+               flips: torch.Tensor | None = None):
         if packed:
             lo, hi, coef, weight, bound, k0, k1, shift = (t[:, :, None] for t in (lo, hi, coef, weight, bound, k0, k1, shift))
             start = start[:, None]
-        xs = _weighted(kinds, deltas, coef, lo, hi, bound, k0, k1, shift, start)
+        xs = _weighted(kinds, deltas, coef, lo, hi, bound, k0, k1, shift, start, flipped, flips)
         if not consensus:  # linear_combine: coef = rescale * w * lambda / divisor
             merged = xs[0]
             for x in xs[1:]:
@@ -278,20 +283,28 @@ class FusedGta:
         """
         if self.coef is None:
             self._resolve_rescale()
+        fixes = [self.plan.specs[i].fix for i in self.experts]
+        flipped, flips = (), None
+        if any(fix is not None for fix in fixes):  # exact top-k with split tie groups (`_ranks`)
+            flipped, flips = mark_fixes(fixes, self.plan.numel)
         key = ("gta", self.kinds, self.plan.consensus, self.plan.normalize, stats,
-               tuple(d.dtype for d in self.deltas), base.dtype, out.dtype)
-        build = lambda: _make_kernel(self.kinds, self.plan.consensus, self.plan.normalize, stats)  # noqa: E731
+               tuple(d.dtype for d in self.deltas), base.dtype, out.dtype, flipped,
+               None if flips is None else flips.dtype)
+        build = lambda: _make_kernel(self.kinds, self.plan.consensus, self.plan.normalize, stats,  # noqa: E731
+                                     flipped=flipped)
         nnz = l1 = None
-        for lo, hi in chunks(self.plan.numel, chunk):
-            result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in self.deltas], self.lo, self.hi,
-                           self.coef, self.weight, self.bound, self.k0, self.k1, self.shift, self._set_start(lo),
-                           self.lam)
-            if stats:
-                nnz = result[0] if nnz is None else nnz + result[0]
-                l1 = result[1] if l1 is None else l1 + result[1]
-        fixed = self.plan.fix_ties(out, base, stats)  # exact top-k: split tie groups (`_gta`, `_ranks`)
-        if fixed is not None:
-            nnz, l1 = nnz + fixed[0], l1 + fixed[1]
+        try:
+            for lo, hi in chunks(self.plan.numel, chunk):
+                extra = () if flips is None else (flips[lo:hi],)
+                result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in self.deltas], self.lo,
+                               self.hi, self.coef, self.weight, self.bound, self.k0, self.k1, self.shift,
+                               self._set_start(lo), self.lam, *extra)
+                if stats:
+                    nnz = result[0] if nnz is None else nnz + result[0]
+                    l1 = result[1] if l1 is None else l1 + result[1]
+        finally:
+            if flips is not None:  # the pooled marks stay all zero between calls (a failed compile included)
+                clear_marks(flips, fixes)
         return (nnz, l1) if stats else None
 
 

@@ -204,9 +204,9 @@ class Spec:
     rescale: Coefficient = 1.0
 
     fix: torch.Tensor | None = None
-    """Exact magnitude pruning with a split tie group: the flat indices kept beyond the spec's
-    threshold or band (in no particular order; `_ranks`). The fused kernels run the plain threshold and then
-    `GtaPlan.fix_ties` recomputes these entries."""
+    """Exact magnitude pruning with a split tie group: the flat indices where the spec's plain
+    threshold or band decides the opposite of mergekit (in no particular order; `_ranks`). The fused
+    kernels run the plain threshold with the decision flipped at these entries (`_ranks.mark_fixes`)."""
 
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
         return d
@@ -220,7 +220,7 @@ class Spec:
 
 class FixList:
     """A `fix` list sorted once, on first use by the eager chunked path (the fused path's
-    `GtaPlan.fix_ties` takes the unsorted list: its union sorts anyway)."""
+    kernel marks the unsorted list: `_ranks.mark_fixes`)."""
 
     def __init__(self, fix: torch.Tensor) -> None:
         self._fix = fix
@@ -307,58 +307,6 @@ class GtaPlan(ChunkPlan):
                 yield None, 1.0
             else:
                 yield spec.chunk(flat[start:stop], start, scratch), spec.rescale
-
-    def fix_ties(self, out: torch.Tensor, base: torch.Tensor,
-                 stats: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """After a fused kernel wrote `out = (base + merged).to(dtype)` (flat) with the specs' plain
-        thresholds: rewrite the entries of split tie groups (`Spec.fix`) exactly, merged again from
-        the gathered task vectors with the eager arithmetic. Returns the change of (nonzero count,
-        fp64 L1) of the merged task vector when `stats`, else None (None too without fixes)."""
-        fixes = [spec.fix for spec in self.specs if spec.fix is not None and not spec.zero]
-        if not fixes:
-            return None
-        # The union of the fix lists, and per list where its entries sit in it (no search per expert).
-        # numpy on CPU: torch.unique(return_inverse=True) sorted 20k indices in ~8 ms, numpy in ~1.
-        if all(f.device.type == "cpu" for f in fixes):
-            flat_index, flat_where = np.unique(np.concatenate([f.numpy() for f in fixes]), return_inverse=True)
-            index, where = torch.from_numpy(flat_index), torch.from_numpy(flat_where.reshape(-1))
-        else:
-            index, where = torch.unique(torch.cat(fixes), return_inverse=True)
-        marks, offset = [], 0
-        for fix in fixes:
-            marks.append(where[offset:offset + fix.numel()])
-            offset += fix.numel()
-        index = index.to(out.device)
-        exact = self._merged_at(index, marks)
-        out[index] = (base[index].float() + exact).to(out.dtype)
-        if not stats:
-            return None
-        plain = self._merged_at(index, None)
-        return ((exact != 0).sum() - (plain != 0).sum(),
-                exact.double().abs().sum() - plain.double().abs().sum())
-
-    def _merged_at(self, index: torch.Tensor, marks: list[torch.Tensor] | None) -> torch.Tensor:
-        """The merged task vector at flat `index` (the union of the `fix` lists; fp32), computed as
-        `run` computes it (`marks`: per fix list, its entries' positions in `index`) or, with None, as
-        the fused kernel did (the plain thresholds)."""
-        out = torch.empty(index.numel(), dtype=torch.float32, device=index.device)
-        scratch = Scratch(out)
-        items = []
-        pending = iter(marks or ())
-        for spec, flat in zip(self.specs, self.flats):
-            if spec.zero:
-                items.append((None, 1.0))
-                continue
-            fixed = None
-            if marks is not None and spec.fix is not None:
-                fixed = torch.zeros(index.numel(), dtype=torch.bool, device=index.device)
-                fixed[next(pending).to(index.device)] = True
-            items.append((spec.keep_at(flat[index], fixed), spec.rescale))
-        if self.consensus:
-            ties_combine(out, items, self.weights, self.normalize, self.lambda_, scratch)
-        else:
-            linear_combine(out, items, self.weights, self.normalize, self.lambda_, scale=self.scale)
-        return out
 
     def run(self, out: torch.Tensor, start: int, stop: int) -> None:
         self.resolve_rescale()

@@ -84,7 +84,7 @@ def test_approximate_pruning_is_the_opt_in_threshold() -> None:
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "topk", "breadcrumbs"])
 def test_fused_kernel_fixes_split_ties_like_the_eager_path(method: str) -> None:
-    """The fused kernel runs the plain thresholds and `GtaPlan.fix_ties` rewrites the split tie groups:
+    """The fused kernel runs the plain thresholds with the split tie groups flipped (`_ranks.mark_fixes`):
     the target equals the eager chunked merge (bit for bit for TIES; linear sums within an fp32
     multiply-add, then the bf16 cast), and the stats count the fixed entries."""
     from evomerge.merge.methods._fused import FusedGta
@@ -115,3 +115,7 @@ def test_fused_kernel_fixes_split_ties_like_the_eager_path(method: str) -> None:
         assert bool((diff <= step).all()), float((diff / step).max())
         assert abs(int(nnz) - int(merged.count_nonzero())) <= N // 1000
     assert float(l1) == pytest.approx(float(merged.double().abs().sum()), rel=1e-5)
+    from evomerge.merge.methods._ranks import _marks
+
+    assert not bool(_marks(N, torch.device("cpu"), torch.int32).any())  # the pooled tie marks are cleared
+
