@@ -55,11 +55,12 @@ def _ties(manifest: dict) -> MergeRecipe:
 
 
 def _mixed(manifest: dict) -> MergeRecipe:
-    """Task arithmetic everywhere, TIES on the first layer: the export test's recipe (export takes
-    the engine's out-of-place path, where TIES over 100M+ embedding rows costs minutes on CPU)."""
-    experts = {n: ExpertParams(weight=0.4, density=0.5) for n in [*manifest["experts"], *manifest["lora_experts"]]}
-    return MergeRecipe(rules=[GroupRule(method="task_arithmetic", experts=experts),
-                              GroupRule(layers=[0], method="ties", experts=experts)], normalize=False, seed=5)
+    """Task arithmetic everywhere, TIES on the first layer: the export test's recipe."""
+    names = [*manifest["experts"], *manifest["lora_experts"]]
+    return MergeRecipe(rules=[
+        GroupRule(method="task_arithmetic", experts={n: ExpertParams(weight=0.4) for n in names}),
+        GroupRule(layers=[0], method="ties", experts={n: ExpertParams(weight=0.4, density=0.5) for n in names}),
+    ], normalize=False, seed=5)
 
 
 def _tensor_names(folder: Path) -> dict[str, str]:
