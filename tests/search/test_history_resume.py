@@ -73,18 +73,6 @@ def test_planted_pickle_is_never_loaded_and_the_resumed_run_repeats_the_straight
     assert json.loads(_history_file(ledger).read_bytes())["format"] == history["format"]  # rewritten as data
 
 
-def test_batched_resume_replays_the_stored_history(problem, tmp_path: Path) -> None:
-    _, scorer, space = problem
-    straight = _ledger(tmp_path / "straight", scorer, space)
-    run_search(space, scorer, make_optimizer("nevergrad:DE"), straight, budget_evals=9, batch_size=3, progress=False)
-    ledger = _ledger(tmp_path / "run", scorer, space)
-    run_search(space, scorer, make_optimizer("nevergrad:DE"), ledger, budget_evals=9, batch_size=3,
-               callbacks=[_stop_after(4)], progress=False)  # stops inside the second batch
-    run_search(space, scorer, make_optimizer("nevergrad:DE"), _ledger(tmp_path / "run", scorer, space),
-               budget_evals=9, batch_size=3, progress=False)
-    assert _genomes(ledger) == _genomes(straight)
-
-
 def test_a_history_that_does_not_fit_the_ledger_is_not_trusted(problem, tmp_path: Path) -> None:
     _, scorer, space = problem
     ledger = _ledger(tmp_path, scorer, space)
