@@ -18,11 +18,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("merge", "objectives", "search", "experiments")
 #: Imports allowed outside the runtime dependencies: module -> (extra that provides it, the only
-#: files that may import it). vLLM is the optional GPU scorer; mergekit is the peer that the
-#: scoring benchmark compares with (its on-disk loop), not a dependency of the product.
+#: files that may import it). vLLM is the optional GPU scorer; lm-eval the optional task objectives;
+#: mergekit is the peer that the scoring benchmark compares with (its on-disk loop), not a
+#: dependency of the product.
 OPTIONAL = {
     "vllm": ("vllm", {"objectives/_vllm_compat.py", "objectives/_vllm_scorer.py", "objectives/_vllm_worker.py"}),
     "mergekit": ("test", {"experiments/benchmarks/scoring_speed.py"}),
+    "lm_eval": ("lm-eval", {"objectives/_lm_eval.py"}),
+    "jinja2": ("lm-eval", {"objectives/_lm_eval.py"}),
 }
 
 
