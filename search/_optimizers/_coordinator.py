@@ -234,20 +234,25 @@ class CoordinatedOptimizer(Optimizer):
                 raise _Unusable(f"it tells candidate {event}, which the ledger has not finished")
 
     def _replay_ledger(self, by_candidate: dict[int, "FrozenTrial"]) -> None:
-        """Each candidate asked just before its result is told, results in ledger order."""
+        """Each candidate asked just before its result is told, results in ledger order; then the
+        candidates the study holds unfinished (queued, running, cut off) are asked too, so that
+        they stay in flight instead of their ids going to new candidates beside them."""
         for trial in sorted(by_candidate.values(), key=lambda t: t.number):
             cid = int(trial.user_attrs["candidate"])
             while self._next_id <= cid:
                 self._ask_checked(by_candidate)
             if cid in self._pending:
                 self._tell_trial(cid, trial)
+        attempted = {int(t.user_attrs["candidate"]): t for t in self._ledger.trials() if "candidate" in t.user_attrs}
+        while self._next_id <= max(attempted, default=-1):
+            self._ask_checked(attempted)
 
-    def _ask_checked(self, by_candidate: dict[int, "FrozenTrial"]) -> None:
-        """Ask one candidate and check it against the ledger's genome for it, if finished."""
+    def _ask_checked(self, known: dict[int, "FrozenTrial"]) -> None:
+        """Ask one candidate and check it against the ledger's genome for it, if ``known``."""
         cid = self._ask_one()
         if cid is None:
             raise _Unusable(f"the optimizer has no candidate {self._next_id}")
-        trial = by_candidate.get(cid)
+        trial = known.get(cid)
         if trial is not None and not _same_params(self._pending[cid][1].params, trial.params):
             raise _Unusable(f"candidate {cid} differs from ledger trial {trial.number}'s genome")
 

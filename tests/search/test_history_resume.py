@@ -73,6 +73,36 @@ def test_planted_pickle_is_never_loaded_and_the_resumed_run_repeats_the_straight
     assert json.loads(_history_file(ledger).read_bytes())["format"] == history["format"]  # rewritten as data
 
 
+class _StopDuring:
+    """A scorer that is stopped (as by Ctrl-C) in the middle of its ``n``-th evaluation: the
+    claimed candidate is given back and re-queued, so the study holds it unfinished."""
+
+    def __init__(self, scorer, n: int) -> None:
+        self.scorer, self.n, self.calls = scorer, n, 0
+
+    def evaluate(self, recipe):
+        self.calls += 1
+        if self.calls == self.n:
+            raise KeyboardInterrupt
+        return self.scorer.evaluate(recipe)
+
+
+@pytest.mark.parametrize("spec", ["nevergrad:CMA", "random"])
+def test_a_candidate_cut_off_in_flight_is_rerun_once_when_the_history_is_gone(problem, spec: str, tmp_path: Path) -> None:
+    _, scorer, space = problem
+    straight = _ledger(tmp_path / "straight", scorer, space)
+    run_search(space, scorer, make_optimizer(spec), straight, budget_evals=6, progress=False)
+
+    ledger = _ledger(tmp_path / "run", scorer, space)
+    stopped = run_search(space, _StopDuring(scorer, 4), make_optimizer(spec), ledger, budget_evals=6, progress=False)
+    assert stopped.stopped_by == "interrupt" and stopped.n_finished == 3
+    _history_file(ledger).unlink()  # the ledger alone: candidate 3 is queued again, not finished
+    resumed = run_search(space, scorer, make_optimizer(spec), _ledger(tmp_path / "run", scorer, space), budget_evals=6, progress=False)
+    assert resumed.n_finished == 6
+    assert sorted(t.user_attrs["candidate"] for t in ledger.finished()) == list(range(6))
+    assert _genomes(ledger) == _genomes(straight)
+
+
 def test_a_history_that_does_not_fit_the_ledger_is_not_trusted(problem, tmp_path: Path) -> None:
     _, scorer, space = problem
     ledger = _ledger(tmp_path, scorer, space)
