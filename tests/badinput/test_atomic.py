@@ -33,6 +33,7 @@ WRITER = textwrap.dedent(
         recipe = MergeRecipe(rules=[GroupRule(method="task_arithmetic", experts={"rev": ExpertParams(weight=0.1 * (i % 9))})])
         engine.export(recipe, out / "model")
         write_atomic(out / "report.html", "<html>" + "x" * 200000 * (1 + i % 3) + "</html>", durable=False)
+        print("cycle", flush=True)
     """
 )
 
@@ -53,7 +54,12 @@ def test_sigkill_during_export_and_report_leaves_old_or_complete_outputs(tiny_zo
     for _ in range(6):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tiny_zoo), str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
         assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
-        time.sleep(rng.uniform(0.05, 1.5))
+        # time one whole export + report cycle, then kill at a random moment of a later one: the
+        # kills land inside the writes whatever the machine's speed
+        t0 = time.monotonic()
+        assert proc.stdout.readline().startswith("cycle")
+        cycle = time.monotonic() - t0
+        time.sleep(rng.uniform(0.0, 1.2 * cycle))
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         visible = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
@@ -64,7 +70,7 @@ def test_sigkill_during_export_and_report_leaves_old_or_complete_outputs(tiny_zo
         if (tmp_path / "report.html").exists():
             text = (tmp_path / "report.html").read_text()
             assert text.startswith("<html>") and text.endswith("</html>")
-    assert seen_model > 0, "no export finished before a kill; lengthen the sleeps"
+    assert seen_model == 6  # every kill came after at least one complete export
 
 
 def test_failed_folder_build_leaves_the_old_folder(tmp_path: Path) -> None:
