@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from ._spec import ExperimentSpec, ObjectiveSpec, ScorerSpec
 
 if TYPE_CHECKING:
-    from evomerge.merge import MergeEngine
+    from evomerge.merge import MergeEngine, MergeRecipe
     from evomerge.objectives import Objective, Scorer
     from evomerge.search import SearchSpace, SpaceTemplate
 
@@ -112,4 +112,15 @@ def build_space(engine: "MergeEngine", template: "SpaceTemplate", held: Mapping[
     if held:
         template = template.model_copy(update={"fixed": {**template.fixed, **held}})
     return SearchSpace(engine.layout, engine.expert_names, template)
+
+
+def start_at(space: "SearchSpace", recipe: "MergeRecipe") -> tuple["SearchSpace", list[str]]:
+    """``space`` whose starting point (``x0``) is ``recipe`` fitted to it (`SearchSpace.fit`), and
+    the fit's notes. The one way a search is made to start from a given merge: a mergekit ``init``
+    config, or a later stage continuing from the previous stage's best trial."""
+    from evomerge.search import SearchSpace
+
+    genome, notes = space.fit(recipe)
+    init = {**space.template.init, **space.describe(genome)}
+    return SearchSpace(space.layout, space.experts, space.template.model_copy(update={"init": init})), notes
 

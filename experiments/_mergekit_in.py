@@ -73,16 +73,15 @@ def check_mergekit_files(spec: ExperimentSpec, engine: "MergeEngine") -> None:
 
 def start_from_mergekit(space: "SearchSpace", spec: ExperimentSpec, engine: "MergeEngine", *, echo: bool = False) -> "SearchSpace":
     """``space`` whose starting point (``x0``) is the ``init`` config fitted to it."""
-    from evomerge.search import SearchSpace
+    from ._build import start_at
 
     assert spec.init is not None
     recipe, _ = mergekit_recipe(spec.init, engine, spec.models.experts, field="init")
-    genome, notes = space.fit(recipe)
+    started, notes = start_at(space, recipe)
     if echo:
         for note in notes:
             click.echo(f"warning: init {spec.init} in the search space: {note}", err=True)
-    init = {**space.template.init, **space.describe(genome)}
-    return SearchSpace(space.layout, space.experts, space.template.model_copy(update={"init": init}))
+    return started
 
 
 def baseline_recipes(spec: ExperimentSpec, engine: "MergeEngine") -> dict[str, Any]:

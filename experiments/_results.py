@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -96,17 +96,24 @@ class RunView:
 
     def mean_score(self, trial: TrialRecord) -> float:
         """Mean of the task objectives, each as "higher is better" (minimized ones negated)."""
+        return self.mean_of(trial.values)
+
+    def mean_of(self, values: Mapping[str, float]) -> float:
+        """`mean_score` of objective values (a trial's, or its re-scored ones)."""
         signs = {n: (1.0 if d == "maximize" else -1.0) for n, d in zip(self.objective_names, self.directions)}
-        vals = [signs[n] * trial.values[n] for n in self.task_objectives if n in trial.values]
+        vals = [signs[n] * values[n] for n in self.task_objectives if n in values]
         return float(np.mean(vals)) if vals else float("nan")
+
+    def pick_pool(self) -> list[TrialRecord]:
+        """Where the headline candidate is chosen: the completed front members (all completed
+        trials when the front is empty); none without task objectives."""
+        done = [t for t in self.completed if self.task_objectives]
+        return [t for t in done if t.number in set(self.front)] or done
 
     def best_mean_trial(self) -> int | None:
         """The completed trial with the best mean task score (the headline candidate)."""
-        done = [t for t in self.completed if self.task_objectives]
-        if not done:
-            return None
-        pool = [t for t in done if t.number in set(self.front)] or done
-        return max(pool, key=lambda t: (self.mean_score(t), -t.number)).number
+        pool = self.pick_pool()
+        return max(pool, key=lambda t: (self.mean_score(t), -t.number)).number if pool else None
 
     def best_per_objective(self) -> dict[str, tuple[float, int]]:
         out: dict[str, tuple[float, int]] = {}

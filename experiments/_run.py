@@ -20,7 +20,7 @@ import yaml
 
 from evomerge.merge import write_atomic
 
-from ._build import build_engine, build_objectives, build_scorer, build_space
+from ._build import build_engine, build_objectives, build_scorer, build_space, start_at
 from ._compare import holdout_scores, single_model_recipes
 from ._errors import UserError, first_line
 from ._fitness import PenalizedScorer, constraint_function, ledger_objectives, scalarization
@@ -33,8 +33,9 @@ from ._spec import ExperimentSpec, OptimizerSpec, SpaceSpec, StageSpec
 from ._spec_io import dump_spec, preset_path, read_yaml, validate_spec
 
 if TYPE_CHECKING:
-    from evomerge.merge import MergeEngine
+    from evomerge.merge import MergeEngine, MergeRecipe
 
+    from ._rescore import Rescored
     from ._signals import SignalLog
     from evomerge.objectives import Scorer
     from evomerge.search import Ledger, SearchSpace
@@ -203,14 +204,20 @@ def best_trial(ledger: "Ledger") -> Any:
     return min(done, key=lambda t: (float(to_losses(ledger.objective_values(t), ledger.directions).mean()), t.number))
 
 
-def _stage_space(session: Session, stage: StageSpec, held: dict[str, float]) -> "SearchSpace":
+def _stage_space(session: Session, stage: StageSpec, handover: "Handover") -> "SearchSpace":
+    """The stage's space: its ``inherit`` kinds held at the previous stage's best values, and its
+    starting point that best trial's recipe fitted to the space (a later stage continues from where
+    the previous one got to; Evo-Merging's stage 2 starts at stage 1's best merge); the first stage
+    starts at the spec's mergekit ``init``, if any, else at the template's ``init``."""
     space: SpaceSpec = stage.space  # type: ignore[assignment]
     if stage.inherit:
         kinds = list(space.searched_kinds)
         space = space.model_copy(update={"params": kinds + [k for k in stage.inherit if k not in kinds]})
-    built = build_space(session.engine, space, held)
+    built = build_space(session.engine, space, handover.held)
     if session.spec.init is not None and stage.name == session.spec.resolved_stages()[0].name:
         built = start_from_mergekit(built, session.spec, session.engine, echo=True)
+    elif handover.best is not None and stage.name != GRID_STAGE:
+        built, _ = start_at(built, handover.best)
     return built
 
 
@@ -273,10 +280,10 @@ def _execute(rd: RunDir, session: Session, signals: SignalLog, *, progress: bool
     if spec.baseline:
         stages.append(_grid_stage(session, stages[-1]))
     done: list[str] = list(rd.read_state().get("stages_done", []))
-    held: dict[str, float] = {}
+    handover = Handover()
     try:
         for stage in stages:
-            space = _stage_space(session, stage, held)
+            space = _stage_space(session, stage, handover)
             if stage.name in done:
                 ledger = open_ledger(rd, spec, stage.name, stage.optimizer, space)  # type: ignore[arg-type]
             else:
@@ -286,7 +293,7 @@ def _execute(rd: RunDir, session: Session, signals: SignalLog, *, progress: bool
                 done.append(stage.name)
                 rd.write_state(stages_done=done)
                 export_stage(rd, stage.name, ledger)
-            held = _inherited(ledger, stages, stage)
+            handover = _handover(ledger, stages, stage)
         finish_run(rd, session)  # marks the run done once its last output is in place
     except KeyboardInterrupt:
         rd.write_state(status="interrupted")
@@ -310,19 +317,52 @@ def export_stage(rd: RunDir, stage: str, ledger: "Ledger") -> None:
         write_plots(load_view(rd.path, stage), out)
 
 
-def _inherited(ledger: "Ledger", stages: list[StageSpec], stage: StageSpec) -> dict[str, float]:
-    """Values the next stage holds fixed: its ``inherit`` kinds from this stage's best trial."""
+@dataclass(frozen=True)
+class Handover:
+    """What a stage passes to the next: its best trial's recipe (the next stage's starting point)
+    and the values of the kinds the next stage inherits (held fixed there)."""
+
+    best: "MergeRecipe | None" = None
+    held: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def _handover(ledger: "Ledger", stages: list[StageSpec], stage: StageSpec) -> Handover:
+    """The next stage's `Handover` from this stage's best trial (by the same rule on every resume)."""
+    from evomerge.search import trial_recipe
+
     index = stages.index(stage)
     following = stages[index + 1] if index + 1 < len(stages) else None
-    if following is None or not following.inherit:
-        return {}
+    if following is None:
+        return Handover()
     best = best_trial(ledger)
     if best is None:
-        raise UserError(f"stage {stage.name!r} has no completed trial for stage {following.name!r} to inherit from")
-    return {name: float(v) for name, v in best.params.items() if _kind_of(name) in following.inherit}
+        if following.inherit:
+            raise UserError(f"stage {stage.name!r} has no completed trial for stage {following.name!r} to inherit from")
+        return Handover()
+    held = {name: float(v) for name, v in best.params.items() if _kind_of(name) in following.inherit}
+    return Handover(best=trial_recipe(ledger, best.number), held=held)
 
 
 # ------------------------------------------------------------------------------------------ end of run
+
+
+def _rescore_pick(rd: RunDir, session: Session, view: Any) -> "Rescored | None":
+    """The stage's top trials re-scored on more calibration items (`experiments._rescore`); the
+    result is also kept in the stage's study (user attribute ``rescored``)."""
+    from ._rescore import rescore_run, top_trials
+
+    spec = session.spec
+    scores = {t.number: view.mean_score(t) for t in view.pick_pool()}
+    recipes = {n: recipe_of(view, n) for n in top_trials(scores, spec.rescore.top)}
+    rescored = rescore_run(spec, session.engine, recipes, view.mean_of)
+    if rescored is not None:
+        import optuna
+
+        from evomerge.search import storage_for
+
+        storage, _ = storage_for(rd.storage(spec, shared=False))
+        optuna.load_study(study_name=view.stage, storage=storage).set_user_attr("rescored", rescored.to_json())
+    return rescored
 
 
 def finish_run(rd: RunDir, session: Session) -> None:
@@ -343,6 +383,11 @@ def finish_run(rd: RunDir, session: Session) -> None:
     if best is not None:
         candidates[f"searched best mean (trial {best})"] = recipe_of(view, best)
     comparison: dict[str, Any] = {"references": references}
+    rescored = _rescore_pick(rd, session, view)
+    if rescored is not None:
+        comparison["rescored"] = rescored.to_json()
+        if rescored.pick != best:
+            candidates[f"searched pick re-scored on {rescored.items} items (trial {rescored.pick})"] = recipe_of(view, rescored.pick)
     holdout = [o.name for o in spec.objectives if o.holdout]
     if holdout:
         comparison.update(
@@ -353,6 +398,9 @@ def finish_run(rd: RunDir, session: Session) -> None:
             "the calibration sets; the searched row is the front member with the best mean calibration score.",
         )
     write_atomic(rd.comparison_file, json.dumps(comparison, indent=2) + "\n")
+    if rescored is not None:
+        click.echo(f"pick re-scored on {rescored.items} calibration items: trial {rescored.pick} "
+                   f"(best of {len(rescored.values)} by the search's score: trial {best})")
     # the outputs describe the finished run; state.json says "done" only once they are all in place
     view = load_view(rd.path, view.stage)
     view = dataclasses.replace(view, state={**view.state, "status": "done"})

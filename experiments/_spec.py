@@ -454,6 +454,16 @@ class StageSpec(_Strict):
     inherit: list[ParamKind] = Field(default_factory=list)
 
 
+class RescoreSpec(_Strict):
+    """Re-scoring the pick (`experiments._rescore`): the ``top`` trials by mean task score scored
+    again on ``size`` calibration items per objective before the run names its pick."""
+
+    top: int = Field(5, ge=0)
+    """How many trials to re-score; 0 turns re-scoring off."""
+    size: int | None = Field(None, ge=1)
+    """Items per objective (a larger seeded subset of the same calibration set); unset: every item."""
+
+
 class OutputsSpec(_Strict):
     """Where results go; the run folder holds the spec copy, ledger, checkpoint, exports and report."""
 
@@ -484,6 +494,8 @@ class ExperimentSpec(_Strict):
     clipped to its bounds, are the search's first point."""
     baselines: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")], SpecPath] = Field(default_factory=dict)
     """Named mergekit YAMLs scored beside the experts (comparison table and report)."""
+    rescore: RescoreSpec = Field(default_factory=RescoreSpec)
+    """Re-score the best few trials on more calibration items and pick by that score."""
     storage: str | None = None
     """Optuna storage URL; default ``<run_dir>/ledger.log`` (journal file), ``sqlite:///<run_dir>/ledger.db``
     with ``run --workers``."""

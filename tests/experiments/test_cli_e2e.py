@@ -167,3 +167,21 @@ def test_every_preset_runs_on_the_tiny_zoo(preset: str, zoo_copy: Path, tmp_path
     assert (run / "report.html").exists()
     stage = state["stages_done"][-1]
     assert json.loads((run / "results" / stage / "front.json").read_text())["trials"]
+    if len(state["stages_done"]) > 1:
+        _assert_next_stage_starts_at_the_best(run, *state["stages_done"][:2])
+
+
+def _assert_next_stage_starts_at_the_best(run: Path, first: str, second: str) -> None:
+    """The second stage's first trial is the first stage's best trial (lowest scalarized loss)
+    again: the same merge recipe and the same objective values (Evo-Merging's stage 2 continues
+    from stage 1's best point, issue 16)."""
+    import optuna
+
+    storage, _ = storage_for(run / "ledger.log")
+    done = [t for t in optuna.load_study(study_name=first, storage=storage).get_trials()
+            if t.state == optuna.trial.TrialState.COMPLETE]
+    best = min(done, key=lambda t: (t.values[0], t.number))
+    start = optuna.load_study(study_name=second, storage=storage).get_trials()[0]
+    assert json.loads(start.user_attrs["recipe"])["rules"] == json.loads(best.user_attrs["recipe"])["rules"]
+    task = lambda t: {k: v for k, v in t.user_attrs["objectives"].items() if k != "l1"}  # noqa: E731
+    assert task(start) == task(best)
