@@ -399,8 +399,8 @@ def finish_run(rd: RunDir, session: Session) -> None:
         )
     write_atomic(rd.comparison_file, json.dumps(comparison, indent=2) + "\n")
     if rescored is not None:
-        click.echo(f"pick re-scored on {rescored.items} calibration items: trial {rescored.pick} "
-                   f"(best of {len(rescored.values)} by the search's score: trial {best})")
+        click.echo(f"pick: trial {rescored.pick}, the best of the top {len(rescored.values)} re-scored on "
+                   f"{rescored.items} calibration items (the search's own best: trial {best})")
     # the outputs describe the finished run; state.json says "done" only once they are all in place
     view = load_view(rd.path, view.stage)
     view = dataclasses.replace(view, state={**view.state, "status": "done"})
