@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from ._build import build_objective, build_scorer
+from ._build import build_objectives, build_scorer
 from ._spec import ExperimentSpec
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def rescore_objectives(spec: ExperimentSpec) -> list["Objective"] | None:
     if options.size is not None and all(o.size >= options.size for o in subsetted):  # type: ignore[operator]
         return None
     wider = [o.model_copy(update={"size": options.size}) if o.size is not None else o for o in spec.objectives]
-    return [build_objective(o, seed=spec.seed) for o in wider]
+    return build_objectives(spec.model_copy(update={"objectives": wider}))  # the search's own seeding of subsets
 
 
 def rescore_run(

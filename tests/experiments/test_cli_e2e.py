@@ -50,9 +50,27 @@ def test_run_writes_the_run_folder_and_inspection_commands_read_it(finished_run:
     assert comparison["objectives"] == ["rev"]
     assert {"base", "expert:rev", "expert:sort"} <= set(comparison["scores"])
     assert any(k.startswith("uniform grid best") for k in comparison["scores"])
+    _assert_pick_rescored(run, comparison, {m["trial"] for m in members})
     html = (run / "report.html").read_text()
     assert html.startswith("<!doctype html>") and html.count("data:image/png;base64,") >= 3
     assert "<script" not in html and 'src="http' not in html
+
+
+def _assert_pick_rescored(run: Path, comparison: dict, front: set[int]) -> None:
+    """The default `rescore: {top: 5}`: the front's best members scored again on every calibration
+    item (16 per skill against the search's 8), the pick the best of them by that score, kept in
+    comparison.json and in the study; a pick other than the search's own shows as its own row."""
+    import optuna
+
+    rescored = comparison["rescored"]
+    assert rescored["items"] == 2 * 16
+    trials = {int(n): v for n, v in rescored["trials"].items()}
+    assert set(trials) <= front and len(trials) == min(5, len(front))
+    assert rescored["pick"] == min(trials, key=lambda n: ((trials[n]["rev"] + trials[n]["sort"]) / 2, n))  # answer losses
+    searched = next(int(k.split("trial ")[1].rstrip(")")) for k in comparison["scores"] if k.startswith("searched best mean"))
+    assert any(k.startswith("searched pick re-scored") for k in comparison["scores"]) == (rescored["pick"] != searched)
+    storage, _ = storage_for(run / "ledger.log")
+    assert optuna.load_study(study_name="search", storage=storage).user_attrs["rescored"] == rescored
 
 
 def test_export_of_a_front_member_reloads_and_scores_as_recorded(finished_run: tuple[Path, Path], tmp_path: Path) -> None:
