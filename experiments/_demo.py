@@ -30,10 +30,10 @@ def _verdict(comparison: dict) -> list[str]:
     means = {label: sum(v[s] for s in skills) / len(skills) for label, v in comparison["scores"].items() if v}
     experts = {k: v for k, v in means.items() if k.startswith("expert:")}
     grid = {k: v for k, v in means.items() if k.startswith("uniform grid")}
-    searched = {k: v for k, v in means.items() if k.startswith("searched")}
-    if not (experts and searched):
+    s_label = comparison.get("pick")  # the run's pick, chosen on calibration items only
+    if not experts or s_label not in means:
         return ["(no completed search trial to compare)"]
-    s_label, s_mean = max(searched.items(), key=lambda kv: kv[1])
+    s_mean = means[s_label]
     e_label, e_mean = max(experts.items(), key=lambda kv: kv[1])
     lines = [f"mean held-out accuracy over {', '.join(skills)}:",
              f"  {s_label:38s} {100 * s_mean:5.1f}%",

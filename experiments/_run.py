@@ -380,14 +380,19 @@ def finish_run(rd: RunDir, session: Session) -> None:
         if grid_best is not None:
             references[f"grid best (trial {grid_best})"] = grid.trial(grid_best).values
             candidates[f"uniform grid best (trial {grid_best})"] = recipe_of(grid, grid_best)
+    pick = None
     if best is not None:
-        candidates[f"searched best mean (trial {best})"] = recipe_of(view, best)
+        pick = f"searched best mean (trial {best})"
+        candidates[pick] = recipe_of(view, best)
     comparison: dict[str, Any] = {"references": references}
     rescored = _rescore_pick(rd, session, view)
     if rescored is not None:
         comparison["rescored"] = rescored.to_json()
         if rescored.pick != best:
-            candidates[f"searched pick re-scored on {rescored.items} items (trial {rescored.pick})"] = recipe_of(view, rescored.pick)
+            pick = f"searched pick re-scored on {rescored.items} items (trial {rescored.pick})"
+            candidates[pick] = recipe_of(view, rescored.pick)
+    if pick is not None:
+        comparison["pick"] = pick  # the row the run reports as its merge
     holdout = [o.name for o in spec.objectives if o.holdout]
     if holdout:
         comparison.update(
@@ -395,7 +400,8 @@ def finish_run(rd: RunDir, session: Session) -> None:
             scores=holdout_scores(spec, session.engine, candidates),
             note="Scores on the held-out sets (never seen by the search). Experts are the fine-tuned "
             "models themselves; the uniform grid is the best single shared coefficient chosen on "
-            "the calibration sets; the searched row is the front member with the best mean calibration score.",
+            "the calibration sets; the searched row is the front member with the best mean calibration score, "
+            "and the re-scored pick (when it differs) the best of the top front members scored again on more calibration items.",
         )
     write_atomic(rd.comparison_file, json.dumps(comparison, indent=2) + "\n")
     if rescored is not None:

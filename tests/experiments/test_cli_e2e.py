@@ -69,6 +69,7 @@ def _assert_pick_rescored(run: Path, comparison: dict, front: set[int]) -> None:
     assert rescored["pick"] == min(trials, key=lambda n: ((trials[n]["rev"] + trials[n]["sort"]) / 2, n))  # answer losses
     searched = next(int(k.split("trial ")[1].rstrip(")")) for k in comparison["scores"] if k.startswith("searched best mean"))
     assert any(k.startswith("searched pick re-scored") for k in comparison["scores"]) == (rescored["pick"] != searched)
+    assert comparison["pick"] in comparison["scores"] and comparison["pick"].endswith(f"(trial {rescored['pick']})")
     storage, _ = storage_for(run / "ledger.log")
     assert optuna.load_study(study_name="search", storage=storage).user_attrs["rescored"] == rescored
 
