@@ -8,6 +8,7 @@ It is the test data of the whole project (merge engine, scorers, search, demo). 
 >>> print(format_accuracy_table(load_manifest(zoo)))  # doctest: +SKIP
 >>> fixture = build_real_shape("qwen2.5")              # doctest: +SKIP  (real_shapes.py)
 """
+from ._cache import is_complete
 from .build import BUILDER_VERSION, ZooBuildError, build_zoo, default_zoo_dir
 from .evaluation import accuracy, exact_match
 from .manifest import format_accuracy_table, load_manifest
@@ -30,6 +31,7 @@ __all__ = [
     "default_zoo_dir",
     "exact_match",
     "format_accuracy_table",
+    "is_complete",
     "load_manifest",
     "read_jsonl",
 ]
