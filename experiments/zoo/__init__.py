@@ -8,30 +8,27 @@ It is the test data of the whole project (merge engine, scorers, search, demo). 
 >>> print(format_accuracy_table(load_manifest(zoo)))  # doctest: +SKIP
 >>> fixture = build_real_shape("qwen2.5")              # doctest: +SKIP  (real_shapes.py)
 """
-from ._cache import is_complete
-from .build import BUILDER_VERSION, ZooBuildError, build_zoo, default_zoo_dir
-from .evaluation import accuracy, exact_match
-from .manifest import format_accuracy_table, load_manifest
-from .real_shapes import FAMILIES, RealShapeError, build_real_shape, default_real_shape_dir
-from .sizes import ZOO_SIZES, ZooSize
-from .skills import SKILLS, read_jsonl
+import importlib
+from typing import Any
 
-__all__ = [
-    "BUILDER_VERSION",
-    "FAMILIES",
-    "RealShapeError",
-    "SKILLS",
-    "ZOO_SIZES",
-    "ZooBuildError",
-    "ZooSize",
-    "accuracy",
-    "build_real_shape",
-    "build_zoo",
-    "default_real_shape_dir",
-    "default_zoo_dir",
-    "exact_match",
-    "format_accuracy_table",
-    "is_complete",
-    "load_manifest",
-    "read_jsonl",
-]
+#: Where each public name lives. The package loads them on first use (PEP 562), so that the CLI,
+#: which registers the zoo commands, starts without importing torch and transformers.
+_HOMES = {
+    "is_complete": "._cache",
+    "BUILDER_VERSION": ".build", "ZooBuildError": ".build", "build_zoo": ".build", "default_zoo_dir": ".build",
+    "accuracy": ".evaluation", "exact_match": ".evaluation",
+    "format_accuracy_table": ".manifest", "load_manifest": ".manifest",
+    "FAMILIES": ".real_shapes", "RealShapeError": ".real_shapes", "build_real_shape": ".real_shapes",
+    "default_real_shape_dir": ".real_shapes",
+    "ZOO_SIZES": ".sizes", "ZooSize": ".sizes",
+    "SKILLS": ".skills", "read_jsonl": ".skills",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name], __name__), name)
+
+
+__all__ = sorted(_HOMES)

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import click
 
-from .architecture import ARCHS
 from .families import FAMILIES
-from .sizes import ZOO_SIZES
+from .sizes import ARCHS, ZOO_SIZES
 
 
 @click.group(name="zoo")
