@@ -154,9 +154,10 @@ def _check_output(path: Path, *, folder: bool) -> None:
 
 
 def write_run_report(run_dir: Path, *, out: Path | None = None) -> Path:
+    view = load_view(run_dir)  # first: a wrong folder is reported before matplotlib loads
+
     from ._report import write_report
 
-    view = load_view(run_dir)
     if out is not None:
         out = out.resolve()
         _check_output(out, folder=False)

@@ -8,27 +8,16 @@ It is the test data of the whole project (merge engine, scorers, search, demo). 
 >>> print(format_accuracy_table(load_manifest(zoo)))  # doctest: +SKIP
 >>> fixture = build_real_shape("qwen2.5")              # doctest: +SKIP  (real_shapes.py)
 """
-import importlib
-from typing import Any
+from evomerge.merge._lazy import lazy_members
 
-#: Where each public name lives. The package loads them on first use (PEP 562), so that the CLI,
-#: which registers the zoo commands, starts without importing torch and transformers.
-_HOMES = {
-    "is_complete": "._cache",
-    "BUILDER_VERSION": ".build", "ZooBuildError": ".build", "build_zoo": ".build", "default_zoo_dir": ".build",
-    "accuracy": ".evaluation", "exact_match": ".evaluation",
-    "format_accuracy_table": ".manifest", "load_manifest": ".manifest",
-    "FAMILIES": ".real_shapes", "RealShapeError": ".real_shapes", "build_real_shape": ".real_shapes",
-    "default_real_shape_dir": ".real_shapes",
-    "ZOO_SIZES": ".sizes", "ZooSize": ".sizes",
-    "SKILLS": ".skills", "read_jsonl": ".skills",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name], __name__), name)
-
-
-__all__ = sorted(_HOMES)
+# Loaded on first use (`merge._lazy`), so that the CLI, which registers the zoo commands, starts
+# without importing torch and transformers: submodule -> the public names it provides.
+__getattr__, __all__ = lazy_members(__name__, {
+    "._cache": ["ZooBuildError", "is_complete"],
+    ".build": ["BUILDER_VERSION", "build_zoo", "default_zoo_dir"],
+    ".evaluation": ["accuracy", "exact_match"],
+    ".manifest": ["format_accuracy_table", "load_manifest"],
+    ".real_shapes": ["FAMILIES", "RealShapeError", "build_real_shape", "default_real_shape_dir"],
+    ".sizes": ["ZOO_SIZES", "ZooSize"],
+    ".skills": ["SKILLS", "read_jsonl"],
+})

@@ -16,9 +16,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
-
 from .manifest import load_manifest
+
+
+class ZooBuildError(RuntimeError):
+    """A fixture cannot be built with the given arguments (bad size/arch, unwritable directory)."""
 
 
 def cache_root() -> Path:
@@ -64,6 +66,8 @@ def build_cached(
 
 @contextmanager
 def _fixed_threads(n: int) -> Iterator[None]:
+    import torch  # here: the cache is looked up by commands that never build (the CLI's error types)
+
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from ._cache import build_cached, cache_root
+from ._cache import ZooBuildError, build_cached, cache_root
 from .architecture import ARCHS, make_config
 from .arithmetic import task_arithmetic
 from .evaluation import accuracy
@@ -44,10 +44,6 @@ BUILDER_VERSION = "3"
 #: (measured: a 2-thread build under load ran several times slower than a 1-thread one).
 BUILD_THREADS = 1
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class ZooBuildError(RuntimeError):
-    """A zoo cannot be built with the given arguments (bad size/arch, unwritable directory)."""
 
 
 def default_zoo_dir(size: str, seed: int, arch: str, tie_word_embeddings: bool = False) -> Path:

@@ -43,8 +43,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ...merge import CheckpointReader
-from ._cache import build_cached, cache_root
-from .build import LORA_TARGETS, ZooBuildError, derive_seed, quiet_transformers
+from ._cache import ZooBuildError, build_cached, cache_root
+from .build import LORA_TARGETS, derive_seed, quiet_transformers
 from .families import FAMILIES, RealShape
 from .manifest import write_manifest
 from .skills import SKILLS, sample_unique, skill_rng, write_jsonl
