@@ -51,10 +51,33 @@ class NevergradOptimizer(CoordinatedOptimizer):
         self.name = f"nevergrad:{optimizer}"
 
     def _start(self, space: "SearchSpace", seed: int, budget: int | None, batch_size: int) -> Any:
-        import nevergrad as ng
-
         if self.optimizer == "NgIohTuned" and budget is None:
             raise ValueError("NgIohTuned chooses its algorithm from the budget; give budget_evals")
+        opt = self._fresh(space, seed, budget, batch_size)
+        # The first candidate is the space's starting point, exactly, for every class: CMA, DE and
+        # PSO would otherwise sample their first population around it. nevergrad's public
+        # `suggest` makes the next ask return it (told as a candidate the optimizer did not ask,
+        # which every listed class accepts). Classes that ask it first by themselves (OnePlusOne,
+        # what NgIohTuned picks for small budgets) would then ask it twice, so a twin of the same
+        # seed is asked first to tell which. Both are functions of the seed alone, so a resume's
+        # replay (a fresh backend, `CoordinatedOptimizer`) makes the same choice.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            natural = np.asarray(self._fresh(space, seed, budget, batch_size).ask().value, dtype=float)
+        if not np.array_equal(natural, space.x0):
+            opt.suggest(space.x0)
+        inner = getattr(opt, "optim", opt)  # the class a CMA meta-optimizer picked
+        if hasattr(type(inner), "es"):
+            # CMA builds its evolution strategy (and imports ``cma``, about 20 ms) on the first
+            # ask; built here, at bind, that one-time cost stays out of the trials. Building it
+            # draws no random numbers, so the asks are the same either way (tests/search).
+            inner.es  # noqa: B018
+        return opt
+
+    def _fresh(self, space: "SearchSpace", seed: int, budget: int | None, batch_size: int) -> Any:
+        """A new backend of this class on the space's box, seeded, starting at ``space.x0``."""
+        import nevergrad as ng
+
         low, high = space.bounds
         # sigma per coordinate: a sixth of its range, so a density in [0.05, 1] and a weight in
         # [-1.5, 1.5] are explored at the same relative scale (nevergrad's default is 1.0)
@@ -62,12 +85,6 @@ class NevergradOptimizer(CoordinatedOptimizer):
         param.random_state = np.random.RandomState(seed)
         opt = ng.optimizers.registry[self.optimizer](parametrization=param, budget=budget, num_workers=batch_size)
         opt.enable_pickling()  # meta-optimizers pick their inner class now, not at the first ask
-        inner = getattr(opt, "optim", opt)  # the class a CMA meta-optimizer picked
-        if hasattr(type(inner), "es"):
-            # CMA builds its evolution strategy (and imports ``cma``, about 20 ms) on the first
-            # ask; built here, at bind, that one-time cost stays out of the trials. Building it
-            # draws no random numbers, so the asks are the same either way (tests/search).
-            inner.es  # noqa: B018
         return opt
 
     def _propose(self, space: "SearchSpace") -> tuple[Any, Proposal]:
