@@ -393,8 +393,8 @@ class OptimizerSpec(_Strict):
     """Keyword arguments of the sampler / optimizer (e.g. population_size for nsga2)."""
     weights: dict[str, float] | None = None
     """Scalarization (weighted sum of losses): objective name -> weight; unnamed objectives get 0.
-    Unset: the mean over the objectives. Single-objective optimizers (nevergrad, optuna cmaes)
-    always see this one loss."""
+    Unset: the mean over the task objectives (costs such as kept_fraction count only when
+    weighted here). Single-objective optimizers (nevergrad, optuna cmaes) always see this one loss."""
     l1_penalty: float = Field(0.0, ge=0.0)
     """Adds ``l1_penalty x mean |genome|`` to the scalarized fitness (Evo-Merging, LoraHub)."""
 
