@@ -78,12 +78,24 @@ class NevergradOptimizer(CoordinatedOptimizer):
         """A new backend of this class on the space's box, seeded, starting at ``space.x0``."""
         import nevergrad as ng
 
-        low, high = space.bounds
+        low, high, x0 = *space.bounds, space.x0
         # sigma per coordinate: a sixth of its range, so a density in [0.05, 1] and a weight in
-        # [-1.5, 1.5] are explored at the same relative scale (nevergrad's default is 1.0)
-        param = ng.p.Array(init=space.x0, lower=low, upper=high).set_mutation(sigma=(high - low) / 6)
+        # [-1.5, 1.5] are explored at the same relative scale (nevergrad's default is 1.0), and
+        # x0 +- 3 sigma spans the box from its centre (pycma's guidance for sigma0)
+        sigma = (high - low) / 6
+        if self.optimizer == "CMA":
+            # On a bounded parametrization nevergrad's CMA shrinks that step 3-7 fold (and picks
+            # its variant itself), so its first populations huddled around x0 (issue 16). Plain
+            # CMA-ES (nevergrad's public `ParametrizedCMA`, scale 1) on the unbounded array steps
+            # exactly sigma, and pycma's own bound handling (its documented `bounds` option, in
+            # the standardized coordinates (x - x0) / sigma) keeps candidates in the box.
+            param = ng.p.Array(init=x0).set_mutation(sigma=sigma)
+            cls = ng.families.ParametrizedCMA(inopts={"bounds": [list((low - x0) / sigma), list((high - x0) / sigma)]})
+        else:
+            param = ng.p.Array(init=x0, lower=low, upper=high).set_mutation(sigma=sigma)
+            cls = ng.optimizers.registry[self.optimizer]
         param.random_state = np.random.RandomState(seed)
-        opt = ng.optimizers.registry[self.optimizer](parametrization=param, budget=budget, num_workers=batch_size)
+        opt = cls(parametrization=param, budget=budget, num_workers=batch_size)
         opt.enable_pickling()  # meta-optimizers pick their inner class now, not at the first ask
         return opt
 
@@ -91,7 +103,8 @@ class NevergradOptimizer(CoordinatedOptimizer):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # budget / worker-count notices, once per ask otherwise
             cand = self._backend.ask()
-        x = np.asarray(cand.value, dtype=float)
+        low, high = space.bounds
+        x = np.clip(np.asarray(cand.value, dtype=float), low, high)  # pycma's bounds, to the last bit
         return cand, Proposal(params=space.describe(x), distributions=genome_distributions(space), x=x)
 
     def _observe(self, token: Any, losses: np.ndarray | None) -> None:

@@ -80,6 +80,14 @@ def test_every_listed_nevergrad_optimizer_asks_the_starting_point_first(problem,
             second = optimizer.ask(1)[0]
             assert second.x is not None and not np.array_equal(second.x, space.x0), name
 
+    # CMA's step is chosen from the bounds: its first populations spread a sixth of each range
+    cma = make_optimizer("nevergrad:CMA")
+    cma.bind(space, _ledger(tmp_path / "cma-step", scorer, space, scalarization=Scalarization()), budget=100)
+    xs = np.array([c.x for c in cma.ask(60)[1:]])
+    low, high = space.bounds
+    assert np.all((xs >= low) & (xs <= high))
+    assert 0.12 < float(np.mean(xs.std(axis=0) / (high - low))) < 0.2
+
 
 def test_grid_baseline_walks_task_arithmetic_and_ties_coefficients(problem, tmp_path: Path) -> None:
     _, scorer, space = problem
