@@ -185,10 +185,19 @@ def open_ledger(rd: RunDir, spec: ExperimentSpec, stage: str, optimizer: Optimiz
     from evomerge.search import Ledger
 
     objectives = ledger_objectives(spec, optimizer)
-    return Ledger(
+    return label_study(Ledger(
         rd.storage(spec, shared=False), objectives=objectives, study_name=stage, seed=spec.seed,
         scalarization=scalarization(objectives, optimizer), space=None if space is None else space.to_dict(),
-    )
+    ), spec)
+
+
+def label_study(ledger: "Ledger", spec: ExperimentSpec) -> "Ledger":
+    """Name the run on its stage's study (user attribute ``run``, in optuna-dashboard's table of
+    the study's user attributes). The study keeps the stage as its name: runs and workers of every earlier version
+    open their studies by that name (and a coordinator's history file is named after it)."""
+    if ledger.study.user_attrs.get("run") != spec.name:
+        ledger.study.set_user_attr("run", spec.name)
+    return ledger
 
 
 def _kind_of(param_name: str) -> str:

@@ -56,15 +56,17 @@ def open_shared_ledger(spec: ExperimentSpec, stage: StageSpec, storage: str, spa
 
     import sqlalchemy
 
+    from ._run import label_study
+
     assert stage.optimizer is not None
     objectives = ledger_objectives(spec, stage.optimizer)
     for attempt in range(5):
         try:
-            return Ledger(
+            return label_study(Ledger(
                 storage, objectives=objectives, study_name=stage.name, seed=spec.seed,
                 scalarization=scalarization(objectives, stage.optimizer), space=space.to_dict(),
                 heartbeat=heartbeat,
-            )
+            ), spec)
         except sqlalchemy.exc.SQLAlchemyError:
             # workers starting together race to create optuna's tables and the study; the
             # loser's CREATE fails once the winner's is committed, and a retry then loads them
