@@ -57,6 +57,7 @@ class EventLog:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._warned = False
         if path.exists() and path.stat().st_size:
             with open(path, "rb") as f:
                 f.seek(-1, os.SEEK_END)
@@ -66,10 +67,17 @@ class EventLog:
                     f.write("\n")
 
     def emit(self, event: str, **fields: Any) -> None:
-        line = json.dumps({"event": event, "time": round(time.time(), 3), **fields}, default=str, allow_nan=False)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-            f.flush()
+        """Append one event. A failed write (disk full, a value JSON cannot hold) is reported once
+        on stderr and never stops the search: the ledger, not this log, is the run's record."""
+        try:
+            line = json.dumps({"event": event, "time": round(time.time(), 3), **fields}, default=str, allow_nan=False)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+                f.flush()
+        except (OSError, ValueError) as exc:
+            if not self._warned:
+                self._warned = True
+                print(f"evomerge: {self.path}: event {event!r} not written ({exc}); the search goes on", file=sys.stderr)
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:
