@@ -119,7 +119,7 @@ def trial_timings(view: "RunView") -> bytes | None:
         ax.set_xlabel("trial", fontsize=8)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7, loc="best")
-    fig.suptitle("seconds per trial and phase")
+    fig.suptitle("seconds per trial and phase", y=1.04)
     return _png(fig)
 
 
