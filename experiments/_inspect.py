@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._errors import UserError, first_line
+from ._preflight import writable_parent
 from ._results import Reference, RunView, read_json
 from ._rundir import RunDir
 
@@ -148,23 +149,16 @@ def export_trial(run_dir: Path, trial: int, *, out: Path | None = None, stage: s
 
 def _check_output(path: Path, *, folder: bool) -> None:
     """``--out`` can take the output: a folder (replaced whole) or a file, under a writable folder."""
-    import os
-
     if path.exists() and path.is_dir() != folder:
         raise UserError(f"--out {path}: is {'a file' if folder else 'a folder'}; give a {'folder' if folder else 'file'} path")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"--out {path}: {parent} is a file, not a folder; pick a path under a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {path}: folder {parent} is not writable; pick a writable location")
+    writable_parent(path, "--out")
 
 
 def write_run_report(run_dir: Path, *, out: Path | None = None) -> Path:
+    view = load_view(run_dir)  # first: a wrong folder is reported before matplotlib loads
+
     from ._report import write_report
 
-    view = load_view(run_dir)
     if out is not None:
         out = out.resolve()
         _check_output(out, folder=False)

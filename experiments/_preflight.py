@@ -38,7 +38,7 @@ def preflight(spec: ExperimentSpec, rd: RunDir) -> None:
 # ---------------------------------------------------------------------------------------- run folder
 
 
-def _writable_parent(path: Path, what: str) -> None:
+def writable_parent(path: Path, what: str) -> None:
     """The nearest existing ancestor of ``path`` is a folder this process may create files in."""
     parent = path.parent
     while not parent.exists():
@@ -59,7 +59,7 @@ def check_run_dir(path: Path) -> None:
         if not os.access(path, os.W_OK | os.X_OK):
             raise UserError(f"run folder {path} is not writable; pick a writable location with --run-dir")
         return
-    _writable_parent(path, "run folder")
+    writable_parent(path, "run folder")
 
 
 # ------------------------------------------------------------------------------------------- storage
@@ -98,7 +98,7 @@ def _check_file(path: Path, storage: str, kind: str) -> None:
         if not os.access(path, os.R_OK | os.W_OK):
             raise UserError(f"storage: {storage!r}: {path} is not readable and writable; fix its permissions")
         return
-    _writable_parent(path, "storage")
+    writable_parent(path, "storage")
 
 
 def _check_sqlite(path: Path, storage: str) -> None:

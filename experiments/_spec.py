@@ -178,10 +178,10 @@ class ModelsSpec(_Strict):
 
 
 def _known_method(name: str) -> str:
-    from evomerge.merge.methods import METHODS
+    from evomerge.merge.methods import METHOD_NAMES
 
-    if name not in METHODS:
-        raise ValueError(f"{name!r} is not one of {', '.join(METHODS)}")
+    if name not in METHOD_NAMES:
+        raise ValueError(f"{name!r} is not one of {', '.join(METHOD_NAMES)}")
     return name
 
 

@@ -2,43 +2,21 @@
 grouping, in-place merging of recipes, export (HF folder, PEFT adapter, mergekit YAML), and mergekit
 YAML read back as a recipe."""
 
-from ._atomic import atomic_dir, atomic_file, write_atomic
-from ._compat import VOCAB_POLICIES, VocabPolicy
-from ._engine import MergeEngine, MergeStats, fixed_mmap_threshold
-from ._errors import MergeError
-from ._io import CheckpointReader
-from ._layout import KIND_PATTERNS, LAYER_PATTERN, ModelLayout, TensorSlot, classify
-from ._lora import LoraAdapter, LoraModule
-from ._mergekit import recipe_to_mergekit
-from ._mergekit_read import model_refs, recipe_from_mergekit
-from ._recipe import ExpertParams, GroupRule, LoraMode, MergeRecipe, ModuleKind, RescalePolicy, Section
+from __future__ import annotations
 
-__all__ = [
-    "fixed_mmap_threshold",
-    "CheckpointReader",
-    "ExpertParams",
-    "GroupRule",
-    "KIND_PATTERNS",
-    "LAYER_PATTERN",
-    "LoraAdapter",
-    "LoraMode",
-    "LoraModule",
-    "MergeEngine",
-    "MergeError",
-    "MergeRecipe",
-    "MergeStats",
-    "ModelLayout",
-    "ModuleKind",
-    "RescalePolicy",
-    "Section",
-    "TensorSlot",
-    "VOCAB_POLICIES",
-    "VocabPolicy",
-    "atomic_dir",
-    "atomic_file",
-    "classify",
-    "model_refs",
-    "recipe_from_mergekit",
-    "recipe_to_mergekit",
-    "write_atomic",
-]
+from ._lazy import lazy_members
+
+# Loaded on first use (`merge._lazy`): submodule -> the public names it provides.
+__getattr__, __all__ = lazy_members(__name__, {
+    "._atomic": ["atomic_dir", "atomic_file", "write_atomic"],
+    "._compat": ["VOCAB_POLICIES", "VocabPolicy"],
+    "._allocator": ["fixed_mmap_threshold"],
+    "._engine": ["MergeEngine", "MergeStats"],
+    "._errors": ["MergeError"],
+    "._io": ["CheckpointReader"],
+    "._layout": ["KIND_PATTERNS", "LAYER_PATTERN", "ModelLayout", "TensorSlot", "classify"],
+    "._lora": ["LoraAdapter", "LoraModule"],
+    "._mergekit": ["recipe_to_mergekit"],
+    "._mergekit_read": ["model_refs", "recipe_from_mergekit"],
+    "._recipe": ["ExpertParams", "GroupRule", "LoraMode", "MergeRecipe", "ModuleKind", "RescalePolicy", "Section"],
+})

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ._compat import VocabPolicy, check_architecture, check_config_weights, check_tensors
+from ._allocator import trim
 from ._errors import MergeError
 from ._io import CheckpointReader, StagingBuffer, config_dtype, load_config, require_dir
 from ._layout import ModelLayout
@@ -167,7 +168,7 @@ class MergeEngine:
                 bar.update(1)
             full[ename] = deltas
         bar.close()
-        _trim()
+        trim()
         return cls(base_path, config, layout, base_t, full, adapters, paths, device, dtype, cache_device, compile)
 
     # ------------------------------------------------------------------ targets
@@ -316,7 +317,7 @@ class MergeEngine:
         state = (len(self._tables), seed)
         if state != self._trimmed_after:
             self._trimmed_after = state
-            _trim()
+            trim()
 
     @property
     def fused(self) -> bool:
@@ -604,44 +605,6 @@ def _load_adapter(folder: Path, label: str, shapes: Mapping[str, tuple[int, ...]
         if name not in shapes or tuple(tensor.shape) != tuple(shapes[name]):
             raise MergeError(f"{label}: saved module tensor {name} {tuple(tensor.shape)} does not match the base {shapes.get(name)}")
     return adapter
-
-
-_MMAP_THRESHOLD = 4 << 20
-
-
-def _libc() -> Any:
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def fixed_mmap_threshold() -> None:
-    """glibc: serve every allocation >= 4 MiB by its own mmap (returned to the OS when freed).
-
-    glibc raises its mmap threshold dynamically (up to 32 MiB) after large frees, so the per-tensor
-    temporaries of loading and table building (tensors of 1-32 MiB) were carved from the brk heap;
-    their holes between the long-lived task vectors stayed resident and the engine peaked at ~7.5x the
-    model instead of (experts + 2)x. A fixed threshold (M_MMAP_THRESHOLD = -3) turns that off. Chunk
-    work buffers are pooled, so the extra mmap/munmap calls are few. Process-wide (call it at a
-    program's edge, before loading: the CLI does); no-op off glibc.
-    """
-    libc = _libc()
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(-3, _MMAP_THRESHOLD)
-
-
-def _trim() -> None:
-    """Hand free heap pages back to the OS (glibc `malloc_trim`)."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 def _subtract(value: torch.Tensor, base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

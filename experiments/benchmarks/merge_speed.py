@@ -262,7 +262,8 @@ def in_child(fn: Callable[..., object], *args: object) -> object:
 
 def _zoo(size: str) -> Path | None:
     """A complete cached zoo of this size, never built here (building costs minutes of shared CPU)."""
-    from evomerge.experiments.zoo.build import _cache_key, default_zoo_dir, is_complete
+    from evomerge.experiments.zoo import is_complete
+    from evomerge.experiments.zoo.build import _cache_key, default_zoo_dir
 
     folder = default_zoo_dir(size, 0, "llama")
     return folder if is_complete(folder, _cache_key(size, 0, "llama", False)) else None

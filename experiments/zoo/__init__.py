@@ -8,28 +8,16 @@ It is the test data of the whole project (merge engine, scorers, search, demo). 
 >>> print(format_accuracy_table(load_manifest(zoo)))  # doctest: +SKIP
 >>> fixture = build_real_shape("qwen2.5")              # doctest: +SKIP  (real_shapes.py)
 """
-from .build import BUILDER_VERSION, ZooBuildError, build_zoo, default_zoo_dir
-from .evaluation import accuracy, exact_match
-from .manifest import format_accuracy_table, load_manifest
-from .real_shapes import FAMILIES, RealShapeError, build_real_shape, default_real_shape_dir
-from .sizes import ZOO_SIZES, ZooSize
-from .skills import SKILLS, read_jsonl
+from evomerge.merge._lazy import lazy_members
 
-__all__ = [
-    "BUILDER_VERSION",
-    "FAMILIES",
-    "RealShapeError",
-    "SKILLS",
-    "ZOO_SIZES",
-    "ZooBuildError",
-    "ZooSize",
-    "accuracy",
-    "build_real_shape",
-    "build_zoo",
-    "default_real_shape_dir",
-    "default_zoo_dir",
-    "exact_match",
-    "format_accuracy_table",
-    "load_manifest",
-    "read_jsonl",
-]
+# Loaded on first use (`merge._lazy`), so that the CLI, which registers the zoo commands, starts
+# without importing torch and transformers: submodule -> the public names it provides.
+__getattr__, __all__ = lazy_members(__name__, {
+    "._cache": ["ZooBuildError", "is_complete"],
+    ".build": ["BUILDER_VERSION", "build_zoo", "default_zoo_dir"],
+    ".evaluation": ["accuracy", "exact_match"],
+    ".manifest": ["format_accuracy_table", "load_manifest"],
+    ".real_shapes": ["FAMILIES", "RealShapeError", "build_real_shape", "default_real_shape_dir"],
+    ".sizes": ["ZOO_SIZES", "ZooSize"],
+    ".skills": ["SKILLS", "read_jsonl"],
+})

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from transformers import LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
-from .sizes import ZooSize
+from .sizes import ARCHS, ZooSize
 from .tokenizer import BOS_ID, EOS_ID, MODEL_VOCAB_SIZE, PAD_ID
-
-ARCHS = ("llama", "qwen2", "mistral")
 
 
 def make_config(arch: str, size: ZooSize, tie_word_embeddings: bool = False) -> PretrainedConfig:

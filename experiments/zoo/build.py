@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -28,10 +26,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from ._cache import ZooBuildError, build_cached, cache_root
 from .architecture import ARCHS, make_config
 from .arithmetic import task_arithmetic
 from .evaluation import accuracy
-from .manifest import load_manifest, write_manifest
+from .manifest import write_manifest
 from .sizes import ZOO_SIZES, ZooSize
 from .skills import COPY, SKILLS, Example, sample_unique, skill_rng, write_jsonl
 from .tokenizer import build_tokenizer
@@ -47,14 +46,6 @@ BUILD_THREADS = 1
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ZooBuildError(RuntimeError):
-    """A zoo cannot be built with the given arguments (bad size/arch, unwritable directory)."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge"))
-
-
 def default_zoo_dir(size: str, seed: int, arch: str, tie_word_embeddings: bool = False) -> Path:
     """``$EVOMERGE_CACHE/zoo/<size>-<arch>-seed<N>`` (``-tied`` appended for tied embeddings)."""
     return cache_root() / "zoo" / f"{size}-{arch}-seed{seed}{'-tied' if tie_word_embeddings else ''}"
@@ -64,28 +55,9 @@ def _cache_key(size: str, seed: int, arch: str, tie: bool) -> dict:
     return {"builder_version": BUILDER_VERSION, "size": size, "seed": seed, "arch": arch, "tie_word_embeddings": tie}
 
 
-def is_complete(zoo_dir: Path, key: dict) -> bool:
-    """Whether ``zoo_dir`` holds a finished zoo built with exactly ``key``."""
-    try:
-        m = load_manifest(zoo_dir)
-    except (OSError, ValueError):
-        return False
-    return all(m.get(k) == v for k, v in key.items())
-
-
 def derive_seed(seed: int, *keys: int) -> int:
     """A 32-bit seed that depends only on (seed, keys): one independent stream per model."""
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
-
-
-@contextmanager
-def _fixed_threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def build_zoo(
@@ -108,35 +80,10 @@ def build_zoo(
         raise ZooBuildError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
     out_dir = Path(out).expanduser().resolve() if out is not None else default_zoo_dir(size, seed, arch, tie_word_embeddings)
     key = _cache_key(size, seed, arch, tie_word_embeddings)
-    if not force and is_complete(out_dir, key):
-        return out_dir
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ZooBuildError(f"output path {out_dir} exists and is not a directory")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    except OSError as e:
-        raise ZooBuildError(f"cannot write zoo to {out_dir}: {e.strerror or e}") from e
-    try:
-        threads = int(os.environ.get("EVOMERGE_ZOO_THREADS", BUILD_THREADS))
-        with _fixed_threads(threads):
-            _build_into(tmp, out_dir, ZOO_SIZES[size], seed, arch, tie_word_embeddings, progress, key)
-        _publish(tmp, out_dir, key, force)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
-def _publish(tmp: Path, out_dir: Path, key: dict, force: bool) -> None:
-    """Move a finished build into place; an old or concurrent zoo is replaced/kept atomically."""
-    if out_dir.exists():
-        if not force and is_complete(out_dir, key):  # a concurrent build finished first
-            return
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, trash / "zoo")
-        shutil.rmtree(trash, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    return build_cached(
+        out_dir, key, lambda tmp: _build_into(tmp, out_dir, ZOO_SIZES[size], seed, arch, tie_word_embeddings, progress, key),
+        force=force, threads=int(os.environ.get("EVOMERGE_ZOO_THREADS", BUILD_THREADS)), error=ZooBuildError, what="zoo",
+    )
 
 
 # --------------------------------------------------------------------------- data
@@ -162,7 +109,7 @@ def _make_data(spec: ZooSize, seed: int) -> dict[str, dict[str, list[Example]]]:
 
 
 @contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """No per-save "Writing model shards" bars inside the build's own progress bar."""
     from transformers.utils import logging as hf_logging
 
@@ -177,7 +124,7 @@ def _quiet_transformers() -> Iterator[None]:
 
 def _save_hf(model: PreTrainedModel, tokenizer, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
 

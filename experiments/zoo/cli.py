@@ -6,9 +6,8 @@ from pathlib import Path
 
 import click
 
-from .architecture import ARCHS
 from .families import FAMILIES
-from .sizes import ZOO_SIZES
+from .sizes import ARCHS, ZOO_SIZES
 
 
 @click.group(name="zoo")
@@ -27,7 +26,8 @@ def zoo() -> None:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build(out: Path | None, size: str, seed: int, arch: str, tied: bool, force: bool, quiet: bool) -> None:
     """Build the zoo (or find it cached), print the accuracy table and the path."""
-    from .build import ZooBuildError, build_zoo
+    from ._cache import ZooBuildError
+    from .build import build_zoo
     from .manifest import format_accuracy_table, load_manifest
 
     try:

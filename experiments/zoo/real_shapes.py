@@ -35,8 +35,6 @@ and renamed into place when complete.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -45,7 +43,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ...merge import CheckpointReader
-from .build import LORA_TARGETS, ZooBuildError, _fixed_threads, _publish, _quiet_transformers, cache_root, derive_seed, is_complete
+from ._cache import ZooBuildError, build_cached, cache_root
+from .build import LORA_TARGETS, derive_seed, quiet_transformers
 from .families import FAMILIES, RealShape
 from .manifest import write_manifest
 from .skills import SKILLS, sample_unique, skill_rng, write_jsonl
@@ -118,24 +117,11 @@ def build_real_shape(
         raise RealShapeError(f"layers must be >= {minimum} for {family}, got {layers}")
     out_dir = Path(out).expanduser().resolve() if out is not None else default_real_shape_dir(family, layers, seed)
     key = {"real_shapes_version": REAL_SHAPES_VERSION, "family": family, "layers": layers, "seed": seed}
-    if not force and is_complete(out_dir, key):
-        return out_dir
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RealShapeError(f"output path {out_dir} exists and is not a directory")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    except OSError as e:
-        raise RealShapeError(f"cannot write fixture to {out_dir}: {e.strerror or e}") from e
-    try:
-        threads = int(os.environ.get("EVOMERGE_ZOO_THREADS", max(1, min(4, os.cpu_count() or 1))))
-        with _fixed_threads(threads):
-            _build_into(tmp, out_dir, shape, layers, seed, key, progress)
-        _publish(tmp, out_dir, key, force)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    threads = int(os.environ.get("EVOMERGE_ZOO_THREADS", max(1, min(4, os.cpu_count() or 1))))
+    return build_cached(
+        out_dir, key, lambda tmp: _build_into(tmp, out_dir, shape, layers, seed, key, progress),
+        force=force, threads=threads, error=RealShapeError, what="fixture",
+    )
 
 
 def _trained_params(model: PreTrainedModel) -> dict[str, torch.nn.Parameter]:
@@ -150,7 +136,7 @@ def _save(model: PreTrainedModel, tokenizer, path: Path) -> None:
     tensor, so ``save_pretrained`` writes them once and records the dtype as bfloat16.
     """
     model.to(torch.bfloat16)
-    with _quiet_transformers():
+    with quiet_transformers():
         model.save_pretrained(path, safe_serialization=True, max_shard_size=SHARD_SIZE)
     tokenizer.save_pretrained(path)
     model.to(torch.float32)

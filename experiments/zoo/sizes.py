@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+ARCHS = ("llama", "qwen2", "mistral")
+"""The base architectures a zoo can be built with (`architecture.make_config`)."""
+
 
 @dataclass(frozen=True)
 class PoolSpec:

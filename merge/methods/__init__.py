@@ -10,21 +10,16 @@ random masks from `mask_generator`:
     >>> method.merge(out, deltas, params, base=base, options=MethodOptions(), tables=tables, generator=None)
 """
 
-from ._base import MergeMethod
-from ._gta import release_workspace
-from ._magnitude import MagnitudeTable, prune_topk_
-from ._options import MethodOptions
-from ._registry import METHODS, get_method, mask_generator, mask_seed, mergekit_seed
+from __future__ import annotations
 
-__all__ = [
-    "METHODS",
-    "MagnitudeTable",
-    "MergeMethod",
-    "MethodOptions",
-    "get_method",
-    "mask_generator",
-    "mask_seed",
-    "mergekit_seed",
-    "prune_topk_",
-    "release_workspace",
-]
+from .._lazy import lazy_members
+
+# Loaded on first use (`merge._lazy`): submodule -> the public names it provides.
+__getattr__, __all__ = lazy_members(__name__, {
+    "._base": ["MergeMethod"],
+    "._gta": ["release_workspace"],
+    "._magnitude": ["MagnitudeTable", "prune_topk_"],
+    "._names": ["METHOD_NAMES"],
+    "._options": ["MethodOptions"],
+    "._registry": ["METHODS", "get_method", "mask_generator", "mask_seed", "mergekit_seed"],
+})

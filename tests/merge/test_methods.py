@@ -14,7 +14,7 @@ from mergekit.sparsify import magnitude_outliers as mk_magnitude_outliers
 
 from evomerge.merge._recipe import ExpertParams
 from evomerge.merge.methods import (
-    METHODS, MagnitudeTable, MergeMethod, MethodOptions, get_method, mask_generator, mask_seed, prune_topk_,
+    METHOD_NAMES, METHODS, MagnitudeTable, MergeMethod, MethodOptions, get_method, mask_generator, mask_seed, prune_topk_,
 )
 
 ALL = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
@@ -35,6 +35,7 @@ def run(name, deltas, params, *, base=None, options=MethodOptions(), tables=True
 
 def test_registry_has_every_method_with_consistent_metadata() -> None:
     assert sorted(METHODS) == sorted(ALL)
+    assert tuple(METHODS) == METHOD_NAMES  # the torch-free list the spec is checked against
     mergekit_names = {m.spec.name for m in mk_methods.registered_methods()}
     for name, method in METHODS.items():
         assert isinstance(method, MergeMethod) and method.name == name

@@ -19,7 +19,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from evomerge.search import read_records, storage_for
+from evomerge.search import pareto_mask, read_records, storage_for
 
 from ._resume_driver import drive
 
@@ -98,8 +98,13 @@ def test_sigkill_resume_keeps_trials_and_repeats_the_uninterrupted_run(tiny_zoo:
         got = by_candidate[ref.user_attrs["candidate"]]
         assert got.params == ref.params
         assert got.user_attrs["objectives"] == ref.user_attrs["objectives"]
-    front = lambda trials: sorted((t.user_attrs["candidate"], tuple(t.values)) for t in optuna.study._multi_objective._get_pareto_front_trials_by_trials(trials, [optuna.study.StudyDirection.MINIMIZE] * 2))  # noqa: E731
-    assert front(final) == front(reference)
+    assert _front(final) == _front(reference)
+
+
+def _front(trials: list) -> list[tuple[int, tuple[float, ...]]]:
+    """(candidate, values) of the non-dominated trials (both objectives minimized)."""
+    mask = pareto_mask([t.values for t in trials], ["minimize", "minimize"])
+    return sorted((t.user_attrs["candidate"], tuple(t.values)) for t, keep in zip(trials, mask) if keep)
 
 
 def test_sigkill_resume_of_an_optuna_sampler_requeues_running_trials(tiny_zoo: Path, tmp_path: Path) -> None:

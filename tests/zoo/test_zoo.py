@@ -22,7 +22,8 @@ from evomerge.experiments.zoo import (
     read_jsonl,
 )
 from evomerge.experiments.zoo.arithmetic import task_arithmetic
-from evomerge.experiments.zoo.build import BUILD_THREADS, is_complete
+from evomerge.experiments.zoo import is_complete
+from evomerge.experiments.zoo.build import BUILD_THREADS
 from evomerge.experiments.zoo.cli import zoo as zoo_cli
 from evomerge.experiments.zoo.tokenizer import BOS_ID, encode
 
