@@ -11,4 +11,7 @@ if ! command -v initdb >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bi
 fi
 bash scripts/setup-env.sh .venv test
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec .venv/bin/python -m pytest "$@"
+# One pytest worker per core, a test file per worker at a time (module fixtures are built once):
+# the suite is mostly single-threaded (CLI processes, optuna, small models). EVOMERGE_TEST_WORKERS=0
+# runs it in one process.
+exec .venv/bin/python -m pytest -n "${EVOMERGE_TEST_WORKERS:-auto}" --dist loadfile "$@"

@@ -23,58 +23,20 @@ the loop (`_loop`), the ledger (`_ledger`, `_journal`), the archive (`_pareto`, 
 exports (`_export`), and scale-out (`scaleout`: heartbeats, stale retries, the coordinator lease).
 """
 
-from ._export import export_results, export_trial_model, trial_recipe
-from ._ledger import MAX_DETAIL_ITEMS, Ledger, ObjectiveSpec, TrialRecord, read_records, storage_for
-from ._loop import SearchResult, run_search
-from ._optimizers import (
-    NEVERGRAD_OPTIMIZERS,
-    OPTUNA_SAMPLERS,
-    Candidate,
-    Failure,
-    GridSearch,
-    NevergradOptimizer,
-    Optimizer,
-    OptunaOptimizer,
-    RandomSearch,
-    ResumeError,
-    make_optimizer,
-)
-from ._pareto import ParetoArchive, ParetoPoint, hypervolume, pareto_mask
-from ._scalarize import Scalarization, to_losses
-from ._space import DEFAULT_BOUNDS, METHOD_KINDS, ParamKind, SearchSpace, SpaceTemplate
+from __future__ import annotations
 
-__all__ = [
-    "Candidate",
-    "DEFAULT_BOUNDS",
-    "Failure",
-    "GridSearch",
-    "Ledger",
-    "MAX_DETAIL_ITEMS",
-    "METHOD_KINDS",
-    "NEVERGRAD_OPTIMIZERS",
-    "NevergradOptimizer",
-    "OPTUNA_SAMPLERS",
-    "ObjectiveSpec",
-    "Optimizer",
-    "OptunaOptimizer",
-    "ParetoArchive",
-    "ParamKind",
-    "ParetoPoint",
-    "RandomSearch",
-    "ResumeError",
-    "Scalarization",
-    "SearchResult",
-    "SearchSpace",
-    "SpaceTemplate",
-    "TrialRecord",
-    "export_results",
-    "export_trial_model",
-    "hypervolume",
-    "make_optimizer",
-    "pareto_mask",
-    "read_records",
-    "run_search",
-    "storage_for",
-    "to_losses",
-    "trial_recipe",
-]
+from evomerge.merge._lazy import lazy_members
+
+# Loaded on first use (`merge._lazy`): submodule -> the public names it provides.
+__getattr__, __all__ = lazy_members(__name__, {
+    "._export": ["export_results", "export_trial_model", "trial_recipe"],
+    "._ledger": ["MAX_DETAIL_ITEMS", "Ledger", "ObjectiveSpec", "TrialRecord", "read_records", "storage_for"],
+    "._loop": ["SearchResult", "run_search"],
+    "._optimizers": [
+        "NEVERGRAD_OPTIMIZERS", "OPTUNA_SAMPLERS", "Candidate", "Failure", "GridSearch", "NevergradOptimizer",
+        "Optimizer", "OptunaOptimizer", "RandomSearch", "ResumeError", "make_optimizer",
+    ],
+    "._pareto": ["ParetoArchive", "ParetoPoint", "hypervolume", "pareto_mask"],
+    "._scalarize": ["Scalarization", "to_losses"],
+    "._space": ["DEFAULT_BOUNDS", "METHOD_KINDS", "ParamKind", "SearchSpace", "SpaceTemplate"],
+})
