@@ -49,7 +49,8 @@ def build_engine(spec: ExperimentSpec, *, progress: bool = True) -> "MergeEngine
 
 
 def build_objective(obj: ObjectiveSpec, *, seed: int, data: str | None = None) -> "Objective":
-    """One `Objective`; ``data`` replaces the calibration file with a held-out set (scored in full)."""
+    """One `Objective`; ``seed`` (the spec's ``data_seed``) draws its calibration subset; ``data``
+    replaces the calibration file with a held-out set (scored in full)."""
     from evomerge.objectives import CalibrationSet, LmEvalTask, Objective
 
     task = None if obj.lm_eval is None else LmEvalTask(**obj.lm_eval.model_dump())
@@ -78,9 +79,9 @@ def build_objectives(spec: ExperimentSpec, *, holdout: bool = False) -> list["Ob
     """The spec's objectives; with ``holdout`` the metric objectives read their held-out sets."""
     if holdout:
         # lm-eval tasks have no held-out set of their own here: re-scoring them would only repeat the search's numbers.
-        return [build_objective(o, seed=spec.seed, data=o.holdout) for o in spec.objectives
+        return [build_objective(o, seed=spec.data_seed, data=o.holdout) for o in spec.objectives
                 if o.holdout or (o.data is None and o.lm_eval is None)]
-    return [build_objective(o, seed=spec.seed) for o in spec.objectives]
+    return [build_objective(o, seed=spec.data_seed) for o in spec.objectives]
 
 
 def build_scorer(spec: ExperimentSpec, engine: "MergeEngine", objectives: list["Objective"]) -> "Scorer":

@@ -26,10 +26,12 @@ L1_OBJECTIVE = "l1"
 
 @dataclass(frozen=True)
 class LedgerObjective:
-    """Name and direction, what `evomerge.search.Ledger` needs of an objective."""
+    """Name and direction, what `evomerge.search.Ledger` needs of an objective, and whether it is
+    a cost (read from the merge statistics or the genome, not scored on a task)."""
 
     name: str
     direction: str
+    cost: bool = False
 
 
 def ledger_objectives(spec: ExperimentSpec, optimizer: OptimizerSpec) -> list[LedgerObjective]:
@@ -44,10 +46,26 @@ def ledger_objectives(spec: ExperimentSpec, optimizer: OptimizerSpec) -> list[Le
             direction = lm_eval_direction(LmEvalTask(**o.lm_eval.model_dump()))
         else:
             direction = "minimize" if o.metric in COSTS else METRICS[o.metric][1]
-        out.append(LedgerObjective(o.name, direction))
+        out.append(LedgerObjective(o.name, direction, cost=o.metric in COSTS))
     if optimizer.l1_penalty > 0:
-        out.append(LedgerObjective(L1_OBJECTIVE, "minimize"))
+        out.append(LedgerObjective(L1_OBJECTIVE, "minimize", cost=True))
     return out
+
+
+def _weights(objectives: Sequence[LedgerObjective], optimizer: OptimizerSpec) -> list[float]:
+    """One weight per objective: the spec's, else the mean over the task objectives (issue 16: a
+    cost such as the kept fraction, folded in with an equal weight, pulled single-objective
+    searches towards sparse merges that nobody asked for); costs count only when weighted."""
+    if optimizer.weights is not None:
+        weights = [optimizer.weights.get(o.name, 0.0) for o in objectives]
+    else:
+        tasks = [not o.cost for o in objectives]
+        if not any(tasks):  # nothing but costs: their mean is the only sensible fitness
+            tasks = [o.name != L1_OBJECTIVE for o in objectives]
+        weights = [1.0 / sum(tasks) if t else 0.0 for t in tasks]
+    if optimizer.l1_penalty > 0:
+        weights[-1] = optimizer.l1_penalty
+    return weights
 
 
 def scalarization(objectives: Sequence[LedgerObjective], optimizer: OptimizerSpec) -> "Scalarization | None":
@@ -56,14 +74,29 @@ def scalarization(objectives: Sequence[LedgerObjective], optimizer: OptimizerSpe
 
     if not optimizer.scalarized:
         return None
-    if optimizer.weights is None:
-        n_scored = len(objectives) - (optimizer.l1_penalty > 0)
-        weights = [1.0 / n_scored] * len(objectives)
-    else:
-        weights = [optimizer.weights.get(o.name, 0.0) for o in objectives]
-    if optimizer.l1_penalty > 0:
-        weights[-1] = optimizer.l1_penalty
-    return Scalarization(weights=tuple(weights))
+    return Scalarization(weights=tuple(_weights(objectives, optimizer)))
+
+
+def describe_scalar(objectives: Sequence[LedgerObjective], optimizer: OptimizerSpec) -> str | None:
+    """The one line the CLI prints at a stage's start, e.g. ``optimizing: mean(arith, rev)
+    (maximize); costs not weighted: kept``; None for optimizers that see the objective vector."""
+    if not optimizer.scalarized:
+        return None
+    weights = _weights(objectives, optimizer)
+    used = [(o, w) for o, w in zip(objectives, weights) if w != 0]
+    unweighted = [o.name for o, w in zip(objectives, weights) if w == 0 and o.cost]
+    ignored = [o.name for o, w in zip(objectives, weights) if w == 0 and not o.cost]
+    equal = len({w for _, w in used}) == 1
+    directions = {o.direction for o, _ in used}
+    if equal and len(directions) == 1:
+        names = ", ".join(o.name for o, _ in used)
+        text = f"{names if len(used) == 1 else f'mean({names})'} ({directions.pop()})"
+    else:  # a weighted sum of losses: maximized objectives enter negated
+        terms = [f"{w:g}*{'-' if o.direction == 'maximize' else ''}{o.name}" for o, w in used]
+        text = f"{' + '.join(terms)} (minimize)"
+    notes = [f"costs not weighted: {', '.join(unweighted)}"] if unweighted else []
+    notes += [f"not weighted: {', '.join(ignored)}"] if ignored else []
+    return "; ".join([f"optimizing: {text}", *notes])
 
 
 class PenalizedScorer:

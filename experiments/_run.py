@@ -27,7 +27,7 @@ from evomerge.merge import write_atomic
 from ._build import build_engine, build_objectives, build_scorer, build_space
 from ._compare import holdout_scores, single_model_recipes
 from ._errors import UserError, first_line
-from ._fitness import PenalizedScorer, constraint_function, ledger_objectives, scalarization
+from ._fitness import PenalizedScorer, constraint_function, describe_scalar, ledger_objectives, scalarization
 from ._inspect import GRID_STAGE, format_table, load_view, main_stage, recipe_of, status_text
 from ._mergekit_in import baseline_recipes, check_mergekit_files, start_from_mergekit
 from ._preflight import preflight, report_remote_code
@@ -270,6 +270,9 @@ def _run_stage(
         click.echo(f"stage {stage.name}: the built-in uniform grid baseline ({stage.budget.evaluations} recipes)")
     else:
         click.echo(f"stage {stage.name}: {optimizer_spec.factory_name} over {space.dim} parameters")
+        scalar = describe_scalar(ledger_objectives(spec, optimizer_spec), optimizer_spec)
+        if scalar is not None:
+            click.echo(scalar)
     done_before = len(ledger.finished())
     events.emit("stage_start", stage=stage.name, optimizer=optimizer_spec.factory_name, parameters=space.dim,
                 budget=stage.budget.model_dump(), finished_before=done_before, elapsed_before=round(before, 3))

@@ -26,7 +26,7 @@ from evomerge.merge import write_atomic
 
 from ._errors import UserError
 from ._spec import ExperimentSpec
-from ._spec_io import SpecError, load_spec
+from ._spec_io import SpecError, read_yaml, validate_spec
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,11 @@ class RunDir:
         if not self.exists():
             raise UserError(f"{self.path}: not a run folder (no spec.yaml); start one with `evomerge run SPEC`")
         try:
-            return load_spec(self.spec_file, check_paths=check_paths)
+            data = read_yaml(self.spec_file, str(self.spec_file))
+            # a run folder from before `data_seed` existed drew its calibration subsets with
+            # `seed`; resuming it must score the same items
+            data.setdefault("data_seed", data.get("seed", 0))
+            return validate_spec(data, root=self.spec_file.resolve().parent, label=str(self.spec_file), check_paths=check_paths)
         except SpecError as exc:
             raise UserError(f"{self.path}: the run's spec.yaml no longer validates ({exc})") from None
 

@@ -283,8 +283,8 @@ class ObjectiveSpec(_Strict):
     direction: Literal["maximize", "minimize"] | None = None
     """Default: the metric's natural direction (accuracy up, loss and kept fraction down)."""
     size: int | None = Field(None, ge=1)
-    """Score candidates on a fixed, seeded subset of this many items (all when unset); the
-    held-out check always uses every item of ``holdout``."""
+    """Score candidates on a fixed subset of this many items drawn by the spec's ``data_seed``
+    (all when unset); the held-out check always uses every item of ``holdout``."""
     extract: Literal["strip", "first_line", "last_number", "regex"] = "strip"
     pattern: str | None = None
     normalization: Literal["sum", "mean"] = "sum"
@@ -393,8 +393,8 @@ class OptimizerSpec(_Strict):
     """Keyword arguments of the sampler / optimizer (e.g. population_size for nsga2)."""
     weights: dict[str, float] | None = None
     """Scalarization (weighted sum of losses): objective name -> weight; unnamed objectives get 0.
-    Unset: the mean over the objectives. Single-objective optimizers (nevergrad, optuna cmaes)
-    always see this one loss."""
+    Unset: the mean over the task objectives (costs such as kept_fraction count only when
+    weighted here). Single-objective optimizers (nevergrad, optuna cmaes) always see this one loss."""
     l1_penalty: float = Field(0.0, ge=0.0)
     """Adds ``l1_penalty x mean |genome|`` to the scalarized fitness (Evo-Merging, LoraHub)."""
 
@@ -469,6 +469,10 @@ class ExperimentSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     seed: Seed = 0
+    """Seeds the optimizer (sampler, nevergrad, baselines) and the DARE/DELLA masks, never the data."""
+    data_seed: Seed = 0
+    """Draws the calibration subsets (``size:``), apart from ``seed``: runs that differ only in
+    ``seed`` score the same items, so comparing seeds compares optimizers, not data."""
     models: ModelsSpec
     space: SpaceSpec | None = None
     objectives: list[ObjectiveSpec] = Field(min_length=1)

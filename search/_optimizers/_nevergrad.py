@@ -51,17 +51,21 @@ class NevergradOptimizer(CoordinatedOptimizer):
         self.name = f"nevergrad:{optimizer}"
 
     def _start(self, space: "SearchSpace", seed: int, budget: int | None, batch_size: int) -> Any:
-        import nevergrad as ng
-
         if self.optimizer == "NgIohTuned" and budget is None:
             raise ValueError("NgIohTuned chooses its algorithm from the budget; give budget_evals")
-        low, high = space.bounds
-        # sigma per coordinate: a sixth of its range, so a density in [0.05, 1] and a weight in
-        # [-1.5, 1.5] are explored at the same relative scale (nevergrad's default is 1.0)
-        param = ng.p.Array(init=space.x0, lower=low, upper=high).set_mutation(sigma=(high - low) / 6)
-        param.random_state = np.random.RandomState(seed)
-        opt = ng.optimizers.registry[self.optimizer](parametrization=param, budget=budget, num_workers=batch_size)
-        opt.enable_pickling()  # meta-optimizers pick their inner class now, not at the first ask
+        opt = self._fresh(space, seed, budget, batch_size)
+        # The first candidate is the space's starting point, exactly, for every class: CMA, DE and
+        # PSO would otherwise sample their first population around it. nevergrad's public
+        # `suggest` makes the next ask return it (told as a candidate the optimizer did not ask,
+        # which every listed class accepts). Classes that ask it first by themselves (OnePlusOne,
+        # what NgIohTuned picks for small budgets) would then ask it twice, so a twin of the same
+        # seed is asked first to tell which. Both are functions of the seed alone, so a resume's
+        # replay (a fresh backend, `CoordinatedOptimizer`) makes the same choice.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            natural = np.asarray(self._fresh(space, seed, budget, batch_size).ask().value, dtype=float)
+        if not np.array_equal(natural, space.x0):
+            opt.suggest(space.x0)
         inner = getattr(opt, "optim", opt)  # the class a CMA meta-optimizer picked
         if hasattr(type(inner), "es"):
             # CMA builds its evolution strategy (and imports ``cma``, about 20 ms) on the first
@@ -70,11 +74,37 @@ class NevergradOptimizer(CoordinatedOptimizer):
             inner.es  # noqa: B018
         return opt
 
+    def _fresh(self, space: "SearchSpace", seed: int, budget: int | None, batch_size: int) -> Any:
+        """A new backend of this class on the space's box, seeded, starting at ``space.x0``."""
+        import nevergrad as ng
+
+        low, high, x0 = *space.bounds, space.x0
+        # sigma per coordinate: a sixth of its range, so a density in [0.05, 1] and a weight in
+        # [-1.5, 1.5] are explored at the same relative scale (nevergrad's default is 1.0), and
+        # x0 +- 3 sigma spans the box from its centre (pycma's guidance for sigma0)
+        sigma = (high - low) / 6
+        if self.optimizer == "CMA":
+            # On a bounded parametrization nevergrad's CMA shrinks that step 3-7 fold (and picks
+            # its variant itself), so its first populations huddled around x0 (issue 16). Plain
+            # CMA-ES (nevergrad's public `ParametrizedCMA`, scale 1) on the unbounded array steps
+            # exactly sigma, and pycma's own bound handling (its documented `bounds` option, in
+            # the standardized coordinates (x - x0) / sigma) keeps candidates in the box.
+            param = ng.p.Array(init=x0).set_mutation(sigma=sigma)
+            cls = ng.families.ParametrizedCMA(inopts={"bounds": [list((low - x0) / sigma), list((high - x0) / sigma)]})
+        else:
+            param = ng.p.Array(init=x0, lower=low, upper=high).set_mutation(sigma=sigma)
+            cls = ng.optimizers.registry[self.optimizer]
+        param.random_state = np.random.RandomState(seed)
+        opt = cls(parametrization=param, budget=budget, num_workers=batch_size)
+        opt.enable_pickling()  # meta-optimizers pick their inner class now, not at the first ask
+        return opt
+
     def _propose(self, space: "SearchSpace") -> tuple[Any, Proposal]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # budget / worker-count notices, once per ask otherwise
             cand = self._backend.ask()
-        x = np.asarray(cand.value, dtype=float)
+        low, high = space.bounds
+        x = np.clip(np.asarray(cand.value, dtype=float), low, high)  # pycma's bounds, to the last bit
         return cand, Proposal(params=space.describe(x), distributions=genome_distributions(space), x=x)
 
     def _observe(self, token: Any, losses: np.ndarray | None) -> None:

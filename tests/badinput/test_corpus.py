@@ -217,6 +217,11 @@ def seed_not_a_number(d, w):
     return _run(d, w, lambda s: s.__setitem__("seed", "abc"))
 
 
+@case("data_seed")
+def data_seed_negative(d, w):
+    return _run(d, w, lambda s: s.__setitem__("data_seed", -3))
+
+
 @case("seed")
 def seed_fractional(d, w):
     return _run(d, w, lambda s: s.__setitem__("seed", 1.5))

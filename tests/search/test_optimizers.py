@@ -15,6 +15,7 @@ from evomerge.experiments._signals import SignalLog
 from evomerge.merge import MergeRecipe
 from evomerge.objectives import TransformersScorer
 from evomerge.search import (
+    NEVERGRAD_OPTIMIZERS,
     GridSearch,
     Ledger,
     Scalarization,
@@ -59,6 +60,33 @@ def test_each_optimizer_runs_a_real_multi_objective_search(problem, spec: str, t
         assert len(t.user_attrs["details"]["rev_loss"]) == 4
     assert result.archive.front and result.archive.hypervolume() > 0
     assert ledger.study.user_attrs["reference_point"] == result.archive.reference_point
+    if spec.startswith("nevergrad:"):  # issue 16: the first candidate is the starting point, exactly
+        assert np.array_equal(space.from_params(trials[0].params), space.x0)
+        assert not np.array_equal(space.from_params(trials[1].params), space.x0)
+
+
+def test_every_listed_nevergrad_optimizer_asks_the_starting_point_first(problem, tmp_path: Path) -> None:
+    """Every class the spec lists (NEVERGRAD_OPTIMIZERS), single- and multi-objective: the first
+    ask is x0 exactly (CMA, DE and PSO would sample around it), and its result is accepted."""
+    _, scorer, space = problem
+    for name in NEVERGRAD_OPTIMIZERS:
+        for scal in (None, Scalarization(weights=(1.0, 0.0))):
+            ledger = _ledger(tmp_path / f"{name}-{scal is None}", scorer, space, scalarization=scal)
+            optimizer = make_optimizer(f"nevergrad:{name}")
+            optimizer.bind(space, ledger, budget=8)
+            first, second = optimizer.ask(1)[0], None
+            assert np.array_equal(first.x, space.x0), name
+            optimizer.tell(first, [1.0, 2.0])
+            second = optimizer.ask(1)[0]
+            assert second.x is not None and not np.array_equal(second.x, space.x0), name
+
+    # CMA's step is chosen from the bounds: its first populations spread a sixth of each range
+    cma = make_optimizer("nevergrad:CMA")
+    cma.bind(space, _ledger(tmp_path / "cma-step", scorer, space, scalarization=Scalarization()), budget=100)
+    xs = np.array([c.x for c in cma.ask(60)[1:]])
+    low, high = space.bounds
+    assert np.all((xs >= low) & (xs <= high))
+    assert 0.12 < float(np.mean(xs.std(axis=0) / (high - low))) < 0.2
 
 
 def test_grid_baseline_walks_task_arithmetic_and_ties_coefficients(problem, tmp_path: Path) -> None:
