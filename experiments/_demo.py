@@ -19,6 +19,7 @@ import click
 from ._rundir import RunDir
 
 if TYPE_CHECKING:
+    from ._runlog import Display
     from ._signals import SignalLog
 
 PRESET = "pareto-layerwise"
@@ -55,7 +56,8 @@ def _verdict(comparison: dict) -> list[str]:
 QUICK = {"size": "tiny", "minutes": 2.0, "trials": 12}
 
 
-def run_demo(size: str, run_dir: Path, minutes: float, trials: int | None = None, *, signals: "SignalLog") -> int:
+def run_demo(size: str, run_dir: Path, minutes: float, trials: int | None = None, *, display: "Display",
+             signals: "SignalLog") -> int:
     """Run the demo; returns the exit status (130/143 when interrupted: rerun to continue).
 
     ``trials`` caps the search's evaluations (default: the preset's 200); ``minutes`` caps its time.
@@ -76,7 +78,7 @@ def run_demo(size: str, run_dir: Path, minutes: float, trials: int | None = None
     overrides = [f"models.zoo.size={size}", f"budget.wall_clock={minutes * 60:.0f}"]
     if trials is not None:
         overrides.append(f"budget.evaluations={trials}")
-    code = start(spec=None, preset=PRESET, run_dir=run_dir, overrides=overrides, progress=True, signals=signals)
+    code = start(spec=None, preset=PRESET, run_dir=run_dir, overrides=overrides, display=display, signals=signals)
     if code != 0:
         return code
 

@@ -105,7 +105,8 @@ def front_text(run_dir: Path, *, stage: str | None = None, fmt: str = "table") -
         members = []
         for number in view.front:
             t = view.trial(number)
-            members.append({"trial": number, "values": t.values, "mean_task": view.mean_score(t)})
+            members.append({"trial": number, "values": t.values,
+                            "means": {kind: view.mean_of(t, kind) for kind in view.mean_columns()}})
         return json.dumps(members, indent=2)
     if fmt == "csv":
         buf = io.StringIO()

@@ -31,8 +31,10 @@ def _png(fig: "plt.Figure") -> bytes:
 
 
 def front_pairs(view: "RunView", max_pairs: int = 6) -> bytes | None:
-    """Every pair of objectives: all trials in grey, the Pareto front highlighted, references marked."""
-    names = view.objective_names
+    """Every pair of objectives that vary (`RunView.varying_objectives`): all trials in grey, the
+    Pareto front highlighted, references marked."""
+    names = [n for n, _ in view.varying_objectives]
+    directions = [d for _, d in view.varying_objectives]
     done = view.completed
     if len(names) < 2 or not done:
         return None
@@ -51,8 +53,8 @@ def front_pairs(view: "RunView", max_pairs: int = 6) -> bytes | None:
         for ref in view.references:
             if names[i] in ref.values and names[j] in ref.values:
                 ax.scatter([ref.values[names[i]]], [ref.values[names[j]]], marker="*", s=90, label=ref.name)
-        ax.set_xlabel(f"{names[i]} ({view.directions[i][:3]})")
-        ax.set_ylabel(f"{names[j]} ({view.directions[j][:3]})")
+        ax.set_xlabel(f"{names[i]} ({directions[i][:3]})")
+        ax.set_ylabel(f"{names[j]} ({directions[j][:3]})")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(pairs):]:
         ax.axis("off")
@@ -75,13 +77,13 @@ def hypervolume_curve(view: "RunView") -> bytes | None:
 
 
 def best_so_far(view: "RunView") -> bytes | None:
-    """Best value of each objective over trials (one panel per objective)."""
+    """Best value of each objective that varies over trials (one panel per objective)."""
     done = view.completed
-    if not done:
+    varying = view.varying_objectives
+    if not done or not varying:
         return None
-    names = view.objective_names
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
-    for ax, name, direction in zip(axes.flat, names, view.directions):
+    fig, axes = plt.subplots(1, len(varying), figsize=(3.2 * len(varying), 2.8), squeeze=False)
+    for ax, (name, direction) in zip(axes.flat, varying):
         best, xs, ys = None, [], []
         for t in done:
             v = t.values[name]
@@ -93,6 +95,49 @@ def best_so_far(view: "RunView") -> bytes | None:
         ax.set_xlabel("trial", fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle("best so far per objective")
+    return _png(fig)
+
+
+TIMING_PHASES = ("merge", "swap", "inference")
+"""The scorer's phases of one evaluation (`evomerge.objectives.Scorer`), each a panel."""
+
+
+def trial_timings(view: "RunView") -> bytes | None:
+    """Seconds per phase (merge, swap, inference) of every finished trial: where the time goes,
+    and whether some candidates are much slower than others."""
+    finished = [t for t in view.trials if t.state in ("complete", "failed") and t.timings]
+    phases = [p for p in TIMING_PHASES if any(p in t.timings for t in finished)]
+    if not phases:
+        return None
+    fig, axes = plt.subplots(1, len(phases), figsize=(3.6 * len(phases), 2.8), squeeze=False)
+    for ax, phase in zip(axes.flat, phases):
+        for state, color in (("complete", "#1f77b4"), ("failed", "#d62728")):
+            points = [(t.number, t.timings[phase]) for t in finished if t.state == state and phase in t.timings]
+            if points:
+                ax.scatter(*zip(*points), s=10, c=color, label=state)
+        ax.set_title(f"{phase} (s)", fontsize=9)
+        ax.set_xlabel("trial", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7, loc="best")
+    fig.suptitle("seconds per trial and phase", y=1.04)
+    return _png(fig)
+
+
+def trial_memory(samples: list[tuple[int, dict[str, float]]]) -> bytes | None:
+    """Memory after each trial (MiB), as events.jsonl records it: resident set, its peak, and the
+    CUDA allocator's per-trial peak when a GPU is used; a creeping line is a leak."""
+    keys = [k for k in ("rss_mib", "peak_rss_mib", "cuda_peak_mib") if any(k in m for _, m in samples)]
+    if not keys:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for key in keys:
+        points = [(n, m[key]) for n, m in samples if key in m]
+        ax.plot(*zip(*points), marker=".", label=key.removesuffix("_mib").replace("_", " "))
+    ax.set_xlabel("trial")
+    ax.set_ylabel("MiB")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("memory after each trial")
     return _png(fig)
 
 

@@ -10,12 +10,15 @@ import base64
 import html
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from evomerge.merge import write_atomic
 
 from . import _plots
 from ._results import RunView, format_value
+from ._rundir import RunDir
+from ._runlog import read_events
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -42,15 +45,20 @@ def _img(png: bytes | None, alt: str) -> str:
     return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}"></p>'
 
 
+def _section(key: str, title: str, *body: str) -> str:
+    """One ``<section>`` with an id (what the report's test finds in the rendered page)."""
+    return f'<section id="{key}"><h2>{html.escape(title)}</h2>' + "".join(body) + "</section>"
+
+
 def _summary(view: RunView) -> str:
-    s = view.summary()
-    rows = [[k, v] for k, v in s.items()]
-    return _table(["", ""], rows)
+    """Status, trials, elapsed, what stopped the run, front size, hypervolume with its reference point."""
+    return _section("summary", "Summary", _table(["", ""], [[k, v] for k, v in view.summary().items()]))
 
 
-def _front_table(view: RunView) -> str:
-    header, rows = view.front_rows()
-    return _table(header, rows)
+def _compared(labels: list[str]) -> list[str]:
+    """What a comparison table holds, in words, from its row labels (`finish_run` names them)."""
+    kinds = [("searched", "merged"), ("expert:", "experts"), ("mergekit:", "mergekit baselines"), ("uniform grid", "uniform grid")]
+    return [word for prefix, word in kinds if any(label.startswith(prefix) for label in labels)]
 
 
 def _comparison(view: RunView) -> str:
@@ -58,7 +66,8 @@ def _comparison(view: RunView) -> str:
         return ""
     header, rows, best = view.comparison_rows()
     note = html.escape(view.comparison.get("note", ""))
-    return f"<h2>Merged vs. experts vs. uniform grid</h2><p class=muted>{note}</p>" + _table(header, rows, best)
+    title = " vs. ".join(_compared(list(view.comparison["scores"]))).capitalize() + " (held-out sets)"
+    return _section("comparison", title, f"<p class=muted>{note}</p>", _table(header, rows, best))
 
 
 def _references(view: RunView) -> str:
@@ -67,8 +76,42 @@ def _references(view: RunView) -> str:
         return ""
     names = view.objective_names
     rows = [[ref.name, *(format_value(ref.values.get(n)) for n in names)] for ref in view.references]
-    return ("<h2>Reference models on the search's objectives</h2><p class=muted>The base, each expert, the "
-            "mergekit baselines of the spec and the grid's best, scored like every trial.</p>" + _table(["model", *names], rows))
+    shown = ["the base" if any(r.name == "base" for r in view.references) else "",
+             *(word for word in _compared([r.name for r in view.references]) if word != "merged")]
+    what = ", ".join(w for w in shown if w)
+    return _section("references", "Reference models on the search's objectives",
+                    f"<p class=muted>{html.escape(what.capitalize())}, scored like every trial.</p>",
+                    _table(["model", *names], rows))
+
+
+def _constants(view: RunView) -> str:
+    """One line per objective that never changed (no panel for a flat line)."""
+    constant = view.constant_objectives
+    if not constant:
+        return ""
+    items = "".join(f"<li>{html.escape(n)} = {format_value(v)} in all {len(view.completed)} completed trials</li>"
+                    for n, v in constant.items())
+    return _section("constant-objectives", "Objectives that never changed", f"<ul>{items}</ul>")
+
+
+def _timings(view: RunView) -> str:
+    """Per-trial merge / swap / inference seconds (plot) and their medians (table)."""
+    png = _plots.trial_timings(view)
+    if png is None:
+        return ""
+    finished = [t for t in view.trials if t.timings]
+    phases = [p for p in (*_plots.TIMING_PHASES, "total") if any(p in t.timings for t in finished)]
+    medians = [[p, format_value(float(np.median([t.timings[p] for t in finished if p in t.timings])))] for p in phases]
+    return _section("timings", "Time per trial", _img(png, "seconds per trial and phase"),
+                    _table(["phase", "median seconds"], medians))
+
+
+def _memory(view: RunView) -> str:
+    """Memory after each trial, when the run's events.jsonl recorded it."""
+    samples = [(int(e["trial"]), e["memory"]) for e in read_events(RunDir(view.run_dir).events_file)
+               if e["event"] == "trial" and e.get("stage") == view.stage and isinstance(e.get("memory"), dict)]
+    png = _plots.trial_memory(samples)
+    return "" if png is None else _section("memory", "Memory", _img(png, "memory after each trial"))
 
 
 def render(view: RunView) -> str:
@@ -80,22 +123,22 @@ def render(view: RunView) -> str:
         f"<style>{_CSS}</style></head><body>",
         f"<h1>evomerge run: {html.escape(view.name)}</h1>",
         f"<p class=muted>{html.escape(view.spec.description)}</p>",
-        "<h2>Summary</h2>",
         _summary(view),
         _comparison(view),
         _references(view),
-        "<h2>Pareto front</h2>",
-        _front_table(view),
-        _img(_plots.front_pairs(view), "objective pairs"),
-        _img(_plots.hypervolume_curve(view), "hypervolume"),
-        _img(_plots.best_so_far(view), "best so far"),
+        _section("front", "Pareto front", _table(*view.front_rows()), _img(_plots.front_pairs(view), "objective pairs"),
+                 _img(_plots.hypervolume_curve(view), "hypervolume"), _img(_plots.best_so_far(view), "best so far")),
+        _constants(view),
+        _timings(view),
+        _memory(view),
     ]
     if best is not None:
-        parts += [f"<h2>Coefficients of trial {best} (best mean score)</h2>", _img(_plots.layer_profile(view, best), "profile")]
+        parts.append(_section("profile", f"Coefficients of trial {best} (best mean task {view.headline_kind})",
+                              _img(_plots.layer_profile(view, best), "profile")))
+    if view.failed:
+        parts.append(_section("failed", "Failed trials", _table(["trial", "reason"], [[str(t.number), t.failure or ""] for t in view.failed])))
     parts += [
-        "<h2>Failed trials</h2>" if view.failed else "",
-        _table(["trial", "reason"], [[str(t.number), t.failure or ""] for t in view.failed]) if view.failed else "",
-        f"<h2>Spec</h2><details><summary>resolved spec</summary><pre>{html.escape(spec_yaml)}</pre></details>",
+        _section("spec", "Spec", f"<details><summary>resolved spec</summary><pre>{html.escape(spec_yaml)}</pre></details>"),
         f"<p class=muted>run folder: {html.escape(str(view.run_dir))}</p></body></html>",
     ]
     return "\n".join(p for p in parts if p)

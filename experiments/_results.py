@@ -8,6 +8,8 @@ in progress in another process, and a run copied from a GPU box to a laptop.
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,10 +76,28 @@ class RunView:
 
     @property
     def task_objectives(self) -> list[str]:
-        """Objectives measured on data (the ones whose mean is "the average of the skills")."""
+        """Objectives measured on data (costs such as ``kept_fraction`` are not skills)."""
         from evomerge.objectives import COSTS
 
         return [o.name for o in self.spec.objectives if o.metric not in COSTS]
+
+    @property
+    def task_groups(self) -> dict[str, list[str]]:
+        """Task objectives by kind: ``score`` (maximized: accuracies, lm-eval metrics) and ``loss``
+        (minimized). A mean is only taken within one kind: averaging an accuracy with a negated
+        loss gives a number (``-2.125``) that means nothing."""
+        direction = dict(self.objectives)
+        groups: dict[str, list[str]] = {}
+        for name in self.task_objectives:
+            if name in direction:
+                groups.setdefault("score" if direction[name] == "maximize" else "loss", []).append(name)
+        return groups
+
+    @property
+    def headline_kind(self) -> str | None:
+        """The kind whose mean ranks candidates: scores when there are any, else losses."""
+        groups = self.task_groups
+        return "score" if "score" in groups else ("loss" if "loss" in groups else None)
 
     @property
     def completed(self) -> list[TrialRecord]:
@@ -94,26 +114,50 @@ class RunView:
     def hypervolume(self) -> float:
         return self.hv_history[-1][1] if self.hv_history else 0.0
 
-    def mean_score(self, trial: TrialRecord) -> float:
-        """Mean of the task objectives, each as "higher is better" (minimized ones negated)."""
-        return self.mean_of(trial.values)
-
-    def mean_of(self, values: Mapping[str, float]) -> float:
-        """`mean_score` of objective values (a trial's, or its re-scored ones)."""
-        signs = {n: (1.0 if d == "maximize" else -1.0) for n, d in zip(self.objective_names, self.directions)}
-        vals = [signs[n] * values[n] for n in self.task_objectives if n in values]
+    def mean_of(self, trial: TrialRecord, kind: str) -> float:
+        """Mean of the trial's task objectives of one kind (`task_groups`), in their own units."""
+        vals = [trial.values[n] for n in self.task_groups.get(kind, []) if n in trial.values]
         return float(np.mean(vals)) if vals else float("nan")
+
+    def headline(self, values: Mapping[str, float]) -> float:
+        """The ranking score of objective values (a trial's, or its re-scored ones): the mean of
+        the headline kind, higher is better (a mean loss negated)."""
+        kind = self.headline_kind
+        vals = [values[n] for n in self.task_groups.get(kind, []) if n in values] if kind else []
+        return (1.0 if kind == "score" else -1.0) * float(np.mean(vals)) if vals else float("nan")
 
     def pick_pool(self) -> list[TrialRecord]:
         """Where the headline candidate is chosen: the completed front members (all completed
         trials when the front is empty); none without task objectives."""
-        done = [t for t in self.completed if self.task_objectives]
+        done = self.completed if self.headline_kind is not None else []
         return [t for t in done if t.number in set(self.front)] or done
 
     def best_mean_trial(self) -> int | None:
-        """The completed trial with the best mean task score (the headline candidate)."""
-        pool = self.pick_pool()
-        return max(pool, key=lambda t: (self.mean_score(t), -t.number)).number if pool else None
+        """The completed trial with the best mean of the headline kind (the headline candidate):
+        the highest mean score, or, for a run of losses only, the lowest mean loss."""
+        kind = self.headline_kind
+        done = self.completed
+        if kind is None or not done:
+            return None
+        pool = [t for t in done if t.number in set(self.front)] or done
+        sign = 1.0 if kind == "score" else -1.0
+        return max(pool, key=lambda t: (sign * self.mean_of(t, kind), -t.number)).number
+
+    @property
+    def constant_objectives(self) -> dict[str, float]:
+        """Objectives whose value never changed over the completed trials (name -> the value): a
+        plot of them shows nothing, so the report gives each one line instead of a panel."""
+        done = self.completed
+        if len(done) < 2:
+            return {}
+        return {n: done[0].values[n] for n in self.objective_names
+                if all(n in t.values and t.values[n] == done[0].values[n] for t in done)}
+
+    @property
+    def varying_objectives(self) -> list[tuple[str, str]]:
+        """(name, direction) of the objectives worth a panel (not `constant_objectives`)."""
+        constant = self.constant_objectives
+        return [(n, d) for n, d in self.objectives if n not in constant]
 
     def best_per_objective(self) -> dict[str, tuple[float, int]]:
         out: dict[str, tuple[float, int]] = {}
@@ -129,56 +173,143 @@ class RunView:
     def budget(self) -> dict[str, Any]:
         return dict(self.state.get("budgets", {}).get(self.stage, {}))
 
+    def process_gone(self) -> bool:
+        """Whether the state says "running" but its process is known to be dead (this host, no
+        such pid): a SIGKILL or an out-of-memory kill leaves no other trace."""
+        pid, host = self.state.get("pid"), self.state.get("host")
+        if self.state.get("status") != "running" or not pid or host != socket.gethostname():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    @property
+    def running(self) -> bool:
+        """Whether this stage is being searched right now (as far as this machine can tell)."""
+        return self.state.get("status") == "running" and self.state.get("stage") == self.stage and not self.process_gone()
+
     @property
     def elapsed(self) -> float:
-        """Search seconds spent in this stage, over all resumes."""
-        return float(self.state.get("elapsed", {}).get(self.stage, 0.0))
+        """Search seconds spent in this stage, over all resumes, up to now while it runs (a trial
+        in flight counts: a slow first trial must not read as ``elapsed 0s``)."""
+        stored = float(self.state.get("elapsed", {}).get(self.stage, 0.0))
+        started = self.state.get("stage_started")
+        if self.running and started is not None:
+            live = float(self.state.get("stage_elapsed_before", 0.0)) + time.time() - float(started)
+            return max(stored, live)
+        return stored
+
+    @property
+    def n_finished(self) -> int:
+        return len(self.completed) + len(self.failed)
 
     def eta_seconds(self) -> float | None:
-        """Time left: the sooner of the evaluation budget (at the observed rate) and the wall clock."""
-        budget = self.budget
-        elapsed = self.elapsed
-        n = len(self.completed) + len(self.failed)
+        """Time left while the stage runs: the sooner of the evaluation budget (at the rate
+        observed over the same elapsed time `summary` shows) and the wall clock; None when the
+        stage is not running or nothing bounds it yet."""
+        if not self.running:
+            return None
+        budget, elapsed, n = self.budget, self.elapsed, self.n_finished
         limits = []
         if budget.get("evaluations") and n:
             limits.append(max(budget["evaluations"] - n, 0) * elapsed / n)
         if budget.get("wall_clock"):
             limits.append(max(budget["wall_clock"] - elapsed, 0.0))
-        if self.state.get("status") == "done" or self.stage in self.state.get("stages_done", []):
-            return 0.0
         return min(limits) if limits else None
+
+    @property
+    def stop_reason(self) -> tuple[str, str | None] | None:
+        """(reason, detail) of what stopped this stage, or the run while in it; None while running.
+        Reasons: ``evaluations`` / ``wall_clock`` (a budget spent), ``exhausted`` (the optimizer
+        had no candidate left), ``signal`` (SIGINT/SIGTERM), ``error``, ``killed`` (the process
+        vanished)."""
+        stop = self.state.get("stop") or {}
+        if self.process_gone():
+            return "killed", f"process {self.state.get('pid')} is gone without a trace (SIGKILL, out of memory?)"
+        if stop.get("reason") in ("signal", "error") and stop.get("stage") in (self.stage, None):
+            return stop["reason"], stop.get("detail")
+        reason = self.state.get("stopped_by", {}).get(self.stage)
+        return (reason, None) if reason else None
+
+    def stop_text(self) -> str | None:
+        """`stop_reason` in words, with the figures that show it (budget, time, trials)."""
+        stop = self.stop_reason
+        if stop is None:
+            return None
+        reason, detail = stop
+        total = self.budget.get("evaluations")
+        trials = f"{self.n_finished}" + (f" of {total}" if total else "") + " evaluations"
+        resume = f"; `evomerge resume {self.run_dir}` continues"
+        words = {
+            "evaluations": f"evaluations budget: {trials} done",
+            "wall_clock": f"wall clock: {format_seconds(self.budget.get('wall_clock'))} spent, after {trials}",
+            "exhausted": f"exhausted: the optimizer had no candidate left after {trials}",
+            "signal": f"signal{f' {detail}' if detail else ''}: stopped after {trials}{resume}",
+            "error": f"error: {detail}{resume}",
+            "killed": f"killed: {detail}{resume}",
+        }
+        return words.get(reason, reason)
+
+    def hypervolume_text(self) -> str:
+        """The hypervolume with the reference point it is measured from (recorded in the ledger at
+        the first feasible trial): the number only compares with runs of the same point."""
+        if self.reference_point is None:
+            return format_value(self.hypervolume)
+        point = ", ".join(f"{n}={format_value(v)}" for n, v in zip(self.objective_names, self.reference_point))
+        return f"{format_value(self.hypervolume)} (reference point {point})"
 
     def summary(self) -> dict[str, str]:
         """Key figures for ``status`` and the report header."""
         budget = self.budget
-        n = len(self.completed) + len(self.failed)
         total = budget.get("evaluations")
+        status = str(self.state.get("status", "unknown"))
+        if self.process_gone():
+            status = "stopped (the process is gone)"
         rows = {
-            "status": f"{self.state.get('status', 'unknown')}" + (f" (stage {self.stage})" if len(self.spec.resolved_stages()) > 1 else ""),
-            "trials": f"{n}" + (f" / {total}" if total else "") + f" ({len(self.failed)} failed)",
-            "elapsed": format_seconds(self.elapsed),
-            "ETA": format_seconds(self.eta_seconds()),
-            "front size": str(len(self.front)),
-            "hypervolume": format_value(self.hypervolume),
+            "status": status + (f" (stage {self.stage})" if len(self.spec.resolved_stages()) > 1 else ""),
+            "trials": f"{self.n_finished}" + (f" / {total}" if total else "") + f" ({len(self.failed)} failed)",
+            "elapsed": format_seconds(self.elapsed) + (f" of {format_seconds(budget['wall_clock'])} wall clock"
+                                                       if budget.get("wall_clock") else ""),
         }
+        if self.running:
+            rows["ETA"] = format_seconds(self.eta_seconds())
+        stop = self.stop_text()
+        if stop is not None:
+            rows["stopped by"] = stop
+        rows["front size"] = str(len(self.front))
+        rows["hypervolume"] = self.hypervolume_text()
         for name, (value, number) in self.best_per_objective().items():
             rows[f"best {name}"] = f"{format_value(value)} (trial {number})"
         best = self.best_mean_trial()
         if best is not None:
-            rows["best mean task score"] = f"{format_value(self.mean_score(self.trial(best)))} (trial {best})"
+            trial, headline = self.trial(best), self.headline_kind
+            for kind, names in self.task_groups.items():
+                if len(names) > 1:
+                    label = f"best mean task {kind}" if kind == headline else f"mean task {kind} of trial {best}"
+                    rows[label] = f"{format_value(self.mean_of(trial, kind))} (trial {best}; mean of {', '.join(names)})"
         if self.state.get("updated"):
             rows["updated"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.state["updated"]))
         return rows
 
+    def mean_columns(self) -> list[str]:
+        """Front-table columns for the means of each kind with more than one objective."""
+        return [kind for kind, names in self.task_groups.items() if len(names) > 1]
+
     def front_rows(self) -> tuple[list[str], list[list[str]]]:
-        """The front as a table: trial, each objective, mean task score."""
-        header = ["trial", *self.objective_names, "mean task"]
+        """The front as a table: trial, each objective, the mean task score / loss (each kind apart)."""
+        kinds = self.mean_columns()
+        header = ["trial", *self.objective_names, *(f"mean {kind}" for kind in kinds)]
         rows = []
         for number in self.front:
             t = self.trial(number)
             if t is None:
                 continue
-            rows.append([str(number), *(format_value(t.values.get(n)) for n in self.objective_names), format_value(self.mean_score(t))])
+            rows.append([str(number), *(format_value(t.values.get(n)) for n in self.objective_names),
+                         *(format_value(self.mean_of(t, kind)) for kind in kinds)])
         return header, rows
 
     def comparison_rows(self) -> tuple[list[str], list[list[str]], set[int]]:

@@ -9,7 +9,11 @@ stop at any point resumes with ``evomerge resume RUN_DIR``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,7 @@ from ._mergekit_in import baseline_recipes, check_mergekit_files, start_from_mer
 from ._preflight import preflight, report_remote_code
 from ._resolve import resolve
 from ._rundir import RunDir
+from ._runlog import Display, EventLog, trial_reporter
 from ._spec import ExperimentSpec, OptimizerSpec, SpaceSpec, StageSpec
 from ._spec_io import dump_spec, preset_path, read_yaml, validate_spec
 
@@ -89,6 +94,7 @@ class Session:
 
     @classmethod
     def open(cls, spec: ExperimentSpec, *, progress: bool) -> "Session":
+        """Load engine and scorer; ``progress``: loading progress bars."""
         engine = build_engine(spec, progress=progress)
         check_mergekit_files(spec, engine)
         scorer = build_scorer(spec, engine, build_objectives(spec))
@@ -129,11 +135,12 @@ def _same_spec(a: ExperimentSpec, b: ExperimentSpec) -> bool:
 
 
 def start(
-    *, spec: Path | None, preset: str | None, run_dir: Path | None, overrides: list[str], progress: bool,
+    *, spec: Path | None, preset: str | None, run_dir: Path | None, overrides: list[str], display: Display,
     signals: "SignalLog",
 ) -> int:
     """``evomerge run``: validate, load, create the run folder, search. Returns the exit status.
     ``signals``: the CLI's record of SIGINT/SIGTERM (both arrive here as ``KeyboardInterrupt``)."""
+    progress = display.bars
     parsed, label = load_spec_with_overrides(spec, preset, overrides)
     rd = RunDir((run_dir or parsed.run_dir()).resolve())
     try:
@@ -154,21 +161,21 @@ def start(
         click.echo(f"run folder: {rd.path}")
     else:
         click.echo(f"resuming: {rd.path}")
-    return _execute(rd, session, signals, progress=progress)
+    return _execute(rd, session, signals, display=display)
 
 
-def resume(run_dir: Path, *, progress: bool, signals: "SignalLog") -> int:
+def resume(run_dir: Path, *, display: Display, signals: "SignalLog") -> int:
     """``evomerge resume``: reopen the run's ledger and continue where it stopped."""
     rd = RunDir(run_dir.resolve())
     spec = rd.load_spec()
     try:
         preflight(spec, rd)
-        session = Session.open(spec, progress=progress)
+        session = Session.open(spec, progress=display.bars)
         report_remote_code(spec)
     except KeyboardInterrupt:
         return signals.exit_code()
     click.echo(f"resuming: {rd.path}")
-    return _execute(rd, session, signals, progress=progress)
+    return _execute(rd, session, signals, display=display)
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -179,10 +186,19 @@ def open_ledger(rd: RunDir, spec: ExperimentSpec, stage: str, optimizer: Optimiz
     from evomerge.search import Ledger
 
     objectives = ledger_objectives(spec, optimizer)
-    return Ledger(
+    return label_study(Ledger(
         rd.storage(spec, shared=False), objectives=objectives, study_name=stage, seed=spec.seed,
         scalarization=scalarization(objectives, optimizer), space=None if space is None else space.to_dict(),
-    )
+    ), spec)
+
+
+def label_study(ledger: "Ledger", spec: ExperimentSpec) -> "Ledger":
+    """Name the run on its stage's study (user attribute ``run``, in optuna-dashboard's table of
+    the study's user attributes). The study keeps the stage as its name: runs and workers of every earlier version
+    open their studies by that name (and a coordinator's history file is named after it)."""
+    if ledger.study.user_attrs.get("run") != spec.name:
+        ledger.study.set_user_attr("run", spec.name)
+    return ledger
 
 
 def _kind_of(param_name: str) -> str:
@@ -226,10 +242,14 @@ def _budget_seconds(stage: StageSpec, elapsed: float) -> float | None:
     return None if wall is None else max(wall - elapsed, 0.0)
 
 
+STOP_REASONS = {"budget": "evaluations", "time": "wall_clock", "exhausted": "exhausted", "interrupt": "signal"}
+"""`SearchResult.stopped_by` -> the stop reason state.json, events.jsonl, ``status`` and the report use."""
+
+
 def _run_stage(
-    rd: RunDir, session: Session, stage: StageSpec, space: "SearchSpace", *, progress: bool
+    rd: RunDir, session: Session, stage: StageSpec, space: "SearchSpace", *, display: Display, events: EventLog,
 ) -> tuple[str, "Ledger"]:
-    """One `run_search` call; returns why it stopped and the stage's ledger."""
+    """One `run_search` call; returns why it stopped (a `STOP_REASONS` value) and the stage's ledger."""
     from evomerge.search import make_optimizer, run_search
 
     spec, optimizer_spec = session.spec, stage.optimizer
@@ -246,25 +266,39 @@ def _run_stage(
     before = float(elapsed.get(stage.name, 0.0))
     t0 = time.monotonic()
     budgets = {**state.get("budgets", {}), stage.name: stage.budget.model_dump()}
-    rd.write_state(status="running", stage=stage.name, budgets=budgets)
+    # stage_started lets `status` count the time of a trial still running, not only finished ones
+    rd.write_state(status="running", stage=stage.name, budgets=budgets, stage_started=time.time(), stage_elapsed_before=before)
+    stage_seconds = lambda: before + time.monotonic() - t0  # noqa: E731
 
     def checkpoint(_: Any) -> None:
-        rd.write_state(elapsed={**elapsed, stage.name: before + time.monotonic() - t0})
+        rd.write_state(elapsed={**elapsed, stage.name: stage_seconds()})
 
-    if progress and stage.name == GRID_STAGE:
+    if stage.name == GRID_STAGE:
         click.echo(f"stage {stage.name}: the built-in uniform grid baseline ({stage.budget.evaluations} recipes)")
-    elif progress:
+    else:
         click.echo(f"stage {stage.name}: {optimizer_spec.factory_name} over {space.dim} parameters")
         scalar = describe_scalar(ledger_objectives(spec, optimizer_spec), optimizer_spec)
         if scalar is not None:
             click.echo(scalar)
+    done_before = len(ledger.finished())
+    events.emit("stage_start", stage=stage.name, optimizer=optimizer_spec.factory_name, parameters=space.dim,
+                budget=stage.budget.model_dump(), finished_before=done_before, elapsed_before=round(before, 3))
+    reporter = trial_reporter(stage.name, events=events, echo=click.echo if display.lines else None,
+                              done_before=done_before, budget=stage.budget.evaluations, elapsed=stage_seconds)
     result = run_search(
         space, scorer, optimizer, ledger,
         budget_evals=stage.budget.evaluations, budget_seconds=_budget_seconds(stage, before),
-        constraints=constraint_function(spec.constraints), callbacks=[checkpoint], progress=progress,
+        constraints=constraint_function(spec.constraints), callbacks=[checkpoint, reporter], progress=display.bars,
     )
     checkpoint(None)
-    return result.stopped_by, ledger
+    reason = STOP_REASONS[result.stopped_by]
+    events.emit("stage_end", stage=stage.name, stopped_by=reason, new_trials=result.n_new, finished=result.n_finished,
+                seconds=round(result.wall_seconds, 3), elapsed=round(stage_seconds(), 3))
+    if reason != "signal":
+        rd.write_state(stopped_by={**rd.read_state().get("stopped_by", {}), stage.name: reason})
+        click.echo(f"stage {stage.name}: stopped by {reason} after {result.n_finished} trials "
+                   f"({result.n_new} new, {result.wall_seconds:.1f}s)")
+    return reason, ledger
 
 
 def _grid_stage(session: Session, last: StageSpec) -> StageSpec:
@@ -276,33 +310,60 @@ def _grid_stage(session: Session, last: StageSpec) -> StageSpec:
                      budget=last.budget.model_copy(update={"evaluations": len(GridSearch()), "wall_clock": None}))
 
 
-def _execute(rd: RunDir, session: Session, signals: SignalLog, *, progress: bool) -> int:
+def spec_hash(rd: RunDir) -> str:
+    """SHA-256 of the run's spec.yaml: which search an events log belongs to."""
+    return hashlib.sha256(rd.spec_file.read_bytes()).hexdigest()
+
+
+def _stop(rd: RunDir, events: EventLog, status: str, reason: str, stage: str | None, detail: str | None = None) -> None:
+    """Record what ended this process's run: state.json (for `status`, the report) and the event."""
+    stop = {"reason": reason, "stage": stage, "detail": detail}
+    rd.write_state(status=status, stop=stop)
+    events.emit("stop", status=status, **stop)
+
+
+def _execute(rd: RunDir, session: Session, signals: SignalLog, *, display: Display) -> int:
     """Run the stages not yet done, then the baseline, comparison and report."""
     spec = session.spec
     stages = spec.resolved_stages()
     if spec.baseline:
         stages.append(_grid_stage(session, stages[-1]))
-    done: list[str] = list(rd.read_state().get("stages_done", []))
+    state = rd.read_state()
+    done: list[str] = list(state.get("stages_done", []))
+    events = EventLog(rd.events_file)
+    events.emit("run_start", run=spec.name, spec_hash=spec_hash(rd), seed=spec.seed, resumed=bool(done or state.get("stage")),
+                stages=[s.name for s in stages], stages_done=done, pid=os.getpid(), host=socket.gethostname())
+    rd.write_state(status="running", stop=None, pid=os.getpid(), host=socket.gethostname())
     handover = Handover()
+    current: str | None = None
     try:
         for stage in stages:
+            current = stage.name
             space = _stage_space(session, stage, handover)
             if stage.name in done:
                 ledger = open_ledger(rd, spec, stage.name, stage.optimizer, space)  # type: ignore[arg-type]
             else:
-                stopped_by, ledger = _run_stage(rd, session, stage, space, progress=progress)
-                if stopped_by == "interrupt":
+                stopped_by, ledger = _run_stage(rd, session, stage, space, display=display, events=events)
+                if stopped_by == "signal":
                     raise KeyboardInterrupt
                 done.append(stage.name)
                 rd.write_state(stages_done=done)
                 export_stage(rd, stage.name, ledger)
             handover = _handover(ledger, stages, stage)
+        current = None
+        main = main_stage(rd)
+        rd.write_state(stop={"reason": rd.read_state().get("stopped_by", {}).get(main), "stage": main, "detail": None})
         finish_run(rd, session)  # marks the run done once its last output is in place
+        events.emit("stop", status="done", **rd.read_state()["stop"])
     except KeyboardInterrupt:
-        rd.write_state(status="interrupted")
         code = signals.exit_code()
+        last = signals.last()
+        _stop(rd, events, "interrupted", "signal", current, None if last is None else signal.Signals(last).name)
         click.echo(f"\nstopped (exit {code}); continue with: evomerge resume {rd.path}", err=True)
         return code
+    except Exception as exc:
+        _stop(rd, events, "failed", "error", current, f"{type(exc).__name__}: {first_line(exc)}")
+        raise
     finally:
         session.close()
     return 0
@@ -355,9 +416,9 @@ def _rescore_pick(rd: RunDir, session: Session, view: Any) -> "Rescored | None":
     from ._rescore import rescore_run, top_trials
 
     spec = session.spec
-    scores = {t.number: view.mean_score(t) for t in view.pick_pool()}
+    scores = {t.number: view.headline(t.values) for t in view.pick_pool()}
     recipes = {n: recipe_of(view, n) for n in top_trials(scores, spec.rescore.top)}
-    rescored = rescore_run(spec, session.engine, recipes, view.mean_of)
+    rescored = rescore_run(spec, session.engine, recipes, view.headline)
     if rescored is not None:
         import optuna
 
@@ -366,6 +427,18 @@ def _rescore_pick(rd: RunDir, session: Session, view: Any) -> "Rescored | None":
         storage, _ = storage_for(rd.storage(spec, shared=False))
         optuna.load_study(study_name=view.stage, storage=storage).set_user_attr("rescored", rescored.to_json())
     return rescored
+
+
+def _comparison_note(grid: bool, mergekit: bool) -> str:
+    """What the held-out table's rows are (only those it has)."""
+    parts = ["Scores on the held-out sets (never seen by the search). Experts are the fine-tuned models themselves"]
+    if mergekit:
+        parts.append("mergekit rows are the spec's baselines")
+    if grid:
+        parts.append("the uniform grid is the best single shared coefficient chosen on the calibration sets")
+    parts.append("the searched row is the front member with the best mean calibration score, and the re-scored "
+                 "pick (when it differs) the best of the top front members scored again on more calibration items.")
+    return "; ".join(parts)
 
 
 def finish_run(rd: RunDir, session: Session) -> None:
@@ -401,10 +474,7 @@ def finish_run(rd: RunDir, session: Session) -> None:
         comparison.update(
             objectives=holdout,
             scores=holdout_scores(spec, session.engine, candidates),
-            note="Scores on the held-out sets (never seen by the search). Experts are the fine-tuned "
-            "models themselves; the uniform grid is the best single shared coefficient chosen on "
-            "the calibration sets; the searched row is the front member with the best mean calibration score, "
-            "and the re-scored pick (when it differs) the best of the top front members scored again on more calibration items.",
+            note=_comparison_note(grid_best is not None, bool(spec.baselines)),
         )
     write_atomic(rd.comparison_file, json.dumps(comparison, indent=2) + "\n")
     if rescored is not None:

@@ -2,7 +2,8 @@
 
 ```
 <run>/spec.yaml              the resolved spec (zoo expanded, absolute paths): what resume reads
-<run>/state.json             status, current stage, elapsed seconds, budget, exit reason
+<run>/state.json             status, current stage, elapsed seconds, budgets, what stopped each stage and the run
+<run>/events.jsonl           one JSON event per line: run start, stage start/end, each finished trial, the stop
 <run>/ledger.log             the ledger (an Optuna journal file, a study per stage) of a single-process run,
 <run>/ledger.db              or SQLite for `run --workers`, unless the spec's `storage` says otherwise
 <run>/<stage>.optimizer.json history of a coordinated optimizer (JSON, replayed on resume)
@@ -39,6 +40,10 @@ class RunDir:
     @property
     def state_file(self) -> Path:
         return self.path / "state.json"
+
+    @property
+    def events_file(self) -> Path:
+        return self.path / "events.jsonl"
 
     @property
     def comparison_file(self) -> Path:

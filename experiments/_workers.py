@@ -32,6 +32,7 @@ from ._spec_io import dump_spec
 if TYPE_CHECKING:
     from evomerge.search import Ledger, SearchSpace
 
+    from ._runlog import Display
     from ._signals import SignalLog
 
 HEARTBEAT_SECONDS = 10
@@ -55,15 +56,17 @@ def open_shared_ledger(spec: ExperimentSpec, stage: StageSpec, storage: str, spa
 
     import sqlalchemy
 
+    from ._run import label_study
+
     assert stage.optimizer is not None
     objectives = ledger_objectives(spec, stage.optimizer)
     for attempt in range(5):
         try:
-            return Ledger(
+            return label_study(Ledger(
                 storage, objectives=objectives, study_name=stage.name, seed=spec.seed,
                 scalarization=scalarization(objectives, stage.optimizer), space=space.to_dict(),
                 heartbeat=heartbeat,
-            )
+            ), spec)
         except sqlalchemy.exc.SQLAlchemyError:
             # workers starting together race to create optuna's tables and the study; the
             # loser's CREATE fails once the winner's is committed, and a retry then loads them
@@ -75,29 +78,35 @@ def open_shared_ledger(spec: ExperimentSpec, stage: StageSpec, storage: str, spa
 
 def work(
     spec: ExperimentSpec, *, storage: str, worker_id: str | None, heartbeat: int, lease_ttl: float, queue: int,
-    progress: bool, signals: "SignalLog",
+    display: "Display", signals: "SignalLog",
 ) -> int:
     """``evomerge worker``: evaluate the shared study's trials until its budget is spent."""
     from evomerge.search import make_optimizer, run_search
 
     from ._build import build_space
     from ._run import Session
+    from ._runlog import trial_reporter
 
     stage = _single_stage(spec)
     assert stage.optimizer is not None and stage.budget is not None and stage.space is not None
     worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     try:
-        session = Session.open(spec, progress=progress)
+        session = Session.open(spec, progress=display.bars)
     except KeyboardInterrupt:
         return signals.exit_code()
+    t0 = time.monotonic()
     try:
         space = build_space(session.engine, stage.space)
         ledger = open_shared_ledger(spec, stage, storage, space, heartbeat=heartbeat)
         optimizer = make_optimizer(stage.optimizer.factory_name, **stage.optimizer.options)
         scorer = PenalizedScorer(session.scorer, space) if stage.optimizer.l1_penalty > 0 else session.scorer
+        # this worker's own trials; the shared count is the ledger's (`evomerge status`)
+        lines = [trial_reporter(f"{stage.name} {worker_id}", events=None, echo=click.echo, done_before=0, budget=None,
+                                elapsed=lambda: time.monotonic() - t0)] if display.lines else []
         result = run_search(
             space, scorer, optimizer, ledger, budget_evals=stage.budget.evaluations, worker_id=worker_id,
             constraints=constraint_function(spec.constraints), queue=queue, lease_ttl=lease_ttl, progress=False,
+            callbacks=lines,
         )
     finally:
         session.close()
@@ -112,7 +121,7 @@ def work(
 
 def worker_command(
     spec_path: Path, *, overrides: list[str], storage: str | None, worker_id: str | None, heartbeat: int,
-    lease_ttl: float, queue: int, progress: bool, signals: "SignalLog",
+    lease_ttl: float, queue: int, display: "Display", signals: "SignalLog",
 ) -> int:
     """Parse and resolve the spec, then `work` (the CLI's ``worker`` command)."""
     from ._run import load_spec_with_overrides
@@ -125,9 +134,9 @@ def worker_command(
         raise UserError(f"--storage {storage}: workers share a database (postgresql+psycopg2://... or a .db SQLite file)")
     check_ledger_location(storage)
     check_optimizers(parsed)
-    spec = resolve(parsed, label=label, progress=progress)
+    spec = resolve(parsed, label=label, progress=display.bars)
     return work(spec, storage=storage, worker_id=worker_id, heartbeat=heartbeat, lease_ttl=lease_ttl, queue=queue,
-                progress=progress, signals=signals)
+                display=display, signals=signals)
 
 
 def run_workers(spec_path: Path, *, run_dir: Path | None, workers: int, overrides: list[str]) -> int:

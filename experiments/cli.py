@@ -86,11 +86,12 @@ _run_dir_arg = click.argument("run_dir", type=click.Path(path_type=Path, file_ok
 @click.option("--run-dir", type=click.Path(path_type=Path, file_okay=False), help="Run folder (default: runs/<name>).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a spec field, e.g. --set budget.evaluations=20 --set models.zoo.size=tiny.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress bars: one line per finished trial instead (as in a log).")
 @click.option("--workers", type=click.IntRange(min=1), help="Start N local worker processes (one per visible GPU); see docs/scale-out.md.")
 def run(spec: Path | None, preset: str | None, run_dir: Path | None, overrides: tuple[str, ...], quiet: bool, workers: int | None) -> None:
     """Run the search described by SPEC (or --preset NAME); resumes if RUN_DIR holds the same spec."""
     from ._run import start
+    from ._runlog import Display
 
     if (spec is None) == (preset is None):
         raise UserError("give a SPEC file or --preset NAME (one of them)")
@@ -100,8 +101,9 @@ def run(spec: Path | None, preset: str | None, run_dir: Path | None, overrides: 
         if spec is None:
             raise UserError("--workers needs a SPEC file")
         sys.exit(run_workers(spec, run_dir=run_dir, workers=workers, overrides=list(overrides)))
+    display = Display.for_terminal(quiet)
     sys.exit(_searching(lambda signals: start(spec=spec, preset=preset, run_dir=run_dir, overrides=list(overrides),
-                                              progress=not quiet, signals=signals)))
+                                              display=display, signals=signals)))
 
 
 @main.command()
@@ -112,26 +114,30 @@ def run(spec: Path | None, preset: str | None, run_dir: Path | None, overrides: 
 @click.option("--heartbeat", type=click.IntRange(min=1), default=10, show_default=True, help="Trial heartbeat seconds (dead after 2).")
 @click.option("--lease-ttl", type=float, default=30.0, show_default=True, help="Seconds before a silent coordinator is replaced (and a stale trial whose retry never came is re-queued).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a spec field.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress bars: one line per finished trial instead (as in a log).")
 def worker(spec: Path, storage: str | None, worker_id: str | None, queue: int, heartbeat: int, lease_ttl: float,
            overrides: tuple[str, ...], quiet: bool) -> None:
     """Join the search of SPEC in a shared storage and evaluate its candidates (docs/scale-out.md)."""
+    from ._runlog import Display
     from ._workers import worker_command
 
+    display = Display.for_terminal(quiet)
     sys.exit(_searching(lambda signals: worker_command(
         spec, overrides=list(overrides), storage=storage, worker_id=worker_id, heartbeat=heartbeat, lease_ttl=lease_ttl,
-        queue=queue, progress=not quiet, signals=signals,
+        queue=queue, display=display, signals=signals,
     )))
 
 
 @main.command()
 @_run_dir_arg
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress bars: one line per finished trial instead (as in a log).")
 def resume(run_dir: Path, quiet: bool) -> None:
     """Continue an interrupted run where its ledger stopped."""
     from ._run import resume as resume_run
+    from ._runlog import Display
 
-    sys.exit(_searching(lambda signals: resume_run(run_dir, progress=not quiet, signals=signals)))
+    display = Display.for_terminal(quiet)
+    sys.exit(_searching(lambda signals: resume_run(run_dir, display=display, signals=signals)))
 
 
 @main.command()
@@ -213,10 +219,12 @@ def presets() -> None:
 def demo(size: str, run_dir: Path, minutes: float, trials: int | None, quick: bool) -> None:
     """Build the toy zoo, search Pareto-optimal merges, compare them with the experts and the grid."""
     from ._demo import QUICK, run_demo
+    from ._runlog import Display
 
     if quick:
         size, minutes, trials = QUICK["size"], QUICK["minutes"], QUICK["trials"]
-    sys.exit(_searching(lambda signals: run_demo(size, run_dir, minutes, trials, signals=signals)))
+    display = Display.for_terminal(quiet=False)
+    sys.exit(_searching(lambda signals: run_demo(size, run_dir, minutes, trials, display=display, signals=signals)))
 
 
 if __name__ == "__main__":

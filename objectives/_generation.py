@@ -23,6 +23,7 @@ lets the scorer check stop strings and its deadline between steps.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -128,7 +129,13 @@ def _teacher_forced(model: torch.nn.Module, seqs: Sequence[TokenIds], keep: int,
     ids, mask, positions = _left_padded(seqs, pad_id, next(model.parameters()).device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=cache,
                 logits_to_keep=_last_columns(ids.shape[1], keep, ids.device))
-    return out.logits, mask, out.past_key_values if cache else None
+    return out.logits, mask, getattr(out, _cache_name(model)) if cache else None
+
+
+def _cache_name(model: torch.nn.Module) -> str:
+    """The KV cache's name in this model's forward and output: ``cache`` in current transformers
+    (which deprecates ``past_key_values`` with a warning on every run), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _greedy(logits: torch.Tensor) -> torch.Tensor:
@@ -288,10 +295,11 @@ def _decode_from(model: torch.nn.Module, rows: list[_Row], ids: torch.Tensor, ma
     deadline.check()
     positions_next = positions[:, -1:] + 1
     live = list(range(len(rows)))
+    name = _cache_name(model)
     while True:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True,
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **{name: past}, use_cache=True,
                     logits_to_keep=_last_columns(ids.shape[1], 1, ids.device))
-        past = out.past_key_values
+        past = getattr(out, name)
         tokens = _greedy(out.logits[:, -1, :])
         for r, token in zip(live, tokens.tolist()):
             rows[r].accept([token])

@@ -9,6 +9,12 @@ if ! command -v initdb >/dev/null 2>&1 && ! compgen -G "/usr/lib/postgresql/*/bi
     sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
     $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q postgresql >/dev/null
 fi
+# The report test renders report.html in headless Chromium: install Debian's when it is missing.
+if ! command -v chromium >/dev/null 2>&1; then
+    echo "[setup] installing Debian's chromium package"
+    sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium >/dev/null
+fi
 bash scripts/setup-env.sh .venv test
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # One pytest worker per core, a test file per worker at a time (module fixtures are built once):

@@ -247,6 +247,16 @@ class Ledger:
             self.reference_point = None
         if self.reference_point is None and reference_point is not None:
             self.record_reference_point(reference_point)
+        self._name_metrics()
+
+    def _name_metrics(self) -> None:
+        """Name the study's values after the objectives (optuna's metric names: what
+        optuna-dashboard and optuna's plots label axes with, instead of "Objective 0..n")."""
+        names = [o.name for o in self.objectives] if self.scalarization is None else [f"{self.scalarization.kind} loss"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # experimental in optuna's API sense
+            if self.study.metric_names != names:
+                self.study.set_metric_names(names)
 
     # ------------------------------------------------------------------ metadata
     @property

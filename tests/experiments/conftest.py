@@ -53,3 +53,39 @@ def tiny_spec(tmp_path: Path, zoo: Path, name: str = "tiny", evaluations: int = 
 
 def front_json(run_dir: Path, cwd: Path) -> list[dict]:
     return json.loads(evomerge("front", str(run_dir), "--format", "json", cwd=cwd).stdout)
+
+
+def rendered_sections(page: Path) -> dict[str, str]:
+    """The report's sections as a browser renders them: ``section id -> its visible text``, read
+    from the DOM headless Chromium builds from the file (scripts/test.sh installs Debian's
+    ``chromium``)."""
+    from html.parser import HTMLParser
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "no chromium on PATH: scripts/test.sh installs Debian's (apt-get install -y chromium)"
+    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "<body" in proc.stdout, proc.stderr[-2000:]
+
+    class Sections(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.open: list[str] = []
+            self.text: dict[str, list[str]] = {}
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            if tag == "section":
+                self.open.append(dict(attrs).get("id", ""))
+                self.text.setdefault(self.open[-1], [])
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag == "section" and self.open:
+                self.open.pop()
+
+        def handle_data(self, data: str) -> None:
+            if self.open:
+                self.text[self.open[-1]].append(data)
+
+    parser = Sections()
+    parser.feed(proc.stdout)
+    return {key: " ".join(" ".join(parts).split()) for key, parts in parser.text.items()}

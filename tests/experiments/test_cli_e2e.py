@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 
+from evomerge.experiments._runlog import EventLog, read_events
 from evomerge.experiments._spec_io import preset_names
 from evomerge.search import storage_for
 
-from .conftest import EVOMERGE, evomerge, front_json, tiny_spec
+from .conftest import EVOMERGE, evomerge, front_json, rendered_sections, tiny_spec
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +33,8 @@ def finished_run(zoo_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
         {"name": "kept", "metric": "kept_fraction"},
     ]
     spec = tiny_spec(cwd, zoo_copy, baseline=True, objectives=objectives)
-    evomerge("run", str(spec), "--quiet", cwd=cwd)
+    proc = evomerge("run", str(spec), "--quiet", cwd=cwd)
+    (cwd / "run.stdout").write_text(proc.stdout, encoding="utf-8")
     return cwd, cwd / "runs" / "tiny"
 
 
@@ -41,11 +46,19 @@ def test_run_writes_the_run_folder_and_inspection_commands_read_it(finished_run:
         assert (run / name).exists(), name
     assert json.loads((run / "state.json").read_text())["status"] == "done"
     status = evomerge("status", str(run), cwd=cwd).stdout
-    assert "done" in status and "6 / 6 (0 failed)" in status and "hypervolume" in status
+    assert "done" in status and "6 / 6 (0 failed)" in status and "ETA" not in status
+    assert "stopped by" in status and "evaluations budget: 6 of 6 evaluations done" in status
+    ledger = optuna.load_study(study_name="search", storage=storage_for(run / "ledger.log")[0])
+    point = ", ".join(f"{n}={v:.4g}" for n, v in zip(["rev", "sort", "kept"], ledger.user_attrs["reference_point"]))
+    assert f"(reference point {point})" in status  # the hypervolume says what it is measured from
+    assert ledger.metric_names == ["rev", "sort", "kept"] and ledger.user_attrs["run"] == "tiny"  # optuna-dashboard's labels
+    # losses are averaged with losses only: no "mean task score" of an accuracy and a negated loss
+    assert "best mean task loss" in status and "mean task score" not in status
     table = evomerge("front", str(run), cwd=cwd).stdout
-    assert table.splitlines()[0].split() == ["trial", "rev", "sort", "kept", "mean", "task"]
+    assert table.splitlines()[0].split() == ["trial", "rev", "sort", "kept", "mean", "loss"]
     members = front_json(run, cwd)
     assert members and all(set(m["values"]) == {"rev", "sort", "kept"} for m in members)
+    assert all(m["means"]["loss"] == pytest.approx((m["values"]["rev"] + m["values"]["sort"]) / 2) for m in members)
     comparison = json.loads((run / "comparison.json").read_text())
     assert comparison["objectives"] == ["rev"]
     assert {"base", "expert:rev", "expert:sort"} <= set(comparison["scores"])
@@ -54,6 +67,40 @@ def test_run_writes_the_run_folder_and_inspection_commands_read_it(finished_run:
     html = (run / "report.html").read_text()
     assert html.startswith("<!doctype html>") and html.count("data:image/png;base64,") >= 3
     assert "<script" not in html and 'src="http' not in html
+    sections = rendered_sections(run / "report.html")
+    assert list(sections) == ["summary", "comparison", "references", "front", "timings", "memory", "profile", "spec"]
+    assert "stopped by evaluations budget: 6 of 6" in sections["summary"]
+    assert sections["comparison"].startswith("Merged vs. experts vs. uniform grid (held-out sets)")
+    assert "merge" in sections["timings"] and "inference" in sections["timings"]
+
+
+def test_an_overnight_log_has_a_line_and_an_event_per_trial(finished_run: tuple[Path, Path]) -> None:
+    """Off a terminal (a log file), one line per finished trial and no progress bar; events.jsonl
+    has the run's start, each stage's start and end, every trial and the stop with its reason."""
+    cwd, run = finished_run
+    lines = (cwd / "run.stdout").read_text(encoding="utf-8").splitlines()
+    for stage, count in (("search", 6), ("grid", 20)):
+        trials = [ln for ln in lines if ln.startswith(f"[{stage}] trial ")]
+        assert len(trials) == count, lines
+        assert all(" merge " in ln and " swap " in ln and " inference " in ln and " total " in ln for ln in trials)
+    assert any(ln.startswith("[search] trial 5 (6/6): rev=") for ln in lines)
+    assert any(ln.startswith("stage search: stopped by evaluations after 6 trials") for ln in lines)
+    assert not any("\r" in ln or "it/s" in ln for ln in lines)
+    events = read_events(run / "events.jsonl")
+    assert [e["event"] for e in events if e["event"] != "trial"] == ["run_start", "stage_start", "stage_end", "stage_start", "stage_end", "stop"]
+    start = events[0]
+    assert start["spec_hash"] == hashlib.sha256((run / "spec.yaml").read_bytes()).hexdigest() and start["seed"] == 0
+    trials = [e for e in events if e["event"] == "trial"]
+    assert [(e["stage"], e["trial"]) for e in trials] == [("search", n) for n in range(6)] + [("grid", n) for n in range(20)]
+    assert all(set(e["values"]) == {"rev", "sort", "kept"} and {"merge", "swap", "inference", "total"} <= set(e["timings"])
+               and e["memory"]["rss_mib"] > 0 for e in trials)
+    assert events[-1]["reason"] == "evaluations" and events[-1]["status"] == "done"
+    # a crash may cut the last line: readers skip it, and the next process starts on a fresh line
+    cut = cwd / "cut.jsonl"
+    cut.write_text((run / "events.jsonl").read_text(encoding="utf-8")[:-20], encoding="utf-8")
+    assert read_events(cut) == events[:-1]
+    EventLog(cut).emit("run_start", resumed=True)
+    assert read_events(cut)[-1]["event"] == "run_start" and len(read_events(cut)) == len(events)
 
 
 def _assert_pick_rescored(run: Path, comparison: dict, front: set[int]) -> None:
@@ -150,19 +197,30 @@ def test_sigterm_stops_cleanly_and_resume_finishes_the_budget(zoo_copy: Path, tm
     assert json.loads((run / "state.json").read_text())["status"] == "interrupted"
     stopped_at = _finished_trials(run)
     assert 3 <= stopped_at < 30
+    status = evomerge("status", str(run), cwd=tmp_path).stdout
+    assert "interrupted" in status and re.search(r"stopped by +signal SIGTERM: stopped after \d+ of 30 evaluations; `evomerge resume", status)
+    assert "ETA" not in status
+    assert read_events(run / "events.jsonl")[-1] | {"time": 0} == {
+        "event": "stop", "time": 0, "status": "interrupted", "reason": "signal", "stage": "search", "detail": "SIGTERM"}
 
     evomerge("resume", str(run), "--quiet", cwd=tmp_path)
     status = evomerge("status", str(run), cwd=tmp_path).stdout
-    assert "30 / 30" in status and "done" in status
+    assert "30 / 30" in status and "done" in status and "evaluations budget: 30 of 30" in status
+    starts = [e for e in read_events(run / "events.jsonl") if e["event"] == "run_start"]
+    assert [e["resumed"] for e in starts] == [False, True]
     trials = json.loads((run / "results" / "search" / "trials.json").read_text())["trials"]
     finished = [t for t in trials if t["state"] == "COMPLETE"]
     assert len(finished) == 30
 
 
 def test_batch_records_a_broken_spec_skips_it_and_resumes(zoo_copy: Path, tmp_path: Path) -> None:
-    good1 = tiny_spec(tmp_path, zoo_copy, name="good1", evaluations=2)
+    # good1 stops by its wall clock; good2 searches task-arithmetic weights only, so `kept` never changes
+    good1 = tiny_spec(tmp_path, zoo_copy, name="good1", budget={"evaluations": 1000, "wall_clock": 1})
     broken = tiny_spec(tmp_path, zoo_copy, name="broken", scorer={"backend": "onnx"})
-    good2 = tiny_spec(tmp_path, zoo_copy, name="good2", evaluations=2)
+    objectives = [{"name": "rev", "metric": "answer_loss", "data": "zoo:data/rev/calib.jsonl", "size": 8,
+                   "holdout": "zoo:data/rev/test.jsonl"}, {"name": "kept", "metric": "kept_fraction"}]
+    good2 = tiny_spec(tmp_path, zoo_copy, name="good2", evaluations=2, objectives=objectives,
+                      space={"method": "task_arithmetic", "params": ["weight"], "granularity": "layer"})
     batch_dir = tmp_path / "batch"
     proc = evomerge("batch", str(good1), str(broken), str(good2), "--batch-dir", str(batch_dir), cwd=tmp_path, check=1)
     assert "batch summary:" in proc.stdout
@@ -170,7 +228,14 @@ def test_batch_records_a_broken_spec_skips_it_and_resumes(zoo_copy: Path, tmp_pa
     assert state["good1"]["status"] == "done" and state["good2"]["status"] == "done"
     assert state["broken"]["status"] == "failed" and state["broken"]["exit_code"] == 2
     assert "scorer.backend: 'onnx' is not one of transformers, vllm" in state["broken"]["reason"]
-    assert (Path(state["good2"]["run_dir"]) / "report.html").exists()
+    # the overnight log: a line per trial (no progress bar) and, at the end, what stopped the run
+    log = Path(state["good1"]["log"]).read_text(encoding="utf-8")
+    assert "[search] trial 0 (1/1000): rev=" in log and "\r" not in log
+    assert re.search(r"stopped by +wall clock: 1s spent, after \d+ of 1000 evaluations", log)
+    assert json.loads((Path(state["good1"]["run_dir"]) / "state.json").read_text())["stop"]["reason"] == "wall_clock"
+    sections = rendered_sections(Path(state["good2"]["run_dir"]) / "report.html")
+    assert sections["comparison"].startswith("Merged vs. experts (held-out sets)")  # no grid: none named
+    assert re.fullmatch(r"Objectives that never changed kept = [\d.]+ in all 2 completed trials", sections["constant-objectives"])
 
     again = evomerge("batch", str(good1), str(broken), str(good2), "--batch-dir", str(batch_dir), cwd=tmp_path, check=1)
     assert again.stdout.count("earlier, skipped") == 3

@@ -222,3 +222,34 @@ def test_kept_logits_are_the_model_head_s_own_on_gemma2():
             assert logits.abs().max() <= 0.5  # capped
             want = [logits[len(prefix) - 1 + t].log_softmax(-1)[c].item() for t, c in enumerate(cont)]
             assert lp == pytest.approx(want, abs=tol)
+
+
+def test_generation_uses_transformers_current_cache_api(tiny_lm):
+    """Plain and drafted generation (a prefill cache handed to the decode loop) pass and read the KV
+    cache under the name the model's forward takes: current transformers logs "`past_key_values`
+    ... deprecated. Use `cache` instead" for the old name, once per process, into every run's log."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    model, tok = tiny_lm
+    prompts = [ids(tok, p) for p in PROMPTS]
+    collect = Collect()
+    hf_logging.add_handler(collect)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _generate(model, tok, [(p, []) for p in prompts] + [(prompts[0], [5, 6])], stop=())
+    finally:
+        hf_logging.remove_handler(collect)
+    said = collect.messages + [str(w.message) for w in caught]
+    assert not [m for m in said if "deprecated" in m.lower()], said
