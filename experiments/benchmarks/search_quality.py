@@ -247,6 +247,7 @@ def evo_run(zoo: Path, run_dir: Path, seed: int, evaluations: int, *, stage2_onl
     """The `evo-merging` preset through `evomerge run`'s own code (`_run.start`): both stages at
     ``evaluations`` each, or stage 2 alone (every density 1) at twice that."""
     from evomerge.experiments._run import start
+    from evomerge.experiments._runlog import Display
     from evomerge.experiments._signals import SignalLog
     from evomerge.experiments._spec_io import preset_path
 
@@ -260,7 +261,8 @@ def evo_run(zoo: Path, run_dir: Path, seed: int, evaluations: int, *, stage2_onl
         overrides.append(f"stages={json.dumps([weights])}")
     printed = io.StringIO()
     with SignalLog() as signals, contextlib.redirect_stdout(printed):
-        code = start(spec=None, preset="evo-merging", run_dir=run_dir, overrides=overrides, progress=False, signals=signals)
+        code = start(spec=None, preset="evo-merging", run_dir=run_dir, overrides=overrides,
+                     display=Display(bars=False, lines=False), signals=signals)
     if code != 0:
         raise SystemExit(f"evo-merging run failed with exit {code}:\n{printed.getvalue()}")
     return run_dir
