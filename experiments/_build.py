@@ -121,7 +121,12 @@ def start_at(space: "SearchSpace", recipe: "MergeRecipe") -> tuple["SearchSpace"
     config, or a later stage continuing from the previous stage's best trial."""
     from evomerge.search import SearchSpace
 
-    genome, notes = space.fit(recipe)
-    init = {**space.template.init, **space.describe(genome)}
-    return SearchSpace(space.layout, space.experts, space.template.model_copy(update={"init": init})), notes
+    methods = {rule.method for rule in recipe.rules}
+    # under a method choice the recipe's method (when it is one of the choices) starts, fitted to its space
+    method = methods.pop() if len(methods) == 1 and methods <= set(space.methods) else space.template.method
+    sub = space.sub(method)
+    genome, notes = sub.fit(recipe)
+    init = {**space.template.init, **sub.describe(genome)}
+    template = space.template.model_copy(update={"init": init, "method": method})
+    return SearchSpace(space.layout, space.experts, template), notes
 

@@ -117,8 +117,9 @@ def _warm_up_recipes(spec: ExperimentSpec, engine: "MergeEngine") -> list[Any]:
     stages = spec.resolved_stages()
     for stage in stages:
         space = build_space(engine, stage.space)
-        recipe = space.decode(space.x0, seed=spec.seed)
-        recipes.setdefault(tuple(sorted({rule.method for rule in recipe.rules})), recipe)
+        for sub in map(space.sub, space.methods):  # every method of a method choice
+            recipe = sub.decode(sub.x0, seed=spec.seed)
+            recipes.setdefault(tuple(sorted({rule.method for rule in recipe.rules})), recipe)
     if spec.baseline:
         grid, space = GridSearch(), build_space(engine, stages[-1].space)
         for method in grid.methods:
@@ -259,7 +260,7 @@ def _run_stage(
     if optimizer_spec.library == "optuna" and not ledger.trials():
         # Optuna samplers start from random points; the template's starting point (e.g. plain
         # TIES at the method's defaults) is the sensible first trial, as it is for nevergrad.
-        ledger.study.enqueue_trial(space.describe(space.x0))
+        ledger.study.enqueue_trial(space.start_params())
     scorer = PenalizedScorer(session.scorer, space) if optimizer_spec.l1_penalty > 0 else session.scorer
     state = rd.read_state()
     elapsed = dict(state.get("elapsed", {}))

@@ -188,8 +188,9 @@ def _known_method(name: str) -> str:
 class SpaceSpec(SpaceTemplate):
     """The search space template (`evomerge.search.SpaceTemplate`) with the method name checked.
 
-    Fields: ``method``; ``params`` (searched kinds: weight, density, t, gamma, epsilon; default:
-    the method's); ``bounds`` and ``init`` per kind; ``fixed`` (kind or parameter name -> value);
+    Fields: ``method``; ``methods`` (the method as a searched choice among these task-vector
+    methods, each with only the parameters it reads; ``method`` is then the first trial's);
+    ``params`` (searched kinds: weight, density, t, gamma, epsilon; default: the method's); ``bounds`` and ``init`` per kind; ``fixed`` (kind or parameter name -> value);
     ``granularity`` (global | layer | k = every k layers); ``modules`` (all | split | lists of
     module kinds); ``sections`` (attach | group); ``smoothing`` (control points across layers);
     global options ``normalize``, ``lambda``, ``rescale``, ``draws`` (fast | mergekit), ``pruning``
@@ -202,6 +203,11 @@ class SpaceSpec(SpaceTemplate):
     @classmethod
     def _method_exists(cls, name: str) -> str:
         return _known_method(name)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods_exist(cls, names: list[str] | None) -> list[str] | None:
+        return None if names is None else [_known_method(n) for n in names]
 
     @model_validator(mode="after")
     def _sane_values(self) -> "SpaceSpec":

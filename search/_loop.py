@@ -158,6 +158,8 @@ def run_search(
                     result.gave_back += 1
                     time.sleep(random.uniform(0, poll))  # break the symmetry of a collision
                     continue
+            if candidate is None:
+                optimizer.suggest(space, trial)  # define-by-run parameters (a method choice)
             key = trial.number if candidate is None else int(candidate)
             recipe = optimizer.recipe(space, trial.params, seed=seed, trial=key)
             pre = time.perf_counter() - t0

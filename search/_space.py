@@ -30,6 +30,16 @@ Structure of a space
 
 Names read like ``L0-3.attention.weight[expertA]``, ``L5.t``, ``all.density[expertB]``,
 ``cp2.mlp.weight[expertA]`` (control point 2) or ``S.weight[expertA]`` (sections).
+
+Method choice
+-------------
+``methods`` (a list of task-vector methods, `CHOICE_METHODS`) makes the method itself a searched,
+categorical parameter named ``method``; every other parameter is conditional on it: a trial's
+params hold ``method`` and only the parameters that method reads (`choice_kinds`: no density for
+task_arithmetic, epsilon for DELLA, gamma for breadcrumbs). One parameter name means the same
+coefficient under every method (``all.weight[A]`` is the weight of A whichever method merges), so a
+sampler's model of it carries across methods. Such a space has no flat genome: it is explored by
+samplers that draw define-by-run params (`decode_params`), and refused by box optimizers.
 """
 
 from __future__ import annotations
@@ -85,6 +95,21 @@ DEFAULT_BOUNDS: dict[ParamKind, tuple[float, float, float]] = {
 }
 """(low, high, init) per kind. Density starts at 0.05: density 0 drops the whole task vector."""
 
+CHOICE_EXTRA_KINDS: dict[str, tuple[ParamKind, ...]] = {
+    "della": ("epsilon",),
+    "della_linear": ("epsilon",),
+    "breadcrumbs": ("gamma",),
+    "breadcrumbs_ties": ("gamma",),
+}
+"""Kinds a method reads beyond `METHOD_KINDS`, searched when the method is one choice among several
+(a single-method space searches them only when ``params`` names them)."""
+
+CHOICE_METHODS: tuple[str, ...] = (
+    "task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties",
+)
+"""Methods ``methods`` may list: task-vector methods whose weights share one range (`SIGN_AWARE`),
+so one weight parameter means the same under each of them."""
+
 CONVEX_METHODS = ("linear", "nuslerp")
 """Methods whose weights are mixing proportions: their default weight bounds are [0, 1]."""
 
@@ -111,12 +136,23 @@ class LayoutLike(Protocol):
     slots: Mapping[str, SlotLike]
 
 
+def choice_kinds(method: str, params: Sequence[ParamKind] | None = None) -> tuple[ParamKind, ...]:
+    """Kinds ``method`` searches as one choice of a method choice: its defaults and extras, or of
+    ``params`` (the template's kinds) those it reads; the engine refuses options a method ignores."""
+    reads = METHOD_KINDS[method] + CHOICE_EXTRA_KINDS.get(method, ())
+    return reads if params is None else tuple(k for k in params if k in reads)
+
+
 class SpaceTemplate(BaseModel):
-    """What to search: the method, which parameter kinds, their bounds, and the group structure."""
+    """What to search: the method (or a choice of methods), which parameter kinds, their bounds,
+    and the group structure."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     method: str
+    """The method; with ``methods``, the first trial's (default: the first listed)."""
+    methods: list[str] | None = None
+    """Methods to choose from (a categorical parameter ``method``, module docstring); None: ``method`` only."""
     params: list[ParamKind] | None = None
     """Searched kinds; None = the method's defaults (`METHOD_KINDS`)."""
     bounds: dict[ParamKind, tuple[float, float]] = Field(default_factory=dict)
@@ -152,9 +188,25 @@ class SpaceTemplate(BaseModel):
                 raise ValueError("module groups must be non-empty and disjoint")
         return modules
 
+    @model_validator(mode="before")
+    @classmethod
+    def _start_method(cls, data: Any) -> Any:
+        """With ``methods`` and no ``method``, the first listed method starts."""
+        if isinstance(data, dict) and data.get("methods") and "method" not in data:
+            return {**data, "method": data["methods"][0]}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> "SpaceTemplate":
-        if self.params is None and self.method not in METHOD_KINDS:
+        if self.methods is not None:
+            bad = [m for m in self.methods if m not in CHOICE_METHODS]
+            if bad:
+                raise ValueError(f"methods: {bad} cannot be chosen among others; choose from {', '.join(CHOICE_METHODS)}")
+            if len(self.methods) < 2 or len(set(self.methods)) != len(self.methods):
+                raise ValueError(f"methods: {self.methods} must list two or more distinct methods (one method: set `method`)")
+            if self.method not in self.methods:
+                raise ValueError(f"method {self.method!r} (the first trial's) is not one of methods {self.methods}")
+        elif self.params is None and self.method not in METHOD_KINDS:
             raise ValueError(f"method {self.method!r} has no default parameter kinds; set `params`")
         for kind, (low, high) in self.bounds.items():
             legal = LEGAL_RANGE.get(kind)
@@ -171,7 +223,18 @@ class SpaceTemplate(BaseModel):
 
     @property
     def searched_kinds(self) -> tuple[ParamKind, ...]:
+        if self.methods is not None:
+            return choice_kinds(self.method, self.params)
         return tuple(self.params) if self.params is not None else METHOD_KINDS[self.method]
+
+    def for_method(self, method: str) -> "SpaceTemplate":
+        """The single-method template of one choice: its kinds, and the ``init``/``fixed`` entries
+        (by kind or by name) of the kinds it reads."""
+        kinds = choice_kinds(method, self.params)
+        keep = lambda d: {k: v for k, v in d.items() if _kind_of(k) in kinds}  # noqa: E731
+        return self.model_copy(update={
+            "method": method, "methods": None, "params": list(kinds), "init": keep(self.init), "fixed": keep(self.fixed),
+        })
 
     def kind_bounds(self, kind: ParamKind) -> tuple[float, float, float]:
         """(low, high, init) of a kind after the template's overrides."""
@@ -228,6 +291,14 @@ class SearchSpace:
         self.layout = layout
         self.experts: tuple[str, ...] = tuple(experts)
         self.template = template
+        self._subs = {m: SearchSpace(layout, experts, template.for_method(m)) for m in template.methods or ()}
+        if self._subs:
+            named = {p.name for sub in self._subs.values() for p in sub._all_params}
+            for field_name in ("init", "fixed"):
+                unknown = [k for k in getattr(template, field_name) if k not in PARAM_KINDS and k not in named]
+                if unknown:
+                    raise ValueError(f"{field_name}: unknown parameter names {unknown}; see SearchSpace.names")
+            return
         self._cells = self._build_cells()
         if not self._cells:
             raise ValueError("the layout has no tensors to merge")
@@ -357,45 +428,115 @@ class SearchSpace:
                 held[p.name] = float(fixed[p.kind])
         return held
 
+    # ----------------------------------------------------------------- method choice
+    @property
+    def categorical(self) -> bool:
+        """Whether the method is a searched choice (``template.methods``): then there is no flat
+        genome, and trials carry define-by-run params (`decode_params`)."""
+        return bool(self._subs)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods trials may use."""
+        return tuple(self._subs) if self._subs else (self.template.method,)
+
+    def sub(self, method: str) -> "SearchSpace":
+        """The single-method space of one choice (this space itself when there is no choice)."""
+        if not self._subs and method == self.template.method:
+            return self
+        if method not in self._subs:
+            raise ValueError(f"method {method!r} is not one of this space's methods {list(self.methods)}")
+        return self._subs[method]
+
+    def start_params(self) -> dict[str, Any]:
+        """The first trial's params: the starting genome, with ``method`` (the template's) under a choice."""
+        if not self._subs:
+            return self.describe(self.x0)
+        start = self._subs[self.template.method]
+        return {"method": self.template.method, **start.describe(start.x0)}
+
+    def decode_params(self, params: Mapping[str, Any], *, seed: int = 0, trial: int = 0) -> MergeRecipe:
+        """The recipe of a trial's params (as optuna stores them): the genome's names, plus under a
+        choice ``method`` and only the parameters of that method, so the ledger alone rebuilds it."""
+        if not self._subs:
+            return self.decode(self.from_params(params), seed=seed, trial=trial)
+        method = params.get("method")
+        if not isinstance(method, str) or method not in self._subs:
+            raise ValueError(f"params' method {method!r} is not one of {list(self._subs)}")
+        sub = self._subs[method]
+        foreign = sorted(set(params) - {"method"} - set(sub.names))
+        if foreign:
+            raise ValueError(f"params {foreign[:3]} are not parameters of method {method!r}")
+        return sub.decode(sub.from_params(params), seed=seed, trial=trial)
+
+    def _flat(self, what: str) -> None:
+        if self._subs:
+            raise ValueError(f"{what}: a space choosing among methods {list(self._subs)} has no flat genome; "
+                             "its trials are params (`decode_params`), drawn by samplers that handle categorical choices")
+
     # ----------------------------------------------------------------- public view
     @property
     def dim(self) -> int:
-        """Length of the genome."""
-        return len(self._free)
+        """Length of the genome (under a method choice: ``method`` and every method's parameters)."""
+        return len(self.names) if self._subs else len(self._free)
 
     @property
     def names(self) -> list[str]:
-        """Human-readable name of each genome coordinate."""
+        """Human-readable name of each genome coordinate (under a method choice: ``method`` and
+        each parameter some method reads, once)."""
+        if self._subs:
+            return list(dict.fromkeys(["method", *(n for sub in self._subs.values() for n in sub.names)]))
         return [p.name for p in self._free_params]
 
     @property
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """(lower, upper) arrays of the genome's box."""
+        self._flat("bounds")
         return (np.array([p.low for p in self._free_params]), np.array([p.high for p in self._free_params]))
 
     @property
     def x0(self) -> np.ndarray:
         """Starting genome (the template's or the method's initial values)."""
+        self._flat("x0")
         return np.array([p.init for p in self._free_params])
 
     @property
     def held(self) -> dict[str, float]:
         """Parameters held fixed (name -> value), not part of the genome."""
+        if self._subs:
+            return {k: v for sub in self._subs.values() for k, v in sub.held.items()}
         return dict(self._held)
 
     def fingerprint(self) -> str:
         """Short hash of everything that gives genome coordinates their meaning; the ledger keeps
         it so a resume with a different space fails loudly instead of mixing incompatible trials."""
-        payload = {
-            "template": self.template.model_dump(mode="json", by_alias=True),
-            "experts": list(self.experts),
-            "names": [p.name for p in self._all_params],
-            "cells": [(c.label, list(map(str, c.layers)), c.kinds) for c in self._cells],
-        }
+        if self._subs:
+            payload: dict[str, Any] = {
+                "template": self.template.model_dump(mode="json", by_alias=True),
+                "methods": {m: sub.fingerprint() for m, sub in self._subs.items()},
+            }
+        else:
+            payload = {
+                "template": self.template.model_dump(mode="json", by_alias=True),
+                "experts": list(self.experts),
+                "names": [p.name for p in self._all_params],
+                "cells": [(c.label, list(map(str, c.layers)), c.kinds) for c in self._cells],
+            }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe description (template, experts, names, bounds) for the ledger and exports."""
+        """JSON-safe description (template, experts, names, bounds) for the ledger and exports;
+        under a method choice, each method's under ``methods``."""
+        if self._subs:
+            return {
+                "template": self.template.model_dump(mode="json", by_alias=True),
+                "experts": list(self.experts),
+                "names": self.names,
+                "methods": {m: {k: v for k, v in sub.to_dict().items() if k not in ("template", "experts")}
+                            for m, sub in self._subs.items()},
+                "held": self.held,
+                "fingerprint": self.fingerprint(),
+            }
         low, high = self.bounds
         return {
             "template": self.template.model_dump(mode="json", by_alias=True),
@@ -427,6 +568,7 @@ class SearchSpace:
 
     def decode(self, x: Sequence[float], *, seed: int = 0, trial: int = 0) -> MergeRecipe:
         """The recipe a genome stands for; ``seed`` and ``trial`` seed its random masks."""
+        self._flat("decode")
         full = self._full(x)
         kinds = self.template.searched_kinds
         covers_all = len(self._cells) == 1
@@ -461,6 +603,11 @@ class SearchSpace:
         method or global option, a missing expert, values that differ inside a cell, that break
         a held value or leave the bounds.
         """
+        if self._subs:  # the genome of the recipe's method's space
+            methods = {rule.method for rule in recipe.rules}
+            if len(methods) != 1:
+                raise ValueError(f"recipe merges with {sorted(methods)}: a method choice encodes one method per recipe")
+            return self.sub(methods.pop()).encode(recipe, atol=atol)
         tpl = self.template
         for field_name in ("normalize", "lambda_", "rescale", "draws", "pruning", "lora_mode"):
             if getattr(recipe, field_name) != getattr(tpl, field_name):
@@ -504,6 +651,7 @@ class SearchSpace:
         stay held; the result is clipped to the bounds. Each of these, and a different method or
         global option, gives one note naming the parameters concerned.
         """
+        self._flat("fit")
         tpl = self.template
         notes: list[str] = []
         for field_name in ("normalize", "lambda_", "rescale", "lora_mode"):
@@ -568,14 +716,22 @@ class SearchSpace:
 
     def describe(self, x: Sequence[float]) -> dict[str, float]:
         """Genome as {name: value}, the form optuna stores as trial params."""
+        self._flat("describe")
         return dict(zip(self.names, map(float, x)))
 
     def from_params(self, params: Mapping[str, float]) -> np.ndarray:
         """Genome from {name: value} (an optuna trial's params)."""
+        self._flat("from_params")
         missing = [n for n in self.names if n not in params]
         if missing:
             raise ValueError(f"params lack {missing[:3]}{'...' if len(missing) > 3 else ''}")
         return np.array([float(params[n]) for n in self.names])
+
+
+def _kind_of(key: str) -> str:
+    """The kind of an ``init``/``fixed`` key: the key itself, or a parameter name's kind."""
+    match = _PARAM_NAME.match(key)
+    return key if match is None else match.group(2)
 
 
 def _rule_value(rule: GroupRule | None, kind: ParamKind, expert: str | None, start: float) -> float:

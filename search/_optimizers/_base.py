@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence, Union
 
 import numpy as np
-from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 
 from evomerge.merge import MergeRecipe
 
 if TYPE_CHECKING:
+    from optuna.trial import Trial
+
     from .._ledger import Ledger
     from .._space import SearchSpace
 
@@ -46,14 +48,30 @@ class Candidate:
     params: dict[str, Any]
     distributions: dict[str, BaseDistribution]
     x: np.ndarray | None = None
-    """Genome in the space; None for candidates that carry their own recipe (grid baseline)."""
+    """Genome in the space; None for candidates that carry their own recipe (grid baseline) or a
+    method choice (``params`` decode through `SearchSpace.decode_params`)."""
     recipe: MergeRecipe | None = None
 
 
 def genome_distributions(space: "SearchSpace") -> dict[str, BaseDistribution]:
-    """One float distribution per genome coordinate, named like the space's parameters."""
+    """One float distribution per genome coordinate, named like the space's parameters (a space
+    with a method choice has no flat genome and raises ValueError)."""
     low, high = space.bounds
     return {n: FloatDistribution(float(lo), float(hi)) for n, lo, hi in zip(space.names, low, high)}
+
+
+def method_distributions(space: "SearchSpace", method: str) -> dict[str, BaseDistribution]:
+    """Under a method choice: ``method`` (categorical) and the float distributions of ``method``'s
+    parameters, the params of one of its trials (`SearchSpace.decode_params`)."""
+    return {"method": CategoricalDistribution(space.methods), **genome_distributions(space.sub(method))}
+
+
+def suggest_params(space: "SearchSpace", trial: "Trial") -> None:
+    """Define-by-run draw of a method choice's trial: ``method`` first, then only that method's
+    parameters, so a sampler never sees (nor models) a parameter the chosen method ignores."""
+    for name, distribution in method_distributions(space, str(trial.suggest_categorical("method", space.methods))).items():
+        if isinstance(distribution, FloatDistribution):
+            trial.suggest_float(name, distribution.low, distribution.high)
 
 
 class Optimizer(ABC):
@@ -70,6 +88,10 @@ class Optimizer(ABC):
         (optuna samplers); a coordinated optimizer's queued trials carry their params (none)."""
         return genome_distributions(space)
 
+    def suggest(self, space: "SearchSpace", trial: "Trial") -> None:
+        """Draw what ``study.ask(ask_distributions)`` left to define-by-run (nothing here: the
+        distributions, or a queued trial's params, are the whole trial)."""
+
     def recipe(self, space: "SearchSpace", params: dict[str, Any], *, seed: int, trial: int) -> MergeRecipe:
         """The recipe a trial with these params evaluates (``trial``: the key of its random masks)."""
-        return space.decode(space.from_params(params), seed=seed, trial=trial)
+        return space.decode_params(params, seed=seed, trial=trial)

@@ -15,7 +15,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from evomerge.merge import ExpertParams, GroupRule, MergeRecipe
 
-from ._base import genome_distributions
+from ._base import genome_distributions, method_distributions
 from ._coordinator import CheckpointStore, CoordinatedOptimizer, Proposal
 
 if TYPE_CHECKING:
@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 
 class RandomSearch(CoordinatedOptimizer):
-    """Genomes drawn uniformly in the space's box (numpy PCG64, seeded by the run seed)."""
+    """Genomes drawn uniformly in the space's box (numpy PCG64, seeded by the run seed); under a
+    method choice, a method uniformly and then its parameters in its box."""
 
     name = "random"
 
@@ -31,6 +32,12 @@ class RandomSearch(CoordinatedOptimizer):
         return np.random.default_rng(seed)
 
     def _propose(self, space: "SearchSpace") -> tuple[Any, Proposal]:
+        if space.categorical:  # a method uniformly, then its parameters uniformly in its box
+            method = space.methods[int(self._backend.integers(len(space.methods)))]
+            sub = space.sub(method)
+            x = self._backend.uniform(*sub.bounds)
+            params = {"method": method, **sub.describe(x)}
+            return None, Proposal(params=params, distributions=method_distributions(space, method))
         low, high = space.bounds
         x = self._backend.uniform(low, high)
         return None, Proposal(params=space.describe(x), distributions=genome_distributions(space), x=x)

@@ -16,14 +16,20 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 
-from ._base import Optimizer
+from ._base import Optimizer, genome_distributions, suggest_params
 
 if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
+    from optuna.trial import Trial
+
     from .._ledger import Ledger
     from .._space import SearchSpace
 
 OPTUNA_SAMPLERS = ("tpe", "cmaes", "nsga2", "nsga3", "gp", "qmc", "random")
 SINGLE_OBJECTIVE = ("cmaes",)
+CATEGORICAL = ("tpe", "nsga2", "nsga3", "random")
+"""Samplers that model a categorical, conditional search space (a method choice, `SearchSpace.categorical`);
+the others fall back to independent random draws for it, so they are refused one."""
 """Samplers that need one value: use them with a `Scalarization` when there are several objectives."""
 
 
@@ -64,7 +70,18 @@ class OptunaOptimizer(Optimizer):
     ) -> None:
         """Make this sampler the study's; ``seed_offset``: workers sharing a study set their own,
         or samplers with one seed and one history would propose the same points."""
+        if space.categorical and self.sampler not in CATEGORICAL:
+            raise ValueError(f"optuna sampler {self.sampler!r} searches floats only; a method choice needs one of {', '.join(CATEGORICAL)}")
         if self.sampler in SINGLE_OBJECTIVE and len(ledger.study.directions) > 1:
             raise ValueError(f"optuna sampler {self.sampler!r} is single-objective; give the run a Scalarization")
         seed = ledger.seed + seed_offset + len(ledger.finished())
         ledger.study.sampler = _make_sampler(self.sampler, seed, self.sampler_kwargs, workers=ledger.heartbeat is not None)
+
+    def ask_distributions(self, space: "SearchSpace") -> dict[str, "BaseDistribution"]:
+        """The genome; none under a method choice, whose trials are drawn define-by-run (`suggest`)."""
+        return {} if space.categorical else genome_distributions(space)
+
+    def suggest(self, space: "SearchSpace", trial: "Trial") -> None:
+        """Under a method choice: ``method``, then only its parameters (`suggest_params`)."""
+        if space.categorical:
+            suggest_params(space, trial)
