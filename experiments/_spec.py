@@ -204,11 +204,6 @@ class SpaceSpec(SpaceTemplate):
     def _method_exists(cls, name: str) -> str:
         return _known_method(name)
 
-    @field_validator("methods")
-    @classmethod
-    def _methods_exist(cls, names: list[str] | None) -> list[str] | None:
-        return None if names is None else [_known_method(n) for n in names]
-
     @model_validator(mode="after")
     def _sane_values(self) -> "SpaceSpec":
         for kind, (low, high) in self.bounds.items():

@@ -367,6 +367,11 @@ def optimizer_self_selecting(d, w):
     return _run(d, w, lambda s: s["optimizer"].__setitem__("name", "NGOpt"))
 
 
+@case("space.methods: nevergrad:CMA searches floats only")
+def method_choice_with_a_float_optimizer(d, w):
+    return _run(d, w, lambda s: s["space"].__setitem__("methods", ["task_arithmetic", "ties"]))
+
+
 @case("optimizer.library")
 def optimizer_library_unknown(d, w):
     return _run(d, w, lambda s: s["optimizer"].__setitem__("library", "hyperopt"))

@@ -94,6 +94,15 @@ def test_cross_field_checks(tmp_path: Path) -> None:
     assert "'2 weeks' is not a duration" in _error(tmp_path, budget={"wall_clock": "2 weeks"})
 
 
+def test_method_choice_spec(tmp_path: Path) -> None:
+    """issue 16 item 5: ``space.methods`` validates its names; the first listed method starts."""
+    spec = load_spec(_write(tmp_path, {**GOOD, "space": {"methods": ["ties", "della"]}}), label="spec.yaml")
+    assert spec.space is not None and (spec.space.method, spec.space.methods) == ("ties", ["ties", "della"])
+    assert "['delal'] cannot be chosen among others; choose from task_arithmetic, ties" in _error(tmp_path, space={"methods": ["ties", "delal"]})
+    assert "['slerp'] cannot be chosen among others" in _error(tmp_path, space={"methods": ["ties", "slerp"]})
+    assert "must list two or more distinct methods" in _error(tmp_path, space={"methods": ["ties", "ties"]})
+
+
 def test_yaml_problems_are_one_line(tmp_path: Path) -> None:
     path = tmp_path / "spec.yaml"
     path.write_text("name: a\nname: b\n")
