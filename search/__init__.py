@@ -2,10 +2,11 @@
 
 Public API::
 
-    SpaceTemplate(method, params=None, bounds={}, init={}, fixed={}, granularity="global",
+    SpaceTemplate(method, methods=None, params=None, bounds={}, init={}, fixed={}, granularity="global",
                   modules="all", sections="attach", smoothing=None, normalize=True, lambda_=1.0,
                   rescale="mergekit", lora_mode="materialized")
     SearchSpace(layout, experts, template)  # .dim .names .bounds .x0 .decode(x, *, seed, trial) .encode(recipe)
+                                            # method choice: .categorical .methods .sub(m) .start_params() .decode_params(params, *, seed, trial)
     Scalarization(kind="weighted_sum"|"chebyshev", weights=None, ideal=None, rho=1e-3)
     Ledger(storage, *, objectives, study_name="evomerge", seed=0, scalarization=None,
            reference_point=None, space=None, heartbeat=None)  # .records() -> [TrialRecord]
