@@ -142,28 +142,19 @@ def _check_database(url: str) -> None:
 # ----------------------------------------------------------------------------------------- optimizers
 
 
-CATEGORICAL_OPTIMIZERS = ("optuna:tpe", "optuna:nsga2", "optuna:nsga3", "optuna:random", "random")
-"""The optimizers that draw a method choice (`SpaceTemplate.methods`): optuna samplers that model
-categorical, conditional params define-by-run, and the random baseline."""
-
-
-def _draws_categorical(factory_name: str) -> bool:
-    return factory_name in CATEGORICAL_OPTIMIZERS
-
-
 def check_optimizers(spec: ExperimentSpec) -> None:
     """Construct every stage's optimizer with its options (the run constructs them again later)."""
-    from evomerge.search import make_optimizer
+    from evomerge.search import METHOD_CHOICE_OPTIMIZERS, make_optimizer
 
     for i, stage in enumerate(spec.resolved_stages()):
         opt = stage.optimizer
         assert opt is not None and stage.budget is not None
         own = spec.stages is not None and spec.stages[i].optimizer is not None
         where = f"stages[{i}].optimizer" if own else "optimizer"
-        if stage.space is not None and stage.space.methods is not None and not _draws_categorical(opt.factory_name):
+        if stage.space is not None and stage.space.methods is not None and opt.factory_name not in METHOD_CHOICE_OPTIMIZERS:
             own_space = spec.stages is not None and spec.stages[i].space is not None
             raise UserError(f"{f'stages[{i}].space' if own_space else 'space'}.methods: {opt.factory_name} searches floats only; "
-                            f"use {', '.join(CATEGORICAL_OPTIMIZERS)} (or a single space.method)")
+                            f"use {', '.join(METHOD_CHOICE_OPTIMIZERS)} (or a single space.method)")
         if opt.library == "nevergrad" and opt.name == "NgIohTuned" and stage.budget.evaluations is None:
             raise UserError(f"{where}.name: NgIohTuned picks its algorithm from the evaluation budget; set budget.evaluations")
         try:

@@ -34,7 +34,7 @@ __getattr__, __all__ = lazy_members(__name__, {
     "._ledger": ["MAX_DETAIL_ITEMS", "Ledger", "ObjectiveSpec", "TrialRecord", "read_records", "storage_for"],
     "._loop": ["SearchResult", "run_search"],
     "._optimizers": [
-        "NEVERGRAD_OPTIMIZERS", "OPTUNA_SAMPLERS", "Candidate", "Failure", "GridSearch", "NevergradOptimizer",
+        "METHOD_CHOICE_OPTIMIZERS", "NEVERGRAD_OPTIMIZERS", "OPTUNA_SAMPLERS", "Candidate", "Failure", "GridSearch", "NevergradOptimizer",
         "Optimizer", "OptunaOptimizer", "RandomSearch", "ResumeError", "make_optimizer",
     ],
     "._pareto": ["ParetoArchive", "ParetoPoint", "hypervolume", "pareto_mask"],

@@ -9,7 +9,12 @@ from ._base import Candidate, Failure, Optimizer, Result
 from ._baselines import GridSearch, RandomSearch
 from ._coordinator import CoordinatedOptimizer, ResumeError
 from ._nevergrad import NEVERGRAD_OPTIMIZERS, NevergradOptimizer
-from ._optuna import OPTUNA_SAMPLERS, OptunaOptimizer
+from ._optuna import CATEGORICAL, OPTUNA_SAMPLERS, OptunaOptimizer
+
+METHOD_CHOICE_OPTIMIZERS: tuple[str, ...] = (*(f"optuna:{s}" for s in CATEGORICAL), "random")
+"""The `make_optimizer` specs that draw a method choice (`SpaceTemplate.methods`): optuna samplers
+that model categorical, conditional params define-by-run, and the random baseline. The others
+search floats only and refuse such a space in ``bind``."""
 
 
 def make_optimizer(spec: str, **kwargs: Any) -> Optimizer:
@@ -35,6 +40,7 @@ __all__ = [
     "CoordinatedOptimizer",
     "Failure",
     "GridSearch",
+    "METHOD_CHOICE_OPTIMIZERS",
     "NEVERGRAD_OPTIMIZERS",
     "NevergradOptimizer",
     "OPTUNA_SAMPLERS",

@@ -27,10 +27,10 @@ if TYPE_CHECKING:
 
 OPTUNA_SAMPLERS = ("tpe", "cmaes", "nsga2", "nsga3", "gp", "qmc", "random")
 SINGLE_OBJECTIVE = ("cmaes",)
+"""Samplers that need one value: use them with a `Scalarization` when there are several objectives."""
 CATEGORICAL = ("tpe", "nsga2", "nsga3", "random")
 """Samplers that model a categorical, conditional search space (a method choice, `SearchSpace.categorical`);
 the others fall back to independent random draws for it, so they are refused one."""
-"""Samplers that need one value: use them with a `Scalarization` when there are several objectives."""
 
 
 def _make_sampler(kind: str, seed: int, kwargs: dict[str, Any], *, workers: bool) -> optuna.samplers.BaseSampler:
