@@ -149,6 +149,7 @@ def run_workers(spec_path: Path, *, run_dir: Path | None, workers: int, override
 
 def launch(spec: ExperimentSpec, spec_path: Path, *, run_dir: Path | None, workers: int, overrides: list[str]) -> int:
     """``evomerge run --workers N``: N local worker processes on the run's storage, then exports."""
+    from ._build import build_engine, build_objectives, build_space
     from ._run import export_stage
 
     stage = _single_stage(spec)
@@ -156,7 +157,8 @@ def launch(spec: ExperimentSpec, spec_path: Path, *, run_dir: Path | None, worke
     resolved = resolve(spec, label=str(spec_path), progress=False)
     resolved = resolved.model_copy(update={"outputs": resolved.outputs.model_copy(update={"run_dir": str(rd.path)})})
     storage = rd.storage(resolved)
-    preflight(resolved, rd)  # before the folder exists; the workers check models and data as they load
+    preflight(resolved, rd)  # before the folder exists
+    build_objectives(resolved)  # the calibration sets (and lm-eval tasks) load, or fail in one line, before it too
     if not rd.exists():
         rd.path.mkdir(parents=True, exist_ok=True)
         dump_spec(resolved, rd.spec_file)
@@ -171,8 +173,6 @@ def launch(spec: ExperimentSpec, spec_path: Path, *, run_dir: Path | None, worke
         procs.append(subprocess.Popen(cmd, env=env))
     codes = [p.wait() for p in procs]
     click.echo(f"workers exited with {codes}")
-    from ._build import build_engine, build_space
-
     ledger = open_shared_ledger(resolved, stage, storage, build_space(build_engine(resolved, progress=False), stage.space),  # type: ignore[arg-type]
                                 heartbeat=HEARTBEAT_SECONDS)
     export_stage(rd, stage.name, ledger)

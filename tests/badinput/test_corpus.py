@@ -699,6 +699,12 @@ def calib_mixed_kinds(d, w):
 
 
 @case("calib.jsonl")
+def calib_bad_json_with_workers(d, w):
+    # `run --workers` checks the calibration sets itself before its run folder exists
+    return [*_calib(d, w, b'{"prompt": "a", "answer": "b"}\n{"prompt": \n'), "--workers", "2"]
+
+
+@case("calib.jsonl")
 def calib_is_a_folder(d, w):
     (d / "calib.jsonl").mkdir()
     return _run(d, w, lambda s: s["objectives"][0].__setitem__("data", str(d / "calib.jsonl")))
