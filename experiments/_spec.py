@@ -190,7 +190,8 @@ class SpaceSpec(SpaceTemplate):
 
     Fields: ``method``; ``methods`` (the method as a searched choice among these task-vector
     methods, each with only the parameters it reads; ``method`` is then the first trial's);
-    ``params`` (searched kinds: weight, density, t, gamma, epsilon; default: the method's); ``bounds`` and ``init`` per kind; ``fixed`` (kind or parameter name -> value);
+    ``params`` (searched kinds: weight, density, t, gamma, epsilon; default: the method's);
+    ``bounds`` and ``init`` per kind; ``fixed`` (kind or parameter name -> value);
     ``granularity`` (global | layer | k = every k layers); ``modules`` (all | split | lists of
     module kinds); ``sections`` (attach | group); ``smoothing`` (control points across layers);
     global options ``normalize``, ``lambda``, ``rescale``, ``draws`` (fast | mergekit), ``pruning``
