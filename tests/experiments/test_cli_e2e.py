@@ -206,6 +206,7 @@ def test_sigterm_stops_cleanly_and_resume_finishes_the_budget(zoo_copy: Path, tm
     evomerge("resume", str(run), "--quiet", cwd=tmp_path)
     status = evomerge("status", str(run), cwd=tmp_path).stdout
     assert "30 / 30" in status and "done" in status and "evaluations budget: 30 of 30" in status
+    assert re.search(r"fidelity +30 on 4 items, \d+ on 8 items \(eta 2\); \d+ calibration items scored", status), status
     starts = [e for e in read_events(run / "events.jsonl") if e["event"] == "run_start"]
     assert [e["resumed"] for e in starts] == [False, True]
     trials = json.loads((run / "results" / "search" / "trials.json").read_text())["trials"]
