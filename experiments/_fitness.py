@@ -128,11 +128,9 @@ class PenalizedScorer:
         return evaluation
 
     def extend(self, evaluation: "Evaluation", items: int) -> "Evaluation":
-        """The wrapped scorer's `extend`; the penalty (of the same genome) carries over."""
-        extended = self.scorer.extend(evaluation, items)
-        if not extended.failed and L1_OBJECTIVE in evaluation.values:
-            extended.values[L1_OBJECTIVE] = evaluation.values[L1_OBJECTIVE]
-        return extended
+        """The wrapped scorer's `extend`: the penalty (of the same genome) carries over with the
+        values that are not scored on items."""
+        return self.scorer.extend(evaluation, items)
 
     def items(self, items: int | None = None) -> int:
         return self.scorer.items(items)
