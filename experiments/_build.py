@@ -48,9 +48,10 @@ def build_engine(spec: ExperimentSpec, *, progress: bool = True) -> "MergeEngine
     )
 
 
-def build_objective(obj: ObjectiveSpec, *, seed: int, data: str | None = None) -> "Objective":
+def build_objective(obj: ObjectiveSpec, *, seed: int, data: str | None = None, rungs: bool = False) -> "Objective":
     """One `Objective`; ``seed`` (the spec's ``data_seed``) draws its calibration subset; ``data``
-    replaces the calibration file with a held-out set (scored in full)."""
+    replaces the calibration file with a held-out set (scored in full); ``rungs``: the items in a
+    seeded random order, so the first ``n`` are the nested subsets of multi-fidelity search."""
     from evomerge.objectives import CalibrationSet, LmEvalTask, Objective
 
     task = None if obj.lm_eval is None else LmEvalTask(**obj.lm_eval.model_dump())
@@ -62,6 +63,8 @@ def build_objective(obj: ObjectiveSpec, *, seed: int, data: str | None = None) -
         calibration = CalibrationSet.load(
             path, name=obj.name, size=size, seed=seed, chat_template=obj.chat_template, system_prompt=obj.system_prompt
         )
+        if rungs and data is None:
+            calibration = calibration.shuffled(seed)
     return Objective(
         name=obj.name,
         metric=obj.metric,
@@ -81,7 +84,7 @@ def build_objectives(spec: ExperimentSpec, *, holdout: bool = False) -> list["Ob
         # lm-eval tasks have no held-out set of their own here: re-scoring them would only repeat the search's numbers.
         return [build_objective(o, seed=spec.data_seed, data=o.holdout) for o in spec.objectives
                 if o.holdout or (o.data is None and o.lm_eval is None)]
-    return [build_objective(o, seed=spec.data_seed) for o in spec.objectives]
+    return [build_objective(o, seed=spec.data_seed, rungs=spec.fidelity is not None) for o in spec.objectives]
 
 
 def build_scorer(spec: ExperimentSpec, engine: "MergeEngine", objectives: list["Objective"]) -> "Scorer":

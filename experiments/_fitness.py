@@ -9,7 +9,7 @@ weighted sum, exactly as the papers define it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -99,6 +99,21 @@ def describe_scalar(objectives: Sequence[LedgerObjective], optimizer: OptimizerS
     return "; ".join([f"optimizing: {text}", *notes])
 
 
+def promotion_score(objectives: Sequence[LedgerObjective], optimizer: OptimizerSpec) -> "Callable[[Mapping[str, float]], float]":
+    """What ranks a candidate at a rung of multi-fidelity search (higher is better): minus the
+    optimizer's scalar loss (`_weights`: the spec's weights, else the mean of the task
+    objectives), whether or not the optimizer itself sees a scalar."""
+    from evomerge.search import Scalarization
+
+    scalar = Scalarization(weights=tuple(_weights(objectives, optimizer)))
+    names, directions = [o.name for o in objectives], [o.direction for o in objectives]
+
+    def score(values: Mapping[str, float]) -> float:
+        return -scalar([values.get(n, 0.0) for n in names], directions)  # type: ignore[arg-type]
+
+    return score
+
+
 class PenalizedScorer:
     """A scorer that adds ``l1`` = mean |genome| to every successful evaluation."""
 
@@ -106,11 +121,19 @@ class PenalizedScorer:
         self.scorer = scorer
         self.space = space
 
-    def evaluate(self, recipe: "MergeRecipe") -> "Evaluation":
-        evaluation = self.scorer.evaluate(recipe)
+    def evaluate(self, recipe: "MergeRecipe", *, items: int | None = None) -> "Evaluation":
+        evaluation = self.scorer.evaluate(recipe, items=items)
         if not evaluation.failed:
             evaluation.values[L1_OBJECTIVE] = float(np.mean(np.abs(self.space.encode(recipe)))) if self.space.dim else 0.0
         return evaluation
+
+    def extend(self, evaluation: "Evaluation", items: int) -> "Evaluation":
+        """The wrapped scorer's `extend`: the penalty (of the same genome) carries over with the
+        values that are not scored on items."""
+        return self.scorer.extend(evaluation, items)
+
+    def items(self, items: int | None = None) -> int:
+        return self.scorer.items(items)
 
 
 def constraint_function(constraints: Sequence[ConstraintSpec]) -> "Callable[[Evaluation], list[float]] | None":

@@ -77,7 +77,7 @@ def load_view(run_dir: Path, stage: str | None = None) -> RunView:
     for t in trials:
         if t.state in ("complete", "failed"):
             values = [t.values[n] for n, _ in objectives] if t.state == "complete" else None
-            archive.add(t.number, values, feasible=t.feasible)
+            archive.add(t.number, values, feasible=t.feasible and t.full_fidelity)  # a low rung never enters the front
     comparison = read_json(rd.comparison_file) or None
     references = [Reference(name, values) for name, values in (comparison or {}).get("references", {}).items()]
     return RunView(

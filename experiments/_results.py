@@ -160,9 +160,12 @@ class RunView:
         return [(n, d) for n, d in self.objectives if n not in constant]
 
     def best_per_objective(self) -> dict[str, tuple[float, int]]:
+        """Best value of each objective over the completed trials at the top fidelity (a score on
+        a low rung's few items is too noisy to name as a best)."""
         out: dict[str, tuple[float, int]] = {}
+        done = [t for t in self.completed if t.full_fidelity]
         for name, direction in zip(self.objective_names, self.directions):
-            scored = [(t.values[name], t.number) for t in self.completed if name in t.values]
+            scored = [(t.values[name], t.number) for t in done if name in t.values]
             if scored:
                 sign = 1.0 if direction == "maximize" else -1.0
                 out[name] = max(scored, key=lambda vn: (sign * vn[0], -vn[1]))
@@ -281,6 +284,8 @@ class RunView:
         if stop is not None:
             rows["stopped by"] = stop
         rows["front size"] = str(len(self.front))
+        if self.spec.fidelity is not None:
+            rows["fidelity"] = self.fidelity_text()
         rows["hypervolume"] = self.hypervolume_text()
         for name, (value, number) in self.best_per_objective().items():
             rows[f"best {name}"] = f"{format_value(value)} (trial {number})"
@@ -294,6 +299,15 @@ class RunView:
         if self.state.get("updated"):
             rows["updated"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.state["updated"]))
         return rows
+
+    def fidelity_text(self) -> str:
+        """How far the completed trials went through the rungs, and the items they cost."""
+        rungs = self.spec.fidelity.rungs  # type: ignore[union-attr]
+        graded = [t.fidelity for t in self.completed if t.fidelity is not None]
+        reached = [sum(1 for g in graded if g["rung"] >= r) for r in range(len(rungs))]
+        items = sum(int(g["scored"]) for g in graded)
+        return (", ".join(f"{n} on {k} items" for n, k in zip(reached, rungs))
+                + f" (eta {self.spec.fidelity.eta}); {items} calibration items scored")  # type: ignore[union-attr]
 
     def mean_columns(self) -> list[str]:
         """Front-table columns for the means of each kind with more than one objective."""

@@ -27,7 +27,14 @@ from evomerge.merge import write_atomic
 from ._build import build_engine, build_objectives, build_scorer, build_space, start_at
 from ._compare import holdout_scores, single_model_recipes
 from ._errors import UserError, first_line
-from ._fitness import PenalizedScorer, constraint_function, describe_scalar, ledger_objectives, scalarization
+from ._fitness import (
+    PenalizedScorer,
+    constraint_function,
+    describe_scalar,
+    ledger_objectives,
+    promotion_score,
+    scalarization,
+)
 from ._inspect import GRID_STAGE, format_table, load_view, main_stage, recipe_of, status_text
 from ._mergekit_in import baseline_recipes, check_mergekit_files, start_from_mergekit
 from ._preflight import preflight, report_remote_code
@@ -43,7 +50,7 @@ if TYPE_CHECKING:
     from ._rescore import Rescored
     from ._signals import SignalLog
     from evomerge.objectives import Scorer
-    from evomerge.search import Ledger, SearchSpace
+    from evomerge.search import Fidelity, Ledger, SearchSpace
 
 # ------------------------------------------------------------------------------------------- loading
 
@@ -213,7 +220,9 @@ def best_trial(ledger: "Ledger") -> Any:
 
     from evomerge.search import to_losses
 
-    done = [t for t in ledger.trials((TrialState.COMPLETE,)) if ledger.feasible(t)]
+    from evomerge.search import full_fidelity
+
+    done = [t for t in ledger.trials((TrialState.COMPLETE,)) if ledger.feasible(t) and full_fidelity(t)]
     if not done:
         return None
     if ledger.scalarization is not None:
@@ -290,6 +299,7 @@ def _run_stage(
         space, scorer, optimizer, ledger,
         budget_evals=stage.budget.evaluations, budget_seconds=_budget_seconds(stage, before),
         constraints=constraint_function(spec.constraints), callbacks=[checkpoint, reporter], progress=display.bars,
+        fidelity=None if stage.name == GRID_STAGE else search_fidelity(spec, optimizer_spec),
     )
     checkpoint(None)
     reason = STOP_REASONS[result.stopped_by]
@@ -300,6 +310,16 @@ def _run_stage(
         click.echo(f"stage {stage.name}: stopped by {reason} after {result.n_finished} trials "
                    f"({result.n_new} new, {result.wall_seconds:.1f}s)")
     return reason, ledger
+
+
+def search_fidelity(spec: ExperimentSpec, optimizer: OptimizerSpec) -> "Fidelity | None":
+    """The spec's successive halving for a stage's `run_search` (None when off); the uniform grid
+    baseline scores its 20 recipes in full."""
+    from evomerge.search import Fidelity
+
+    if spec.fidelity is None:
+        return None
+    return Fidelity(tuple(spec.fidelity.rungs), spec.fidelity.eta, promotion_score(ledger_objectives(spec, optimizer), optimizer))
 
 
 def _grid_stage(session: Session, last: StageSpec) -> StageSpec:

@@ -466,6 +466,25 @@ class RescoreSpec(_Strict):
     """Items per objective (a larger seeded subset of the same calibration set); unset: every item."""
 
 
+class FidelitySpec(_Strict):
+    """Multi-fidelity search (`evomerge.search.Fidelity`): each candidate is scored on the first
+    ``rungs[0]`` items of every calibration set (a random subset, nested in the next rungs, drawn
+    by ``data_seed``) and continued in the live model to the next rung only while its mean task
+    score ranks in the top ``1/eta`` of the candidates that reached its rung."""
+
+    rungs: list[Annotated[int, Field(ge=1)]] = Field(min_length=2)
+    """Items per calibration set at each rung, increasing; sets smaller than a rung score every item."""
+    eta: int = Field(4, ge=2)
+    """1/eta of the candidates of a rung go on to the next."""
+
+    @field_validator("rungs")
+    @classmethod
+    def _increasing(cls, rungs: list[int]) -> list[int]:
+        if any(b <= a for a, b in zip(rungs, rungs[1:])):
+            raise ValueError(f"{rungs} must increase strictly, e.g. [8, 32, 64] (items per calibration set at each rung)")
+        return rungs
+
+
 class OutputsSpec(_Strict):
     """Where results go; the run folder holds the spec copy, ledger, checkpoint, exports and report."""
 
@@ -502,6 +521,8 @@ class ExperimentSpec(_Strict):
     """Named mergekit YAMLs scored beside the experts (comparison table and report)."""
     rescore: RescoreSpec = Field(default_factory=RescoreSpec)
     """Re-score the best few trials on more calibration items and pick by that score."""
+    fidelity: FidelitySpec | None = None
+    """Successive halving over calibration items (off by default): ``{rungs: [8, 32, 64], eta: 4}``."""
     storage: str | None = None
     """Optuna storage URL; default ``<run_dir>/ledger.log`` (journal file), ``sqlite:///<run_dir>/ledger.db``
     with ``run --workers``."""
@@ -531,12 +552,27 @@ class ExperimentSpec(_Strict):
             unknown = sorted(set(opt.weights or {}) - set(names))
             if unknown:
                 raise ValueError(f"optimizer.weights names unknown objectives {unknown}; objectives: {', '.join(names)}")
+        if self.fidelity is not None:
+            self._check_fidelity(self.fidelity)
         uses_zoo = any(o.data and o.data.startswith(ZOO_PREFIX) for o in self.objectives)
         if uses_zoo and self.models.zoo is None:
             raise ValueError("objectives use 'zoo:' paths but 'models.zoo' is not set")
         if self.has_skill_templates and self.models.zoo is None:
             raise ValueError("objective names with '{skill}' expand per zoo skill and need 'models.zoo'")
         return self
+
+    def _check_fidelity(self, fidelity: FidelitySpec) -> None:
+        """Rungs need calibration sets to take items from, and fit every subset the spec draws."""
+        if any(o.lm_eval is not None for o in self.objectives):
+            names = ", ".join(o.name for o in self.objectives if o.lm_eval is not None)
+            raise ValueError(f"fidelity: lm-eval objectives ({names}) are scored whole, not by rungs of items; remove 'fidelity' or those objectives")
+        if not any(o.data is not None for o in self.objectives):
+            raise ValueError("fidelity: no objective has calibration data ('data') to score in rungs; remove 'fidelity'")
+        top = fidelity.rungs[-1]
+        for o in self.objectives:
+            if o.size is not None and o.size < top:
+                raise ValueError(f"fidelity.rungs: the top rung ({top}) exceeds objective '{o.name}' size {o.size}; "
+                                 f"raise its size to at least {top} or lower the rungs")
 
     @property
     def has_skill_templates(self) -> bool:

@@ -84,7 +84,7 @@ def work(
     from evomerge.search import make_optimizer, run_search
 
     from ._build import build_space
-    from ._run import Session
+    from ._run import Session, search_fidelity
     from ._runlog import trial_reporter
 
     stage = _single_stage(spec)
@@ -106,7 +106,7 @@ def work(
         result = run_search(
             space, scorer, optimizer, ledger, budget_evals=stage.budget.evaluations, worker_id=worker_id,
             constraints=constraint_function(spec.constraints), queue=queue, lease_ttl=lease_ttl, progress=False,
-            callbacks=lines,
+            callbacks=lines, fidelity=search_fidelity(spec, stage.optimizer),
         )
     finally:
         session.close()

@@ -12,7 +12,9 @@ Public API::
     VllmScorer(base, experts, objectives, *, dtype="bfloat16", max_new_tokens=32, stop=("\n"),
                max_model_len=None, timeout=None, seed=0, gpu_memory_utilization=0.85,
                allow_cpu=False, engine_kwargs=None)  # optional extra `vllm`
-    scorer.evaluate(recipe, *, timeout=None) -> Evaluation
+    scorer.evaluate(recipe, *, timeout=None, items=None) -> Evaluation  # items: the first N per calibration set
+    scorer.extend(evaluation, items, *, timeout=None) -> Evaluation    # the live candidate on more items
+    scorer.items(items=None) -> int                                     # calibration items such an evaluation scores
 """
 
 from __future__ import annotations

@@ -157,6 +157,13 @@ class CalibrationSet:
         keep = sorted(random.Random(seed).sample(range(len(self.items)), size))
         return replace(self, items=tuple(self.items[i] for i in keep), size=size, seed=seed)
 
+    def shuffled(self, seed: int) -> "CalibrationSet":
+        """The same items in an order drawn by ``seed``: its first ``n`` items are a random subset
+        of size ``n``, nested in every longer prefix (the rungs of multi-fidelity search)."""
+        order = list(range(len(self.items)))
+        random.Random(f"rungs:{seed}").shuffle(order)
+        return replace(self, items=tuple(self.items[i] for i in order))
+
     def render_prompt(self, prompt: str, tokenizer: Any) -> str:
         """The prompt as the model sees it: verbatim, or inside the tokenizer's chat template."""
         if not self.chat_template:

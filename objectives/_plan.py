@@ -9,7 +9,8 @@ metric functions, so transformers and vLLM cannot disagree on arithmetic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from ._calibration import CalibrationSet
@@ -62,6 +63,22 @@ class _SetRequests:
     answer_pairs: list[tuple[TokenIds, TokenIds]] = field(default_factory=list)
     choice_pairs: list[tuple[TokenIds, TokenIds]] = field(default_factory=list)
     text_pairs: list[tuple[TokenIds, TokenIds]] = field(default_factory=list)
+    items: tuple[Any, ...] = ()
+    """The calibration items these requests stand for (all of the set's, or a window of them)."""
+
+    def window(self, start: int, stop: int | None) -> "_SetRequests":
+        """The requests of items ``[start, stop)`` only (a lower rung, or the items a promotion adds)."""
+        if start == 0 and (stop is None or stop >= len(self.items)):
+            return self
+        items = self.items[start:stop]
+        offsets = [0]
+        for item in self.items:
+            offsets.append(offsets[-1] + len(item.choices or ()))
+        first, last = offsets[min(start, len(self.items))], offsets[len(self.items) if stop is None else min(stop, len(self.items))]
+        return replace(
+            self, prompts=self.prompts[start:stop], drafts=self.drafts[start:stop], answer_pairs=self.answer_pairs[start:stop],
+            choice_pairs=self.choice_pairs[first:last], text_pairs=self.text_pairs[start:stop], items=items,
+        )
 
 
 class ScoringPlan:
@@ -90,25 +107,35 @@ class ScoringPlan:
         """Whether any objective reads `MergeStats` (the engine then spends a pass computing them)."""
         return any(o.is_cost for o in self.objectives)
 
+    def items(self, stop: int | None = None) -> int:
+        """Calibration items an evaluation of the first ``stop`` items of every set (all when None)
+        scores: the cost unit of multi-fidelity search and of the scoring budget."""
+        return sum(len(req.items) if stop is None else min(stop, len(req.items)) for req in self._sets.values())
+
     def run(
-        self, generate: GenerateFn, logprobs: LogprobFn, costs: Any
+        self, generate: GenerateFn, logprobs: LogprobFn, costs: Any, *, start: int = 0, stop: int | None = None,
     ) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]], int]:
         """Run the backend calls and reduce them. Returns values, details, sequences scored.
 
-        ``costs`` is the engine's `MergeStats` for this candidate.
+        ``costs`` is the engine's `MergeStats` for this candidate. ``start`` / ``stop``: score only
+        items ``[start, stop)`` of every calibration set (multi-fidelity search: a rung, or the
+        items a promotion adds; `combine` joins windows); lm-eval tasks have no such window.
         """
+        if (start, stop) != (0, None) and self._lm_eval is not None:
+            raise ValueError("lm-eval objectives are scored whole; a window of calibration items needs calibration sets")
+        sets = {key: req.window(start, stop) for key, req in self._sets.items()}
         values: dict[str, float] = {}
         details: dict[str, list[dict[str, Any]]] = {}
         # Requests of every set go to the backend in one call per kind, so batches are full and
         # length-sorted across sets (4 sets of 16 prompts make one batch of 64, not four of 16).
         generation_requests: list[tuple[int, str, list[Any]]] = []
         logprob_requests: list[tuple[int, str, list[Any]]] = []
-        outputs: dict[int, dict[str, Any]] = {key: {} for key in self._sets}
-        for key, req in self._sets.items():
+        outputs: dict[int, dict[str, Any]] = {key: {} for key in sets}
+        for key, req in sets.items():
             if req.needs_generation:
                 generation_requests.append((key, "generations", list(zip(req.prompts, req.drafts))))
         n_sequences = _run_packed(generate, generation_requests, outputs)
-        for key, req in self._sets.items():
+        for key, req in sets.items():
             metrics = {o.metric for o in self.objectives if o.calibration is req.calibration}
             # The drafts of a generation set are its answers: a backend that verified them
             # returned their log-probs, and the answer loss needs no second forward.
@@ -136,11 +163,22 @@ class ScoringPlan:
             elif obj.lm_eval is not None:
                 values[obj.name] = task_values[obj.name]
             else:
-                values[obj.name], details[obj.name] = self._reduce(obj, outputs[id(obj.calibration)])
+                values[obj.name], details[obj.name] = self._reduce(obj, outputs[id(obj.calibration)], sets[id(obj.calibration)].items)
         return values, details, n_sequences
 
-    def _reduce(self, obj: Objective, out: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
-        items = obj.calibration.items  # type: ignore[union-attr]
+    def combine(self, values: dict[str, float], details: dict[str, list[dict[str, Any]]],
+                more: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
+        """The values and details of two windows of items of one candidate joined (`run`'s
+        ``details`` of each): every metric's value recomputed from the joined per-item rows, so a
+        promotion pays only for the items it adds. Costs (read from the merge) carry over."""
+        joined = {name: [*details.get(name, []), *more.get(name, [])] for name in {*details, *more}}
+        out = dict(values)
+        for obj in self.objectives:
+            if obj.calibration is not None:
+                out[obj.name] = rows_value(obj.metric, joined[obj.name])
+        return out, joined
+
+    def _reduce(self, obj: Objective, out: dict[str, Any], items: Sequence[Any]) -> tuple[float, list[dict[str, Any]]]:
         if obj.metric in GENERATION_METRICS:
             gens: list[Generation] = out["generations"]
             rows: list[dict[str, Any]] = []
@@ -178,6 +216,21 @@ class ScoringPlan:
         return mean([r["correct"] for r in rows]), rows
 
 
+def rows_value(metric: str, rows: Sequence[dict[str, Any]]) -> float:
+    """A metric's value from its per-item rows (`ScoringPlan.run`'s details): what the objective's
+    reduction gives on those items. Losses are token-weighted, as `answer_cross_entropy` is."""
+    if metric in ("exact_match", "contains", "mc_accuracy"):
+        return mean([r["correct"] for r in rows])
+    if metric == "custom":
+        return mean([r["score"] for r in rows])
+    if metric == "response_length":
+        return mean([r["tokens"] for r in rows])
+    counted = [r for r in rows if r["tokens"]]  # an empty answer has no tokens and contributes nothing
+    tokens = sum(r["tokens"] for r in counted)
+    loss = math.fsum(r["loss"] * r["tokens"] for r in counted) / tokens if tokens else math.nan
+    return math.exp(loss) if metric == "perplexity" and not math.isnan(loss) else loss
+
+
 def _run_packed(call: Callable[[list[Any]], list[Any]], requests: list[tuple[int, str, list[Any]]], outputs: dict[int, dict[str, Any]]) -> int:
     """One backend call for all `requests` (set key, output slot, inputs); results go back per slot."""
     flat = [x for _, _, inputs in requests for x in inputs]
@@ -192,7 +245,7 @@ def _run_packed(call: Callable[[list[Any]], list[Any]], requests: list[tuple[int
 
 
 def _tokenize(cal: CalibrationSet, tokenizer: Any) -> _SetRequests:
-    req = _SetRequests(cal)
+    req = _SetRequests(cal, items=cal.items)
     # A chat template carries its own BOS/special tokens; plain prompts get the tokenizer's.
     special = not cal.chat_template
 

@@ -50,6 +50,12 @@ class SwapResult:
     swap_seconds: float
 
 
+def _check_finite(values: dict[str, float]) -> None:
+    bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(f"non-finite objective value: {', '.join(bad)}")
+
+
 class Scorer(ABC):
     """Scores recipes on a fixed list of objectives.
 
@@ -62,17 +68,56 @@ class Scorer(ABC):
             raise ValueError("a scorer needs at least one objective")
         self._plan = ScoringPlan(objectives, tokenizer)
         self.timeout = timeout
+        self._live: tuple[Evaluation, int | None, Any] | None = None
+        """The last evaluation, its items per set and its merge statistics: what `extend` continues."""
 
     @property
     def objectives(self) -> list[Objective]:
         return list(self._plan.objectives)
 
-    def evaluate(self, recipe: Any, *, timeout: float | None = None) -> Evaluation:
+    def evaluate(self, recipe: Any, *, timeout: float | None = None, items: int | None = None) -> Evaluation:
         """Merge ``recipe`` into the live model and score every objective; never raises.
 
-        ``timeout`` (seconds) overrides the scorer's default for this call.
+        ``timeout`` (seconds) overrides the scorer's default for this call. ``items``: score only
+        the first ``items`` items of every calibration set (a rung of multi-fidelity search;
+        `extend` adds more of them later without merging again).
         """
-        return self._evaluate(recipe, Deadline(self.timeout if timeout is None else timeout))
+        return self._evaluate(recipe, Deadline(self.timeout if timeout is None else timeout), items)
+
+    def items(self, items: int | None = None) -> int:
+        """Calibration items one evaluation of the first ``items`` per set scores (all: None)."""
+        return self._plan.items(items)
+
+    def extend(self, evaluation: Evaluation, items: int, *, timeout: float | None = None) -> Evaluation:
+        """``evaluation`` (this scorer's latest, of the candidate still in the live model)
+        continued to the first ``items`` items of every calibration set: only the items it lacks
+        are scored, and every value is recomputed from the joined per-item results
+        (`ScoringPlan.combine`), so the result equals ``evaluate(recipe, items=items)`` at the
+        cost of the added items. Never raises; a failure is a failed evaluation."""
+        live = self._live
+        if live is None or live[0] is not evaluation or evaluation.failed:
+            return Evaluation.failure("extend: the evaluation is not this scorer's latest successful one (the live model moved on)")
+        _, done, stats = live
+        if done is None or done >= items:
+            return evaluation
+        start = time.perf_counter()
+        timings: dict[str, float] = {"merge": 0.0, "swap": 0.0, "inference": 0.0}
+        self._deadline = Deadline(self.timeout if timeout is None else timeout)
+        try:
+            _, more, n_sequences = self._plan.run(self._checked_generate, self._checked_logprobs, stats, start=done, stop=items)
+            values, details = self._plan.combine(evaluation.values, evaluation.details, more)
+            timings["inference"] = time.perf_counter() - start
+            timings["items_per_s"] = n_sequences / timings["inference"] if timings["inference"] > 0 else 0.0
+            _check_finite(values)
+        except Exception as exc:  # noqa: BLE001 - as in `evaluate`: a failure is a result
+            timings["inference"] = time.perf_counter() - start
+            reason = str(exc) if isinstance(exc, EvaluationTimeout) else f"{type(exc).__name__}: {exc}"
+            self._live = None
+            return self._failure(reason.splitlines()[0], timings, start)
+        timings["total"] = time.perf_counter() - start
+        extended = Evaluation(values=values, details=details, timings=timings)
+        self._live = (extended, items, stats)
+        return extended
 
     def warm_up(self, recipe: Any) -> Evaluation:
         """Evaluate ``recipe`` once without a timeout, to be discarded: the one-time costs of a
@@ -82,30 +127,32 @@ class Scorer(ABC):
         point) before a search; a later candidate of other methods may still compile its own kernels."""
         return self._evaluate(recipe, Deadline(None))
 
-    def _evaluate(self, recipe: Any, deadline: Deadline) -> Evaluation:
+    def _evaluate(self, recipe: Any, deadline: Deadline, items: int | None = None) -> Evaluation:
         start = time.perf_counter()
         timings: dict[str, float] = {"merge": 0.0, "swap": 0.0, "inference": 0.0}
         self._deadline = deadline
+        self._live = None
         phase, phase_start = "merge", start  # the phase under way: a failure is charged to it
         try:
             swapped = self._swap_in(recipe)
             timings["merge"], timings["swap"] = swapped.merge_seconds, swapped.swap_seconds
             phase, phase_start = "inference", time.perf_counter()
             deadline.check()
-            values, details, n_sequences = self._plan.run(self._checked_generate, self._checked_logprobs, swapped.stats)
+            values, details, n_sequences = self._plan.run(
+                self._checked_generate, self._checked_logprobs, swapped.stats, stop=items)
             timings["inference"] = time.perf_counter() - phase_start
             timings["items_per_s"] = n_sequences / timings["inference"] if timings["inference"] > 0 else 0.0
             phase = ""
-            bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
-            if bad:
-                raise FloatingPointError(f"non-finite objective value: {', '.join(bad)}")
+            _check_finite(values)
         except Exception as exc:  # noqa: BLE001 - a failed candidate (timeout included) is a result, not a crash
             if phase:  # keep what the failed phase had cost, so a timed-out trial still shows its split
                 timings[phase] = time.perf_counter() - phase_start
             reason = str(exc) if isinstance(exc, EvaluationTimeout) else f"{type(exc).__name__}: {exc}"
             return self._failure(reason.splitlines()[0], timings, start)
         timings["total"] = time.perf_counter() - start
-        return Evaluation(values=values, details=details, timings=timings)
+        evaluation = Evaluation(values=values, details=details, timings=timings)
+        self._live = (evaluation, items, swapped.stats)
+        return evaluation
 
     def close(self) -> None:
         """Release the backend's resources (model, engine). The scorer is unusable afterwards."""

@@ -15,12 +15,14 @@ Public API::
     NevergradOptimizer(optimizer="CMA"), OptunaOptimizer(sampler="tpe", **kw), RandomSearch(), GridSearch(...)
     run_search(space, scorer, optimizer, ledger, *, budget_evals=None, budget_seconds=None,
                constraints=None, callbacks=(), progress=True,
-               worker_id=None, queue=4, lease_ttl=10.0, poll=0.2) -> SearchResult  # one process, or a worker
+               worker_id=None, queue=4, lease_ttl=10.0, poll=0.2, fidelity=None, budget_items=None)
+               -> SearchResult  # one process, or a worker
+    Fidelity(rungs, eta, score)  # successive halving over calibration items (`_fidelity`)
     export_results(ledger, out_dir) -> {name: path}   # trials/front as CSV + JSON
     export_trial_model(ledger, engine, number, out_dir) -> Path
 
 Layout: the space (`_space`), the optimizers (`_optimizers`, fed through `_queue` when coordinated),
-the loop (`_loop`), the ledger (`_ledger`, `_journal`), the archive (`_pareto`, `_scalarize`),
+the loop (`_loop`, multi-fidelity rungs in `_fidelity`), the ledger (`_ledger`, `_journal`), the archive (`_pareto`, `_scalarize`),
 exports (`_export`), and scale-out (`scaleout`: heartbeats, stale retries, the coordinator lease).
 """
 
@@ -30,6 +32,7 @@ from evomerge.merge._lazy import lazy_members
 
 # Loaded on first use (`merge._lazy`): submodule -> the public names it provides.
 __getattr__, __all__ = lazy_members(__name__, {
+    "._fidelity": ["Fidelity", "full_fidelity"],
     "._export": ["export_results", "export_trial_model", "trial_recipe"],
     "._ledger": ["MAX_DETAIL_ITEMS", "Ledger", "ObjectiveSpec", "TrialRecord", "read_records", "storage_for"],
     "._loop": ["SearchResult", "run_search"],

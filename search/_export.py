@@ -41,6 +41,7 @@ def trial_record(ledger: Ledger, trial: FrozenTrial, *, on_front: bool) -> dict[
         "feasible": ledger.feasible(trial),
         "objectives": trial.user_attrs.get("objectives", {}),
         "constraints": trial.user_attrs.get("constraints"),
+        "fidelity": trial.user_attrs.get("fidelity"),
         "failure": trial.user_attrs.get("failure"),
         "genome": dict(trial.params),
         "recipe": None if recipe is None else json.loads(recipe),

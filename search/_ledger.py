@@ -11,7 +11,9 @@ opens any run. Everything goes through optuna's public API. What a trial holds:
   ``details`` (per-task records, truncated to `MAX_DETAIL_ITEMS` per objective), ``timings``,
   ``failure`` (the evaluation's reason on a FAIL trial, else None), ``constraints`` (optional),
   ``candidate`` (coordinator id: nevergrad and the baselines), ``worker`` (who claimed it),
-  ``interrupted`` (why a claim was given back) and ``requeued_from`` (the trial it re-runs);
+  ``interrupted`` (why a claim was given back), ``requeued_from`` (the trial it re-runs) and
+  ``fidelity`` (multi-fidelity runs: the rung reached and the items scored, `search._fidelity`;
+  only trials at the top rung enter the Pareto front);
 * constraints also as optuna's ``Trial.set_constraint`` entries (feasible iff all <= 0), which
   optuna's constrained samplers and ``best_trials`` read.
 
@@ -42,6 +44,7 @@ from typing import Any, Mapping, Protocol, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ._fidelity import full_fidelity
 from ._journal import JournalFile
 from ._pareto import Direction, ParetoArchive
 from ._scalarize import Scalarization
@@ -84,6 +87,13 @@ class TrialRecord:
     candidate: int | None = None
     details: dict[str, Any] = field(default_factory=dict, repr=False)
     constraints: list[float] | None = None
+    fidelity: dict[str, Any] | None = None
+    """Multi-fidelity runs: the rung this trial reached (`search._fidelity`); None without rungs."""
+
+    @property
+    def full_fidelity(self) -> bool:
+        """Whether the values are at the top fidelity, so the trial may enter the Pareto front."""
+        return self.fidelity is None or bool(self.fidelity.get("full", True))
 
 
 @dataclass(frozen=True)
@@ -326,7 +336,7 @@ class Ledger:
         """The Pareto archive rebuilt from the ledger, in trial order (so resume restores history)."""
         archive = ParetoArchive(self.directions, self.reference_point)
         for trial in self.finished():
-            archive.add(trial.number, self.objective_values(trial), feasible=self.feasible(trial))
+            archive.add(trial.number, self.objective_values(trial), feasible=self.feasible(trial) and full_fidelity(trial))
         if archive.reference_point is not None and self.reference_point is None:
             self.record_reference_point(archive.reference_point)
         return archive
@@ -437,5 +447,5 @@ def record(trial: FrozenTrial, rerun: set[int]) -> TrialRecord:
         timings=dict(attrs.get("timings") or {}),
         failure=attrs.get("interrupted") if state == "interrupted" else attrs.get("failure"),
         feasible=Ledger.feasible(trial), candidate=attrs.get("candidate"), details=dict(attrs.get("details") or {}),
-        constraints=attrs.get("constraints"),
+        constraints=attrs.get("constraints"), fidelity=attrs.get("fidelity"),
     )

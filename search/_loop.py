@@ -19,6 +19,12 @@ next start (`Ledger.fail_running`), workers through optuna's heartbeats (`search
 coordinated optimizer is told a result only after the ledger holds it, at the queue's next step.
 Results not yet told when the loop stops are told at the next start, from the ledger (`CoordinatedOptimizer.bind`).
 The loop installs no signal handler: that is the caller's edge (`evomerge.experiments.cli`).
+
+**Multi-fidelity** (``fidelity``, `search._fidelity`): a candidate is scored on a few calibration
+items first and continued in the live model to more items while it ranks in the top ``1/eta`` of
+its rung; the trial is then one ledger entry with its values at the highest rung it reached.
+``budget_items`` stops the loop once the calibration items its trials cost reach it (equal-cost
+comparisons of fidelity settings); trials finished without rungs do not count towards it.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from optuna.trial import TrialState
 from evomerge.merge import MergeRecipe
 from evomerge.objectives import Evaluation
 
+from ._fidelity import FIDELITY_ATTR, Fidelity, grade_record, rung_scalars
 from ._ledger import Counts, Ledger, TrialRecord, counted, record, rerun_numbers
 from ._optimizers import CoordinatedOptimizer, Optimizer, OptunaOptimizer
 from ._pareto import ParetoArchive
@@ -46,6 +53,17 @@ from .scaleout import Crew
 
 class ScorerLike(Protocol):
     def evaluate(self, recipe: MergeRecipe) -> Evaluation: ...
+
+
+class GradedScorer(Protocol):
+    """A scorer that can score the first ``items`` items of every calibration set and continue the
+    candidate in its live model (`evomerge.objectives.Scorer`): what `Fidelity` needs."""
+
+    def evaluate(self, recipe: MergeRecipe, *, items: int | None = None) -> Evaluation: ...
+
+    def extend(self, evaluation: Evaluation, items: int) -> Evaluation: ...
+
+    def items(self, items: int | None = None) -> int: ...
 
 
 Callback = Callable[[TrialRecord], None]
@@ -94,6 +112,8 @@ def run_search(
     queue: int = 4,
     lease_ttl: float = 10.0,
     poll: float = 0.2,
+    fidelity: Fidelity | None = None,
+    budget_items: int | None = None,
 ) -> SearchResult:
     """Run (or resume, or join) a search until ``budget_evals`` trials count in the ledger, the
     time budget is spent, the optimizer is exhausted, or a ``KeyboardInterrupt`` arrives.
@@ -103,7 +123,11 @@ def run_search(
     them (about the number of workers); ``lease_ttl``: seconds after which a silent coordinator
     is replaced. ``constraints`` maps an evaluation to values that must all be <= 0 for the trial
     to be feasible (optuna's convention); infeasible trials never enter the Pareto front.
+    ``fidelity``: successive halving over calibration items (the scorer must be a `GradedScorer`);
+    ``budget_items``: stop once the trials' calibration items reach it (needs ``fidelity``).
     """
+    if budget_items is not None and fidelity is None:
+        raise ValueError("budget_items counts the calibration items of graded trials: it needs a fidelity")
     started = time.perf_counter()
     shared = ledger.heartbeat is not None
     if shared != (worker_id is not None) or (shared and budget_evals is None):
@@ -142,7 +166,7 @@ def run_search(
                 break
             look = ledger.counts()
             result.n_finished = look.counted
-            if _spent(look, budget_evals):
+            if _spent(look, budget_evals) or (budget_items is not None and items_spent(ledger.trials()) >= budget_items):
                 break
             if _spent(look, budget_evals, running=True) or (feed is not None and not look.waiting):
                 time.sleep(poll)  # work in flight elsewhere may finish or go stale; a coordinator refills
@@ -163,16 +187,23 @@ def run_search(
             key = trial.number if candidate is None else int(candidate)
             recipe = optimizer.recipe(space, trial.params, seed=seed, trial=key)
             pre = time.perf_counter() - t0
-            evaluation, eval_seconds = evaluate_guarded(scorer, recipe)
+            grade: dict[str, Any] | None = None
+            if fidelity is None:
+                evaluation, eval_seconds = evaluate_guarded(scorer, recipe)
+            else:
+                evaluation, eval_seconds, grade = evaluate_graded(scorer, recipe, fidelity, ledger)  # type: ignore[arg-type]
             t2 = time.perf_counter()
             values, attrs = _outcome(ledger, recipe, evaluation, names, constraints, pre)
+            if grade is not None:
+                attrs[FIDELITY_ATTR] = grade
             ledger.finish(trial, attrs, None if values is None else dict(zip(names, values)))
             if crew is not None:
                 crew.released()
             number, trial = trial.number, None
             ledger.sync()
             had_reference = archive.reference_point is not None
-            archive.add(number, values, feasible=all(c <= 0 for c in attrs.get("constraints") or ()))
+            feasible = all(c <= 0 for c in attrs.get("constraints") or ())
+            archive.add(number, values, feasible=feasible and (grade is None or grade["full"]))
             if not had_reference and archive.reference_point is not None:
                 ledger.record_reference_point(archive.reference_point)
             result.overheads.append(pre + time.perf_counter() - t2)
@@ -242,6 +273,40 @@ def evaluate_guarded(scorer: ScorerLike, recipe: MergeRecipe) -> tuple[Evaluatio
     except Exception as exc:
         evaluation = Evaluation.failure(f"{type(exc).__name__}: {exc}")
     return evaluation, time.perf_counter() - start
+
+
+def evaluate_graded(
+    scorer: GradedScorer, recipe: MergeRecipe, fidelity: Fidelity, ledger: Ledger,
+) -> tuple[Evaluation, float, dict[str, Any] | None]:
+    """`evaluate_guarded` through the rungs (`search._fidelity`): the evaluation at the highest rung
+    the candidate reached, its wall seconds, and its ``fidelity`` record (None when it failed)."""
+    start = time.perf_counter()
+    scalars: list[float] = []
+    peers: list[int] = []
+    try:
+        evaluation = scorer.evaluate(recipe, items=fidelity.rungs[0])
+        rung = 0
+        while not evaluation.failed:
+            scalar = float(fidelity.score(evaluation.values))
+            others = rung_scalars(ledger.trials(), rung)  # the ledger's: a resumed run or another worker continues them
+            scalars.append(scalar)
+            peers.append(len(others) + 1)
+            if rung == len(fidelity.rungs) - 1 or not fidelity.promote(scalar, [*others, scalar]):
+                break
+            rung += 1
+            evaluation = scorer.extend(evaluation, fidelity.rungs[rung])
+    except Exception as exc:  # as in `evaluate_guarded`: a raising wrapper fails the trial, never the run
+        evaluation = Evaluation.failure(f"{type(exc).__name__}: {exc}")
+    seconds = time.perf_counter() - start
+    if evaluation.failed:
+        return evaluation, seconds, None
+    return evaluation, seconds, grade_record(fidelity, rung, scalars, peers, scorer.items(fidelity.rungs[rung]))
+
+
+def items_spent(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
+    """Calibration items the graded trials of a study cost (complete ones)."""
+    return sum(int(t.user_attrs[FIDELITY_ATTR]["scored"]) for t in trials
+               if t.state == TrialState.COMPLETE and t.user_attrs.get(FIDELITY_ATTR))
 
 
 def _outcome(

@@ -14,6 +14,14 @@ match per skill (max) and the kept fraction (min). Per cell:
 * items scored: calibration items the run paid for (evaluations x items, plus the re-scoring), so
   cells at equal evaluations but different fidelity are compared at their cost.
 
+Multi-fidelity cells (``--sh-optimizers``, "+SH"): the same optimizers with successive halving
+(`evomerge.search.Fidelity`: ``--rungs`` items per skill, of every calibration item in an order
+drawn by ``--data-seed``, ``--eta``) run until their calibration items reach those of
+``--evaluations`` full evaluations of the other cells (EQUAL TOTAL SCORING COST, `run_search`'s
+``budget_items``); their front holds only candidates scored on the top rung. With ``--oracle``
+every candidate of every run is also scored on the held-out items: the best of those is an
+upper bound on what any pick of that run could reach (expensive: one held-out pass per candidate).
+
 Mean and 95% t-interval over seeds. Cells: random search, TPE, NSGA-II (multi-objective), GP
 (optuna) and CMA-ES (nevergrad) on the mean task loss, random at three times the budget, the uniform grid (20 recipes,
 deterministic: one run) and the best single expert (chosen on calibration).
@@ -50,7 +58,7 @@ from evomerge.experiments._rescore import rescore, top_trials
 from evomerge.experiments.zoo import build_zoo, load_manifest
 from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe
 from evomerge.objectives import CalibrationSet, Objective, TransformersScorer
-from evomerge.search import Ledger, Scalarization, SearchSpace, SpaceTemplate, make_optimizer, run_search
+from evomerge.search import Fidelity, Ledger, Scalarization, SearchSpace, SpaceTemplate, make_optimizer, run_search
 
 OPTIMIZERS = ("random", "optuna:tpe", "optuna:gp", "optuna:nsga2", "nevergrad:CMA")
 SINGLE_OBJECTIVE = ("nevergrad:", "optuna:gp")
@@ -70,6 +78,10 @@ class Cell:
     items: list[float] = field(default_factory=list)
     hv: list[float] = field(default_factory=list)
     holdout: list[float] = field(default_factory=list)
+    oracle: list[float] = field(default_factory=list)
+    """Best held-out over every candidate of the run (``--oracle``): a bound on any pick."""
+    candidates: list[float] = field(default_factory=list)
+    top_rung: list[float] = field(default_factory=list)
     rescored: list[float] = field(default_factory=list)
     extra: dict[str, list[float]] = field(default_factory=dict)
 
@@ -106,9 +118,12 @@ def print_table(title: str, cells: Sequence[Cell], columns: Sequence[tuple[str, 
         print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))), flush=True)
 
 
-def exact_match(zoo: Path, skills: Sequence[str], split: str, size: int | None, data_seed: int) -> list[Objective]:
-    return [Objective(s, "exact_match", calibration=CalibrationSet.load(zoo / "data" / s / f"{split}.jsonl", name=s, size=size, seed=data_seed))
-            for s in skills]
+def exact_match(zoo: Path, skills: Sequence[str], split: str, size: int | None, data_seed: int, *,
+                rungs: bool = False) -> list[Objective]:
+    """Exact match per skill on ``size`` items drawn by ``data_seed``; ``rungs``: in the seeded
+    order whose prefixes are the nested subsets of multi-fidelity search (as `evomerge run` does)."""
+    sets = [CalibrationSet.load(zoo / "data" / s / f"{split}.jsonl", name=s, size=size, seed=data_seed) for s in skills]
+    return [Objective(s, "exact_match", calibration=c.shuffled(data_seed) if rungs else c) for s, c in zip(skills, sets)]
 
 
 def mean_accuracy(values: Mapping[str, float], skills: Sequence[str]) -> float:
@@ -128,19 +143,25 @@ class Bench:
     calib: TransformersScorer
     full: TransformersScorer
     """Every calibration item (the re-scoring fidelity)."""
+    graded: TransformersScorer
+    """Every calibration item in the rungs' seeded order, and the kept fraction: the +SH cells' scorer."""
     test: TransformersScorer
     reference: list[float]
     items: int
     full_items: int
     top: int
+    rungs: tuple[int, ...]
+    eta: int
+    oracle: bool
 
     def holdout(self, recipe: MergeRecipe) -> float:
         evaluation = self.test.evaluate(recipe)
         return math.nan if evaluation.failed else mean_accuracy(evaluation.values, self.skills)
 
 
-def search_cell(bench: Bench, optimizer: str, seed: int, evaluations: int, cell: Cell) -> None:
-    """One run: `run_search` on a fresh ledger; its hypervolume, pick and re-scored pick."""
+def search_cell(bench: Bench, optimizer: str, seed: int, evaluations: int, cell: Cell, *, graded: bool = False) -> None:
+    """One run: `run_search` on a fresh ledger; its hypervolume, pick and re-scored pick. ``graded``:
+    successive halving until the items of ``evaluations`` full evaluations are spent."""
     space = SearchSpace(bench.engine.layout, bench.engine.expert_names, TEMPLATE)
     n = len(bench.skills)
     scalar = Scalarization(weights=tuple([1.0 / n] * n + [0.0])) if optimizer.startswith(SINGLE_OBJECTIVE) else None
@@ -150,8 +171,14 @@ def search_cell(bench: Bench, optimizer: str, seed: int, evaluations: int, cell:
         opt = make_optimizer(optimizer)
         if optimizer.startswith("optuna:"):
             ledger.study.enqueue_trial(space.describe(space.x0))  # as `evomerge run` does: the template's start first
-        result = run_search(space, bench.calib, opt, ledger, budget_evals=evaluations, progress=False)
-        records = {r.number: r for r in ledger.records() if r.state == "complete"}
+        if graded:
+            fidelity = Fidelity(bench.rungs, bench.eta, score=lambda v: mean_accuracy(v, bench.skills))
+            result = run_search(space, bench.graded, opt, ledger, budget_evals=evaluations * max(bench.rungs) // min(bench.rungs),
+                                budget_items=evaluations * bench.items, fidelity=fidelity, progress=False)
+        else:
+            result = run_search(space, bench.calib, opt, ledger, budget_evals=evaluations, progress=False)
+        all_records = [r for r in ledger.records() if r.state == "complete"]
+        records = {r.number: r for r in all_records if r.full_fidelity}
         front = [p.number for p in result.archive.front if p.number in records] or list(records)
         scores = {k: mean_accuracy(records[k].values, bench.skills) for k in front}
         recipes = {k: MergeRecipe.model_validate(records[k].recipe) for k in top_trials(scores, bench.top)}
@@ -160,7 +187,12 @@ def search_cell(bench: Bench, optimizer: str, seed: int, evaluations: int, cell:
         cell.hv.append(result.archive.hypervolume())
         cell.holdout.append(bench.holdout(recipes[pick]))
         cell.rescored.append(bench.holdout(recipes[again.pick]) if again is not None else math.nan)
-        cell.items.append(evaluations * bench.items + len(recipes) * bench.full_items)
+        spent = sum(r.fidelity["scored"] for r in all_records if r.fidelity) if graded else evaluations * bench.items
+        cell.items.append(spent + len(recipes) * bench.full_items)
+        cell.candidates.append(len(all_records))
+        cell.top_rung.append(len(records))
+        if bench.oracle:
+            cell.oracle.append(max(bench.holdout(MergeRecipe.model_validate(r.recipe)) for r in all_records))
 
 
 def fixed_cell(bench: Bench, name: str, recipes: Mapping[Any, MergeRecipe], cell_evals: int) -> Cell:
@@ -198,45 +230,64 @@ def part1(zoo: Path, args: argparse.Namespace) -> None:
     calib = exact_match(zoo, skills, "calib", args.calib_size, args.data_seed)
     objectives = [*calib, Objective("kept", "kept_fraction", direction="minimize")]
     full = exact_match(zoo, skills, "calib", None, args.data_seed)
+    graded = [*exact_match(zoo, skills, "calib", None, args.data_seed, rungs=True), objectives[-1]]
     test = exact_match(zoo, skills, "test", args.test_size, args.data_seed)
     options = {"batch_size": 128, "max_new_tokens": 12}
     bench = Bench(
         engine=engine, skills=skills, objectives=objectives,
         calib=TransformersScorer(engine, objectives, **options), full=TransformersScorer(engine, full, **options),
+        graded=TransformersScorer(engine, graded, **options),
         test=TransformersScorer(engine, test, **options), reference=[0.0] * len(skills) + [1.0],
         items=sum(len(o.calibration) for o in calib), full_items=sum(len(o.calibration) for o in full), top=args.top,
+        rungs=tuple(args.rungs), eta=args.eta, oracle=args.oracle,
     )
     print(f"part 1: zoo {zoo.name}, {len(skills)} full experts, TIES per layer ({SearchSpace(engine.layout, engine.expert_names, TEMPLATE).dim} "
           f"parameters); {args.calib_size} calibration items per skill (data seed {args.data_seed}), re-scoring the top {args.top} "
           f"on all {bench.full_items // len(skills)}; held-out: {bench.test.objectives[0].calibration.__len__()} test items per skill; "
           f"reference point {bench.reference}", flush=True)
     cells = []
-    plan = [(o, args.evaluations) for o in args.optimizers] + [("random", args.evaluations * 3)]
-    for optimizer, evaluations in plan:
-        cell = Cell(f"{optimizer} x{evaluations}", evaluations)
+    plan = [(o, args.evaluations, False) for o in args.optimizers] + [("random", args.evaluations * 3, False)] * args.random_x3
+    plan += [(o, args.evaluations, True) for o in args.sh_optimizers]
+    if args.sh_optimizers:
+        print(f"  +SH: successive halving over {list(bench.rungs)} calibration items per skill (of all {bench.full_items // len(skills)}, "
+              f"in an order drawn by the data seed), eta {bench.eta}, until the items of x{args.evaluations} are spent", flush=True)
+    for optimizer, evaluations, graded_cell in plan:
+        cell = Cell(f"{optimizer}{' +SH' if graded_cell else ''} x{evaluations}", evaluations)
         started = time.perf_counter()
         for seed in range(args.seeds):
-            search_cell(bench, optimizer, seed, evaluations, cell)
-        print(f"  {cell.name}: {time.perf_counter() - started:.0f} s", flush=True)
+            search_cell(bench, optimizer, seed, evaluations, cell, graded=graded_cell)
+        extra = (f"; {statistics.fmean(cell.candidates):.0f} candidates per run, {statistics.fmean(cell.top_rung):.0f} on the top rung"
+                 if graded_cell else "")
+        print(f"  {cell.name}: {time.perf_counter() - started:.0f} s{extra}", flush=True)
         cells.append(cell)
     cells.append(fixed_cell(bench, "uniform grid (20 recipes)", grid_recipes(bench), 20))
     experts = {k: r for k, r in single_model_recipes(list(engine.expert_names)).items() if k != "base"}
     cells.append(fixed_cell(bench, "best single expert", experts, len(experts)))
-    print_table(
-        "search quality (mean [95% interval] over seeds; held-out = mean exact match on the test items)", cells,
-        [("hypervolume", lambda c: c.hv), ("held-out of pick", lambda c: c.holdout), ("held-out re-scored pick", lambda c: c.rescored)],
-    )
-    base = next(c for c in cells if c.name.startswith("random x"))
-    print("\nheld-out difference to random search at the same evaluations (paired by seed):")
+    columns = [("hypervolume", lambda c: c.hv), ("held-out of pick", lambda c: c.holdout),
+               ("held-out re-scored pick", lambda c: c.rescored)]
+    if args.oracle:
+        columns.append(("best held-out of any candidate", lambda c: c.oracle))
+    print_table("search quality (mean [95% interval] over seeds; held-out = mean exact match on the test items)", cells, columns)
+    base = next((c for c in cells if c.name == f"random x{args.evaluations}"), None)
+    expert = cells[-1].holdout[0]
+    print("\nheld-out difference to random search at the same scoring cost (paired by seed), and to the best expert:")
     for c in cells:
-        if c is not base and len(c.holdout) == len(base.holdout):
+        if base is not None and c is not base and len(c.holdout) == len(base.holdout):
             print(f"  {c.name:28} pick {interval([a - b for a, b in zip(c.holdout, base.holdout)])}   "
-                  f"re-scored pick {interval([a - b for a, b in zip(c.rescored, base.holdout)])}")
+                  f"re-scored pick {interval([a - b for a, b in zip(c.rescored, base.holdout)])}   "
+                  f"re-scored pick - best expert {interval([a - expert for a in c.rescored])}")
+    wide = next((c for c in cells if c.name == f"random x{3 * args.evaluations}"), None)
+    if wide is not None:
+        print(f"hypervolume per seed against random x{3 * args.evaluations} ({', '.join(f'{v:.4f}' for v in wide.hv)}):")
+        for c in cells:
+            if c.hv and c is not wide and len(c.hv) == len(wide.hv):
+                wins = sum(a >= b for a, b in zip(c.hv, wide.hv))
+                print(f"  {c.name:28} {', '.join(f'{v:.4f}' for v in c.hv)}   >= in {wins} of {len(c.hv)} seeds")
     print("re-scoring effect (re-scored pick - pick, paired):")
     for c in cells:
         if c.rescored:
             print(f"  {c.name:28} {interval([a - b for a, b in zip(c.rescored, c.holdout)])}")
-    for s in (bench.calib, bench.full, bench.test):
+    for s in (bench.calib, bench.full, bench.graded, bench.test):
         s.close()
 
 
@@ -328,7 +379,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--size", default="small", choices=["tiny", "small"])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--evaluations", type=int, default=100)
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS))
+    parser.add_argument("--optimizers", nargs="*", default=list(OPTIMIZERS))
+    parser.add_argument("--sh-optimizers", nargs="*", default=["random", "optuna:tpe"],
+                        help="optimizers also run with successive halving at the items of --evaluations full evaluations")
+    parser.add_argument("--rungs", nargs="+", type=int, default=[8, 32, 64], help="calibration items per skill at each rung")
+    parser.add_argument("--eta", type=int, default=4, help="1/eta of a rung's candidates go on")
+    parser.add_argument("--random-x3", type=int, choices=[0, 1], default=1, help="also run random at three times the budget")
+    parser.add_argument("--oracle", action="store_true", help="score every candidate on the held-out items (an upper bound on any pick)")
     parser.add_argument("--calib-size", type=int, default=32, help="calibration items per skill")
     parser.add_argument("--data-seed", type=int, default=0, help="draws the calibration subset (the same for every run seed)")
     parser.add_argument("--test-size", type=int, default=None, help="held-out items per skill (default: all 200)")
@@ -338,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--evo-calib-size", type=int, default=16)
     parser.add_argument("--skip", choices=["part1", "part2"], default=None)
     if parser.parse_known_args(argv)[0].quick:  # the quick form's defaults; explicit options still win
-        parser.set_defaults(size="tiny", seeds=2, evaluations=6, calib_size=4, top=2, test_size=16,
+        parser.set_defaults(size="tiny", seeds=2, evaluations=6, calib_size=4, top=2, test_size=16, rungs=[2, 8], eta=2,
                             evo_seeds=2, evo_evaluations=3, evo_calib_size=4)
     args = parser.parse_args(argv)
     import optuna

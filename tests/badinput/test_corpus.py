@@ -222,6 +222,11 @@ def data_seed_negative(d, w):
     return _run(d, w, lambda s: s.__setitem__("data_seed", -3))
 
 
+@case("fidelity.rungs")
+def fidelity_rungs_not_increasing(d, w):
+    return _run(d, w, lambda s: s.__setitem__("fidelity", {"rungs": [8, 4], "eta": 3}))
+
+
 @case("seed")
 def seed_fractional(d, w):
     return _run(d, w, lambda s: s.__setitem__("seed", 1.5))

@@ -181,7 +181,7 @@ def _finished_trials(run: Path) -> int:
 
 
 def test_sigterm_stops_cleanly_and_resume_finishes_the_budget(zoo_copy: Path, tmp_path: Path) -> None:
-    spec = tiny_spec(tmp_path, zoo_copy, name="long", evaluations=30,
+    spec = tiny_spec(tmp_path, zoo_copy, name="long", evaluations=30, fidelity={"rungs": [4, 8], "eta": 2},
                      optimizer={"library": "nevergrad", "name": "CMA", "weights": {"rev": 1.0, "sort": 1.0}})
     run = tmp_path / "runs" / "long"
     proc = subprocess.Popen([EVOMERGE, "run", str(spec), "--quiet"], cwd=tmp_path,
@@ -206,11 +206,17 @@ def test_sigterm_stops_cleanly_and_resume_finishes_the_budget(zoo_copy: Path, tm
     evomerge("resume", str(run), "--quiet", cwd=tmp_path)
     status = evomerge("status", str(run), cwd=tmp_path).stdout
     assert "30 / 30" in status and "done" in status and "evaluations budget: 30 of 30" in status
+    assert re.search(r"fidelity +30 on 4 items, \d+ on 8 items \(eta 2\); \d+ calibration items scored", status), status
     starts = [e for e in read_events(run / "events.jsonl") if e["event"] == "run_start"]
     assert [e["resumed"] for e in starts] == [False, True]
     trials = json.loads((run / "results" / "search" / "trials.json").read_text())["trials"]
     finished = [t for t in trials if t["state"] == "COMPLETE"]
     assert len(finished) == 30
+    # multi-fidelity (issue 16 item 4): the resumed run continued the rung statistics, and the
+    # front holds only candidates scored on the top rung
+    assert [t["fidelity"]["peers"][0] for t in finished] == list(range(1, 31))
+    assert {t["fidelity"]["rung"] for t in finished} == {0, 1}
+    assert all(t["fidelity"]["full"] for t in trials if t["on_front"])
 
 
 def test_batch_records_a_broken_spec_skips_it_and_resumes(zoo_copy: Path, tmp_path: Path) -> None:

@@ -128,3 +128,17 @@ def test_unknown_preset_lists_presets() -> None:
 def test_compile_rejects_other_values(tmp_path: Path) -> None:
     message = _error(tmp_path, models={"zoo": {"size": "tiny"}, "compile": "sometimes"})
     assert "compile" in message
+
+
+def test_fidelity_spec(tmp_path: Path) -> None:
+    """issue 16 item 4: off by default; rungs increase, eta >= 2, the top rung fits every subset,
+    and lm-eval objectives (scored whole) are refused."""
+    assert load_spec(_write(tmp_path, GOOD)).fidelity is None
+    spec = load_spec(_write(tmp_path, {**GOOD, "fidelity": {"rungs": [4, 16]}}))
+    assert spec.fidelity is not None and (spec.fidelity.rungs, spec.fidelity.eta) == ([4, 16], 4)
+    assert "fidelity.rungs: [8, 8] must increase strictly" in _error(tmp_path, fidelity={"rungs": [8, 8]})
+    assert "fidelity.rungs: [8]: list should have at least 2 items" in _error(tmp_path, fidelity={"rungs": [8]})
+    assert "fidelity.eta: 1: input should be greater than or equal to 2" in _error(tmp_path, fidelity={"rungs": [2, 4], "eta": 1})
+    sized = [{**GOOD["objectives"][0], "size": 8}, GOOD["objectives"][1]]
+    message = _error(tmp_path, objectives=sized, fidelity={"rungs": [4, 16]})
+    assert "the top rung (16) exceeds objective 'rev' size 8" in message

@@ -108,3 +108,24 @@ def test_objective_validation_and_round_trip(tmp_path):
         Objective("c", "custom", gen, function="operator:nope")
     with pytest.raises(ValueError, match="takes no calibration"):
         Objective("l1", "l1_distance", gen)
+
+
+def test_shuffled_prefixes_are_nested_subsets_drawn_by_the_data_seed(tmp_path):
+    """Multi-fidelity rungs are prefixes of the set in a seeded order: nested random subsets; the
+    spec's ``data_seed`` draws both the ``size`` subset and that order (`_build.build_objective`)."""
+    from evomerge.experiments._build import build_objective
+    from evomerge.experiments._spec import ObjectiveSpec
+
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(f'{{"prompt": "p{i}", "answer": "a{i}"}}\n' for i in range(20)))
+    full = CalibrationSet.load(path)
+    order = full.shuffled(3)
+    assert sorted(order.items, key=lambda it: it.prompt) == sorted(full.items, key=lambda it: it.prompt)
+    assert order.items != full.items and order.items == full.shuffled(3).items and order.items != full.shuffled(4).items
+    spec = ObjectiveSpec(name="c", metric="exact_match", data=str(path), size=10)
+    subset = CalibrationSet.load(path, size=10, seed=3)
+    graded = build_objective(spec, seed=3, rungs=True).calibration
+    assert set(graded.items) == set(subset.items) and graded.items != subset.items
+    assert graded.items == subset.shuffled(3).items
+    assert build_objective(spec, seed=3).calibration.items == subset.items  # without rungs: file order, as before
+    assert build_objective(spec, seed=3, rungs=True, data=str(path)).calibration.items == full.items  # held out: whole

@@ -62,6 +62,25 @@ def test_values_equal_an_independent_fresh_model(scorer, zoo_engine):
     assert ev.timings["merge"] + ev.timings["swap"] + ev.timings["inference"] <= ev.timings["total"]
 
 
+def test_extend_scores_only_the_added_items_and_equals_a_direct_evaluation(scorer):
+    """Multi-fidelity search: a candidate scored on the first 3 items of every set, continued in
+    the live model to 6, has the values of a direct evaluation on 6 items, every metric kind."""
+    r = recipe({"rev": 0.8, "sort": 0.6})
+    low = scorer.evaluate(r, items=3)
+    assert not low.failed, low.reason
+    assert {len(rows) for rows in low.details.values()} == {3} and scorer.items(3) == 4 * 3 and scorer.items() == 4 * 8
+    more = scorer.extend(low, 6)
+    assert not more.failed, more.reason
+    assert more.timings["merge"] == 0 and {len(rows) for rows in more.details.values()} == {6}
+    direct = scorer.evaluate(r, items=6)
+    assert set(more.values) == set(direct.values)
+    for name, value in direct.values.items():
+        assert more.values[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert more.details["rev_acc"] == direct.details["rev_acc"]
+    stale = scorer.extend(more, 8)  # the live model holds `direct` now, not `more`
+    assert stale.failed and "latest" in stale.reason
+
+
 def test_experts_win_their_own_skill(scorer):
     rev = scorer.evaluate(recipe({"rev": 1.0}))
     sort = scorer.evaluate(recipe({"sort": 1.0}))

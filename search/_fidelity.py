@@ -1,0 +1,78 @@
+"""Multi-fidelity evaluation: asynchronous successive halving over calibration items.
+
+Calibration scores are noisy, and the top of many noisy scores overestimates (the winner's
+curse). With a `Fidelity`, the loop (`search._loop`) scores each candidate on the first
+``rungs[0]`` items of every calibration set; after rung ``r`` the candidate goes on to rung
+``r + 1`` only when its scalar (``score``, higher is better: the mean task score) ranks in the top
+``1/eta`` of every candidate that completed rung ``r`` in this study, itself included (ASHA's rule,
+decided at once because our loop holds one candidate at a time; while fewer than ``eta``
+candidates completed a rung, only the best so far goes on). A promotion continues the SAME
+candidate in the live model and scores only the items it adds (`Scorer.extend`): the calibration
+sets are in a seeded random order, so every rung is a nested, random subset of the next.
+
+What the trial records (user attribute ``fidelity``): the rung it reached, the items per set there,
+the calibration items it cost, its scalar at every rung it completed and how many candidates had
+completed each rung then (``peers``). The rung statistics are read back from the ledger at every
+decision, so a resumed run, or another worker, continues them.
+
+What the optimizer is told for a stopped candidate: its values at the highest rung it reached, an
+unbiased but noisier estimate of the same quantities (the items are a random subset), so samplers
+keep learning from every trial and no optimizer needs a pruning API (optuna's pruners do not
+support multi-objective studies). What enters the Pareto front: only candidates that reached the
+top rung (``full``); a lucky score on a few items would otherwise dominate the front and be picked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from optuna.trial import FrozenTrial, TrialState
+
+FIDELITY_ATTR = "fidelity"
+"""The trial user attribute that holds a trial's rung record."""
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Successive-halving settings: ``rungs`` (items per calibration set, increasing), ``eta``
+    (the fraction ``1/eta`` that goes on) and ``score`` (objective values -> the ranking scalar,
+    higher is better)."""
+
+    rungs: tuple[int, ...]
+    eta: int
+    score: Callable[[Mapping[str, float]], float]
+
+    def __post_init__(self) -> None:
+        if len(self.rungs) < 2 or any(r < 1 for r in self.rungs) or list(self.rungs) != sorted(set(self.rungs)):
+            raise ValueError(f"fidelity rungs must be at least two increasing positive item counts, got {list(self.rungs)}")
+        if self.eta < 2:
+            raise ValueError(f"fidelity eta must be at least 2, got {self.eta}")
+
+    def promote(self, scalar: float, peers: Sequence[float]) -> bool:
+        """Whether a candidate with ``scalar`` at a rung goes on, given the scalars of every
+        candidate that completed that rung, its own included: its rank (ties go to the earlier
+        candidates) is within the top ``max(1, len(peers) // eta)``."""
+        better = sum(1 for p in peers if p >= scalar) - 1  # the others at least as good; it is among the peers
+        return better < max(1, len(peers) // self.eta)
+
+
+def rung_scalars(trials: Sequence[FrozenTrial], rung: int) -> list[float]:
+    """The scalars at ``rung`` of every completed trial of the study that reached it."""
+    out = []
+    for t in trials:
+        grade = t.user_attrs.get(FIDELITY_ATTR)
+        if t.state == TrialState.COMPLETE and grade and len(grade["scalars"]) > rung:
+            out.append(float(grade["scalars"][rung]))
+    return out
+
+
+def full_fidelity(trial: FrozenTrial) -> bool:
+    """Whether the trial's values are at the top fidelity (true for a run without rungs)."""
+    return bool((trial.user_attrs.get(FIDELITY_ATTR) or {}).get("full", True))
+
+
+def grade_record(fidelity: Fidelity, rung: int, scalars: list[float], peers: list[int], scored: int) -> dict[str, Any]:
+    """The ``fidelity`` user attribute of a trial that stopped at ``rung``."""
+    return {"rung": rung, "items": fidelity.rungs[rung], "full": rung == len(fidelity.rungs) - 1, "scored": scored,
+            "scalars": scalars, "peers": peers}
