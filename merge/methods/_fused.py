@@ -43,7 +43,7 @@ from ._dare import DareSpec
 from ._draws import _M1, _M2, _M3, _s32
 from ._gta import DenseSpec, GtaPlan, ZeroSpec, _EPS
 from ._magnitude import _strict_below
-from ._ranks import clear_marks, mark_fixes
+from ._ranks import flagged
 from ._ties import ThresholdSpec, TieThresholdSpec
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -80,7 +80,8 @@ def _weighted(kinds: tuple[str, ...], deltas: Sequence[torch.Tensor], coef: torc
     """Each expert's sparsified chunk times its coefficient, in fp32: the eager `Spec.chunk` times
     `coef` (dropped entries are +0 here; eager's `mask * x` may give -0, which no sum or election
     tells apart from +0). `flipped[i]` (exact top-k, a split tie group): expert i's bit in `flips`,
-    set where its plain threshold decides the opposite of mergekit (`_ranks.mark_fixes`)."""
+    set where its plain threshold decides the opposite of mergekit (`_ranks.flagged`; only the
+    variants that re-merge those few entries take flips, see `_refix`)."""
     index = None
     out = []
     for i, (kind, d) in enumerate(zip(kinds, deltas)):
@@ -279,33 +280,60 @@ class FusedGta:
         """Write `(base + merged).to(out.dtype)` into the flat `out`, chunk by chunk, in one kernel each.
 
         Returns (changed entries, L1 of the merged task vector, fp64) when `stats`, else None.
-        Raises `FusedUnavailable` (before writing anything) when the kernel cannot be compiled.
+        Raises `FusedUnavailable` when a kernel cannot be compiled (before writing anything, or, for
+        the split tie groups' variant, after the plain pass: the caller's eager path rewrites `out`).
         """
         if self.coef is None:
             self._resolve_rescale()
-        fixes = [self.plan.specs[i].fix for i in self.experts]
-        flipped, flips = (), None
-        if any(fix is not None for fix in fixes):  # exact top-k with split tie groups (`_ranks`)
-            flipped, flips = mark_fixes(fixes, self.plan.numel)
         key = ("gta", self.kinds, self.plan.consensus, self.plan.normalize, stats,
-               tuple(d.dtype for d in self.deltas), base.dtype, out.dtype, flipped,
-               None if flips is None else flips.dtype)
-        build = lambda: _make_kernel(self.kinds, self.plan.consensus, self.plan.normalize, stats,  # noqa: E731
-                                     flipped=flipped)
+               tuple(d.dtype for d in self.deltas), base.dtype, out.dtype)
+        build = lambda: _make_kernel(self.kinds, self.plan.consensus, self.plan.normalize, stats)  # noqa: E731
         nnz = l1 = None
-        try:
-            for lo, hi in chunks(self.plan.numel, chunk):
-                extra = () if flips is None else (flips[lo:hi],)
-                result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in self.deltas], self.lo,
-                               self.hi, self.coef, self.weight, self.bound, self.k0, self.k1, self.shift,
-                               self._set_start(lo), self.lam, *extra)
-                if stats:
-                    nnz = result[0] if nnz is None else nnz + result[0]
-                    l1 = result[1] if l1 is None else l1 + result[1]
-        finally:
-            if flips is not None:  # the pooled marks stay all zero between calls (a failed compile included)
-                clear_marks(flips, fixes)
+        for lo, hi in chunks(self.plan.numel, chunk):
+            result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in self.deltas], self.lo,
+                           self.hi, self.coef, self.weight, self.bound, self.k0, self.k1, self.shift,
+                           self._set_start(lo), self.lam)
+            if stats:
+                nnz = result[0] if nnz is None else nnz + result[0]
+                l1 = result[1] if l1 is None else l1 + result[1]
+        fixes = [self.plan.specs[i].fix for i in self.experts]
+        if any(fix is not None for fix in fixes):  # exact top-k with split tie groups (`_ranks`)
+            bits, index, flags = flagged(fixes, self.plan.numel, distinct=stats)
+            params = (self.lo, self.hi, self.coef, self.weight, self.bound, self.k0, self.k1, self.shift,
+                      self._set_start(0), self.lam)  # start: DARE only, never in a plan with fixes
+            build = lambda: _make_kernel(self.kinds, self.plan.consensus, self.plan.normalize, stats,  # noqa: E731
+                                         flipped=bits)
+            change = _refix(key + (bits, flags.dtype), build, out, base, self.deltas, index, flags, params, stats,
+                            column=False)
+            if stats:
+                nnz, l1 = nnz + change[0], l1 + change[1]
         return (nnz, l1) if stats else None
+
+
+def _refix(key: tuple, build: Callable[[], Callable], out: torch.Tensor, base: torch.Tensor,
+           deltas: Sequence[torch.Tensor], index: torch.Tensor, flags: torch.Tensor, params: Sequence[torch.Tensor],
+           stats: bool, column: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Exact top-k's split tie groups: merge the flat entries `index` of `out` again, with the
+    decisions of the experts whose bits are set in `flags` flipped (`_ranks.flagged`), and write them.
+
+    The main pass merged every entry with the plain thresholds; these entries (the listed boundary
+    members, ~0.1-1% of a bf16 tensor) are gathered, merged by the variant `key` with flips (the same
+    arithmetic, so the same values as flipping in the main pass) and scattered back. `params`: the
+    kernel's inputs after the deltas, per entry when `column` (the packed variant: data shaped
+    (n, 1), tables (experts, n), each entry its own row). Returns the change of the stats (changed
+    entries, fp64 L1) against the main pass when `stats`, from a second call without flips."""
+    shape = (-1, 1) if column else (-1,)
+    picked_base = base.reshape(-1).index_select(0, index).view(shape)
+    picked = [d.reshape(-1).index_select(0, index).view(shape) for d in deltas]
+    flags = flags.view(shape)
+    fixed = torch.empty(picked_base.shape, dtype=out.dtype, device=out.device)
+    result = _call(key, build, fixed, picked_base, picked, *params, flags)
+    change = None
+    if stats:
+        plain = _call(key, build, torch.empty_like(fixed), picked_base, picked, *params, torch.zeros_like(flags))
+        change = (result[0] - plain[0], result[1] - plain[1])
+    out.view(-1).index_copy_(0, index, fixed.view(-1))
+    return change
 
 
 def _encode(spec: object, dtype: torch.dtype) -> tuple[float, float, int, int, int, int]:
@@ -325,7 +353,8 @@ def _encode(spec: object, dtype: torch.dtype) -> tuple[float, float, int, int, i
 
 
 _ZERO = ZeroSpec()
-_SPEC_KIND = {DenseSpec: "dense", ThresholdSpec: "thr", BandSpec: "band", DareSpec: "dare"}
+_SPEC_KIND = {DenseSpec: "dense", ThresholdSpec: "thr", BandSpec: "band", DareSpec: "dare",
+              TieThresholdSpec: "thr", TieBandSpec: "band"}  # split tie groups: re-merged after (`_refix`)
 
 
 def _shared_kind(kinds: set[str]) -> str | None:
@@ -354,7 +383,8 @@ class PackedGta:
     """
 
     def __init__(self, handled: list[bool], experts: list[int], kinds: tuple[str, ...], consensus: bool,
-                 normalize: bool, tables: dict[str, torch.Tensor], lam: float, row_starts: torch.Tensor) -> None:
+                 normalize: bool, tables: dict[str, torch.Tensor], lam: float, row_starts: torch.Tensor,
+                 fixes: list[list[tuple[int, torch.Tensor]]]) -> None:
         self.handled = handled
         self.experts = experts
         """Arena indices of the experts that contribute somewhere (the others are not even read)."""
@@ -363,6 +393,9 @@ class PackedGta:
         self.normalize = normalize
         self.tables = tables
         self.lam = torch.tensor(lam, dtype=torch.float32, device=row_starts.device)
+        self.row_starts = row_starts
+        self.fixes = fixes
+        """Per contributing expert, its (segment, `fix` list) pairs: exact top-k's split tie groups."""
 
     @classmethod
     def of(cls, segments: Sequence[tuple[object, Sequence[int]] | None], n_experts: int,
@@ -404,6 +437,7 @@ class PackedGta:
         nothing = _encode(_ZERO, torch.float32) + (0.0, 0.0)
         columns = [[[v] * n_seg for _ in live] for v in nothing]  # per field: (experts, segments)
         handled = [False] * n_seg
+        fixes: list[list[tuple[int, torch.Tensor]]] = [[] for _ in live]
         rescaled: list[tuple[int, int, torch.Tensor]] = []  # (row, segment, |d|_1): L1 rescale pending
         for s, plan, experts in joined:
             handled[s] = True
@@ -415,6 +449,8 @@ class PackedGta:
                 r = row[e]
                 for column, v in zip(columns, _encode(spec, flat.dtype) + (coef, w)):
                     column[r][s] = v
+                if spec.fix is not None:
+                    fixes[r].append((s, spec.fix))
                 if magnitude is not None and spec.pending:
                     rescaled.append((row[e], s, magnitude[i].l1))
         device = row_starts.device
@@ -428,7 +464,7 @@ class PackedGta:
             tables["before"][where[0], where[1]] = torch.stack([l1 for *_, l1 in rescaled]).to(device, torch.float64)
             tables["pending"] = torch.zeros(len(live), n_seg, dtype=torch.bool, device=device)
             tables["pending"][where[0], where[1]] = True
-        return cls(handled, live, kinds, first.consensus, first.normalize, tables, first.lambda_, row_starts)
+        return cls(handled, live, kinds, first.consensus, first.normalize, tables, first.lambda_, row_starts, fixes)
 
     def apply(self, out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor], segment: torch.Tensor,
               row_first: torch.Tensor, chunk: int, stats: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -456,7 +492,44 @@ class PackedGta:
             if stats:
                 nnz = result[0] if nnz is None else nnz + result[0]
                 l1 = result[1] if l1 is None else l1 + result[1]
+        if any(self.fixes):
+            change = self._refix(key, out, base, deltas, segment, row_first, stats)
+            if stats:
+                nnz, l1 = nnz + change[0], l1 + change[1]
         return (nnz, l1) if stats else None
+
+    def _refix(self, key: tuple, out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor],
+               segment: torch.Tensor, row_first: torch.Tensor,
+               stats: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The split tie groups' entries merged again (`_refix`), their lists moved to arena offsets
+        (one concatenation per expert) and each entry's values looked up through its segment: two
+        row gathers of (segments, fields x experts) tables (`index_select` along the experts' dim
+        of (experts, segments) tables, one per field, measured ~5 ns per value)."""
+        block = out.shape[1]
+        device = out.device
+        starts = self.row_starts.tolist()
+        lists: list[torch.Tensor | None] = []
+        for pieces in self.fixes:
+            if not pieces:
+                lists.append(None)
+                continue
+            listed = torch.cat([fix for _, fix in pieces]) if len(pieces) > 1 else pieces[0][1]
+            offsets = torch.tensor([starts[s] * block for s, _ in pieces], dtype=torch.long, device=device)
+            lengths = torch.tensor([fix.numel() for _, fix in pieces], dtype=torch.long, device=device)
+            lists.append(listed + torch.repeat_interleave(offsets, lengths))
+        bits, index, flags = flagged(lists, out.numel(), distinct=stats)
+        rows = index // block
+        seg = segment.index_select(0, rows)
+        params = []
+        for names in (("lo", "hi", "coef", "weight"), ("bound", "k0", "k1", "shift")):
+            per_segment = torch.stack([self.tables[name] for name in names]).permute(2, 0, 1).contiguous()
+            picked = per_segment.index_select(0, seg).permute(1, 2, 0)  # (fields, experts, entries)
+            params.extend(picked[i].contiguous() for i in range(len(names)))
+        start = row_first.index_select(0, rows) + (index - rows * block).to(row_first.dtype)
+        build = lambda: _make_kernel(self.kinds, self.consensus, self.normalize, stats, packed=True,  # noqa: E731
+                                     flipped=bits)
+        return _refix(key + (bits, flags.dtype), build, out, base, deltas, index, flags, (*params, start, self.lam),
+                      stats, column=True)
 
     def _l1_rescale(self, deltas: Sequence[torch.Tensor], segment: torch.Tensor, row_first: torch.Tensor,
                     chunk: int) -> None:
