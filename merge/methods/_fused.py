@@ -43,7 +43,7 @@ from ._dare import DareSpec
 from ._draws import _M1, _M2, _M3, _s32
 from ._gta import DenseSpec, GtaPlan, ZeroSpec, _EPS
 from ._magnitude import _strict_below
-from ._ranks import flagged
+from ._ranks import flagged, mark, unmark
 from ._ties import ThresholdSpec, TieThresholdSpec
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -117,7 +117,7 @@ def _in_window(index: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, shift: t
 
 
 def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats: bool,
-                 packed: bool = False, flipped: tuple[int, ...] = ()) -> Callable:
+                 packed: bool = False, flipped: tuple[int, ...] = (), segments: bool = False) -> Callable:
     """The eager function of one variant (compiled by `_call`; also runnable as is).
 
     `packed`: the chunk spans many tensors (`PackedGta`): inputs are (rows, block) with each row in one
@@ -125,12 +125,17 @@ def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats
     within its tensor, all gathered per row by the caller (`PackedGta.apply`). The kernel's loads of
     them are affine, one scalar per row, outside the vectorized loop over the block (a per-entry
     gather measured 3x slower: inductor scalarizes it; an in-kernel lookup through each row's segment
-    id kept a bounds check and a dependent load in the inner loop)."""
+    id kept a bounds check and a dependent load in the inner loop).
+    `segments`: flat entries of many tensors (`PackedGta._refix`: a few thousand), each looking its
+    values up in the (experts, segments) tables through `seg`, its segment (an indirect load per
+    entry and value: fine for that few, and no tables gathered per entry beforehand)."""
 
     def kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], lo: torch.Tensor,
                hi: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor,
                k1: torch.Tensor, shift: torch.Tensor, start: torch.Tensor, lam: torch.Tensor,
-               flips: torch.Tensor | None = None):
+               flips: torch.Tensor | None = None, seg: torch.Tensor | None = None):
+        if segments:
+            lo, hi, coef, weight, bound, k0, k1, shift = (t[:, seg] for t in (lo, hi, coef, weight, bound, k0, k1, shift))
         if packed:
             lo, hi, coef, weight, bound, k0, k1, shift = (t[:, :, None] for t in (lo, hi, coef, weight, bound, k0, k1, shift))
             start = start[:, None]
@@ -217,6 +222,14 @@ class FusedGta:
     tensor coefficients are fine, non-chunkable methods are not GtaPlans to begin with).
     """
 
+    inline_fixes = 1 / 64
+    """Exact top-k with split tie groups: above this fraction of the tensor's entries listed
+    (`Spec.fix`, summed over experts) the kernel reads a mark array and flips the listed decisions
+    in its one pass (~1.3 ns per entry more on one AVX-512 thread, measured on 16M bf16 entries with
+    3 experts: the mask arithmetic, not the int32 read); at or below it the plain kernel runs and the
+    listed entries are merged again (`_refix`: ~100 ns per listed entry of random reads and
+    writes, measured on the same tensor)."""
+
     def __init__(self, plan: GtaPlan, kinds: tuple[str, ...], experts: list[int]) -> None:
         self.plan = plan
         self.kinds = kinds
@@ -248,7 +261,7 @@ class FusedGta:
             if spec.zero or w == 0:
                 continue  # contributes nothing, eager skips it too
             kind = {DenseSpec: "dense", ThresholdSpec: "thr", BandSpec: "band", DareSpec: "dare",
-                    TieThresholdSpec: "thr", TieBandSpec: "band"}.get(type(spec))  # ties: fixed after the kernel
+                    TieThresholdSpec: "thr", TieBandSpec: "band"}.get(type(spec))  # ties: re-merged after (`_refix`)
             if kind is None:
                 return None  # DELLA (per-entry probabilities) and any future spec: eager
             kinds.append(kind)
@@ -287,24 +300,35 @@ class FusedGta:
             self._resolve_rescale()
         key = ("gta", self.kinds, self.plan.consensus, self.plan.normalize, stats,
                tuple(d.dtype for d in self.deltas), base.dtype, out.dtype)
-        build = lambda: _make_kernel(self.kinds, self.plan.consensus, self.plan.normalize, stats)  # noqa: E731
-        nnz = l1 = None
-        for lo, hi in chunks(self.plan.numel, chunk):
-            result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in self.deltas], self.lo,
-                           self.hi, self.coef, self.weight, self.bound, self.k0, self.k1, self.shift,
-                           self._set_start(lo), self.lam)
-            if stats:
-                nnz = result[0] if nnz is None else nnz + result[0]
-                l1 = result[1] if l1 is None else l1 + result[1]
         fixes = [self.plan.specs[i].fix for i in self.experts]
-        if any(fix is not None for fix in fixes):  # exact top-k with split tie groups (`_ranks`)
-            bits, index, flags = flagged(fixes, self.plan.numel, distinct=stats)
+        listed = sum(fix.numel() for fix in fixes if fix is not None)
+        inline = listed > 0 and listed > self.plan.numel * self.inline_fixes  # exact top-k's split tie groups
+        bits, marks = mark(fixes, self.plan.numel) if inline else ((), None)
+        if inline:
+            key = key + (bits, marks.dtype)
+        build = lambda: _make_kernel(self.kinds, self.plan.consensus, self.plan.normalize, stats,  # noqa: E731
+                                     flipped=bits)
+        nnz = l1 = None
+        try:
+            for lo, hi in chunks(self.plan.numel, chunk):
+                extra = () if marks is None else (marks[lo:hi],)
+                result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in self.deltas], self.lo,
+                               self.hi, self.coef, self.weight, self.bound, self.k0, self.k1, self.shift,
+                               self._set_start(lo), self.lam, *extra)
+                if stats:
+                    nnz = result[0] if nnz is None else nnz + result[0]
+                    l1 = result[1] if l1 is None else l1 + result[1]
+        finally:
+            if marks is not None:  # the pooled marks stay all zero between calls (a failed compile included)
+                unmark(marks, fixes)
+        if listed and not inline:
+            flip_bits, index, flags = flagged(fixes, self.plan.numel, distinct=stats)
             params = (self.lo, self.hi, self.coef, self.weight, self.bound, self.k0, self.k1, self.shift,
                       self._set_start(0), self.lam)  # start: DARE only, never in a plan with fixes
             build = lambda: _make_kernel(self.kinds, self.plan.consensus, self.plan.normalize, stats,  # noqa: E731
-                                         flipped=bits)
-            change = _refix(key + (bits, flags.dtype), build, out, base, self.deltas, index, flags, params, stats,
-                            column=False)
+                                         flipped=flip_bits)
+            change = _refix(key + (flip_bits, flags.dtype), build, out, base, self.deltas, index, flags, params,
+                            stats)
             if stats:
                 nnz, l1 = nnz + change[0], l1 + change[1]
         return (nnz, l1) if stats else None
@@ -312,25 +336,24 @@ class FusedGta:
 
 def _refix(key: tuple, build: Callable[[], Callable], out: torch.Tensor, base: torch.Tensor,
            deltas: Sequence[torch.Tensor], index: torch.Tensor, flags: torch.Tensor, params: Sequence[torch.Tensor],
-           stats: bool, column: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+           stats: bool, *extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Exact top-k's split tie groups: merge the flat entries `index` of `out` again, with the
     decisions of the experts whose bits are set in `flags` flipped (`_ranks.flagged`), and write them.
 
     The main pass merged every entry with the plain thresholds; these entries (the listed boundary
     members, ~0.1-1% of a bf16 tensor) are gathered, merged by the variant `key` with flips (the same
     arithmetic, so the same values as flipping in the main pass) and scattered back. `params`: the
-    kernel's inputs after the deltas, per entry when `column` (the packed variant: data shaped
-    (n, 1), tables (experts, n), each entry its own row). Returns the change of the stats (changed
-    entries, fp64 L1) against the main pass when `stats`, from a second call without flips."""
-    shape = (-1, 1) if column else (-1,)
-    picked_base = base.reshape(-1).index_select(0, index).view(shape)
-    picked = [d.reshape(-1).index_select(0, index).view(shape) for d in deltas]
-    flags = flags.view(shape)
+    kernel's inputs after the deltas (per-expert values: (experts,), or (experts, segments) tables).
+    `extra`: inputs after the flips (the segments of `_make_kernel(segments=True)`).
+    Returns the change of the stats (changed entries, fp64 L1) against the main pass when `stats`,
+    from a second call without flips."""
+    picked_base = base.reshape(-1).index_select(0, index)
+    picked = [d.reshape(-1).index_select(0, index) for d in deltas]
     fixed = torch.empty(picked_base.shape, dtype=out.dtype, device=out.device)
-    result = _call(key, build, fixed, picked_base, picked, *params, flags)
+    result = _call(key, build, fixed, picked_base, picked, *params, flags, *extra)
     change = None
     if stats:
-        plain = _call(key, build, torch.empty_like(fixed), picked_base, picked, *params, torch.zeros_like(flags))
+        plain = _call(key, build, torch.empty_like(fixed), picked_base, picked, *params, torch.zeros_like(flags), *extra)
         change = (result[0] - plain[0], result[1] - plain[1])
     out.view(-1).index_copy_(0, index, fixed.view(-1))
     return change
@@ -493,18 +516,19 @@ class PackedGta:
                 nnz = result[0] if nnz is None else nnz + result[0]
                 l1 = result[1] if l1 is None else l1 + result[1]
         if any(self.fixes):
-            change = self._refix(key, out, base, deltas, segment, row_first, stats)
+            change = self._refix(out, base, deltas, segment, row_first, stats)
             if stats:
                 nnz, l1 = nnz + change[0], l1 + change[1]
         return (nnz, l1) if stats else None
 
-    def _refix(self, key: tuple, out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor],
+    def _refix(self, out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor],
                segment: torch.Tensor, row_first: torch.Tensor,
                stats: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The split tie groups' entries merged again (`_refix`), their lists moved to arena offsets
-        (one concatenation per expert) and each entry's values looked up through its segment: two
-        row gathers of (segments, fields x experts) tables (`index_select` along the experts' dim
-        of (experts, segments) tables, one per field, measured ~5 ns per value)."""
+        (one concatenation per expert) and merged by the flat kernel with each entry's values looked
+        up through its segment inside the kernel (`_make_kernel(segments=True)`; gathering the
+        tables per entry first measured ~1 ms for 18k entries on the 1M model, and the packed
+        kernel would take one row per entry: scalar code)."""
         block = out.shape[1]
         device = out.device
         starts = self.row_starts.tolist()
@@ -519,17 +543,16 @@ class PackedGta:
             lists.append(listed + torch.repeat_interleave(offsets, lengths))
         bits, index, flags = flagged(lists, out.numel(), distinct=stats)
         rows = index // block
-        seg = segment.index_select(0, rows)
-        params = []
-        for names in (("lo", "hi", "coef", "weight"), ("bound", "k0", "k1", "shift")):
-            per_segment = torch.stack([self.tables[name] for name in names]).permute(2, 0, 1).contiguous()
-            picked = per_segment.index_select(0, seg).permute(1, 2, 0)  # (fields, experts, entries)
-            params.extend(picked[i].contiguous() for i in range(len(names)))
-        start = row_first.index_select(0, rows) + (index - rows * block).to(row_first.dtype)
-        build = lambda: _make_kernel(self.kinds, self.consensus, self.normalize, stats, packed=True,  # noqa: E731
-                                     flipped=bits)
-        return _refix(key + (bits, flags.dtype), build, out, base, deltas, index, flags, (*params, start, self.lam),
-                      stats, column=True)
+        seg = segment.index_select(0, rows).long()
+        params = [self.tables[name] for name in ("lo", "hi", "coef", "weight", "bound", "k0", "k1", "shift")]
+        # the per-tensor kernel adds `arange(n)` to `start` for DARE's element index
+        start = (row_first.index_select(0, rows) + (index - rows * block).to(row_first.dtype)
+                 - torch.arange(index.numel(), dtype=row_first.dtype, device=device))
+        key = ("segments", self.kinds, self.consensus, self.normalize, stats, tuple(d.dtype for d in deltas),
+               base.dtype, out.dtype, bits, flags.dtype)
+        build = lambda: _make_kernel(self.kinds, self.consensus, self.normalize, stats, flipped=bits,  # noqa: E731
+                                     segments=True)
+        return _refix(key, build, out, base, deltas, index, flags, (*params, start, self.lam), stats, seg)
 
     def _l1_rescale(self, deltas: Sequence[torch.Tensor], segment: torch.Tensor, row_first: torch.Tensor,
                     chunk: int) -> None:

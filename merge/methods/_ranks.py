@@ -221,33 +221,21 @@ def _marks(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor
     return buf[:numel]
 
 
-def flagged(fixes: Sequence[torch.Tensor | None], numel: int,
-            distinct: bool = True) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
-    """The entries where some expert's plain threshold (or band) decides the opposite of mergekit.
+def mark(fixes: Sequence[torch.Tensor | None], numel: int) -> tuple[tuple[int, ...], torch.Tensor]:
+    """Per expert its bit (0: no `fix` list), and a pooled mark array of `numel` entries with each
+    expert's bit set at the flat indices of its list (each list without repeats; at most 62 lists).
 
-    `fixes`: per expert its `fix` list (flat indices below `numel`, without repeats; None: no split
-    tie group), at most 62 lists. Returns per expert its bit (0: no list), the listed indices
-    (int64, in no particular order; each once if `distinct`, else once per listing) and per index
-    the OR of the bits of the experts listing it (int32; int64 above 31 lists). The fused kernels merge every entry with the plain thresholds
-    and then merge these few entries again with the decisions of the flagged experts flipped
-    (`_fused`): flipping inside the main kernel, an int32 mark read and test per entry and expert,
-    measured 2.5-3x the plain kernel on one thread (inductor, AVX-512), where this costs random
-    reads and writes of the lists' size only.
-
-    Built in a pooled mark array of `numel` entries (one per entry of the largest tensor so far, per
-    thread), left all zero again: each list sets its bit, the bits are gathered, and duplicates are
-    dropped by writing each listing's position and keeping the listings that read their own back
-    (for the stats: repeated entries give the same merged value, so the merge itself needs no
-    `distinct`). One list needs no marks at all."""
+    At a listed entry the plain threshold (or band) decides the opposite of mergekit (the list holds
+    boundary members the strict threshold drops, or, with `drop`, members `|x| >= v` keeps), so a
+    fused kernel keeps `plain XOR bit` there (`_fused._weighted`). The caller zeroes the listed
+    entries again (`unmark`): the pool (one int per entry of the largest tensor so far, per thread)
+    stays all zero between uses."""
     listed = [fix for fix in fixes if fix is not None]
     if len(listed) > 62:
         raise ValueError(f"exact top-k marks hold at most 62 experts per tensor, got {len(listed)}")
-    device = listed[0].device
-    if len(listed) == 1:
-        bits = tuple(0 if fix is None else 1 for fix in fixes)
-        return bits, listed[0], torch.ones(listed[0].shape, dtype=torch.int32, device=device)
-    # int32, not int64, for <= 31 lists: half the random traffic
-    marks = _marks(numel, device, torch.int32 if len(listed) <= 31 else torch.int64)
+    # int32, not int64, for <= 31 lists: half the traffic; inductor vectorizes `marks & bit` on int32
+    # but not on 8/16-bit integers (4-40x slower kernels, measured)
+    marks = _marks(numel, listed[0].device, torch.int32 if len(listed) <= 31 else torch.int64)
     bits, n = [], 0
     for fix in fixes:
         if fix is None:
@@ -260,12 +248,45 @@ def flagged(fixes: Sequence[torch.Tensor | None], numel: int,
             marks.index_copy_(0, fix, marks.index_select(0, fix) | bit)
         bits.append(bit)
         n += 1
+    return tuple(bits), marks
+
+
+def unmark(marks: torch.Tensor, fixes: Sequence[torch.Tensor | None]) -> None:
+    """Zero what `mark` set: at the listed entries when they are few (random writes), else the whole
+    array (one sequential pass: cheaper above ~1 listed entry in 16, measured)."""
+    listed = [fix for fix in fixes if fix is not None]
+    if sum(fix.numel() for fix in listed) * 16 > marks.numel():
+        marks.zero_()
+        return
+    for fix in listed:
+        marks.index_fill_(0, fix, 0)
+
+
+def flagged(fixes: Sequence[torch.Tensor | None], numel: int,
+            distinct: bool = True) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
+    """The entries where some expert's plain threshold (or band) decides the opposite of mergekit.
+
+    `fixes`: per expert its `fix` list, as for `mark`. Returns per expert its bit (0: no list), the
+    listed indices (int64, in no particular order; each once if `distinct`, else once per listing)
+    and per index the OR of the bits of the experts listing it (int32; int64 above 31 lists). The
+    fused kernels merge a tensor with the plain thresholds and then these few entries again with the
+    flagged experts' decisions flipped (`_fused._refix`): random reads and writes of the lists' size.
+
+    Built with `mark`'s pooled array, left all zero again: the bits are gathered, and duplicates are
+    dropped by writing each listing's position and keeping the listings that read their own back
+    (for the stats: repeated entries give the same merged value, so the merge itself needs no
+    `distinct`). One list needs no marks at all."""
+    listed = [fix for fix in fixes if fix is not None]
+    if len(listed) == 1:
+        bits = tuple(0 if fix is None else 1 for fix in fixes)
+        return bits, listed[0], torch.ones(listed[0].shape, dtype=torch.int32, device=listed[0].device)
+    bits, marks = mark(fixes, numel)
     index = torch.cat(listed)
     flags = marks.index_select(0, index)
     if distinct:  # an entry listed by several experts: keep one listing (whichever wrote last)
-        own = torch.arange(index.numel(), dtype=marks.dtype, device=device)
+        own = torch.arange(index.numel(), dtype=marks.dtype, device=index.device)
         marks.index_copy_(0, index, own)
         first = marks.index_select(0, index) == own
         index, flags = index[first], flags[first]
     marks.index_fill_(0, index, 0)
-    return tuple(bits), index, flags
+    return bits, index, flags

@@ -82,11 +82,14 @@ def test_approximate_pruning_is_the_opt_in_threshold() -> None:
     assert int(exact.count_nonzero()) <= int(0.3 * N) < int(approx.count_nonzero())
 
 
+@pytest.mark.parametrize("inline", [False, True])
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "topk", "breadcrumbs"])
-def test_fused_kernel_fixes_split_ties_like_the_eager_path(method: str) -> None:
-    """The fused kernel runs the plain thresholds with the split tie groups flipped (`_ranks.mark_fixes`):
-    the target equals the eager chunked merge (bit for bit for TIES; linear sums within an fp32
-    multiply-add, then the bf16 cast), and the stats count the fixed entries."""
+def test_fused_kernel_fixes_split_ties_like_the_eager_path(method: str, inline: bool) -> None:
+    """The fused kernel runs the plain thresholds and merges the split tie groups' listed entries
+    again with their decisions flipped (`_fused._refix`), or, with many listed (`inline`), flips
+    them inside its one pass (`_ranks.mark`): the target equals the eager chunked merge (bit for bit
+    for TIES; linear sums within an fp32 multiply-add, then the bf16 cast), and the stats count the
+    fixed entries."""
     from evomerge.merge.methods._fused import FusedGta
 
     g = torch.Generator().manual_seed(4)
@@ -103,6 +106,7 @@ def test_fused_kernel_fixes_split_ties_like_the_eager_path(method: str) -> None:
     eager = (base.float() + merged).bfloat16()
     fused = FusedGta.of(plan)
     assert fused is not None
+    fused.inline_fixes = 0.0 if inline else 1.0
     out = torch.empty(N, dtype=torch.bfloat16)
     nnz, l1 = fused.apply(out, base, 1 << 30, stats=True)
     if method.endswith("ties"):
