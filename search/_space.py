@@ -121,6 +121,21 @@ LEGAL_RANGE: dict[ParamKind, tuple[float, float]] = {
 }
 """What `ExpertParams` accepts; bounds outside these would decode to invalid recipes."""
 
+EPSILON_SHARE = 0.99
+"""DELLA's keep probabilities span ``density ± epsilon`` and must stay inside (0, 1), a constraint
+between two parameters that a box cannot express; decoding caps epsilon at this share of the
+distance from density to the nearer end (`feasible_epsilon`), so no drawn genome is an invalid
+recipe and no evaluation is lost to one."""
+
+
+def feasible_epsilon(density: float, epsilon: float) -> float:
+    """``epsilon`` capped so that ``density ± epsilon`` stays inside (0, 1) (`EPSILON_SHARE`);
+    unchanged where DELLA draws nothing (density 0 or 1) or where it already fits. Idempotent, so
+    an encoded recipe decodes to itself."""
+    if not 0.0 < density < 1.0:
+        return epsilon
+    return min(epsilon, EPSILON_SHARE * min(density, 1.0 - density))
+
 _SECTION_KIND = {"embed": "embedding", "final_norm": "norm", "head": "head"}
 
 
@@ -577,6 +592,8 @@ class SearchSpace:
             experts = {}
             for expert in self.experts:
                 values = {k: self._value(full, (ci, k, expert)) for k in kinds if k in PER_EXPERT_KINDS}
+                if "epsilon" in values:
+                    values["epsilon"] = feasible_epsilon(values.get("density", ExpertParams().density), values["epsilon"])
                 experts[expert] = ExpertParams(**values)
             t = self._value(full, (ci, "t", None)) if "t" in kinds else None
             rules.append(

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from evomerge.merge import ExpertParams, GroupRule, MergeRecipe, ModelLayout
 from evomerge.search import SearchSpace, SpaceTemplate
+from evomerge.search._space import feasible_epsilon
 
 
 def _layout(num_layers: int, tied: bool = False) -> ModelLayout:
@@ -39,6 +40,8 @@ def spaces(draw: st.DrawFn) -> SearchSpace:
     template = SpaceTemplate(
         method=method,
         params=params,
+        # epsilon below every density: no decode caps it (`feasible_epsilon`), so the round trip is exact
+        bounds={"epsilon": (0.0, 0.04), "density": (0.05, 0.95)} if params else {},
         granularity=granularity,
         modules=draw(st.sampled_from(["all", "split", [["attention"], ["mlp", "norm"]]])),
         sections=draw(st.sampled_from(["attach", "group"])),
@@ -141,3 +144,20 @@ def test_fingerprint_tracks_meaning() -> None:
     assert a.fingerprint() == SearchSpace(_layout(2), ["a", "b"], SpaceTemplate(method="ties")).fingerprint()
     assert a.fingerprint() != SearchSpace(_layout(2), ["b", "a"], SpaceTemplate(method="ties")).fingerprint()
     assert a.fingerprint() != SearchSpace(_layout(2), ["a", "b"], SpaceTemplate(method="ties", granularity=1)).fingerprint()
+
+
+def test_della_epsilon_is_capped_to_fit_its_density() -> None:
+    """density ± epsilon must stay inside (0, 1) (mergekit refuses it otherwise): a box cannot say
+    so, so decoding caps epsilon and every genome of the box is a valid DELLA recipe."""
+    space = SearchSpace(_layout(3), ["a", "b"], SpaceTemplate(method="della", params=["weight", "density", "epsilon"]))
+    low, high = space.bounds
+    x = np.where([".density" in n for n in space.names], low, high)  # smallest densities, largest epsilons
+    recipe = space.decode(x)
+    for rule in recipe.rules:
+        for p in rule.experts.values():
+            assert p.density == pytest.approx(0.05) and p.epsilon == pytest.approx(0.99 * 0.05)
+            assert 0.0 < p.density - p.epsilon and p.density + p.epsilon < 1.0
+    x[[".density" in n for n in space.names]] = 0.9  # near the top end the other bound caps it
+    assert [p.epsilon for rule in space.decode(x).rules for p in rule.experts.values()] == pytest.approx([0.99 * 0.1] * 2)
+    assert space.decode(space.encode(recipe)) == recipe  # a capped recipe is its own fixed point
+    assert feasible_epsilon(1.0, 0.3) == 0.3 and feasible_epsilon(0.5, 0.2) == 0.2
