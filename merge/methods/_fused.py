@@ -222,13 +222,14 @@ class FusedGta:
     tensor coefficients are fine, non-chunkable methods are not GtaPlans to begin with).
     """
 
-    inline_fixes = 1 / 64
+    inline_fixes = 1 / 256
     """Exact top-k with split tie groups: above this fraction of the tensor's entries listed
     (`Spec.fix`, summed over experts) the kernel reads a mark array and flips the listed decisions
-    in its one pass (~1.3 ns per entry more on one AVX-512 thread, measured on 16M bf16 entries with
-    3 experts: the mask arithmetic, not the int32 read); at or below it the plain kernel runs and the
-    listed entries are merged again (`_refix`: ~100 ns per listed entry of random reads and
-    writes, measured on the same tensor)."""
+    in its one pass (~1-1.3 ns per entry more on one AVX-512 thread with 2-3 experts, measured on
+    16M bf16 entries: the mask arithmetic, not the int32 read); at or below it the plain kernel runs
+    and the listed entries are merged again (`_refix`: ~30-110 ns per listed entry of random reads
+    and writes, more under memory contention). Break-even is ~1% listed; 1/256 keeps the random
+    path to the sparse lists (topk_speed at 160M: 1/64 measured worse than always inline)."""
 
     def __init__(self, plan: GtaPlan, kinds: tuple[str, ...], experts: list[int]) -> None:
         self.plan = plan
