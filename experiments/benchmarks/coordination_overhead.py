@@ -32,7 +32,7 @@ ZOO = Path.home() / ".cache" / "evomerge" / "zoo" / "small-llama-seed0"
 _LINE = re.compile(r"worker \S+: (\d+) trials, \d+ claims given back, evaluation ([\d.]+) s, coordination ([\d.]+) s")
 
 
-def _spec(folder: Path, trials: int, optimizer: str, calib: int) -> Path:
+def _spec(folder: Path, trials: int, optimizer: str, calib: int, options: dict | None = None) -> Path:
     library, _, name = optimizer.partition(":")
     spec = {
         "name": "coordination-overhead",
@@ -43,7 +43,8 @@ def _spec(folder: Path, trials: int, optimizer: str, calib: int) -> Path:
             for s in load_manifest(ZOO)["skills"]
         ],
         "scorer": {"batch_size": 64, "max_new_tokens": 8},
-        "stages": [{"name": f"overhead-{uuid.uuid4().hex[:8]}", "optimizer": {"library": library, "name": name},
+        "stages": [{"name": f"overhead-{uuid.uuid4().hex[:8]}",
+                    "optimizer": {"library": library, "name": name, "options": options or {}},
                     "budget": {"evaluations": trials}}],
         "budget": {"evaluations": trials},
     }
@@ -59,10 +60,13 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--optimizer", default="optuna:tpe", help="optuna:<sampler> or nevergrad:<Class>")
     parser.add_argument("--calib-size", type=int, default=64, help="items per skill (evaluation cost)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an optimizer option (YAML value), e.g. multivariate=false; repeatable")
     args = parser.parse_args()
+    options = {key: yaml.safe_load(value) for key, _, value in (o.partition("=") for o in args.option)}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     with tempfile.TemporaryDirectory() as tmp:
-        spec = _spec(Path(tmp), args.trials, args.optimizer, args.calib_size)
+        spec = _spec(Path(tmp), args.trials, args.optimizer, args.calib_size, options)
         procs = [
             subprocess.Popen(
                 [sys.executable, "-m", "evomerge.experiments.cli", "worker", str(spec), "--storage", args.storage,
@@ -80,7 +84,7 @@ def main() -> None:
         n += int(match[1])
         evaluation += float(match[2])
         coordination += float(match[3])
-    print(f"{args.optimizer}, {args.workers} workers, {int(n)} trials, {args.calib_size} items/skill")
+    print(f"{args.optimizer} {options or ''}, {args.workers} workers, {int(n)} trials, {args.calib_size} items/skill")
     print(f"evaluation   {evaluation / n * 1000:8.1f} ms/trial")
     print(f"coordination {coordination / n * 1000:8.1f} ms/trial")
     print(f"overhead     {100 * coordination / evaluation:8.2f} % of evaluation time (target: <= 100 ms per trial)")
