@@ -354,7 +354,8 @@ def _refix(key: tuple, build: Callable[[], Callable], out: torch.Tensor, base: t
     result = _call(key, build, fixed, picked_base, picked, *params, flags, *extra)
     change = None
     if stats:
-        plain = _call(key, build, torch.empty_like(fixed), picked_base, picked, *params, torch.zeros_like(flags), *extra)
+        plain = _call(key, build, torch.empty_like(fixed), picked_base, picked, *params, torch.zeros_like(flags),
+                      *extra)
         change = (result[0] - plain[0], result[1] - plain[1])
     out.view(-1).index_copy_(0, index, fixed.view(-1))
     return change
