@@ -13,8 +13,9 @@
   Both are Bernoulli per entry (distribution tests: kept fraction, rescale, expectation).
 * Rescale (`options.rescale`): "mergekit" multiplies the survivors so the tensor's L1 norm is restored
   (`|d|_1 / |d * mask|_1`, skipped when either is < 1e-7); "paper" multiplies by 1 / kept probability.
-  For the engine's large tensors the kept L1 is a lookup in the table's `WindowL1` (no pass over
-  the data); otherwise one pass over the masked entries computes it (`GtaPlan.resolve_rescale`).
+  For the engine's tensors (tables that name their task vector), whatever their size, the kept L1
+  is a lookup in the table's `WindowL1` (no pass over the data); otherwise one pass over the masked
+  entries computes it (`GtaPlan.resolve_rescale`).
   The factor is folded into the combine's multiply-add.
 """
 

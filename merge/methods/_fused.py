@@ -41,7 +41,7 @@ from ._base import chunks
 from ._breadcrumbs import BandSpec, TieBandSpec
 from ._dare import DareSpec
 from ._draws import _M1, _M2, _M3, _s32
-from ._gta import DenseSpec, GtaPlan, ZeroSpec, _EPS
+from ._gta import DenseSpec, GtaPlan, ZeroSpec
 from ._magnitude import _strict_below
 from ._ranks import flagged, mark, unmark
 from ._ties import ThresholdSpec, TieThresholdSpec
@@ -168,24 +168,6 @@ def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats
     return kernel
 
 
-def _make_l1_kernel() -> Callable:
-    """Pass 1 of mergekit's L1 rescale for packed small tensors (`PackedGta`): the kept L1 (fp64) of
-    the DARE experts' masked entries per row of a (rows, block) chunk, summed per tensor by the
-    caller. (Large tensors look their kept L1 up in a `WindowL1` instead.)"""
-
-    def kernel(deltas: list[torch.Tensor], bound: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor,
-               shift: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        bound, k0, k1, shift = (t[:, :, None] for t in (bound, k0, k1, shift))  # per row, as in `_make_kernel`
-        index = torch.arange(deltas[0].shape[-1], dtype=torch.int32, device=start.device) + start[:, None]
-        kept = []
-        for i, d in enumerate(deltas):
-            keep = _in_window(index, k0[i], k1[i], shift[i], bound[i])
-            kept.append(torch.where(keep, d.float().abs(), 0.0).double().sum(-1))
-        return torch.stack(kept)
-
-    return kernel
-
-
 def _call(key: tuple, build: Callable[[], Callable], *args):
     """Run variant `key`, compiling it on first use; a failing first call disables fusing."""
     if _DISABLED:
@@ -276,8 +258,9 @@ class FusedGta:
         return self._start
 
     def _resolve_rescale(self) -> None:
-        """The coefficients, after mergekit's pending L1 rescale factors (an eager pass: only small
-        tensors, or tables that do not name their task vector, leave them pending)."""
+        """The coefficients, after mergekit's pending L1 rescale factors (an eager pass: only plans
+        without tables, or with tables that name no task vector, leave them pending; the engine's
+        tables give every DARE tensor a `WindowL1`)."""
         plan = self.plan
         plan.resolve_rescale()
         consensus, scale = plan.consensus, plan.scale
@@ -434,8 +417,8 @@ class PackedGta:
             if item is None or not isinstance(item[0], GtaPlan):
                 continue
             plan, experts = item
-            if plan.pending_rescale is not None and plan.pending_rescale[0] is None:
-                continue  # no tables, so no |d|_1: the per-tensor path computes it
+            if plan.pending_rescale is not None:
+                continue  # mergekit's L1 rescale without a `WindowL1` (tables that name no task vector): per tensor
             if any(type(spec) not in _SPEC_KIND for spec in plan.specs if not spec.zero):
                 continue  # DELLA's per-entry probabilities: the per-tensor path
             if first is None:
@@ -463,11 +446,9 @@ class PackedGta:
         columns = [[[v] * n_seg for _ in live] for v in nothing]  # per field: (experts, segments)
         handled = [False] * n_seg
         fixes: list[list[tuple[int, torch.Tensor]]] = [[] for _ in live]
-        rescaled: list[tuple[int, int, torch.Tensor]] = []  # (row, segment, |d|_1): L1 rescale pending
         for s, plan, experts in joined:
             handled[s] = True
-            magnitude = plan.pending_rescale[0] if plan.pending_rescale is not None else None
-            for i, (spec, w, e, flat) in enumerate(zip(plan.specs, plan.weights, experts, plan.flats)):
+            for spec, w, e, flat in zip(plan.specs, plan.weights, experts, plan.flats):
                 if spec.zero or w == 0:
                     continue
                 coef = float(spec.rescale) * (w if plan.consensus else w * plan.scale)
@@ -476,19 +457,10 @@ class PackedGta:
                     column[r][s] = v
                 if spec.fix is not None:
                     fixes[r].append((s, spec.fix))
-                if magnitude is not None and spec.pending:
-                    rescaled.append((row[e], s, magnitude[i].l1))
         device = row_starts.device
-        dtypes = {"bound": torch.int32, "k0": torch.int32, "k1": torch.int32, "shift": torch.int32,
-                  "coef": torch.float64 if rescaled else torch.float32}  # rescaled first, rounded after
+        dtypes = {"bound": torch.int32, "k0": torch.int32, "k1": torch.int32, "shift": torch.int32}
         tables = {name: torch.tensor(v, dtype=dtypes.get(name, torch.float32), device=device)
                   for name, v in zip(fields, columns)}
-        if rescaled:  # the |d|_1 stay on the device: no sync per cell
-            where = torch.tensor([(r, s) for r, s, _ in rescaled], device=device).T
-            tables["before"] = torch.zeros(len(live), n_seg, dtype=torch.float64, device=device)
-            tables["before"][where[0], where[1]] = torch.stack([l1 for *_, l1 in rescaled]).to(device, torch.float64)
-            tables["pending"] = torch.zeros(len(live), n_seg, dtype=torch.bool, device=device)
-            tables["pending"][where[0], where[1]] = True
         return cls(handled, live, kinds, first.consensus, first.normalize, tables, first.lambda_, row_starts, fixes)
 
     def apply(self, out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor], segment: torch.Tensor,
@@ -501,8 +473,6 @@ class PackedGta:
         Returns (changed entries, fp64 L1 of the merged task vector) when `stats`, else None.
         Raises `FusedUnavailable` (before writing anything) when the kernel cannot be compiled."""
         deltas = [deltas[e] for e in self.experts]
-        if "before" in self.tables:
-            self._l1_rescale(deltas, segment, row_first, chunk)
         # each (experts, segments) table gathered per row once per apply: a few small eager ops
         t = {name: table.index_select(1, segment) for name, table in self.tables.items()}
         block = out.shape[1]
@@ -555,29 +525,6 @@ class PackedGta:
         build = lambda: _make_kernel(self.kinds, self.consensus, self.normalize, stats, flipped=bits,  # noqa: E731
                                      segments=True)
         return _refix(key, build, out, base, deltas, index, flags, (*params, start, self.lam), stats, seg)
-
-    def _l1_rescale(self, deltas: Sequence[torch.Tensor], segment: torch.Tensor, row_first: torch.Tensor,
-                    chunk: int) -> None:
-        """mergekit's L1 rescale of the pending DARE cells (`GtaPlan.resolve_rescale` per tensor):
-        pass 1 sums each row's kept |x| in fp64 (one kernel call per chunk), rows are added up per
-        tensor, and the fp32 factor `|d|_1 / kept` (1 when either < 1e-7) multiplies the coefficient."""
-        t = self.tables
-        dare = [r for r, kind in enumerate(self.kinds) if kind == "dare"]
-        block = deltas[0].shape[1]
-        kept = torch.zeros(len(dare), t["before"].shape[1], dtype=torch.float64, device=segment.device)
-        key = ("l1-packed", len(dare), tuple(deltas[r].dtype for r in dare))
-        per_row = [t[name][dare].index_select(1, segment) for name in ("bound", "k0", "k1", "shift")]
-        for lo, hi in chunks(segment.shape[0], max(1, chunk // block)):
-            rows = _call(key, _make_l1_kernel, [deltas[r][lo:hi] for r in dare],
-                         *(table[:, lo:hi] for table in per_row), row_first[lo:hi])
-            kept.index_add_(1, segment[lo:hi].long(), rows)
-        before = t["before"][dare]
-        ok = (before >= _EPS) & (kept >= _EPS)
-        factor = torch.where(ok, before / torch.where(ok, kept, 1), 1).to(torch.float32)
-        coef = t["coef"].clone()
-        coef[dare] = torch.where(t["pending"][dare], coef[dare] * factor.double(), coef[dare])
-        t["coef"] = coef.float()
-        del t["before"], t["pending"]
 
 
 def _keep_above(threshold: float, dtype: torch.dtype) -> float:

@@ -323,8 +323,8 @@ def l1_rescale(specs: list[Spec], flats: list[torch.Tensor], tables: Sequence[Ma
     """mergekit's L1 restore for the pending specs, set in place: `|d|_1 / |d * mask|_1` (1 when either < 1e-7).
 
     Pass 1 of two: the masks are counter-based, so this pass recomputes them chunk by chunk (nothing is
-    stored) and accumulates the kept L1 in fp64. (Large DARE tensors of the engine skip it: their
-    kept L1 comes from a `WindowL1`.)"""
+    stored) and accumulates the kept L1 in fp64. (The engine's DARE tensors skip it: their kept L1
+    comes from a `WindowL1`.)"""
     todo = [i for i, spec in enumerate(specs) if spec.pending and not spec.zero]
     if not todo:
         return

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ._ranks import BandSelection, RankTable, TopSelection, select_band, select_top
-from ._rescale import WINDOW_L1_MIN_NUMEL, WindowL1
+from ._rescale import WindowL1
 from ._scratch import scratch
 
 SAMPLE = 1 << 18
@@ -255,11 +255,10 @@ class MagnitudeTable:
         return select_band(self.ranks(delta), n_bot, target)
 
     # -- DARE --------------------------------------------------------------------------------------
-    def window_l1(self, delta: torch.Tensor, key: tuple[int, int]) -> WindowL1 | None:
+    def window_l1(self, delta: torch.Tensor, key: tuple[int, int]) -> WindowL1:
         """The kept-L1 table of DARE windows on field `key` (built on first use, the last two fields
-        cached: a run has one seed), or None for tensors of <= WINDOW_L1_MIN_NUMEL entries."""
-        if self.numel <= WINDOW_L1_MIN_NUMEL:
-            return None
+        cached: a run has one seed). Every size gets one: a small tensor's kept-L1 pass cost more per
+        candidate than its arithmetic (docs/merge-engine.md, "DARE-TIES at every size")."""
         window = self._windows.get(key)
         if window is None:
             if len(self._windows) >= 2:

@@ -15,11 +15,6 @@ if TYPE_CHECKING:
 
 _EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
 
-WINDOW_L1_MIN_NUMEL = 1 << 18
-"""Task vectors above this size get a `WindowL1` (32 KiB, <= 1/16 of a bf16 tensor this size); smaller
-ones compute their kept L1 in a pass over the masked entries, which costs little at that size."""
-
-
 def l1_restore_factor(delta: torch.Tensor, masked: torch.Tensor, table: "MagnitudeTable | None") -> torch.Tensor:
     """mergekit's RescaleNorm.l1: |delta|_1 / |masked|_1, or 1 when either is below 1e-7 (0-dim, no sync).
 
