@@ -2,7 +2,8 @@
 
 Per-layer TIES and Breadcrumbs-TIES merges of the synthetic ~0.5B Llama (bf16, `merge_speed`'s
 model) applied in place, `pruning: exact` (mergekit's entries, tie-breaking included: rank tables,
-the split tie groups' members marked and flipped inside the fused kernel) against `pruning: approximate` (thresholds interpolated from
+the plain thresholds, then the split tie groups' members merged again with their decisions flipped,
+`_fused._refix`) against `pruning: approximate` (thresholds interpolated from
 sampled order statistics, ties at the threshold all kept), interleaved round by round in one
 process so machine load hits both alike; medians and their ratio are printed. The one-time cost
 of the exact path (mergekit's sort, once per task vector and direction) and its memory are
@@ -15,7 +16,8 @@ reported separately: they are paid at the first candidate, not per candidate.
 
 On a shared machine (load above the core count) torch's 2-thread kernels wait for a descheduled
 thread on every op: a 20k-entry gather measured 29 ms with 2 threads and 0.6 ms with 1, which
-swamps small per-tensor ops; `--threads 1` measures the work instead.
+swamps small per-tensor ops; `--threads 1` measures the work instead. Wall and process CPU time
+are both reported (CPU time: the steadier figure on a shared machine).
 
 Acceptance (issue 17): exact <= 1.5x approximate per apply at 0.5B parameters.
 """
@@ -33,13 +35,21 @@ from pathlib import Path
 import torch
 
 from evomerge.experiments.benchmarks.merge_speed import per_layer_recipe, synthetic_llama
-from evomerge.merge import MergeEngine, MergeRecipe
+from evomerge.merge import MergeEngine, MergeRecipe, fixed_mmap_threshold
 
 
 def _timed(fn) -> float:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def _both(fn) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """(wall, process CPU) seconds of one call: CPU time leaves out the time other processes held
+    the cores of a shared machine (with one torch thread it is this process's work)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def run(num_layers: int, num_experts: int, rounds: int, methods: list[str]) -> dict[str, float]:
@@ -61,15 +71,18 @@ def run(num_layers: int, num_experts: int, rounds: int, methods: list[str]) -> d
         rank_bytes = sum(t._ranks.nbytes for t in engine._tables.values() if t._ranks is not None)
         result["rank_tables_gb"] = rank_bytes / 1e9
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
-        times: dict[str, list[float]] = {k: [] for k in recipes}
+        times: dict[str, list[tuple[float, float]]] = {k: [] for k in recipes}
         for _ in range(rounds):
             for key, recipe in recipes.items():
-                times[key].append(_timed(lambda: engine.apply(recipe, target, stats=False)))
+                times[key].append(_both(lambda: engine.apply(recipe, target, stats=False)))
         for key, values in times.items():
-            result[f"{key}_s"] = statistics.median(values)
+            result[f"{key}_s"] = statistics.median(w for w, _ in values)
+            result[f"{key}_cpu_s"] = statistics.median(c for _, c in values)
         for method in methods:
             result[f"{method}_exact_over_approximate"] = (result[f"{method}/exact_s"]
                                                          / result[f"{method}/approximate_s"])
+            result[f"{method}_exact_over_approximate_cpu"] = (result[f"{method}/exact_cpu_s"]
+                                                             / result[f"{method}/approximate_cpu_s"])
     return result
 
 
@@ -83,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    fixed_mmap_threshold()  # as the CLI does before it loads (merge_speed too)
     result = run(args.layers, args.experts, args.rounds, args.methods.split(","))
     for key, value in result.items():
         print(f"{key:45s} {value:10.3f}")

@@ -43,7 +43,7 @@ from ._dare import DareSpec
 from ._draws import _M1, _M2, _M3, _s32
 from ._gta import DenseSpec, GtaPlan, ZeroSpec
 from ._magnitude import _strict_below
-from ._ranks import clear_marks, mark_fixes
+from ._ranks import flagged, mark, unmark
 from ._ties import ThresholdSpec, TieThresholdSpec
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -80,7 +80,8 @@ def _weighted(kinds: tuple[str, ...], deltas: Sequence[torch.Tensor], coef: torc
     """Each expert's sparsified chunk times its coefficient, in fp32: the eager `Spec.chunk` times
     `coef` (dropped entries are +0 here; eager's `mask * x` may give -0, which no sum or election
     tells apart from +0). `flipped[i]` (exact top-k, a split tie group): expert i's bit in `flips`,
-    set where its plain threshold decides the opposite of mergekit (`_ranks.mark_fixes`)."""
+    set where its plain threshold decides the opposite of mergekit (`_ranks.flagged`; only the
+    variants that re-merge those few entries take flips, see `_refix`)."""
     index = None
     out = []
     for i, (kind, d) in enumerate(zip(kinds, deltas)):
@@ -116,7 +117,7 @@ def _in_window(index: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, shift: t
 
 
 def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats: bool,
-                 packed: bool = False, flipped: tuple[int, ...] = ()) -> Callable:
+                 packed: bool = False, flipped: tuple[int, ...] = (), segments: bool = False) -> Callable:
     """The eager function of one variant (compiled by `_call`; also runnable as is).
 
     `packed`: the chunk spans many tensors (`PackedGta`): inputs are (rows, block) with each row in one
@@ -124,12 +125,17 @@ def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats
     within its tensor, all gathered per row by the caller (`PackedGta.apply`). The kernel's loads of
     them are affine, one scalar per row, outside the vectorized loop over the block (a per-entry
     gather measured 3x slower: inductor scalarizes it; an in-kernel lookup through each row's segment
-    id kept a bounds check and a dependent load in the inner loop)."""
+    id kept a bounds check and a dependent load in the inner loop).
+    `segments`: flat entries of many tensors (`PackedGta._refix`: a few thousand), each looking its
+    values up in the (experts, segments) tables through `seg`, its segment (an indirect load per
+    entry and value: fine for that few, and no tables gathered per entry beforehand)."""
 
     def kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], lo: torch.Tensor,
                hi: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor,
                k1: torch.Tensor, shift: torch.Tensor, start: torch.Tensor, lam: torch.Tensor,
-               flips: torch.Tensor | None = None):
+               flips: torch.Tensor | None = None, seg: torch.Tensor | None = None):
+        if segments:
+            lo, hi, coef, weight, bound, k0, k1, shift = (t[:, seg] for t in (lo, hi, coef, weight, bound, k0, k1, shift))
         if packed:
             lo, hi, coef, weight, bound, k0, k1, shift = (t[:, :, None] for t in (lo, hi, coef, weight, bound, k0, k1, shift))
             start = start[:, None]
@@ -198,6 +204,15 @@ class FusedGta:
     tensor coefficients are fine, non-chunkable methods are not GtaPlans to begin with).
     """
 
+    inline_fixes = 1 / 256
+    """Exact top-k with split tie groups: above this fraction of the tensor's entries listed
+    (`Spec.fix`, summed over experts) the kernel reads a mark array and flips the listed decisions
+    in its one pass (~1-1.3 ns per entry more on one AVX-512 thread with 2-3 experts, measured on
+    16M bf16 entries: the mask arithmetic, not the int32 read); at or below it the plain kernel runs
+    and the listed entries are merged again (`_refix`: ~30-110 ns per listed entry of random reads
+    and writes, more under memory contention). Break-even is ~1% listed; 1/256 keeps the random
+    path to the sparse lists (topk_speed at 160M: 1/64 measured worse than always inline)."""
+
     def __init__(self, plan: GtaPlan, kinds: tuple[str, ...], experts: list[int]) -> None:
         self.plan = plan
         self.kinds = kinds
@@ -229,7 +244,7 @@ class FusedGta:
             if spec.zero or w == 0:
                 continue  # contributes nothing, eager skips it too
             kind = {DenseSpec: "dense", ThresholdSpec: "thr", BandSpec: "band", DareSpec: "dare",
-                    TieThresholdSpec: "thr", TieBandSpec: "band"}.get(type(spec))  # ties: fixed after the kernel
+                    TieThresholdSpec: "thr", TieBandSpec: "band"}.get(type(spec))  # ties: re-merged after (`_refix`)
             if kind is None:
                 return None  # DELLA (per-entry probabilities) and any future spec: eager
             kinds.append(kind)
@@ -262,23 +277,25 @@ class FusedGta:
         """Write `(base + merged).to(out.dtype)` into the flat `out`, chunk by chunk, in one kernel each.
 
         Returns (changed entries, L1 of the merged task vector, fp64) when `stats`, else None.
-        Raises `FusedUnavailable` (before writing anything) when the kernel cannot be compiled.
+        Raises `FusedUnavailable` when a kernel cannot be compiled (before writing anything, or, for
+        the split tie groups' variant, after the plain pass: the caller's eager path rewrites `out`).
         """
         if self.coef is None:
             self._resolve_rescale()
-        fixes = [self.plan.specs[i].fix for i in self.experts]
-        flipped, flips = (), None
-        if any(fix is not None for fix in fixes):  # exact top-k with split tie groups (`_ranks`)
-            flipped, flips = mark_fixes(fixes, self.plan.numel)
         key = ("gta", self.kinds, self.plan.consensus, self.plan.normalize, stats,
-               tuple(d.dtype for d in self.deltas), base.dtype, out.dtype, flipped,
-               None if flips is None else flips.dtype)
+               tuple(d.dtype for d in self.deltas), base.dtype, out.dtype)
+        fixes = [self.plan.specs[i].fix for i in self.experts]
+        listed = sum(fix.numel() for fix in fixes if fix is not None)
+        inline = listed > 0 and listed > self.plan.numel * self.inline_fixes  # exact top-k's split tie groups
+        bits, marks = mark(fixes, self.plan.numel) if inline else ((), None)
+        if inline:
+            key = key + (bits, marks.dtype)
         build = lambda: _make_kernel(self.kinds, self.plan.consensus, self.plan.normalize, stats,  # noqa: E731
-                                     flipped=flipped)
+                                     flipped=bits)
         nnz = l1 = None
         try:
             for lo, hi in chunks(self.plan.numel, chunk):
-                extra = () if flips is None else (flips[lo:hi],)
+                extra = () if marks is None else (marks[lo:hi],)
                 result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in self.deltas], self.lo,
                                self.hi, self.coef, self.weight, self.bound, self.k0, self.k1, self.shift,
                                self._set_start(lo), self.lam, *extra)
@@ -286,9 +303,45 @@ class FusedGta:
                     nnz = result[0] if nnz is None else nnz + result[0]
                     l1 = result[1] if l1 is None else l1 + result[1]
         finally:
-            if flips is not None:  # the pooled marks stay all zero between calls (a failed compile included)
-                clear_marks(flips, fixes)
+            if marks is not None:  # the pooled marks stay all zero between calls (a failed compile included)
+                unmark(marks, fixes)
+        if listed and not inline:
+            flip_bits, index, flags = flagged(fixes, self.plan.numel, distinct=stats)
+            params = (self.lo, self.hi, self.coef, self.weight, self.bound, self.k0, self.k1, self.shift,
+                      self._set_start(0), self.lam)  # start: DARE only, never in a plan with fixes
+            build = lambda: _make_kernel(self.kinds, self.plan.consensus, self.plan.normalize, stats,  # noqa: E731
+                                         flipped=flip_bits)
+            change = _refix(key + (flip_bits, flags.dtype), build, out, base, self.deltas, index, flags, params,
+                            stats)
+            if stats:
+                nnz, l1 = nnz + change[0], l1 + change[1]
         return (nnz, l1) if stats else None
+
+
+def _refix(key: tuple, build: Callable[[], Callable], out: torch.Tensor, base: torch.Tensor,
+           deltas: Sequence[torch.Tensor], index: torch.Tensor, flags: torch.Tensor, params: Sequence[torch.Tensor],
+           stats: bool, *extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Exact top-k's split tie groups: merge the flat entries `index` of `out` again, with the
+    decisions of the experts whose bits are set in `flags` flipped (`_ranks.flagged`), and write them.
+
+    The main pass merged every entry with the plain thresholds; these entries (the listed boundary
+    members, ~0.1-1% of a bf16 tensor) are gathered, merged by the variant `key` with flips (the same
+    arithmetic, so the same values as flipping in the main pass) and scattered back. `params`: the
+    kernel's inputs after the deltas (per-expert values: (experts,), or (experts, segments) tables).
+    `extra`: inputs after the flips (the segments of `_make_kernel(segments=True)`).
+    Returns the change of the stats (changed entries, fp64 L1) against the main pass when `stats`,
+    from a second call without flips."""
+    picked_base = base.reshape(-1).index_select(0, index)
+    picked = [d.reshape(-1).index_select(0, index) for d in deltas]
+    fixed = torch.empty(picked_base.shape, dtype=out.dtype, device=out.device)
+    result = _call(key, build, fixed, picked_base, picked, *params, flags, *extra)
+    change = None
+    if stats:
+        plain = _call(key, build, torch.empty_like(fixed), picked_base, picked, *params, torch.zeros_like(flags),
+                      *extra)
+        change = (result[0] - plain[0], result[1] - plain[1])
+    out.view(-1).index_copy_(0, index, fixed.view(-1))
+    return change
 
 
 def _encode(spec: object, dtype: torch.dtype) -> tuple[float, float, int, int, int, int]:
@@ -308,7 +361,8 @@ def _encode(spec: object, dtype: torch.dtype) -> tuple[float, float, int, int, i
 
 
 _ZERO = ZeroSpec()
-_SPEC_KIND = {DenseSpec: "dense", ThresholdSpec: "thr", BandSpec: "band", DareSpec: "dare"}
+_SPEC_KIND = {DenseSpec: "dense", ThresholdSpec: "thr", BandSpec: "band", DareSpec: "dare",
+              TieThresholdSpec: "thr", TieBandSpec: "band"}  # split tie groups: re-merged after (`_refix`)
 
 
 def _shared_kind(kinds: set[str]) -> str | None:
@@ -337,7 +391,8 @@ class PackedGta:
     """
 
     def __init__(self, handled: list[bool], experts: list[int], kinds: tuple[str, ...], consensus: bool,
-                 normalize: bool, tables: dict[str, torch.Tensor], lam: float, row_starts: torch.Tensor) -> None:
+                 normalize: bool, tables: dict[str, torch.Tensor], lam: float, row_starts: torch.Tensor,
+                 fixes: list[list[tuple[int, torch.Tensor]]]) -> None:
         self.handled = handled
         self.experts = experts
         """Arena indices of the experts that contribute somewhere (the others are not even read)."""
@@ -346,6 +401,9 @@ class PackedGta:
         self.normalize = normalize
         self.tables = tables
         self.lam = torch.tensor(lam, dtype=torch.float32, device=row_starts.device)
+        self.row_starts = row_starts
+        self.fixes = fixes
+        """Per contributing expert, its (segment, `fix` list) pairs: exact top-k's split tie groups."""
 
     @classmethod
     def of(cls, segments: Sequence[tuple[object, Sequence[int]] | None], n_experts: int,
@@ -387,6 +445,7 @@ class PackedGta:
         nothing = _encode(_ZERO, torch.float32) + (0.0, 0.0)
         columns = [[[v] * n_seg for _ in live] for v in nothing]  # per field: (experts, segments)
         handled = [False] * n_seg
+        fixes: list[list[tuple[int, torch.Tensor]]] = [[] for _ in live]
         for s, plan, experts in joined:
             handled[s] = True
             for spec, w, e, flat in zip(plan.specs, plan.weights, experts, plan.flats):
@@ -396,11 +455,13 @@ class PackedGta:
                 r = row[e]
                 for column, v in zip(columns, _encode(spec, flat.dtype) + (coef, w)):
                     column[r][s] = v
+                if spec.fix is not None:
+                    fixes[r].append((s, spec.fix))
         device = row_starts.device
         dtypes = {"bound": torch.int32, "k0": torch.int32, "k1": torch.int32, "shift": torch.int32}
         tables = {name: torch.tensor(v, dtype=dtypes.get(name, torch.float32), device=device)
                   for name, v in zip(fields, columns)}
-        return cls(handled, live, kinds, first.consensus, first.normalize, tables, first.lambda_, row_starts)
+        return cls(handled, live, kinds, first.consensus, first.normalize, tables, first.lambda_, row_starts, fixes)
 
     def apply(self, out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor], segment: torch.Tensor,
               row_first: torch.Tensor, chunk: int, stats: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -426,7 +487,44 @@ class PackedGta:
             if stats:
                 nnz = result[0] if nnz is None else nnz + result[0]
                 l1 = result[1] if l1 is None else l1 + result[1]
+        if any(self.fixes):
+            change = self._refix(out, base, deltas, segment, row_first, stats)
+            if stats:
+                nnz, l1 = nnz + change[0], l1 + change[1]
         return (nnz, l1) if stats else None
+
+    def _refix(self, out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor],
+               segment: torch.Tensor, row_first: torch.Tensor,
+               stats: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The split tie groups' entries merged again (`_refix`), their lists moved to arena offsets
+        (one concatenation per expert) and merged by the flat kernel with each entry's values looked
+        up through its segment inside the kernel (`_make_kernel(segments=True)`; gathering the
+        tables per entry first measured ~1 ms for 18k entries on the 1M model, and the packed
+        kernel would take one row per entry: scalar code)."""
+        block = out.shape[1]
+        device = out.device
+        starts = self.row_starts.tolist()
+        lists: list[torch.Tensor | None] = []
+        for pieces in self.fixes:
+            if not pieces:
+                lists.append(None)
+                continue
+            listed = torch.cat([fix for _, fix in pieces]) if len(pieces) > 1 else pieces[0][1]
+            offsets = torch.tensor([starts[s] * block for s, _ in pieces], dtype=torch.long, device=device)
+            lengths = torch.tensor([fix.numel() for _, fix in pieces], dtype=torch.long, device=device)
+            lists.append(listed + torch.repeat_interleave(offsets, lengths))
+        bits, index, flags = flagged(lists, out.numel(), distinct=stats)
+        rows = index // block
+        seg = segment.index_select(0, rows).long()
+        params = [self.tables[name] for name in ("lo", "hi", "coef", "weight", "bound", "k0", "k1", "shift")]
+        # the per-tensor kernel adds `arange(n)` to `start` for DARE's element index
+        start = (row_first.index_select(0, rows) + (index - rows * block).to(row_first.dtype)
+                 - torch.arange(index.numel(), dtype=row_first.dtype, device=device))
+        key = ("segments", self.kinds, self.consensus, self.normalize, stats, tuple(d.dtype for d in deltas),
+               base.dtype, out.dtype, bits, flags.dtype)
+        build = lambda: _make_kernel(self.kinds, self.consensus, self.normalize, stats, flipped=bits,  # noqa: E731
+                                     segments=True)
+        return _refix(key, build, out, base, deltas, index, flags, (*params, start, self.lam), stats, seg)
 
 
 def _keep_above(threshold: float, dtype: torch.dtype) -> float:

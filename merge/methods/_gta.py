@@ -206,7 +206,7 @@ class Spec:
     fix: torch.Tensor | None = None
     """Exact magnitude pruning with a split tie group: the flat indices where the spec's plain
     threshold or band decides the opposite of mergekit (in no particular order; `_ranks`). The fused
-    kernels run the plain threshold with the decision flipped at these entries (`_ranks.mark_fixes`)."""
+    kernels run the plain threshold, then merge these entries again with the decision flipped (`_fused._refix`)."""
 
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
         return d
@@ -220,7 +220,7 @@ class Spec:
 
 class FixList:
     """A `fix` list sorted once, on first use by the eager chunked path (the fused path's
-    kernel marks the unsorted list: `_ranks.mark_fixes`)."""
+    kernels take the unsorted list: `_ranks.flagged`)."""
 
     def __init__(self, fix: torch.Tensor) -> None:
         self._fix = fix

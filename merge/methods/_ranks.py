@@ -68,7 +68,7 @@ class Boundary:
 class RankTable:
     """Magnitude histogram + mergekit's sort permutations of one task vector (see module docstring)."""
 
-    __slots__ = ("numel", "dtype", "_flat", "_offset", "_counts", "_above", "_below", "_desc", "_asc")
+    __slots__ = ("numel", "dtype", "_flat", "_offset", "_counts", "_below", "_desc", "_asc")
 
     def __init__(self, delta: torch.Tensor) -> None:
         flat = delta.detach().reshape(-1)
@@ -81,8 +81,9 @@ class RankTable:
         self._offset = lo
         counts = torch.bincount((keys - lo).long(), minlength=hi - lo + 1).cpu().numpy().astype(np.int64)
         self._counts = counts
-        self._above = np.concatenate([np.cumsum(counts[::-1])[::-1][1:], [0]])  # entries in higher buckets
-        self._below = np.concatenate([[0], np.cumsum(counts)[:-1]])  # entries in lower buckets
+        self._below = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        """Entries in lower buckets: the bucket of a sorted position is one binary search in it (a
+        cumulative sum per lookup was ~30 us, a third of a 1M model's per-candidate planning)."""
         self._desc: torch.Tensor | None = None
         self._asc: torch.Tensor | None = None
 
@@ -90,7 +91,7 @@ class RankTable:
     def nbytes(self) -> int:
         """Memory held beyond the task vector (histogram + built permutations)."""
         perms = sum(p.numel() * 4 for p in (self._desc, self._asc) if p is not None)
-        return int(self._counts.nbytes * 3) + perms
+        return int(self._counts.nbytes * 2) + perms
 
     def order(self, descending: bool) -> torch.Tensor:
         """mergekit's permutation (int32, CPU): `argsort(|d|.float(), descending=True)` for top-k,
@@ -109,16 +110,12 @@ class RankTable:
 
     def boundary(self, position: int, descending: bool) -> Boundary:
         """The tie group containing sorted position `position` (0-based) of the given sort direction."""
-        counts = self._counts
-        if descending:
-            ends = np.cumsum(counts[::-1])  # ends of buckets from the top
-            b = len(counts) - 1 - int(np.searchsorted(ends, position, side="right"))
-            start = int(self._above[b])
-        else:
-            ends = np.cumsum(counts)
-            b = int(np.searchsorted(ends, position, side="right"))
-            start = int(self._below[b])
-        stop = start + int(counts[b])
+        # descending position p is ascending position N-1-p: the same bucket, counted from the top
+        rank = self.numel - 1 - position if descending else position
+        b = int(np.searchsorted(self._below, rank, side="right")) - 1  # the last bucket starting at or before it
+        count = int(self._counts[b])
+        start = self.numel - int(self._below[b]) - count if descending else int(self._below[b])
+        stop = start + count
         key = b + self._offset
         if self.dtype in _SIXTEEN:
             return Boundary(key, start, stop)
@@ -224,24 +221,21 @@ def _marks(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor
     return buf[:numel]
 
 
-def mark_fixes(fixes: Sequence[torch.Tensor | None], numel: int) -> tuple[tuple[int, ...], torch.Tensor]:
+def mark(fixes: Sequence[torch.Tensor | None], numel: int) -> tuple[tuple[int, ...], torch.Tensor]:
     """Per expert its bit (0: no `fix` list), and a pooled mark array of `numel` entries with each
-    expert's bit set at the flat indices of its `fix` list (each list without repeats; at most 62).
+    expert's bit set at the flat indices of its list (each list without repeats; at most 62 lists).
 
     At a listed entry the plain threshold (or band) decides the opposite of mergekit (the list holds
-    boundary members the strict threshold drops, or, with `drop`, members `|x| >= v` keeps), so the
-    fused kernel keeps `plain XOR bit` (`_fused._weighted`): the exact selection in the same pass,
-    for one extra int32 read per entry and random writes of the lists' size only (a separate fix of
-    the lists' union measured 3-5x the whole fused merge: random gathers per entry and expert).
-    The caller clears the marks again after use (`clear_marks`). The pool holds one int32 per
-    entry of the largest tensor merged so far, per thread."""
+    boundary members the strict threshold drops, or, with `drop`, members `|x| >= v` keeps), so a
+    fused kernel keeps `plain XOR bit` there (`_fused._weighted`). The caller zeroes the listed
+    entries again (`unmark`): the pool (one int per entry of the largest tensor so far, per thread)
+    stays all zero between uses."""
     listed = [fix for fix in fixes if fix is not None]
     if len(listed) > 62:
         raise ValueError(f"exact top-k marks hold at most 62 experts per tensor, got {len(listed)}")
-    device = listed[0].device
-    # int32, not uint8: inductor vectorizes the kernel's `marks & bit` on int32 (+20% over the plain
-    # kernel, measured) but not on 8/16-bit integers (4-40x slower kernels)
-    marks = _marks(numel, device, torch.int32 if len(listed) <= 31 else torch.int64)
+    # int32, not int64, for <= 31 lists: half the traffic; inductor vectorizes `marks & bit` on int32
+    # but not on 8/16-bit integers (4-40x slower kernels, measured)
+    marks = _marks(numel, listed[0].device, torch.int32 if len(listed) <= 31 else torch.int64)
     bits, n = [], 0
     for fix in fixes:
         if fix is None:
@@ -257,13 +251,42 @@ def mark_fixes(fixes: Sequence[torch.Tensor | None], numel: int) -> tuple[tuple[
     return tuple(bits), marks
 
 
-def clear_marks(marks: torch.Tensor, fixes: Sequence[torch.Tensor | None]) -> None:
-    """Zero what `mark_fixes` set: at the listed entries when they are few (random writes), else the
-    whole array (one sequential pass: cheaper above ~1 listed entry in 16, measured ~13 ms vs
-    ~2x4 ms for 2 x 600k entries of a 32M-entry tensor)."""
+def unmark(marks: torch.Tensor, fixes: Sequence[torch.Tensor | None]) -> None:
+    """Zero what `mark` set: at the listed entries when they are few (random writes), else the whole
+    array (one sequential pass: cheaper above ~1 listed entry in 16, measured)."""
     listed = [fix for fix in fixes if fix is not None]
     if sum(fix.numel() for fix in listed) * 16 > marks.numel():
         marks.zero_()
         return
     for fix in listed:
         marks.index_fill_(0, fix, 0)
+
+
+def flagged(fixes: Sequence[torch.Tensor | None], numel: int,
+            distinct: bool = True) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
+    """The entries where some expert's plain threshold (or band) decides the opposite of mergekit.
+
+    `fixes`: per expert its `fix` list, as for `mark`. Returns per expert its bit (0: no list), the
+    listed indices (int64, in no particular order; each once if `distinct`, else once per listing)
+    and per index the OR of the bits of the experts listing it (int32; int64 above 31 lists). The
+    fused kernels merge a tensor with the plain thresholds and then these few entries again with the
+    flagged experts' decisions flipped (`_fused._refix`): random reads and writes of the lists' size.
+
+    Built with `mark`'s pooled array, left all zero again: the bits are gathered, and duplicates are
+    dropped by writing each listing's position and keeping the listings that read their own back
+    (for the stats: repeated entries give the same merged value, so the merge itself needs no
+    `distinct`). One list needs no marks at all."""
+    listed = [fix for fix in fixes if fix is not None]
+    if len(listed) == 1:
+        bits = tuple(0 if fix is None else 1 for fix in fixes)
+        return bits, listed[0], torch.ones(listed[0].shape, dtype=torch.int32, device=listed[0].device)
+    bits, marks = mark(fixes, numel)
+    index = torch.cat(listed)
+    flags = marks.index_select(0, index)
+    if distinct:  # an entry listed by several experts: keep one listing (whichever wrote last)
+        own = torch.arange(index.numel(), dtype=marks.dtype, device=index.device)
+        marks.index_copy_(0, index, own)
+        first = marks.index_select(0, index) == own
+        index, flags = index[first], flags[first]
+    marks.index_fill_(0, index, 0)
+    return bits, index, flags

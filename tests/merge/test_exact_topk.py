@@ -82,11 +82,14 @@ def test_approximate_pruning_is_the_opt_in_threshold() -> None:
     assert int(exact.count_nonzero()) <= int(0.3 * N) < int(approx.count_nonzero())
 
 
+@pytest.mark.parametrize("inline", [False, True])
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "topk", "breadcrumbs"])
-def test_fused_kernel_fixes_split_ties_like_the_eager_path(method: str) -> None:
-    """The fused kernel runs the plain thresholds with the split tie groups flipped (`_ranks.mark_fixes`):
-    the target equals the eager chunked merge (bit for bit for TIES; linear sums within an fp32
-    multiply-add, then the bf16 cast), and the stats count the fixed entries."""
+def test_fused_kernel_fixes_split_ties_like_the_eager_path(method: str, inline: bool) -> None:
+    """The fused kernel runs the plain thresholds and merges the split tie groups' listed entries
+    again with their decisions flipped (`_fused._refix`), or, with many listed (`inline`), flips
+    them inside its one pass (`_ranks.mark`): the target equals the eager chunked merge (bit for bit
+    for TIES; linear sums within an fp32 multiply-add, then the bf16 cast), and the stats count the
+    fixed entries."""
     from evomerge.merge.methods._fused import FusedGta
 
     g = torch.Generator().manual_seed(4)
@@ -103,6 +106,7 @@ def test_fused_kernel_fixes_split_ties_like_the_eager_path(method: str) -> None:
     eager = (base.float() + merged).bfloat16()
     fused = FusedGta.of(plan)
     assert fused is not None
+    fused.inline_fixes = 0.0 if inline else 1.0
     out = torch.empty(N, dtype=torch.bfloat16)
     nnz, l1 = fused.apply(out, base, 1 << 30, stats=True)
     if method.endswith("ties"):
@@ -119,3 +123,43 @@ def test_fused_kernel_fixes_split_ties_like_the_eager_path(method: str) -> None:
 
     assert not bool(_marks(N, torch.device("cpu"), torch.int32).any())  # the pooled tie marks are cleared
 
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_packed_kernel_keeps_split_tie_groups_exact_in_bf16(llama_family, method: str) -> None:
+    """bf16 task vectors split a tie group at the boundary of most small tensors: those stay in the
+    packed kernel (plain thresholds, then their boundary members merged again, `_fused._refix`) and
+    give the eager engine's merge to the bit, with the same stats."""
+    import os
+
+    from evomerge.merge import GroupRule, MergeEngine, MergeRecipe
+
+    if os.environ.get("EVOMERGE_COMPILE") == "0":
+        pytest.skip("EVOMERGE_COMPILE=0 forces the eager path")
+    experts = {e: llama_family[e] for e in ("a", "b", "c")}
+    engines = [MergeEngine.load(llama_family["base"], experts, progress=False, compile=mode, dtype=torch.bfloat16)
+               for mode in (True, False)]
+    band = method == "breadcrumbs_ties"
+
+    def params(weight: float, density: float, gamma: float) -> ExpertParams:
+        return ExpertParams(weight=weight, density=density, **({"gamma": gamma} if band else {}))
+
+    rules = [GroupRule(method=method, experts={"a": params(0.6, 0.5, 0.02), "b": params(-0.3, 0.7, 0.05),
+                                                "c": params(0.4, 0.35, 0.0)})]
+    rules += [GroupRule(layers=[layer], method=method, experts={
+        e: params(0.2 + 0.3 * j, 0.15 + 0.3 * ((layer + j) % 3), 0.01 * j) for j, e in enumerate(experts)})
+        for layer in range(engines[0].layout.num_layers)]
+    recipe = MergeRecipe(rules=rules, normalize=True)
+    results = []
+    for engine in engines:
+        target = {n: torch.empty_like(engine.base_tensor(n)) for n in engine.layout.slots}
+        results.append((target, engine.apply(recipe, target, stats=True)))
+    (fused_t, fused_s), (eager_t, eager_s) = results
+    for name in eager_t:
+        assert torch.equal(fused_t[name], eager_t[name]), name
+    assert fused_s.changed_params == eager_s.changed_params
+    assert fused_s.l1_distance == pytest.approx(eager_s.l1_distance, rel=1e-6)
+    fused = engines[0]
+    assert fused._arena is not None and len(fused._arena.names) == len(fused.layout.slots)  # all packed
+    split = sum(spec.fix is not None for _, plan in fused._sources(recipe) if plan is not None for spec in plan.specs)
+    assert split >= len(fused.layout.slots), "split tie groups must be exercised"
