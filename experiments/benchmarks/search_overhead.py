@@ -9,8 +9,8 @@ fsyncs compete with it as they would). Printed per optimizer: the mean evaluatio
 search-side time per trial (`SearchResult.overheads`: claim, the optimizer's ask/tell and
 checkpoint, decode, the ledger's writes and fsync, the archive), the same over the last half of the
 trials (past the samplers' random start: TPE models the history from its 11th trial on, and its cost
-grows with the history), and the search's process CPU time per trial over the last half (between two
-evaluations the process does only the search's work; on a shared machine other jobs inflate wall time
+grows with the history), and the loop thread's CPU time per trial over the last half (between two
+evaluations it does only the search's work; on a shared machine other jobs inflate wall time
 several-fold but not CPU time) over ``--eval-seconds``, the nominal evaluation length: the target's
 figure. For optuna samplers a second row, "sampler alone": the same sampler's ``ask`` + ``tell`` on an
 in-memory study fed the run's values, CPU per trial over the last half: optuna's own share, which
@@ -49,16 +49,17 @@ class Stretched:
         self.scorer, self.seconds = scorer, seconds
         self._a = np.random.default_rng(0).standard_normal((192, 192))
         self.cpu_marks: list[tuple[float, float]] = []
-        """Process CPU time at the start and end of each evaluation: between two evaluations the
-        process does only the search's own work, so the gaps are its CPU time per trial, which
-        other jobs on a shared machine do not inflate as they do wall time."""
+        """CPU time of the loop's thread at the start and end of each evaluation: between two
+        evaluations it does only the search's own work, so the gaps are its CPU time per trial,
+        which other jobs on a shared machine do not inflate as they do wall time (the thread's, not
+        the process's: torch's idle worker threads spin for a while after each evaluation)."""
 
     def evaluate(self, recipe: MergeRecipe) -> Evaluation:
-        start, cpu = time.perf_counter(), time.process_time()
+        start, cpu = time.perf_counter(), time.thread_time()
         evaluation = self.scorer.evaluate(recipe)
         while time.perf_counter() - start < self.seconds:
             self._a = np.tanh(self._a @ self._a.T / 192.0)
-        self.cpu_marks.append((cpu, time.process_time()))
+        self.cpu_marks.append((cpu, time.thread_time()))
         return evaluation
 
     def search_cpu(self) -> list[float]:
@@ -68,16 +69,16 @@ class Stretched:
 
 
 def sampler_alone(spec: str, space: SearchSpace, history: list[list[float]], directions: list[str]) -> list[float]:
-    """Process CPU seconds per trial of an optuna sampler by itself: ``ask`` with the genome and
+    """CPU seconds per trial of an optuna sampler by itself: ``ask`` with the genome and
     ``tell`` of the real run's values, on an in-memory study. It is the part of the overhead that is
     optuna's own (a lower bound for the loop's, which adds the ledger, the decode and the archive)."""
     study = optuna.create_study(directions=directions, sampler=_make_sampler(spec.partition(":")[2], 0, {}, workers=False))
     distributions = genome_distributions(space)
     cpu = []
     for values in history:
-        start = time.process_time()
+        start = time.thread_time()
         study.tell(study.ask(distributions), values)
-        cpu.append(time.process_time() - start)
+        cpu.append(time.thread_time() - start)
     return cpu
 
 
