@@ -8,7 +8,7 @@ check when due, the budget's looks, ``study.ask`` and its genome, the heartbeat'
 decode, the trial's writes and ``study.tell``); waiting for work is not counted.
 
     python -m evomerge.experiments.benchmarks.coordination_overhead --storage postgresql+psycopg2://... \\
-        --workers 4 --trials 24 --optimizer optuna:tpe --calib-size 64
+        --workers 4 --trials 48 --optimizer optuna:tpe --calib-size 64
 
 Target (issue 15): <= 100 ms per trial with 4 workers on PostgreSQL.
 """

@@ -86,3 +86,26 @@ def lora_family(tmp_path_factory: pytest.TempPathFactory, llama_family: dict[str
         "la": save_lora(root / "la", llama_family["base"], 10),
         "lb": save_lora(root / "lb", llama_family["base"], 11, alpha=16, rslora=True),
     }
+
+
+def assert_compiled_equals_eager(engines, recipe, *, exact: bool = False) -> None:
+    """Apply ``recipe`` with a compiled engine and an eager one (that order) into fresh targets and
+    check the compiled merge against the eager one: to the bit with equal stats when ``exact``, else
+    within fp32 rounding (kernels may reorder sums), changed-entry counts within 2."""
+    import pytest
+
+    results = []
+    for engine in engines:
+        target = {n: torch.empty_like(engine.base_tensor(n)) for n in engine.layout.slots}
+        results.append((target, engine.apply(recipe, target, stats=True)))
+    (t_fused, s_fused), (t_eager, s_eager) = results
+    for name in t_eager:
+        if exact:
+            assert torch.equal(t_fused[name], t_eager[name]), name
+        else:
+            torch.testing.assert_close(t_fused[name], t_eager[name], rtol=1e-6, atol=1e-7, msg=name)
+    if exact:
+        assert s_fused.changed_params == s_eager.changed_params
+    else:
+        assert abs(s_fused.changed_params - s_eager.changed_params) <= 2
+    assert s_fused.l1_distance == pytest.approx(s_eager.l1_distance, rel=1e-6 if exact else 1e-5)

@@ -14,6 +14,8 @@ from evomerge.merge.methods._breadcrumbs import TieBandSpec, band_spec
 from evomerge.merge.methods._gta import Scratch
 from evomerge.merge.methods._ties import TieThresholdSpec, magnitude_spec
 
+from .conftest import assert_compiled_equals_eager
+
 N = 300_007  # > 2**18: the sizes that used sampled order statistics before
 
 
@@ -150,15 +152,7 @@ def test_packed_kernel_keeps_split_tie_groups_exact_in_bf16(llama_family, method
         e: params(0.2 + 0.3 * j, 0.15 + 0.3 * ((layer + j) % 3), 0.01 * j) for j, e in enumerate(experts)})
         for layer in range(engines[0].layout.num_layers)]
     recipe = MergeRecipe(rules=rules, normalize=True)
-    results = []
-    for engine in engines:
-        target = {n: torch.empty_like(engine.base_tensor(n)) for n in engine.layout.slots}
-        results.append((target, engine.apply(recipe, target, stats=True)))
-    (fused_t, fused_s), (eager_t, eager_s) = results
-    for name in eager_t:
-        assert torch.equal(fused_t[name], eager_t[name]), name
-    assert fused_s.changed_params == eager_s.changed_params
-    assert fused_s.l1_distance == pytest.approx(eager_s.l1_distance, rel=1e-6)
+    assert_compiled_equals_eager(engines, recipe, exact=True)
     fused = engines[0]
     assert fused._arena is not None and len(fused._arena.names) == len(fused.layout.slots)  # all packed
     split = sum(spec.fix is not None for _, plan in fused._sources(recipe) if plan is not None for spec in plan.specs)

@@ -21,6 +21,8 @@ from evomerge.merge.methods._gta import l1_rescale
 from evomerge.merge.methods._draws import window_mask
 from evomerge.merge.methods._fused import FusedGta
 
+from .conftest import assert_compiled_equals_eager
+
 N = 3 * 4096 + 17  # ragged last chunk
 CHUNK = 4096
 PARAMS = [ExpertParams(weight=0.7, density=0.4, gamma=0.05), ExpertParams(weight=-0.4, density=0.6, gamma=0.1)]
@@ -136,29 +138,7 @@ def test_engine_compiled_equals_eager(engines: tuple[MergeEngine, MergeEngine], 
     assert fused.fused and not eager.fused
     recipe = MergeRecipe(rules=[GroupRule(method=method, experts={
         "a": ExpertParams(weight=0.6, density=0.5), "b": ExpertParams(weight=-0.3, density=0.7)})], seed=3)
-    results = []
-    for engine in engines:
-        target = {n: torch.empty_like(engine.base_tensor(n)) for n in engine.layout.slots}
-        stats = engine.apply(recipe, target, stats=True)
-        results.append((target, stats))
-    (t_fused, s_fused), (t_eager, s_eager) = results
-    for name in t_eager:
-        torch.testing.assert_close(t_fused[name], t_eager[name], rtol=1e-6, atol=1e-7)
-    assert abs(s_fused.changed_params - s_eager.changed_params) <= 2
-    assert s_fused.l1_distance == pytest.approx(s_eager.l1_distance, rel=1e-5)
-
-
-def _apply_both(engines: tuple[MergeEngine, MergeEngine], recipe: MergeRecipe) -> None:
-    """The compiled engine (packed small tensors + per-tensor kernels) gives the eager engine's merge."""
-    results = []
-    for engine in engines:
-        target = {n: torch.empty_like(engine.base_tensor(n)) for n in engine.layout.slots}
-        results.append((target, engine.apply(recipe, target, stats=True)))
-    (t_fused, s_fused), (t_eager, s_eager) = results
-    for name in t_eager:
-        torch.testing.assert_close(t_fused[name], t_eager[name], rtol=1e-6, atol=1e-7, msg=name)
-    assert abs(s_fused.changed_params - s_eager.changed_params) <= 2
-    assert s_fused.l1_distance == pytest.approx(s_eager.l1_distance, rel=1e-5)
+    assert_compiled_equals_eager(engines, recipe)
 
 
 PER_LAYER = [
@@ -198,7 +178,7 @@ def test_packed_small_tensors_equal_eager(engines: tuple[MergeEngine, MergeEngin
     else:
         recipe = MergeRecipe(rules=[GroupRule(layers=[0], method="ties", experts={
             "a": ExpertParams(weight=0.6, density=0.5), "b": ExpertParams(weight=0.3, density=0.7)})])
-    _apply_both(engines, recipe)
+    assert_compiled_equals_eager(engines, recipe)  # packed small tensors + per-tensor kernels
     assert fused._arena is not None and len(fused._arena.names) == len(fused.layout.slots)  # all tiny: all packed
 
 
