@@ -136,6 +136,7 @@ def feasible_epsilon(density: float, epsilon: float) -> float:
         return epsilon
     return min(epsilon, EPSILON_SHARE * min(density, 1.0 - density))
 
+
 _SECTION_KIND = {"embed": "embedding", "final_norm": "norm", "head": "head"}
 
 
