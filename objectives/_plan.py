@@ -194,8 +194,7 @@ class ScoringPlan:
                 else:
                     row["tokens"] = gen.num_tokens
                 rows.append(row)
-            key = {"exact_match": "correct", "contains": "correct", "custom": "score", "response_length": "tokens"}
-            return mean([r[key[obj.metric]] for r in rows]), rows
+            return rows_value(obj.metric, rows), rows
         if obj.metric == "answer_loss":
             lps: list[list[float]] = out["answer_lp"]
             rows = [{"target": it.answer, "loss": answer_cross_entropy([lp]), "tokens": len(lp)} for it, lp in zip(items, lps)]
@@ -213,12 +212,14 @@ class ScoringPlan:
             pos += n
             pred = predict_choice(scores)
             rows.append({"prediction": pred, "target": item.label, "correct": float(pred == item.label), "scores": scores})
-        return mean([r["correct"] for r in rows]), rows
+        return rows_value(obj.metric, rows), rows
 
 
 def rows_value(metric: str, rows: Sequence[dict[str, Any]]) -> float:
     """A metric's value from its per-item rows (`ScoringPlan.run`'s details): what the objective's
-    reduction gives on those items. Losses are token-weighted, as `answer_cross_entropy` is."""
+    reduction gives on those items, and the one map from a metric to the row field it averages.
+    Losses are token-weighted, as `answer_cross_entropy` is (`_reduce` computes them from the
+    token log-probs themselves, to the last bit; from rows they agree within rounding)."""
     if metric in ("exact_match", "contains", "mc_accuracy"):
         return mean([r["correct"] for r in rows])
     if metric == "custom":
