@@ -31,7 +31,8 @@ from .zoo.cli import zoo as zoo_group
 
 
 class _Main(click.Group):
-    """Root group that turns input errors into one line on stderr and exit status 2."""
+    """Root group that turns input errors into one line on stderr and exit status 2, and file
+    system failures (a full disk, a folder without write permission) into one line and status 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -40,6 +41,9 @@ class _Main(click.Group):
             for line in UserError.message_of(exc).splitlines():
                 click.echo(f"evomerge: {line}", err=True)
             sys.exit(2)
+        except OSError as exc:
+            click.echo(f"evomerge: {exc}; fix it and rerun (outputs are written atomically, a run resumes)", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})

@@ -573,6 +573,10 @@ class MergeEngine:
             raise MergeError(f"expert {name!r} is not a LoRA adapter; LoRA experts: {sorted(self._adapters)}")
         return self._adapters[name]
 
+    def weight_bytes(self) -> int:
+        """Bytes of the merged weights an export writes (every tensor in the model dtype)."""
+        return sum(self._base[n].numel() * self._base[n].element_size() for n in self.layout.slots)
+
     def base_tensor(self, name: str) -> torch.Tensor:
         """The cached base weight of one tensor (read-only by convention)."""
         return self._base[name]

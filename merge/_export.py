@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from ._atomic import atomic_dir
@@ -52,27 +53,60 @@ def parse_size(size: str | int) -> int:
     raise MergeError(f"shard_size {size!r} is not a size; use e.g. '2GB', '500MB' or a number of bytes")
 
 
+def _save_shard(shard: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, its I/O failures (a full disk) raised as the OSError they are."""
+    try:
+        save_file(shard, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        raise OSError(str(exc)) from exc
+
+
 def _write_shards(tensors: Iterable[tuple[str, torch.Tensor]], out: Path, limit: int) -> None:
-    """safetensors shards of at most `limit` bytes (one oversized tensor gets its own shard) + index."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
+    """safetensors shards of at most `limit` bytes (one oversized tensor gets its own shard) + index.
+
+    Each shard is written as soon as it is full, so an export holds at most one shard of merged
+    tensors beside the engine; shards get their final `model-i-of-n` names once n is known.
+    """
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        path = out / f"shard-{len(written) + 1:05d}.partial"
+        _save_shard(shard, path)
+        written.append((path, list(shard)))
+
     for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and sizes[-1] + nbytes > limit:
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = tensor.detach().cpu().contiguous()
-        sizes[-1] += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], str(out / SAFETENSORS_SINGLE), metadata={"format": "pt"})
+        if shard and size + nbytes > limit:
+            flush()
+            shard, size = {}, 0
+        shard[name] = tensor.detach().cpu().contiguous()
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(out / SAFETENSORS_SINGLE)
         return
     weight_map: dict[str, str] = {}
-    for i, shard in enumerate(shards, start=1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+    for i, (path, names) in enumerate(written, start=1):
+        fname = f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        path.rename(out / fname)
+        weight_map.update({name: fname for name in names})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+
+
+def _check_free_space(engine: "MergeEngine", out: Path) -> None:
+    """Refuse before merging when the destination cannot hold the weights (a full disk midway costs minutes)."""
+    needed = engine.weight_bytes()
+    folder = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise MergeError(
+            f"export: {out} needs {needed / 1e9:.2f} GB for the weights, {folder} has {free / 1e9:.2f} GB free; "
+            "free space there or export to another disk (--out)"
+        )
 
 
 def _mergekit_yaml(engine: "MergeEngine", recipe: MergeRecipe) -> tuple[str | None, str | None]:
@@ -105,17 +139,21 @@ def export_model(engine: "MergeEngine", recipe: MergeRecipe, out: Path, *, shard
     """HF folder: config, weights (sharded above `shard_size`), tokenizer, recipe.json, mergekit.yaml, README.md."""
     limit = parse_size(shard_size)
     engine.check(recipe)
-    with atomic_dir(out) as tmp:
-        engine.config.save_pretrained(tmp)
-        _write_shards(engine.iter_merged(recipe), tmp, limit)
-        for fname in TOKENIZER_FILES:
-            if (engine.base_path / fname).is_file():
-                shutil.copy2(engine.base_path / fname, tmp / fname)
-        (tmp / "recipe.json").write_text(json.dumps(json.loads(recipe.to_json()), indent=2))
-        mergekit, why_not = _mergekit_yaml(engine, recipe)
-        if mergekit:
-            (tmp / "mergekit.yaml").write_text(mergekit)
-        (tmp / "README.md").write_text(model_card(engine, recipe, mergekit, why_not))
+    _check_free_space(engine, out)
+    try:
+        with atomic_dir(out) as tmp:
+            engine.config.save_pretrained(tmp)
+            _write_shards(engine.iter_merged(recipe), tmp, limit)
+            for fname in TOKENIZER_FILES:
+                if (engine.base_path / fname).is_file():
+                    shutil.copy2(engine.base_path / fname, tmp / fname)
+            (tmp / "recipe.json").write_text(json.dumps(json.loads(recipe.to_json()), indent=2))
+            mergekit, why_not = _mergekit_yaml(engine, recipe)
+            if mergekit:
+                (tmp / "mergekit.yaml").write_text(mergekit)
+            (tmp / "README.md").write_text(model_card(engine, recipe, mergekit, why_not))
+    except OSError as exc:
+        raise OSError(f"cannot write the export {out}: {exc}") from exc
     return out
 
 
@@ -146,7 +184,7 @@ def export_adapter(engine: "MergeEngine", recipe: MergeRecipe, out: Path) -> Pat
         "fan_in_fan_out": bool(first.config.get("fan_in_fan_out", False)), "inference_mode": True,
     }
     with atomic_dir(out) as tmp:
-        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        _save_shard(state, tmp / "adapter_model.safetensors")
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         (tmp / "recipe.json").write_text(json.dumps(json.loads(recipe.to_json()), indent=2))
     return out

@@ -276,3 +276,24 @@ def _assert_next_stage_starts_at_the_best(run: Path, first: str, second: str) ->
     assert json.loads(start.user_attrs["recipe"])["rules"] == json.loads(best.user_attrs["recipe"])["rules"]
     task = lambda t: {k: v for k, v in t.user_attrs["objectives"].items() if k != "l1"}  # noqa: E731
     assert task(start) == task(best)
+
+
+def test_an_export_that_cannot_be_written_fails_in_one_line_and_leaves_nothing(finished_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """A disk that fills midway (here: a file size limit on the real process) stops the export with
+    one line and status 1, and no folder or hidden leftover is left (CI once ran out of disk here)."""
+    import resource
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16_384, 16_384))
+
+    cwd, run = finished_run
+    member = front_json(run, cwd)[0]
+    out = tmp_path / "merged"
+    proc = subprocess.run([EVOMERGE, "export", str(run), "--trial", str(member["trial"]), "--out", str(out)],
+                          cwd=cwd, capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert proc.returncode == 1, proc.stderr
+    # (the size limit also fails torch.compile's cache writes, which warns and falls back to eager)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"evomerge: cannot write the export {out}: "), proc.stderr
+    assert list(tmp_path.iterdir()) == []
