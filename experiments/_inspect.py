@@ -61,7 +61,7 @@ def main_stage(rd: RunDir) -> str:
 
 def load_view(run_dir: Path, stage: str | None = None) -> RunView:
     """A `RunView` of one stage of a run folder (default: `main_stage`)."""
-    from evomerge.search import ParetoArchive, read_records
+    from evomerge.search import ParetoArchive, full_fidelity, read_records
 
     rd = RunDir(run_dir.resolve())
     spec = rd.load_spec(check_paths=False)
@@ -77,7 +77,7 @@ def load_view(run_dir: Path, stage: str | None = None) -> RunView:
     for t in trials:
         if t.state in ("complete", "failed"):
             values = [t.values[n] for n, _ in objectives] if t.state == "complete" else None
-            archive.add(t.number, values, feasible=t.feasible and t.full_fidelity)  # a low rung never enters the front
+            archive.add(t.number, values, feasible=t.feasible and full_fidelity(t.fidelity))  # a low rung never enters the front
     comparison = read_json(rd.comparison_file) or None
     references = [Reference(name, values) for name, values in (comparison or {}).get("references", {}).items()]
     return RunView(

@@ -162,8 +162,10 @@ class RunView:
     def best_per_objective(self) -> dict[str, tuple[float, int]]:
         """Best value of each objective over the completed trials at the top fidelity (a score on
         a low rung's few items is too noisy to name as a best)."""
+        from evomerge.search import full_fidelity
+
         out: dict[str, tuple[float, int]] = {}
-        done = [t for t in self.completed if t.full_fidelity]
+        done = [t for t in self.completed if full_fidelity(t.fidelity)]
         for name, direction in zip(self.objective_names, self.directions):
             scored = [(t.values[name], t.number) for t in done if name in t.values]
             if scored:

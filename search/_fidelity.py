@@ -67,9 +67,10 @@ def rung_scalars(trials: Sequence[FrozenTrial], rung: int) -> list[float]:
     return out
 
 
-def full_fidelity(trial: FrozenTrial) -> bool:
-    """Whether the trial's values are at the top fidelity (true for a run without rungs)."""
-    return bool((trial.user_attrs.get(FIDELITY_ATTR) or {}).get("full", True))
+def full_fidelity(grade: Mapping[str, Any] | None) -> bool:
+    """Whether values graded ``grade`` (a trial's ``fidelity`` attribute, None without rungs) are at
+    the top fidelity, so the trial may enter the Pareto front."""
+    return bool((grade or {}).get("full", True))
 
 
 def grade_record(fidelity: Fidelity, rung: int, scalars: list[float], peers: list[int], scored: int) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from typing import Any, Mapping, Protocol, Sequence
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ._fidelity import full_fidelity
+from ._fidelity import FIDELITY_ATTR, full_fidelity
 from ._journal import JournalFile
 from ._pareto import Direction, ParetoArchive
 from ._scalarize import Scalarization
@@ -89,11 +89,6 @@ class TrialRecord:
     constraints: list[float] | None = None
     fidelity: dict[str, Any] | None = None
     """Multi-fidelity runs: the rung this trial reached (`search._fidelity`); None without rungs."""
-
-    @property
-    def full_fidelity(self) -> bool:
-        """Whether the values are at the top fidelity, so the trial may enter the Pareto front."""
-        return self.fidelity is None or bool(self.fidelity.get("full", True))
 
 
 @dataclass(frozen=True)
@@ -336,7 +331,7 @@ class Ledger:
         """The Pareto archive rebuilt from the ledger, in trial order (so resume restores history)."""
         archive = ParetoArchive(self.directions, self.reference_point)
         for trial in self.finished():
-            archive.add(trial.number, self.objective_values(trial), feasible=self.feasible(trial) and full_fidelity(trial))
+            archive.add(trial.number, self.objective_values(trial), feasible=self.feasible(trial) and full_fidelity(trial.user_attrs.get(FIDELITY_ATTR)))
         if archive.reference_point is not None and self.reference_point is None:
             self.record_reference_point(archive.reference_point)
         return archive

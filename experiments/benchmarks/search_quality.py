@@ -58,7 +58,7 @@ from evomerge.experiments._rescore import rescore, top_trials
 from evomerge.experiments.zoo import build_zoo, load_manifest
 from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe
 from evomerge.objectives import CalibrationSet, Objective, TransformersScorer
-from evomerge.search import Fidelity, Ledger, Scalarization, SearchSpace, SpaceTemplate, make_optimizer, run_search
+from evomerge.search import Fidelity, Ledger, Scalarization, SearchSpace, SpaceTemplate, full_fidelity, make_optimizer, run_search
 
 OPTIMIZERS = ("random", "optuna:tpe", "optuna:gp", "optuna:nsga2", "nevergrad:CMA")
 SINGLE_OBJECTIVE = ("nevergrad:", "optuna:gp")
@@ -178,7 +178,7 @@ def search_cell(bench: Bench, optimizer: str, seed: int, evaluations: int, cell:
         else:
             result = run_search(space, bench.calib, opt, ledger, budget_evals=evaluations, progress=False)
         all_records = [r for r in ledger.records() if r.state == "complete"]
-        records = {r.number: r for r in all_records if r.full_fidelity}
+        records = {r.number: r for r in all_records if full_fidelity(r.fidelity)}
         front = [p.number for p in result.archive.front if p.number in records] or list(records)
         scores = {k: mean_accuracy(records[k].values, bench.skills) for k in front}
         recipes = {k: MergeRecipe.model_validate(records[k].recipe) for k in top_trials(scores, bench.top)}
