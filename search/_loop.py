@@ -42,7 +42,7 @@ from optuna.trial import TrialState
 from evomerge.merge import MergeRecipe
 from evomerge.objectives import Evaluation
 
-from ._fidelity import FIDELITY_ATTR, Fidelity, grade_record, rung_scalars
+from ._fidelity import FIDELITY_ATTR, Fidelity, full_fidelity, grade_record, rung_scalars
 from ._ledger import Counts, Ledger, TrialRecord, counted, record, rerun_numbers
 from ._optimizers import CoordinatedOptimizer, Optimizer, OptunaOptimizer
 from ._pareto import ParetoArchive
@@ -187,11 +187,7 @@ def run_search(
             key = trial.number if candidate is None else int(candidate)
             recipe = optimizer.recipe(space, trial.params, seed=seed, trial=key)
             pre = time.perf_counter() - t0
-            grade: dict[str, Any] | None = None
-            if fidelity is None:
-                evaluation, eval_seconds = evaluate_guarded(scorer, recipe)
-            else:
-                evaluation, eval_seconds, grade = evaluate_graded(scorer, recipe, fidelity, ledger)  # type: ignore[arg-type]
+            evaluation, eval_seconds, grade = evaluate_guarded(scorer, recipe, fidelity, ledger)
             t2 = time.perf_counter()
             values, attrs = _outcome(ledger, recipe, evaluation, names, constraints, pre)
             if grade is not None:
@@ -203,7 +199,7 @@ def run_search(
             ledger.sync()
             had_reference = archive.reference_point is not None
             feasible = all(c <= 0 for c in attrs.get("constraints") or ())
-            archive.add(number, values, feasible=feasible and (grade is None or grade["full"]))
+            archive.add(number, values, feasible=feasible and full_fidelity(grade))
             if not had_reference and archive.reference_point is not None:
                 ledger.record_reference_point(archive.reference_point)
             result.overheads.append(pre + time.perf_counter() - t2)
@@ -261,32 +257,23 @@ def _second_look(
     return None, True
 
 
-def evaluate_guarded(scorer: ScorerLike, recipe: MergeRecipe) -> tuple[Evaluation, float]:
-    """The scorer's evaluation of `recipe` and its wall seconds.
-
-    Scorers return failures as failed evaluations; a wrapper may still raise, and that too must fail
-    the trial, never the run (or a worker).
-    """
-    start = time.perf_counter()
-    try:
-        evaluation = scorer.evaluate(recipe)
-    except Exception as exc:
-        evaluation = Evaluation.failure(f"{type(exc).__name__}: {exc}")
-    return evaluation, time.perf_counter() - start
-
-
-def evaluate_graded(
-    scorer: GradedScorer, recipe: MergeRecipe, fidelity: Fidelity, ledger: Ledger,
+def evaluate_guarded(
+    scorer: ScorerLike | GradedScorer, recipe: MergeRecipe, fidelity: Fidelity | None, ledger: Ledger,
 ) -> tuple[Evaluation, float, dict[str, Any] | None]:
-    """`evaluate_guarded` through the rungs (`search._fidelity`): the evaluation at the highest rung
-    the candidate reached, its wall seconds, and its ``fidelity`` record (None when it failed)."""
+    """The scorer's evaluation of ``recipe``, its wall seconds and, with a ``fidelity``, its rung
+    record (`search._fidelity`: the evaluation is the one at the highest rung reached; None
+    without rungs or when it failed). Scorers return failures as failed evaluations; a wrapper
+    may still raise, and that too fails the trial, never the run (or a worker)."""
     start = time.perf_counter()
     scalars: list[float] = []
     peers: list[int] = []
+    rung = 0
     try:
-        evaluation = scorer.evaluate(recipe, items=fidelity.rungs[0])
-        rung = 0
-        while not evaluation.failed:
+        if fidelity is None:
+            evaluation = scorer.evaluate(recipe)
+        else:
+            evaluation = scorer.evaluate(recipe, items=fidelity.rungs[0])  # type: ignore[call-arg]
+        while fidelity is not None and not evaluation.failed:
             scalar = float(fidelity.score(evaluation.values))
             others = rung_scalars(ledger.trials(), rung)  # the ledger's: a resumed run or another worker continues them
             scalars.append(scalar)
@@ -294,13 +281,13 @@ def evaluate_graded(
             if rung == len(fidelity.rungs) - 1 or not fidelity.promote(scalar, [*others, scalar]):
                 break
             rung += 1
-            evaluation = scorer.extend(evaluation, fidelity.rungs[rung])
-    except Exception as exc:  # as in `evaluate_guarded`: a raising wrapper fails the trial, never the run
+            evaluation = scorer.extend(evaluation, fidelity.rungs[rung])  # type: ignore[union-attr]
+    except Exception as exc:
         evaluation = Evaluation.failure(f"{type(exc).__name__}: {exc}")
     seconds = time.perf_counter() - start
-    if evaluation.failed:
+    if fidelity is None or evaluation.failed:
         return evaluation, seconds, None
-    return evaluation, seconds, grade_record(fidelity, rung, scalars, peers, scorer.items(fidelity.rungs[rung]))
+    return evaluation, seconds, grade_record(fidelity, rung, scalars, peers, scorer.items(fidelity.rungs[rung]))  # type: ignore[union-attr]
 
 
 def items_spent(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
