@@ -309,11 +309,7 @@ class SearchSpace:
         self.template = template
         self._subs = {m: SearchSpace(layout, experts, template.for_method(m)) for m in template.methods or ()}
         if self._subs:
-            named = {p.name for sub in self._subs.values() for p in sub._all_params}
-            for field_name in ("init", "fixed"):
-                unknown = [k for k in getattr(template, field_name) if k not in PARAM_KINDS and k not in named]
-                if unknown:
-                    raise ValueError(f"{field_name}: unknown parameter names {unknown}; see SearchSpace.names")
+            _refuse_unknown_names(template, {p.name for sub in self._subs.values() for p in sub._all_params})
             return
         self._cells = self._build_cells()
         if not self._cells:
@@ -378,9 +374,6 @@ class SearchSpace:
                 cells.append(_Cell(label, tuple(layers), kinds, covered, module, position))
         return cells
 
-    def _n_layer_groups(self) -> int:
-        return len({c.label for c in self._cells if c.position is not None})
-
     def _param_name(self, group_label: str, module: str, kind: ParamKind, expert: str | None) -> str:
         parts = [group_label] + ([module] if module else []) + [kind]
         return ".".join(parts) + (f"[{expert}]" if expert is not None else "")
@@ -392,7 +385,7 @@ class SearchSpace:
         index: dict[str, int] = {}
         terms: dict[tuple[int, ParamKind, str | None], list[tuple[int, float]]] = {}
         n_cp = self.template.smoothing
-        n_groups = self._n_layer_groups()
+        n_groups = len({c.label for c in self._cells if c.position is not None})
         if n_cp is not None and n_cp > n_groups:
             raise ValueError(f"smoothing={n_cp} control points exceed the {n_groups} layer groups")
         # control points spread over the layer groups where each module group has tensors
@@ -429,13 +422,7 @@ class SearchSpace:
 
     def _held_values(self) -> dict[str, float]:
         fixed = self.template.fixed
-        names = {p.name for p in self._all_params}
-        unknown = [k for k in fixed if k not in names and k not in PARAM_KINDS]
-        if unknown:
-            raise ValueError(f"fixed: unknown parameter names {unknown}; see SearchSpace.names")
-        unknown = [k for k in self.template.init if k not in names and k not in PARAM_KINDS]
-        if unknown:
-            raise ValueError(f"init: unknown parameter names {unknown}; see SearchSpace.names")
+        _refuse_unknown_names(self.template, {p.name for p in self._all_params})
         held = {}
         for p in self._all_params:
             if p.name in fixed:
@@ -526,43 +513,28 @@ class SearchSpace:
     def fingerprint(self) -> str:
         """Short hash of everything that gives genome coordinates their meaning; the ledger keeps
         it so a resume with a different space fails loudly instead of mixing incompatible trials."""
+        payload: dict[str, Any] = {"template": self.template.model_dump(mode="json", by_alias=True)}
         if self._subs:
-            payload: dict[str, Any] = {
-                "template": self.template.model_dump(mode="json", by_alias=True),
-                "methods": {m: sub.fingerprint() for m, sub in self._subs.items()},
-            }
+            payload["methods"] = {m: sub.fingerprint() for m, sub in self._subs.items()}
         else:
-            payload = {
-                "template": self.template.model_dump(mode="json", by_alias=True),
-                "experts": list(self.experts),
-                "names": [p.name for p in self._all_params],
-                "cells": [(c.label, list(map(str, c.layers)), c.kinds) for c in self._cells],
-            }
+            payload["experts"] = list(self.experts)
+            payload["names"] = [p.name for p in self._all_params]
+            payload["cells"] = [(c.label, list(map(str, c.layers)), c.kinds) for c in self._cells]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe description (template, experts, names, bounds) for the ledger and exports;
         under a method choice, each method's under ``methods``."""
-        if self._subs:
-            return {
-                "template": self.template.model_dump(mode="json", by_alias=True),
-                "experts": list(self.experts),
-                "names": self.names,
-                "methods": {m: {k: v for k, v in sub.to_dict().items() if k not in ("template", "experts")}
-                            for m, sub in self._subs.items()},
-                "held": self.held,
-                "fingerprint": self.fingerprint(),
-            }
-        low, high = self.bounds
-        return {
-            "template": self.template.model_dump(mode="json", by_alias=True),
-            "experts": list(self.experts),
-            "names": self.names,
-            "low": low.tolist(),
-            "high": high.tolist(),
-            "held": self.held,
-            "fingerprint": self.fingerprint(),
+        out: dict[str, Any] = {
+            "template": self.template.model_dump(mode="json", by_alias=True), "experts": list(self.experts), "names": self.names,
         }
+        if self._subs:
+            out["methods"] = {m: {k: v for k, v in sub.to_dict().items() if k not in ("template", "experts")}
+                              for m, sub in self._subs.items()}
+        else:
+            low, high = self.bounds
+            out["low"], out["high"] = low.tolist(), high.tolist()
+        return {**out, "held": self.held, "fingerprint": self.fingerprint()}
 
     # ----------------------------------------------------------------- genome <-> recipe
     def _full(self, x: Sequence[float]) -> np.ndarray:
@@ -650,7 +622,9 @@ class SearchSpace:
                         if key in cell_values and abs(cell_values[key] - value) > atol:
                             raise ValueError(f"{k} differs inside cell {cell.label}.{cell.module}: not expressible")
                         cell_values[key] = value
-        full = self._solve(cell_values)
+        full, residual = self._lstsq(cell_values)
+        if residual > 1e-6:
+            raise ValueError("per-layer values do not lie on the space's piecewise-linear curves: not expressible")
         for i, p in enumerate(self._all_params):
             if p.name in self._held and abs(full[i] - self._held[p.name]) > 1e-6:
                 raise ValueError(f"{p.name} = {full[i]} but the space holds it at {self._held[p.name]}")
@@ -725,13 +699,6 @@ class SearchSpace:
         full, *_ = np.linalg.lstsq(a, b, rcond=None)
         return full, float(np.max(np.abs(a @ full - b), initial=0.0))
 
-    def _solve(self, cell_values: Mapping[tuple[int, ParamKind, str | None], float]) -> np.ndarray:
-        """Parameters from per-cell values: direct without smoothing, least squares per control line."""
-        full, residual = self._lstsq(cell_values)
-        if residual > 1e-6:
-            raise ValueError("per-layer values do not lie on the space's piecewise-linear curves: not expressible")
-        return full
-
     def describe(self, x: Sequence[float]) -> dict[str, float]:
         """Genome as {name: value}, the form optuna stores as trial params."""
         self._flat("describe")
@@ -744,6 +711,14 @@ class SearchSpace:
         if missing:
             raise ValueError(f"params lack {missing[:3]}{'...' if len(missing) > 3 else ''}")
         return np.array([float(params[n]) for n in self.names])
+
+
+def _refuse_unknown_names(template: SpaceTemplate, names: set[str]) -> None:
+    """Refuse ``fixed``/``init`` keys that are neither a kind nor one of the space's ``names``."""
+    for field_name in ("fixed", "init"):
+        unknown = [k for k in getattr(template, field_name) if k not in PARAM_KINDS and k not in names]
+        if unknown:
+            raise ValueError(f"{field_name}: unknown parameter names {unknown}; see SearchSpace.names")
 
 
 def _kind_of(key: str) -> str:
