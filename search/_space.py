@@ -5,41 +5,10 @@ and methods lives here, so any optimizer (nevergrad, optuna, a grid) explores an
 nevergrad's split between parametrization and optimizer; the space is pure (no torch), so it can be
 rebuilt from the ledger's metadata on any machine.
 
-Structure of a space
---------------------
-* **Layer groups** come from ``granularity``: ``"global"`` (one group), ``"layer"`` (one per layer)
-  or an integer ``k`` (every ``k`` consecutive layers).
-* **Module groups** come from ``modules``: ``"all"`` (one group, rules select every kind),
-  ``"split"`` (attention / mlp / norm / embedding+head+other) or an explicit list of kind lists;
-  kinds no list names join the last list, so every tensor belongs to exactly one cell.
-* **Sections** (``embed``, ``final_norm``, ``head``: tensors outside the decoder layers):
-  ``sections="attach"`` adds ``embed`` to the first layer group and ``final_norm``/``head`` to the
-  last one (they follow their nearest layers); ``sections="group"`` gives them a group of their own
-  (label ``S``) with its own parameters.
-* A **cell** is (layer group x module group) holding at least one tensor of the layout; the decoded
-  recipe has exactly one `GroupRule` per cell.
-* **Parameters** per cell: for every searched kind, one value per expert (``weight``, ``density``,
-  ``gamma``, ``epsilon``) or one per cell (``t``).
-* **Smoothing** (``smoothing=n``): instead of one value per layer group, ``n`` control points per
-  (module group x kind x expert) placed evenly over the layer groups where that module group has
-  tensors, interpolated linearly; the section group (``sections="group"``) and module groups
-  present in fewer than ``n`` layer groups (e.g. embedding+head, only at the ends) keep one value
-  per cell.
-* **Held parameters** (``fixed``: a kind or a parameter name -> value) are left out of the genome
-  and decoded to the given value, so optimizers never waste a dimension on them.
-
-Names read like ``L0-3.attention.weight[expertA]``, ``L5.t``, ``all.density[expertB]``,
-``cp2.mlp.weight[expertA]`` (control point 2) or ``S.weight[expertA]`` (sections).
-
-Method choice
--------------
-``methods`` (a list of task-vector methods, `CHOICE_METHODS`) makes the method itself a searched,
-categorical parameter named ``method``; every other parameter is conditional on it: a trial's
-params hold ``method`` and only the parameters that method reads (`choice_kinds`: no density for
-task_arithmetic, epsilon for DELLA, gamma for breadcrumbs). One parameter name means the same
-coefficient under every method (``all.weight[A]`` is the weight of A whichever method merges), so a
-sampler's model of it carries across methods. Such a space has no flat genome: it is explored by
-samplers that draw define-by-run params (`decode_params`), and refused by box optimizers.
+The structure (layer groups, module groups, sections, cells, smoothing, held parameters, parameter
+names) and the method choice (``methods``: a categorical ``method`` parameter, every other one
+conditional on it, drawn define-by-run and refused by box optimizers) are described in
+docs/search.md.
 """
 
 from __future__ import annotations
