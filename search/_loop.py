@@ -91,11 +91,6 @@ class SearchResult:
     def overhead_seconds(self) -> float:
         return sum(self.overheads)
 
-    @property
-    def overhead_ratio(self) -> float:
-        """Search overhead as a fraction of evaluation time."""
-        return self.overhead_seconds / self.evaluation_seconds if self.evaluation_seconds > 0 else math.nan
-
 
 def run_search(
     space: SearchSpace,

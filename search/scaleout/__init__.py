@@ -3,7 +3,7 @@ database ledger (`Crew`), and the lease under which one worker at a time drives 
 optimizer (`Coordinator`, `search.scaleout._lease`). The loop itself is `search.run_search`."""
 
 from ._coordinator import Coordinator
-from ._lease import LEASE_TABLE, DatabaseLease, Lease, LeaseLost
+from ._lease import LEASE_TABLE, DatabaseLease, LeaseLost
 from ._worker import Crew
 
-__all__ = ["Coordinator", "Crew", "DatabaseLease", "LEASE_TABLE", "Lease", "LeaseLost"]
+__all__ = ["Coordinator", "Crew", "DatabaseLease", "LEASE_TABLE", "LeaseLost"]

@@ -8,13 +8,13 @@ import threading
 import time
 
 from .._queue import CandidateQueue
-from ._lease import Lease, LeaseLost
+from ._lease import DatabaseLease, LeaseLost
 
 
 class Coordinator:
     """Waits for the lease, then runs `CandidateQueue.step` every ``poll`` seconds."""
 
-    def __init__(self, queue: CandidateQueue, lease: Lease, *, poll: float, renew_every: float) -> None:
+    def __init__(self, queue: CandidateQueue, lease: DatabaseLease, *, poll: float, renew_every: float) -> None:
         """``renew_every``: seconds between lease renewals, and between a waiting coordinator's
         attempts to take the lease (a quarter of the lease's ttl: every renewal is a committed
         write, and a lease renewed more often than it can expire is no safer)."""

@@ -17,7 +17,6 @@ the others wait and take over, from the checkpoint, once the holder has stopped 
 from __future__ import annotations
 
 import time
-from abc import ABC, abstractmethod
 
 import sqlalchemy as sa
 
@@ -38,34 +37,9 @@ class LeaseLost(RuntimeError):
     """This process no longer holds the lease: another coordinator took over."""
 
 
-class Lease(ABC):
-    """Who coordinates a study; also the store of the coordinator's checkpoint (`CheckpointStore`)."""
-
-    owner: str
-
-    @abstractmethod
-    def acquire(self) -> bool:
-        """Take the lease if it is free, expired or already ours; True when we hold it."""
-
-    @abstractmethod
-    def renew(self) -> bool:
-        """Heartbeat; False when the lease was lost (the caller must stop coordinating)."""
-
-    @abstractmethod
-    def release(self) -> None:
-        """Let a waiting coordinator take over at once (a clean stop)."""
-
-    @abstractmethod
-    def read(self) -> bytes | None:
-        """The coordinator checkpoint, or None."""
-
-    @abstractmethod
-    def write(self, data: bytes) -> None:
-        """Store the checkpoint; raises `LeaseLost` when another process holds the lease."""
-
-
-class DatabaseLease(Lease):
-    """A lease row in the study's own database (PostgreSQL, SQLite); see the module docstring."""
+class DatabaseLease:
+    """A lease row in the study's own database (PostgreSQL, SQLite), see the module docstring; also
+    the store of the coordinator's checkpoint (`CheckpointStore`)."""
 
     def __init__(self, engine: sa.engine.Engine, study_name: str, owner: str, *, ttl: float) -> None:
         self.engine, self.study_name, self.owner, self.ttl = engine, study_name, owner, float(ttl)
@@ -91,14 +65,17 @@ class DatabaseLease(Lease):
         return result.rowcount == 1
 
     def acquire(self) -> bool:
+        """Take the lease if it is free, expired or already ours; True when we hold it."""
         now = time.time()
         free = sa.or_(_table.c.owner == self.owner, _table.c.heartbeat < now - self.ttl)
         return self._update(free, owner=self.owner, heartbeat=now)
 
     def renew(self) -> bool:
+        """Heartbeat; False when the lease was lost (the caller must stop coordinating)."""
         return self._update(_table.c.owner == self.owner, heartbeat=time.time())
 
     def release(self) -> None:
+        """Let a waiting coordinator take over at once (a clean stop)."""
         self._update(_table.c.owner == self.owner, owner="", heartbeat=0.0)
 
     def read(self) -> bytes | None:
@@ -107,6 +84,7 @@ class DatabaseLease(Lease):
         return None if row is None or row[0] is None else bytes(row[0])
 
     def write(self, data: bytes) -> None:
+        """Store the checkpoint; raises `LeaseLost` when another process holds the lease."""
         if not self._update(_table.c.owner == self.owner, checkpoint=data, heartbeat=time.time()):
             raise LeaseLost(f"coordinator {self.owner} lost the lease of study {self.study_name!r}")
 
