@@ -411,12 +411,18 @@ class Ledger:
         ``requeued_from`` it, so the study's next ``ask`` hands it out again."""
         user_attrs = {k: trial.user_attrs[k] for k in ("candidate",) if k in trial.user_attrs}
         lineage = {k: v for k, v in trial.system_attrs.items() if k in ("failed_trial", "retry_history")}
-        self.study.add_trial(
-            optuna.trial.create_trial(
-                state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-                user_attrs={**user_attrs, "requeued_from": trial.number}, system_attrs={**lineage, **(system_attrs or {})},
-            )
-        )
+        self.enqueue(trial.params, trial.distributions, {**user_attrs, "requeued_from": trial.number},
+                     {**lineage, **(system_attrs or {})})
+
+    def enqueue(
+        self, params: Mapping[str, Any], distributions: Mapping[str, Any], user_attrs: Mapping[str, Any],
+        system_attrs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """A WAITING trial with these params (one write), which the study's next ``ask`` hands out."""
+        self.study.add_trial(optuna.trial.create_trial(
+            state=TrialState.WAITING, params=dict(params), distributions=dict(distributions),
+            user_attrs=dict(user_attrs), system_attrs=dict(system_attrs or {}),
+        ))
 
 
 def read_records(study: optuna.Study) -> list[TrialRecord]:

@@ -27,11 +27,10 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
-import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ._ledger import MAX_RETRY, Ledger, counted, rerun_numbers
-from ._optimizers import Candidate, CoordinatedOptimizer, Failure
+from ._optimizers import CoordinatedOptimizer, Failure
 
 if TYPE_CHECKING:
     from ._space import SearchSpace
@@ -57,7 +56,7 @@ class CandidateQueue:
         seen = {t.user_attrs["candidate"] for t in trials if "candidate" in t.user_attrs}
         for cand in self.optimizer.outstanding():
             if cand.key not in seen:
-                self._enqueue(cand)
+                self.ledger.enqueue(cand.params, cand.distributions, {"candidate": cand.key})
 
     def step(self) -> bool:
         """Tell the finished candidates, re-queue the cut-off ones, ask to refill; False when the
@@ -81,7 +80,7 @@ class CandidateQueue:
             room = min(room, self.budget - n_counted - in_flight)
         asked = opt.ask(room) if room > 0 else []  # checkpointed before anyone can see them
         for cand in asked:
-            self._enqueue(cand)
+            self.ledger.enqueue(cand.params, cand.distributions, {"candidate": cand.key})
         if told and not asked:
             opt.save()
         spent = self.budget is not None and n_counted >= self.budget
@@ -109,11 +108,3 @@ class CandidateQueue:
             lineage = {"failed_trial": last.system_attrs.get("failed_trial", last.number), "retry_history": [*history, last.number]}
             self.ledger.requeue(last, system_attrs=lineage if stale else None)
         return None
-
-    def _enqueue(self, cand: Candidate) -> None:
-        self.ledger.study.add_trial(
-            optuna.trial.create_trial(
-                state=TrialState.WAITING, params=cand.params, distributions=cand.distributions,
-                user_attrs={"candidate": cand.key},
-            )
-        )
