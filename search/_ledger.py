@@ -364,13 +364,6 @@ class Ledger:
             attrs["constraints"] = [float(c) for c in constraints]
         return attrs
 
-    def study_values(self, values: Mapping[str, float]) -> list[float]:
-        """What the study stores as trial values: objective values, or the scalarized loss."""
-        ordered = [float(values[name]) for name in self.objective_names]
-        if self.scalarization is not None:
-            return [self.scalarization(ordered, self.directions)]
-        return ordered
-
     def finish(self, trial: optuna.Trial, attrs: Mapping[str, Any], values: Mapping[str, float] | None) -> None:
         """Write a claimed trial's attributes and constraints, then tell the study (COMPLETE with
         ``values``, else FAIL): the tell comes last, so a finished trial is complete in the ledger."""
@@ -380,8 +373,9 @@ class Ledger:
             trial.set_constraint(str(i), c)
         if values is None:
             self.study.tell(trial, state=TrialState.FAIL)
-        else:
-            self.study.tell(trial, self.study_values(values))
+            return
+        ordered = [float(values[name]) for name in self.objective_names]  # the study's values: these, or one scalarized loss
+        self.study.tell(trial, ordered if self.scalarization is None else [self.scalarization(ordered, self.directions)])
 
     def give_back(self, trial: optuna.Trial, reason: str, *, requeue: bool) -> None:
         """Undo a claim: the trial fails as ``interrupted`` (not counted), then (``requeue``) a copy
