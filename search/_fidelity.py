@@ -1,25 +1,14 @@
 """Multi-fidelity evaluation: asynchronous successive halving over calibration items.
 
-Calibration scores are noisy, and the top of many noisy scores overestimates (the winner's
-curse). With a `Fidelity`, the loop (`search._loop`) scores each candidate on the first
-``rungs[0]`` items of every calibration set; after rung ``r`` the candidate goes on to rung
-``r + 1`` only when its scalar (``score``, higher is better: the mean task score) ranks in the top
-``1/eta`` of every candidate that completed rung ``r`` in this study, itself included (ASHA's rule,
-decided at once because our loop holds one candidate at a time; while fewer than ``eta``
-candidates completed a rung, only the best so far goes on). A promotion continues the SAME
-candidate in the live model and scores only the items it adds (`Scorer.extend`): the calibration
-sets are in a seeded random order, so every rung is a nested, random subset of the next.
-
-What the trial records (user attribute ``fidelity``): the rung it reached, the items per set there,
-the calibration items it cost, its scalar at every rung it completed and how many candidates had
-completed each rung then (``peers``). The rung statistics are read back from the ledger at every
-decision, so a resumed run, or another worker, continues them.
-
-What the optimizer is told for a stopped candidate: its values at the highest rung it reached, an
-unbiased but noisier estimate of the same quantities (the items are a random subset), so samplers
-keep learning from every trial and no optimizer needs a pruning API (optuna's pruners do not
-support multi-objective studies). What enters the Pareto front: only candidates that reached the
-top rung (``full``); a lucky score on a few items would otherwise dominate the front and be picked.
+Calibration scores are noisy, and the top of many noisy scores overestimates (the winner's curse).
+With a `Fidelity` the loop scores a candidate on the first ``rungs[0]`` items of every calibration
+set and continues the SAME candidate in the live model (`Scorer.extend`) to the next rung while its
+scalar ranks in the top ``1/eta`` of the study's candidates at that rung (ASHA's rule, decided at
+once). The optimizer is told the values at the highest rung reached (unbiased, noisier: no pruning
+API is needed, and optuna's pruners do not support multi-objective studies); only trials at the top
+rung (``full``) enter the Pareto front. The rule, the trial's ``fidelity`` attribute and the
+figures: docs/search.md ("Multi-fidelity search"). The rung statistics are read back from the
+ledger at every decision, so a resumed run, or another worker, continues them.
 """
 
 from __future__ import annotations

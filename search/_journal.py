@@ -1,19 +1,12 @@
 """`JournalFile`: optuna's journal format in one append-only file, on optuna's public backend ABC.
 
-optuna's own `JournalFileBackend` fsyncs every append and locks with a lock *file*: a native
-sampler's ``study.ask`` appends one line per parameter (64 fsyncs per trial at 64 parameters), and
-a process SIGKILLed while it holds the lock file leaves it behind, so the next run waits out a
-30 s grace period. This backend implements `optuna.storages.journal.BaseJournalBackend` (the
-documented extension point, so the file is an ordinary optuna journal that ``optuna-dashboard
-ledger.log`` and `JournalFileBackend` read) with two differences:
-
-* appends are serialized by ``flock`` on the file itself, which the kernel releases when its
-  holder dies;
-* lines reach the OS at once (a killed process loses nothing) but are fsynced by `sync` only: the
-  run loop calls it once per finished trial, and a coordinated optimizer before each checkpoint
-  write, so a checkpoint never becomes durable ahead of the trials it was told.
-
-A torn last line (power loss in the middle of an append) is cut at open, under the lock.
+optuna's own `JournalFileBackend` fsyncs every append (a native sampler's ``study.ask`` appends one
+line per parameter) and locks with a lock *file* that a SIGKILLed holder leaves behind (the next
+run waits out a 30 s grace). This `BaseJournalBackend` (so ``optuna-dashboard ledger.log`` and
+`JournalFileBackend` read the file) serializes appends by ``flock`` on the file itself, which the
+kernel releases when its holder dies, and fsyncs only in `sync` (once per finished trial, and
+before each checkpoint write); lines reach the OS at once, so a killed process loses nothing. A
+torn last line (power loss in the middle of an append) is cut at open, under the lock.
 """
 
 from __future__ import annotations

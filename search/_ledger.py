@@ -2,33 +2,14 @@
 
 Using a study (not a format of our own) means resume is reopening it, optuna samplers run on it
 natively, several machines can share one through a database URL, and ``optuna-dashboard <storage>``
-opens any run. Everything goes through optuna's public API. What a trial holds:
-
-* ``params``: the genome, one float per `SearchSpace.names` entry (or a baseline's own params);
-* ``values``: what the optimizer optimizes: the objective values in the run's directions, or one
-  scalarized loss (``minimize``) when the run uses a `Scalarization`;
-* ``user_attrs``: ``objectives`` (name -> value, always the raw values), ``recipe`` (JSON),
-  ``details`` (per-task records, truncated to `MAX_DETAIL_ITEMS` per objective), ``timings``,
-  ``failure`` (the evaluation's reason on a FAIL trial, else None), ``constraints`` (optional),
-  ``candidate`` (coordinator id: nevergrad and the baselines), ``worker`` (who claimed it),
-  ``interrupted`` (why a claim was given back), ``requeued_from`` (the trial it re-runs) and
-  ``fidelity`` (multi-fidelity runs: the rung reached and the items scored, `search._fidelity`;
-  only trials at the top rung enter the Pareto front);
-* constraints also as optuna's ``Trial.set_constraint`` entries (feasible iff all <= 0), which
-  optuna's constrained samplers and ``best_trials`` read.
+opens any run. Everything goes through optuna's public API. What a trial and the study hold, and
+which storage a location names, are listed in docs/search.md ("The ledger"); reopening with a
+different space or objectives raises instead of silently mixing incompatible trials.
 
 **What counts** against the budget (`counted`): a COMPLETE trial, or a FAIL trial with a
 ``failure`` (its evaluation failed) that nothing re-runs. A trial cut off by a stop, a crash or a
 give-back, or failed by a heartbeat check, carries no failure of its own and is re-run (a
 ``requeued_from`` copy, or optuna's retry listing it in ``retry_history``).
-
-The study's ``user_attrs`` hold the run metadata: objectives and directions, scalarization,
-reference point, seed, space description and fingerprint. Reopening with a different space or
-objectives raises instead of silently mixing incompatible trials.
-
-Storage: a directory (-> ``<dir>/ledger.log``, an optuna journal file, `search._journal`), a
-``.log`` / ``.journal`` file, a ``.db``/``.sqlite`` file (SQLite), or any Optuna storage URL.
-Several workers share a database ledger opened with ``heartbeat=`` seconds (docs/scale-out.md).
 """
 
 from __future__ import annotations

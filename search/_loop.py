@@ -1,30 +1,21 @@
 """`run_search`: the one run loop, for a single process and for each of several workers.
 
-Every trial goes the same way: a look at the budget, ``study.ask`` (an optuna sampler fills the
-genome; a coordinated optimizer's candidates wait in the study's queue, `search._queue`), decode,
-evaluate, the ledger write (``study.tell`` last), one fsync. A failed evaluation fails its trial,
-never the run.
+Per trial: a look at the budget, ``study.ask`` (an optuna sampler fills the genome; a coordinated
+optimizer's candidates wait in the study's queue, `search._queue`), decode, evaluate, the ledger
+write (``study.tell`` last), one fsync. A failed evaluation fails its trial, never the run.
 
 **Budget** (exact, also across racing workers): the loop claims only after a look at the ledger
 saw ``counted + running < budget``; a worker then looks again and keeps its claim only if
 ``counted + (RUNNING trials other than its own) + 1 <= budget`` (and, for a queued candidate,
-no other attempt of it is RUNNING or counted), else gives it back
-(`Ledger.give_back`: failed as interrupted, re-queued) and backs off. Of any set of kept claims,
-the last to look saw all the others, so the ledger ends with exactly ``budget`` counted trials.
-``budget_seconds`` counts this call's wall time only.
+no other attempt of it is RUNNING or counted), else gives it back (`Ledger.give_back`) and backs
+off. Of any set of kept claims, the last to look saw all the others, so the ledger ends with
+exactly ``budget`` counted trials.
 
-**Stops and crashes**: a ``KeyboardInterrupt`` (the CLI turns SIGINT and SIGTERM into one) gives
-the claimed trial back and returns; a SIGKILL leaves it RUNNING: one process re-queues it at its
-next start (`Ledger.fail_running`), workers through optuna's heartbeats (`search.scaleout`). A
-coordinated optimizer is told a result only after the ledger holds it, at the queue's next step.
-Results not yet told when the loop stops are told at the next start, from the ledger (`CoordinatedOptimizer.bind`).
-The loop installs no signal handler: that is the caller's edge (`evomerge.experiments.cli`).
-
-**Multi-fidelity** (``fidelity``, `search._fidelity`): a candidate is scored on a few calibration
-items first and continued in the live model to more items while it ranks in the top ``1/eta`` of
-its rung; the trial is then one ledger entry with its values at the highest rung it reached.
-``budget_items`` stops the loop once the calibration items its trials cost reach it (equal-cost
-comparisons of fidelity settings); trials finished without rungs do not count towards it.
+**Stops and crashes**: a ``KeyboardInterrupt`` gives the claimed trial back and returns; a SIGKILL
+leaves it RUNNING, re-queued at one process's next start (`Ledger.fail_running`), or for workers
+through optuna's heartbeats (`search.scaleout`). A coordinated optimizer is told a result only
+after the ledger holds it (`search._optimizers._coordinator`). The loop installs no signal
+handler: that is the caller's edge (`evomerge.experiments.cli`).
 """
 
 from __future__ import annotations

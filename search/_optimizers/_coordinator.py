@@ -1,37 +1,26 @@
 """Coordinator for optimizers whose state lives outside the study (nevergrad, the baselines).
 
-The state is data, never code: what a coordinator stores is its *history*, a JSON list of
-integers (``-n``: n new candidates asked; ``k >= 0``: candidate k told), plus the optimizer's name,
-budget and batch size. Resume rebuilds the backend by replaying that history into a fresh backend
-of the same seed, taking every told result from the ledger, so nothing stored is ever unpickled or
-executed, and a resumed deterministic backend continues the uninterrupted run's ask/tell sequence.
-Each replayed candidate that the ledger holds is checked against the ledger's genome, so a history
-that does not fit the ledger (edited, from another nevergrad version) is detected, not trusted.
+The state is data, never code: a JSON *history* of integers (``-n``: n new candidates asked;
+``k >= 0``: candidate k told), plus the optimizer's name, budget and batch size. Resume replays it
+into a fresh backend of the same seed, taking every told result from the ledger and checking each
+replayed candidate against the ledger's genome, so nothing stored is ever unpickled or trusted,
+and a resumed deterministic backend continues the uninterrupted run's ask/tell sequence.
 
 Crash safety rests on three rules:
 
-1. Every ``ask`` batch ends with the history written atomically (temp file, fsync,
-   ``os.replace``, directory fsync: `evomerge.merge.write_atomic`). A candidate thus exists in
-   the history before it is enqueued (`search._queue`), hence before its result reaches the
-   ledger.
-2. A finished trial reaches the ledger (one append, with its candidate id) *before* the
-   optimizer is told, so the ledger is never behind the optimizer; every history write starts
-   with a ledger fsync (`Ledger.sync`), so that also holds for what survives a power loss. The
-   tell itself is not written on its own: the next ask's write includes it, and if the process
-   dies first, rule 3 replays it from the ledger with the same values. Durability thus costs
-   three fsyncs per ask batch (ledger, history file, its directory); `save` also runs after tells
-   that no ask follows.
-3. On ``bind`` (resume): the history is replayed; finished ledger trials it has not told are told
-   now; pending candidates with no finished trial are re-queued, and the next ``ask`` hands out
-   those alone (the rest of the interrupted batch). Every candidate is evaluated to completion
-   exactly once, and a deterministic backend sees the same ask/tell sequence as an uninterrupted
-   run.
+1. Every ``ask`` batch ends with the history written atomically (`evomerge.merge.write_atomic`),
+   so a candidate is in the history before it is enqueued (`search._queue`).
+2. A finished trial reaches the ledger before the optimizer is told, and every history write
+   starts with a ledger fsync (`Ledger.sync`): the ledger is never behind the optimizer, also
+   after a power loss. A tell is written with the next ask's history (or by `save`); if the
+   process dies first, rule 3 replays it from the ledger with the same values.
+3. On ``bind``: the history is replayed, finished ledger trials it has not told are told now, and
+   pending candidates with no finished trial are re-queued; the next ``ask`` hands out those alone
+   (the rest of the interrupted batch), so every candidate is evaluated to completion once.
 
-The history is a convenience, not a necessity: when it is missing or unusable (deleted, replaced
-by anything else, such as a pickle), the coordinator rebuilds from the ledger alone, asking each
-candidate just before its result is told in ledger order. That is exactly the sequence of a run
-that asks one candidate at a time (the CLI's single-process loop); for batched or multi-worker
-runs the genome check tells whether it fits, and a clear `ResumeError` says so when it does not.
+A missing or unusable history (deleted, a pickle) is rebuilt from the ledger alone, asking each
+candidate just before its result is told in ledger order: exact for one candidate per ask (the
+single-process loop); otherwise the genome check decides, and a `ResumeError` says when it fails.
 """
 
 from __future__ import annotations
