@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -29,7 +30,7 @@ class JournalFile(BaseJournalBackend):
         self._out = open(self.path, "ab", buffering=0)  # O_APPEND: every write lands at the end
         self._offsets = [0]  # byte offset of log line i (known prefix of the file)
         self._synced = -1
-        with self._locked():
+        with _flock(self._out.fileno()):
             size = os.fstat(self._out.fileno()).st_size
             if size:
                 with open(self.path, "rb") as f:
@@ -37,9 +38,6 @@ class JournalFile(BaseJournalBackend):
                     if f.read(1) != b"\n":
                         f.seek(0)
                         os.truncate(self.path, f.read().rfind(b"\n") + 1)
-
-    def _locked(self) -> "_Flock":
-        return _Flock(self._out.fileno())
 
     def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
         known = len(self._offsets) - 1
@@ -58,7 +56,7 @@ class JournalFile(BaseJournalBackend):
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         data = memoryview(("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode())
-        with self._locked():
+        with _flock(self._out.fileno()):
             while data:
                 data = data[self._out.write(data):]
 
@@ -70,14 +68,12 @@ class JournalFile(BaseJournalBackend):
             self._synced = size
 
 
-class _Flock:
+
+@contextmanager
+def _flock(fd: int) -> Iterator[None]:
     """An exclusive ``flock`` for a ``with`` block."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def __enter__(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
