@@ -270,17 +270,11 @@ class CoordinatedOptimizer(Optimizer):
         self._tell_backend(candidate.key, result)
 
     def save(self) -> None:
-        self._persist(self._state())
-        self._dirty = False
-
-    def _persist(self, data: bytes) -> None:
-        self._ledger.sync()  # rule 2: the trials this state has been told are durable first
-        self._path.write(data)
-
-    def _state(self) -> bytes:
         budget, batch_size = self._started_with
         state = {"format": HISTORY_FORMAT, "name": self.name, "budget": budget, "batch_size": batch_size, "events": self._events}
-        return json.dumps(state, separators=(",", ":")).encode("utf-8")
+        self._ledger.sync()  # rule 2: the trials this state has been told are durable first
+        self._path.write(json.dumps(state, separators=(",", ":")).encode("utf-8"))
+        self._dirty = False
 
     def use_checkpoint(self, store: CheckpointStore) -> None:
         """Keep the checkpoint in ``store`` (call before ``bind``): a coordinator lease's row."""
