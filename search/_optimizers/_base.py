@@ -66,14 +66,6 @@ def method_distributions(space: "SearchSpace", method: str) -> dict[str, BaseDis
     return {"method": CategoricalDistribution(space.methods), **genome_distributions(space.sub(method))}
 
 
-def suggest_params(space: "SearchSpace", trial: "Trial") -> None:
-    """Define-by-run draw of a method choice's trial: ``method`` first, then only that method's
-    parameters, so a sampler never sees (nor models) a parameter the chosen method ignores."""
-    for name, distribution in method_distributions(space, str(trial.suggest_categorical("method", space.methods))).items():
-        if isinstance(distribution, FloatDistribution):
-            trial.suggest_float(name, distribution.low, distribution.high)
-
-
 class Optimizer(ABC):
     """Proposes the trials of a ledger's study, and learns their results (see `search._loop`)."""
 

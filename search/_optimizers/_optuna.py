@@ -15,8 +15,9 @@ import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
+from optuna.distributions import FloatDistribution
 
-from ._base import Optimizer, genome_distributions, suggest_params
+from ._base import Optimizer, genome_distributions, method_distributions
 
 if TYPE_CHECKING:
     from optuna.distributions import BaseDistribution
@@ -88,6 +89,10 @@ class OptunaOptimizer(Optimizer):
         return {} if space.categorical else genome_distributions(space)
 
     def suggest(self, space: "SearchSpace", trial: "Trial") -> None:
-        """Under a method choice: ``method``, then only its parameters (`suggest_params`)."""
-        if space.categorical:
-            suggest_params(space, trial)
+        """Under a method choice, define-by-run: ``method`` first, then only that method's
+        parameters, so a sampler never sees (nor models) a parameter the chosen method ignores."""
+        if not space.categorical:
+            return
+        for name, distribution in method_distributions(space, str(trial.suggest_categorical("method", space.methods))).items():
+            if isinstance(distribution, FloatDistribution):
+                trial.suggest_float(name, distribution.low, distribution.high)
