@@ -1,14 +1,12 @@
 """nevergrad optimizers behind the coordinator.
 
-Classes are named explicitly: the ``NGOpt`` family picks its algorithm from the budget and the
-number of workers, and with one worker it picks Cobyla, which runs scipy in a thread: its asks are
-no function of the told history, so a resume could not rebuild it by replay (`CoordinatedOptimizer`). nevergrad minimizes; several losses are told as a list (nevergrad's multi-objective mode,
-a hypervolume-based internal scalarization). Only candidates this optimizer asked are ever told:
-DE and TwoPointsDE in multi-objective mode crash on points they did not ask for.
-
-A failed evaluation is told as an infinite loss to single-objective backends (a clear "bad");
-in multi-objective mode it is not told at all, because an arbitrary penalty vector would distort
-nevergrad's automatic hypervolume bounds.
+Classes are named explicitly: with one worker the ``NGOpt`` family picks Cobyla, which runs scipy
+in a thread, so its asks are no function of the told history and a resume could not replay them
+(`CoordinatedOptimizer`). Several losses are told as a list (nevergrad's multi-objective mode).
+Only candidates this optimizer asked are told (DE and TwoPointsDE in multi-objective mode crash on
+others); a failure is told as an infinite loss to one objective and not at all to several (a
+penalty vector would distort nevergrad's hypervolume bounds). Start point and step size:
+docs/search.md ("Optimizers").
 """
 
 from __future__ import annotations
@@ -54,13 +52,9 @@ class NevergradOptimizer(CoordinatedOptimizer):
         if self.optimizer == "NgIohTuned" and budget is None:
             raise ValueError("NgIohTuned chooses its algorithm from the budget; give budget_evals")
         opt = self._fresh(space, seed, budget, batch_size)
-        # The first candidate is the space's starting point, exactly, for every class: CMA, DE and
-        # PSO would otherwise sample their first population around it. nevergrad's public
-        # `suggest` makes the next ask return it (told as a candidate the optimizer did not ask,
-        # which every listed class accepts). Classes that ask it first by themselves (OnePlusOne,
-        # what NgIohTuned picks for small budgets) would then ask it twice, so a twin of the same
-        # seed is asked first to tell which. Both are functions of the seed alone, so a resume's
-        # replay (a fresh backend, `CoordinatedOptimizer`) makes the same choice.
+        # The first candidate is exactly x0 for every class (nevergrad's public `suggest`), unless
+        # the class asks it first by itself (OnePlusOne), which a twin of the same seed tells: a
+        # function of the seed alone, so a resume's replay makes the same choice.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             natural = np.asarray(self._fresh(space, seed, budget, batch_size).ask().value, dtype=float)
@@ -68,9 +62,8 @@ class NevergradOptimizer(CoordinatedOptimizer):
             opt.suggest(space.x0)
         inner = getattr(opt, "optim", opt)  # the class a CMA meta-optimizer picked
         if hasattr(type(inner), "es"):
-            # CMA builds its evolution strategy (and imports ``cma``, about 20 ms) on the first
-            # ask; built here, at bind, that one-time cost stays out of the trials. Building it
-            # draws no random numbers, so the asks are the same either way (tests/search).
+            # CMA builds its strategy (and imports ``cma``, ~20 ms) on the first ask: here, at bind,
+            # it stays out of the trials; it draws no random numbers, so the asks are the same.
             inner.es  # noqa: B018
         return opt
 
@@ -79,16 +72,10 @@ class NevergradOptimizer(CoordinatedOptimizer):
         import nevergrad as ng
 
         low, high, x0 = *space.bounds, space.x0
-        # sigma per coordinate: a sixth of its range, so a density in [0.05, 1] and a weight in
-        # [-1.5, 1.5] are explored at the same relative scale (nevergrad's default is 1.0), and
-        # x0 +- 3 sigma spans the box from its centre (pycma's guidance for sigma0)
-        sigma = (high - low) / 6
+        sigma = (high - low) / 6  # every coordinate at the same relative scale; x0 +- 3 sigma spans the box
         if self.optimizer == "CMA":
-            # On a bounded parametrization nevergrad's CMA shrinks that step 3-7 fold (and picks
-            # its variant itself), so its first populations huddled around x0 (issue 16). Plain
-            # CMA-ES (nevergrad's public `ParametrizedCMA`, scale 1) on the unbounded array steps
-            # exactly sigma, and pycma's own bound handling (its documented `bounds` option, in
-            # the standardized coordinates (x - x0) / sigma) keeps candidates in the box.
+            # nevergrad's CMA shrinks that step 3-7 fold on a bounded parametrization (issue 16):
+            # plain CMA-ES on the unbounded array, with pycma's own `bounds` (in (x - x0) / sigma)
             param = ng.p.Array(init=x0).set_mutation(sigma=sigma)
             cls = ng.families.ParametrizedCMA(inopts={"bounds": [list((low - x0) / sigma), list((high - x0) / sigma)]})
         else:

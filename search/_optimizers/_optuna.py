@@ -1,12 +1,9 @@
 """optuna samplers, running natively on the ledger's study.
 
 The sampler is the study's sampler and the run loop claims trials with ``study.ask``, so optuna
-sees every trial exactly as it would in any optuna program, and resume is reopening the study.
-Trials left RUNNING by a dead process are re-queued as WAITING (the run loop does this before
-``bind``); ``study.ask`` hands those out first. The sampler's random state is not persisted: a
-resumed run reseeds it with ``(seed, number of finished trials)``, so a resume is deterministic
-for a given interruption point, but it need not repeat the uninterrupted run's sequence (for
-that, use a coordinated optimizer). Workers sharing a study seed their samplers apart.
+sees every trial as in any optuna program, and resume is reopening the study. The sampler's random
+state is not persisted: a resumed run reseeds it with the run seed plus the finished trials
+(deterministic for a given interruption point); workers sharing a study seed their samplers apart.
 """
 
 from __future__ import annotations
@@ -38,13 +35,10 @@ def _make_sampler(kind: str, seed: int, kwargs: dict[str, Any], *, workers: bool
     s = optuna.samplers
     # constraints reach the samplers through Trial.set_constraint (the ledger sets them)
     factories: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
-        # Workers (a shared database): constant_liar counts the RUNNING trials of other workers as
-        # bad, so concurrent proposals spread out; and multivariate, one joint draw per trial, reads
-        # the study once per trial where independent draws read it once per parameter (each read a
-        # round of queries on the shared database: 32 genes cost ~170 of a trial's ~460 statements).
-        # One process never has another RUNNING trial, and its journal ledger reads from memory, so
-        # it keeps optuna's defaults. A method choice's conditional parameters are drawn jointly per
-        # group of trials that share them (``group``), as optuna advises. The user's options override.
+        # Workers (a shared database): constant_liar spreads concurrent proposals, and multivariate
+        # reads the study once per trial instead of once per parameter (docs/scale-out.md#overhead);
+        # ``group`` draws a method choice's conditional parameters jointly, as optuna advises. One
+        # process keeps optuna's defaults. The user's options override.
         "tpe": lambda: s.TPESampler(seed=seed, **{"constant_liar": workers, "multivariate": workers,
                                                    "group": workers and conditional, **kwargs}),
         "cmaes": lambda: s.CmaEsSampler(seed=seed, **kwargs),
