@@ -322,32 +322,31 @@ class Ledger:
         return read_records(self.study)
 
     # ------------------------------------------------------------------ writing
-    def trial_attrs(
+    def finish(
         self,
+        trial: optuna.Trial,
         *,
-        recipe_json: str | None,
+        recipe_json: str,
         values: Mapping[str, float] | None,
         details: Mapping[str, Sequence[Mapping[str, Any]]],
         timings: Mapping[str, float],
         failure: str | None,
         constraints: Sequence[float] | None,
-    ) -> dict[str, Any]:
-        """The user attributes of one finished trial (details truncated to `MAX_DETAIL_ITEMS`).
-        ``failure`` is always written (None on success): a re-run copies its attempt's attributes."""
-        attrs: dict[str, Any] = {"timings": _jsonable(dict(timings)), "failure": failure}
-        if recipe_json is not None:
-            attrs["recipe"] = recipe_json
+        fidelity: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write a claimed trial's attributes (details truncated to `MAX_DETAIL_ITEMS`; ``failure``
+        always, None on success: a re-run copies its attempt's attributes) and constraints, then
+        tell the study (COMPLETE with ``values``, else FAIL): the tell comes last, so a finished
+        trial is complete in the ledger."""
+        attrs: dict[str, Any] = {"timings": _jsonable(dict(timings)), "failure": failure, "recipe": recipe_json}
         if values is not None:
             attrs["objectives"] = {k: float(v) for k, v in values.items()}
         if details:
             attrs["details"] = _jsonable({k: list(v)[:MAX_DETAIL_ITEMS] for k, v in details.items()})
         if constraints is not None:
             attrs["constraints"] = [float(c) for c in constraints]
-        return attrs
-
-    def finish(self, trial: optuna.Trial, attrs: Mapping[str, Any], values: Mapping[str, float] | None) -> None:
-        """Write a claimed trial's attributes and constraints, then tell the study (COMPLETE with
-        ``values``, else FAIL): the tell comes last, so a finished trial is complete in the ledger."""
+        if fidelity is not None:
+            attrs[FIDELITY_ATTR] = fidelity
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         for i, c in enumerate(attrs.get("constraints") or ()):

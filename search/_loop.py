@@ -175,17 +175,18 @@ def run_search(
             pre = time.perf_counter() - t0
             evaluation, eval_seconds, grade = evaluate_guarded(scorer, recipe, fidelity, ledger)
             t2 = time.perf_counter()
-            values, attrs = _outcome(ledger, recipe, evaluation, names, constraints, pre)
-            if grade is not None:
-                attrs[FIDELITY_ATTR] = grade
-            ledger.finish(trial, attrs, None if values is None else dict(zip(names, values)))
+            values, failure = _values(evaluation, names)
+            constraint_values = None if values is None or constraints is None else [float(c) for c in constraints(evaluation)]
+            ledger.finish(trial, recipe_json=recipe.to_json(), values=values, details=evaluation.details,
+                          timings={**evaluation.timings, "search_overhead": pre}, failure=failure,
+                          constraints=constraint_values, fidelity=grade)
             if crew is not None:
                 crew.released()
             number, trial = trial.number, None
             ledger.sync()
             had_reference = archive.reference_point is not None
-            feasible = all(c <= 0 for c in attrs.get("constraints") or ())
-            archive.add(number, values, feasible=feasible and full_fidelity(grade))
+            feasible = all(c <= 0 for c in constraint_values or ())
+            archive.add(number, None if values is None else list(values.values()), feasible=feasible and full_fidelity(grade))
             if not had_reference and archive.reference_point is not None:
                 ledger.record_reference_point(archive.reference_point)
             result.overheads.append(pre + time.perf_counter() - t2)
@@ -282,35 +283,17 @@ def items_spent(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
                if t.state == TrialState.COMPLETE and t.user_attrs.get(FIDELITY_ATTR))
 
 
-def _outcome(
-    ledger: Ledger,
-    recipe: MergeRecipe,
-    evaluation: Evaluation,
-    names: Sequence[str],
-    constraints: Callable[[Evaluation], Sequence[float]] | None,
-    pre_overhead: float,
-) -> tuple[list[float] | None, dict[str, Any]]:
-    """(objective values or None, ledger attributes) of one finished evaluation."""
-    values, failure = None, evaluation.reason or "evaluation failed"
-    if not evaluation.failed:
-        missing = [n for n in names if n not in evaluation.values]
-        values = None if missing else [float(evaluation.values[n]) for n in names]
-        if values is None:
-            failure = f"evaluation lacks objectives {missing}"
-        elif not all(math.isfinite(v) for v in values):
-            failure, values = f"non-finite objective values {dict(zip(names, values))}", None
-        else:
-            failure = None
-    constraint_values = None if values is None or constraints is None else [float(c) for c in constraints(evaluation)]
-    attrs = ledger.trial_attrs(
-        recipe_json=recipe.to_json(),
-        values=None if values is None else dict(zip(names, values)),
-        details=evaluation.details,
-        timings={**evaluation.timings, "search_overhead": pre_overhead},
-        failure=failure,
-        constraints=constraint_values,
-    )
-    return values, attrs
+def _values(evaluation: Evaluation, names: Sequence[str]) -> tuple[dict[str, float] | None, str | None]:
+    """(the objective values, None) of a successful evaluation, else (None, why the trial failed)."""
+    if evaluation.failed:
+        return None, evaluation.reason or "evaluation failed"
+    missing = [n for n in names if n not in evaluation.values]
+    if missing:
+        return None, f"evaluation lacks objectives {missing}"
+    values = {n: float(evaluation.values[n]) for n in names}
+    if not all(math.isfinite(v) for v in values.values()):
+        return None, f"non-finite objective values {values}"
+    return values, None
 
 
 def _progress_bar(enabled: bool, total: int | None, initial: int) -> Any:
