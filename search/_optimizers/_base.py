@@ -48,9 +48,8 @@ class Candidate:
     params: dict[str, Any]
     distributions: dict[str, BaseDistribution]
     x: np.ndarray | None = None
-    """Genome in the space; None for candidates that carry their own recipe (grid baseline) or a
-    method choice (``params`` decode through `SearchSpace.decode_params`)."""
-    recipe: MergeRecipe | None = None
+    """Genome in the space; None for the grid baseline's params (`GridSearch.recipe`) and a method
+    choice's (`SearchSpace.decode_params`)."""
 
 
 def genome_distributions(space: "SearchSpace") -> dict[str, BaseDistribution]:

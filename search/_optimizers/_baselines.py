@@ -81,7 +81,7 @@ class GridSearch(CoordinatedOptimizer):
         return len(self._points)
 
     def _start(self, space: "SearchSpace", seed: int, budget: int | None, batch_size: int) -> Any:
-        return {"next": 0, "seed": seed}
+        return {"next": 0}
 
     def _propose(self, space: "SearchSpace") -> tuple[Any, Proposal] | None:
         if self._backend["next"] >= len(self._points):
@@ -94,8 +94,7 @@ class GridSearch(CoordinatedOptimizer):
             "grid.density": FloatDistribution(min(min(self.densities), 1.0), 1.0),
         }
         params = {"grid.method": method, "grid.weight": weight, "grid.density": density}
-        recipe = self.recipe(space, params, seed=self._backend["seed"], trial=0)
-        return None, Proposal(params=params, distributions=distributions, recipe=recipe)
+        return None, Proposal(params=params, distributions=distributions)
 
     def recipe(self, space: "SearchSpace", params: dict[str, Any], *, seed: int, trial: int) -> MergeRecipe:
         """One global rule: the grid point's method, shared weight and density for every expert."""

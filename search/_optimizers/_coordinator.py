@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 from optuna.distributions import BaseDistribution
 
-from evomerge.merge import MergeRecipe, write_atomic
+from evomerge.merge import write_atomic
 
 from .._scalarize import to_losses
 from ._base import Candidate, Failure, Optimizer, Result
@@ -52,12 +52,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class Proposal:
-    """What a backend proposes: a genome, or (for generators outside the space) a recipe."""
+    """What a backend proposes: params, and the genome when they are one (`Candidate`)."""
 
     params: dict[str, Any]
     distributions: dict[str, BaseDistribution]
     x: np.ndarray | None = None
-    recipe: MergeRecipe | None = None
 
 
 HISTORY_FORMAT = "evomerge.coordinator-history/1"
@@ -297,13 +296,8 @@ class CoordinatedOptimizer(Optimizer):
     # ---------------------------------------------------------------- helpers
     def candidate(self, cid: int) -> Candidate:
         _, proposal = self._pending[cid]
-        recipe = proposal.recipe
-        if recipe is not None:
-            recipe = recipe.model_copy(update={"trial": cid})
-        return Candidate(
-            key=cid, params=dict(proposal.params), distributions=dict(proposal.distributions),
-            x=None if proposal.x is None else proposal.x.copy(), recipe=recipe,
-        )
+        return Candidate(key=cid, params=dict(proposal.params), distributions=dict(proposal.distributions),
+                         x=None if proposal.x is None else proposal.x.copy())
 
     def _ask_one(self) -> int | None:
         """One new candidate from the backend, recorded in the history; None when it has none."""
