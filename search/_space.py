@@ -304,14 +304,11 @@ class SearchSpace:
                 groups.append((label, list(range(start, stop + 1))))
         present = {s.layer for s in self.layout.slots.values() if isinstance(s.layer, str)}
         sections = [s for s in ("embed", "final_norm", "head") if s in present]
-        if self.template.sections == "group" and sections:
+        if sections and (self.template.sections == "group" or not groups):
             groups.append(("S", list(sections)))
-        elif groups:
+        else:  # attached: embed to the first layer group, final_norm and head to the last
             for section in sections:
-                target = groups[0] if section == "embed" else groups[-1]
-                target[1].append(section)
-        elif sections:
-            groups.append(("S", list(sections)))
+                (groups[0] if section == "embed" else groups[-1])[1].append(section)
         return groups
 
     def _module_groups(self) -> list[tuple[str, tuple[str, ...] | None]]:
@@ -554,14 +551,8 @@ class SearchSpace:
         )
 
     def encode(self, recipe: MergeRecipe, *, atol: float = 1e-9) -> np.ndarray:
-        """The genome of a recipe this space can express.
-
-        Values are read through `MergeRecipe.rule_for` for every tensor slot of every cell, so
-        any recipe that resolves to one value per cell (and per control-point line under
-        smoothing) encodes, whatever its rule layout. Raises ValueError otherwise: a different
-        method or global option, a missing expert, values that differ inside a cell, that break
-        a held value or leave the bounds.
-        """
+        """The genome of a recipe this space can express, whatever its rule layout (each tensor
+        slot's values read through `MergeRecipe.rule_for`; docs/search.md); ValueError otherwise."""
         if self._subs:  # the genome of the recipe's method's space
             methods = {rule.method for rule in recipe.rules}
             if len(methods) != 1:
