@@ -105,13 +105,10 @@ def run_search(
     time budget is spent, the optimizer is exhausted, or a ``KeyboardInterrupt`` arrives.
 
     A ledger opened with a heartbeat is shared: this call is one worker (``worker_id``) among
-    several (docs/scale-out.md); ``queue``: candidates a coordinated optimizer keeps in flight for
-    them (about the number of workers); ``lease_ttl``: seconds after which a silent coordinator
-    is replaced. ``constraints`` maps an evaluation to values that must all be <= 0 for the trial
-    to be feasible (optuna's convention); infeasible trials never enter the Pareto front.
-    ``fidelity``: successive halving over calibration items (the scorer must be a `GradedScorer`);
-    ``budget_items``: stop once the trials' calibration items reach it (needs ``fidelity``).
-    """
+    several; ``queue``, ``lease_ttl``: docs/scale-out.md; ``poll``: seconds between looks while
+    waiting for work. ``constraints``: values that must all be <= 0 for a feasible trial (optuna's
+    convention); ``fidelity``: successive halving (a `GradedScorer`), ``budget_items`` its cost
+    limit (docs/search.md, "Run loop")."""
     if budget_items is not None and fidelity is None:
         raise ValueError("budget_items counts the calibration items of graded trials: it needs a fidelity")
     started = time.perf_counter()
@@ -224,10 +221,9 @@ def _second_look(
     """(None to keep a worker's claim, else why it goes back; whether it goes back to the queue).
 
     Besides the budget rule (module docstring): a coordinated worker keeps only a candidate that
-    no other attempt holds (RUNNING) or has finished (counted). A coordinator that lost its lease
-    without knowing it yet may have enqueued a candidate its successor enqueued too; of two
-    claims of one candidate the later look sees the earlier, so at most one is evaluated (both
-    may go back: the queue then re-queues the candidate after its grace, `search._queue`)."""
+    no other attempt holds or has finished, since a coordinator that lost its lease unawares may
+    have enqueued a candidate its successor enqueued too; the later of two claims sees the earlier,
+    so at most one is evaluated (if both go back, `search._queue` re-queues it after its grace)."""
     trials = ledger.trials()
     if coordinated and candidate is None:
         return "given back: a fresh trial (a coordinator queues every candidate; the queue ran empty)", False
