@@ -1,12 +1,8 @@
 """Exports of a run: every trial and the Pareto front as CSV and JSON, and a chosen trial's model.
 
-Each file is written beside its name and renamed into place, so a reader (or a kill) never sees
-half a CSV: it finds the previous export or the complete new one.
-
-The ledger is the source: exports can be redone at any time, also for a run still going or one
-that was killed. CSV is flat (one column per objective, genome coordinate and timing; the recipe
-as a JSON string) for spreadsheets and pandas; JSON keeps the structure (recipe and per-task
-details as objects).
+The ledger is the source, so exports can be redone at any time, also for a run still going or
+killed; each file is renamed into place, so a reader never sees half of one. CSV is flat (a
+column per objective, genome coordinate and timing; the recipe a JSON string), JSON structured.
 """
 
 from __future__ import annotations

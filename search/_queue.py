@@ -8,17 +8,12 @@ run loop itself (one process, ``depth=1``: the optimizer sees exactly the ask/te
 uninterrupted run, also after a SIGKILL), or the holder of the study's lease among several
 workers (`search.scaleout`).
 
-**Re-queue rule** (a candidate is re-run by exactly one mechanism). For each candidate asked but
-not told, its attempts (trials with its id) decide:
-
-* one counts (`search._ledger.counted`): its result is told;
-* one is WAITING or RUNNING: it is in flight;
-* its last attempt failed by a heartbeat check with no retry left (`MAX_RETRY`): it is told as a
-  failure;
-* otherwise every attempt was cut off (a stop, a give-back, a heartbeat failure): whoever cut it
-  off re-queues it right after (`Ledger.give_back`, optuna's heartbeat retry, `Ledger.fail_running`),
-  unless that process died in between: a candidate left so for ``grace`` seconds is re-queued
-  here (one process: at once, nothing else writes).
+**Re-queue rule** (a candidate is re-run by exactly one mechanism; docs/scale-out.md): for each
+candidate asked but not told, its attempts (trials with its id) decide: one counts -> its result
+is told; one is WAITING or RUNNING -> in flight; the last failed a heartbeat check with no retry
+left (`MAX_RETRY`) -> told as a failure; otherwise whoever cut it off re-queues it right after,
+unless that process died in between: a candidate left so for ``grace`` seconds is re-queued here
+(one process: at once, nothing else writes).
 """
 
 from __future__ import annotations

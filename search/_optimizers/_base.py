@@ -1,11 +1,8 @@
-"""The optimizer interface the run loop talks to.
+"""The optimizer interface the run loop talks to (docs/search.md, "Optimizers").
 
-Every trial is claimed from the ledger's study with ``study.ask``: an optuna sampler (the study's
-sampler, set by ``bind``) fills the genome itself; a coordinated optimizer (nevergrad, the
-baselines) proposes `Candidate`s (``ask``) that `search._queue` enqueues as WAITING trials, and
-learns their results (``tell``: raw objective values in the ledger's objective order, which each
-adapter turns into what its backend wants). ``bind`` attaches the optimizer to a space and a
-ledger and restores its state when the ledger already holds trials.
+Every trial is claimed with ``study.ask``: an optuna sampler (the study's, set by ``bind``) fills
+the genome itself; a coordinated optimizer proposes `Candidate`s that `search._queue` enqueues,
+and is told raw objective values in the ledger's objective order.
 """
 
 from __future__ import annotations

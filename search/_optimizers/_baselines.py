@@ -47,14 +47,10 @@ class RandomSearch(CoordinatedOptimizer):
 
 
 class GridSearch(CoordinatedOptimizer):
-    """Every combination of method x shared weight (x density for TIES), one global rule each.
-
-    This is the hand-tuning baseline: one coefficient for all experts, the same in every layer,
-    ``normalize=False`` so the weight is the task-arithmetic scaling coefficient (with
-    normalization, equal weights would cancel out). The recipes lie outside most search spaces,
-    so candidates carry their recipe, and the ledger stores ``grid.method``, ``grid.weight`` and
-    ``grid.density`` as params. The grid is finite: ``ask`` returns nothing once it is exhausted.
-    """
+    """Every combination of method x shared weight (x density for TIES), one global rule each: the
+    hand-tuning baseline (docs/search.md). ``normalize=False``, so the weight is the task-arithmetic
+    scaling coefficient (normalized, equal weights would cancel out). The recipes lie outside most
+    spaces: trials hold ``grid.method``, ``grid.weight``, ``grid.density`` (`recipe`). Finite."""
 
     name = "grid"
 
