@@ -138,9 +138,8 @@ def _sqlite(path: Path, heartbeat: int | None) -> optuna.storages.RDBStorage:
 
 
 def _database(url: str, heartbeat: int | None, engine_kwargs: dict[str, Any]) -> optuna.storages.RDBStorage:
-    """optuna's RDB storage; with a heartbeat, a trial whose worker stops beating for two
-    intervals is failed (by whichever worker looks next, `fail_stale`) and re-queued by optuna's
-    `RetryHeartbeatStaleTrialCallback` (at most `MAX_RETRY` times)."""
+    """optuna's RDB storage; with a heartbeat, a trial silent for two intervals is failed (by the
+    next worker's stale check, `search.scaleout.Crew`) and re-queued by optuna (`MAX_RETRY` times)."""
     if heartbeat is None:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     with warnings.catch_warnings():
@@ -154,8 +153,8 @@ def _database(url: str, heartbeat: int | None, engine_kwargs: dict[str, Any]) ->
 
 def _jsonable(value: Any) -> Any:
     """What a reader of the stored JSON gets back (floats, not numpy; lists, not tuples): the value
-    itself when it is plain JSON already (the usual case, and a walk costs a fraction of the round
-    trip through JSON: 256 detail records per trial), else that round trip."""
+    itself when it is plain JSON already (the usual case; the walk costs a fraction of the round
+    trip of 256 detail records per trial), else that round trip."""
     return value if _is_plain_json(value) else json.loads(json.dumps(value, default=float))
 
 
@@ -265,9 +264,8 @@ class Ledger:
 
     def sync(self) -> None:
         """Make everything written so far durable against power loss (journal: one fsync, none if
-        nothing was written since the last; databases commit per write). A coordinated optimizer
-        calls it before each checkpoint write, so a checkpoint never becomes durable ahead of the
-        trials it has been told; the run loop once per finished trial."""
+        nothing was written since; databases commit per write): the run loop calls it once per
+        finished trial, a coordinated optimizer before each checkpoint write."""
         if self._journal is not None:
             self._journal.sync()
 

@@ -107,10 +107,9 @@ class ParetoArchive:
         return self._hv
 
     def _update_front(self, index: int, loss: np.ndarray) -> bool:
-        """Put row ``index`` on the front unless a member weakly dominates it (an equal member
-        too: of identical points the first stays), dropping the members it dominates; returns
-        whether the front changed. Incremental, in numpy: the new front is among the old front
-        plus the new point, and per trial this is a few vector comparisons."""
+        """Put row ``index`` on the front unless a member weakly dominates it (of identical points
+        the first stays), dropping the members it dominates; returns whether the front changed.
+        Incremental: the new front is among the old one plus the new point."""
         front = self._front_losses
         if np.any(np.all(front <= loss, axis=1)):
             return False

@@ -137,11 +137,9 @@ class CoordinatedOptimizer(Optimizer):
         self, space: "SearchSpace", ledger: "Ledger", *, budget: int | None = None, batch_size: int = 1,
         finished: "Sequence[FrozenTrial] | None" = None,
     ) -> None:
-        """Rebuild (or start) the backend by replay and reconcile it with the ledger (rule 3).
-
-        ``finished``: the trials to reconcile with, instead of ``ledger.finished()``; a multi-worker
-        coordinator passes the final ones of the same snapshot it re-queues from
-        (`search._queue.CandidateQueue`)."""
+        """Rebuild (or start) the backend by replay and reconcile it with the ledger (rule 3);
+        ``finished``: the trials to reconcile with (default ``ledger.finished()``), the queue's
+        snapshot (`search._queue.CandidateQueue`)."""
         self._space, self._ledger = space, ledger
         self._path = self._checkpoint_arg or FileCheckpoint(ledger.checkpoint_path("optimizer.json"))
         by_candidate = {
@@ -285,11 +283,8 @@ class CoordinatedOptimizer(Optimizer):
         return set(self._pending)
 
     def outstanding(self) -> list[Candidate]:
-        """Every candidate asked but not told, and the caller takes over re-queueing them.
-
-        For the queue feeding the run loop (`search._queue`): after ``bind`` it enqueues whichever
-        of these the study does not hold already, instead of ``ask`` handing them out first.
-        """
+        """Every candidate asked but not told; the caller (`search._queue`, after ``bind``) takes
+        over re-queueing them, instead of ``ask`` handing them out first."""
         self._requeue = []
         return [self.candidate(cid) for cid in sorted(self._pending)]
 

@@ -1,12 +1,10 @@
 """`Crew`: what the run loop adds when its ledger is shared by several workers.
 
-* a heartbeat for the worker's claimed trial, from one thread for the worker's life (optuna's
-  ``RDBStorage.record_heartbeat``), so a long evaluation is not taken for a dead one;
+* a heartbeat for the claimed trial from one thread (``RDBStorage.record_heartbeat``), so a long
+  evaluation is not taken for a dead one;
 * optuna's ``fail_stale_trials`` once per heartbeat interval (a trial is stale only after two
-  silent intervals, so checking more often finds nothing sooner): it fails the trials of dead
-  workers and optuna's `RetryHeartbeatStaleTrialCallback` re-queues them. A worker killed between
-  its claim and the claim's first beat leaves a RUNNING trial with no heartbeat, which optuna
-  never takes for stale: such a trial unmarked by a worker after two intervals is re-queued here;
+  silent ones), whose retry callback re-queues the trials of dead workers; a trial whose worker
+  died before marking it (no heartbeat: never stale to optuna) is re-queued here after two;
 * for a coordinated optimizer, the `Coordinator` thread, whichever worker holds the lease.
 """
 
