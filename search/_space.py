@@ -106,9 +106,6 @@ def feasible_epsilon(density: float, epsilon: float) -> float:
     return min(epsilon, EPSILON_SHARE * min(density, 1.0 - density))
 
 
-_SECTION_KIND = {"embed": "embedding", "final_norm": "norm", "head": "head"}
-
-
 class SlotLike(Protocol):
     layer: int | str | None
     kind: str
