@@ -48,12 +48,8 @@ class Fidelity:
 
 def rung_scalars(trials: Sequence[FrozenTrial], rung: int) -> list[float]:
     """The scalars at ``rung`` of every completed trial of the study that reached it."""
-    out = []
-    for t in trials:
-        grade = t.user_attrs.get(FIDELITY_ATTR)
-        if t.state == TrialState.COMPLETE and grade and len(grade["scalars"]) > rung:
-            out.append(float(grade["scalars"][rung]))
-    return out
+    grades = [t.user_attrs.get(FIDELITY_ATTR) for t in trials if t.state == TrialState.COMPLETE]
+    return [float(g["scalars"][rung]) for g in grades if g and len(g["scalars"]) > rung]
 
 
 def full_fidelity(grade: Mapping[str, Any] | None) -> bool:

@@ -326,13 +326,8 @@ class CoordinatedOptimizer(Optimizer):
 
 def _same_params(proposed: dict[str, Any], stored: dict[str, Any]) -> bool:
     """Whether a replayed candidate is the one the ledger recorded (floats as stored, to 1e-9)."""
-    if proposed.keys() != stored.keys():
-        return False
-    for name, value in proposed.items():
-        other = stored[name]
-        if isinstance(value, str) or isinstance(other, str):
-            if value != other:
-                return False
-        elif not math.isclose(float(value), float(other), rel_tol=1e-9, abs_tol=1e-12):
-            return False
-    return True
+    return proposed.keys() == stored.keys() and all(
+        value == stored[name] if isinstance(value, str) or isinstance(stored[name], str)
+        else math.isclose(float(value), float(stored[name]), rel_tol=1e-9, abs_tol=1e-12)
+        for name, value in proposed.items()
+    )
