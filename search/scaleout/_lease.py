@@ -4,14 +4,12 @@ A coordinated optimizer (nevergrad, the baselines) keeps its state outside the s
 processes driving it would fork its history. Whoever holds the study's lease is the coordinator;
 the others wait and take over, from the checkpoint, once the holder has stopped renewing it.
 
-* Database storages (`DatabaseLease`): one row per study in a table of our own,
-  ``evomerge_coordinator``: owner, heartbeat (seconds since the epoch, the holder's clock) and
-  the checkpoint itself, so a coordinator on another machine can resume it. Taking the lease is
-  one ``UPDATE ... WHERE owner = me OR heartbeat < now - ttl``: the database serializes the two
-  updates of a race, and the second one matches no row (its rowcount is 0), so two processes
-  that both saw an expired lease cannot both win. Checkpoint writes carry ``WHERE owner = me``:
-  a coordinator that lost the lease (paused past the ttl) can no longer overwrite its
-  successor's state, and stops. Clocks of the machines must agree to well within the ttl (NTP).
+`DatabaseLease`: one row per study in a table of our own, ``evomerge_coordinator``: owner,
+heartbeat (the holder's clock) and the checkpoint, so a coordinator on another machine can resume
+it. Taking the lease is one ``UPDATE ... WHERE owner = me OR heartbeat < now - ttl``: the database
+serializes a race's two updates and the second matches no row, so two processes cannot both win.
+Checkpoint writes carry ``WHERE owner = me``: a coordinator that lost the lease (paused past the
+ttl) cannot overwrite its successor's state, and stops. Clocks must agree well within the ttl (NTP).
 """
 
 from __future__ import annotations
