@@ -9,7 +9,7 @@ state is not persisted: a resumed run reseeds it with the run seed plus the fini
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.distributions import FloatDistribution
@@ -23,7 +23,12 @@ if TYPE_CHECKING:
     from .._ledger import Ledger
     from .._space import SearchSpace
 
-OPTUNA_SAMPLERS = ("tpe", "cmaes", "nsga2", "nsga3", "gp", "qmc", "random")
+_SAMPLER_CLASSES = {
+    "tpe": "TPESampler", "cmaes": "CmaEsSampler", "nsga2": "NSGAIISampler", "nsga3": "NSGAIIISampler",
+    "gp": "GPSampler", "qmc": "QMCSampler", "random": "RandomSampler",
+}
+"""Short name -> class in ``optuna.samplers``."""
+OPTUNA_SAMPLERS = tuple(_SAMPLER_CLASSES)
 SINGLE_OBJECTIVE = ("cmaes",)
 """Samplers that need one value: use them with a `Scalarization` when there are several objectives."""
 CATEGORICAL = ("tpe", "nsga2", "nsga3", "random")
@@ -32,26 +37,17 @@ the others fall back to independent random draws for it, so they are refused one
 
 
 def _make_sampler(kind: str, seed: int, kwargs: dict[str, Any], *, workers: bool, conditional: bool = False) -> optuna.samplers.BaseSampler:
-    s = optuna.samplers
-    # constraints reach the samplers through Trial.set_constraint (the ledger sets them)
-    factories: dict[str, Callable[[], optuna.samplers.BaseSampler]] = {
+    """The sampler ``kind`` (constraints reach it through ``Trial.set_constraint``, which the ledger sets)."""
+    if kind == "tpe":
         # Workers (a shared database): constant_liar spreads concurrent proposals, and multivariate
         # reads the study once per trial instead of once per parameter (docs/scale-out.md#overhead);
         # ``group`` draws a method choice's conditional parameters jointly, as optuna advises. One
         # process keeps optuna's defaults. The user's options override.
-        "tpe": lambda: s.TPESampler(seed=seed, **{"constant_liar": workers, "multivariate": workers,
-                                                   "group": workers and conditional, **kwargs}),
-        "cmaes": lambda: s.CmaEsSampler(seed=seed, **kwargs),
-        "nsga2": lambda: s.NSGAIISampler(seed=seed, **kwargs),
-        "nsga3": lambda: s.NSGAIIISampler(seed=seed, **kwargs),
-        "gp": lambda: s.GPSampler(seed=seed, **kwargs),
-        "qmc": lambda: s.QMCSampler(seed=seed, **kwargs),
-        "random": lambda: s.RandomSampler(seed=seed, **kwargs),
-    }
+        kwargs = {"constant_liar": workers, "multivariate": workers, "group": workers and conditional, **kwargs}
     with warnings.catch_warnings():
         # NSGA-III and QMC are "experimental" in optuna's API sense; the user chose them by name
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return factories[kind]()
+        return getattr(optuna.samplers, _SAMPLER_CLASSES[kind])(seed=seed, **kwargs)
 
 
 class OptunaOptimizer(Optimizer):
