@@ -66,11 +66,9 @@ class Crew:
         self._due = time.monotonic() + self.interval
 
     def claim(self, study: optuna.Study, distributions: dict[str, BaseDistribution]) -> optuna.Trial:
-        """``study.ask``, marked as this worker's, with its heartbeat from now on.
-
-        optuna warns that heartbeats are meant for ``study.optimize``, whose loop records them;
-        this worker records them itself (its claims are ask/tell so that it can look at the
-        budget between claim and evaluation), so the warning does not apply."""
+        """``study.ask``, marked as this worker's, with its heartbeat from now on. optuna's warning
+        that heartbeats are meant for ``study.optimize`` does not apply: this worker records them
+        itself (ask/tell, to look at the budget between claim and evaluation)."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
             trial = study.ask(distributions)
