@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 from optuna.trial import FrozenTrial, TrialState
 
 from ._ledger import MAX_RETRY, Ledger, counted, rerun_numbers
-from ._optimizers import CoordinatedOptimizer, Failure
+from ._optimizers import CoordinatedOptimizer, Failure, Result
+from ._optimizers._base import trial_result
 
 if TYPE_CHECKING:
     from ._space import SearchSpace
@@ -81,13 +82,12 @@ class CandidateQueue:
         spent = self.budget is not None and n_counted >= self.budget
         return not spent and bool(opt.pending_keys)
 
-    def _settle(self, cid: int, tries: list[FrozenTrial], rerun: set[int]) -> list[float] | Failure | None:
+    def _settle(self, cid: int, tries: list[FrozenTrial], rerun: set[int]) -> Result | None:
         """The result to tell for candidate ``cid`` now, or None (module docstring's rule)."""
         done = [t for t in tries if counted(t, rerun)]
         if done:
             self._orphans.pop(cid, None)
-            values = self.ledger.objective_values(done[0])
-            return values if values is not None else Failure(done[0].user_attrs.get("failure") or "failed")
+            return trial_result(self.ledger, done[0])
         if not tries or any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in tries):
             self._orphans.pop(cid, None)
             return None

@@ -17,7 +17,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from evomerge.merge import MergeRecipe
 
 if TYPE_CHECKING:
-    from optuna.trial import Trial
+    from optuna.trial import FrozenTrial, Trial
 
     from .._ledger import Ledger
     from .._space import SearchSpace
@@ -31,6 +31,12 @@ class Failure:
 
 
 Result = Union[Sequence[float], Failure]
+
+
+def trial_result(ledger: "Ledger", trial: "FrozenTrial") -> Result:
+    """What a counted trial tells its optimizer: the raw objective values, or its `Failure`."""
+    values = ledger.objective_values(trial)
+    return values if values is not None else Failure(trial.user_attrs.get("failure") or "failed")
 
 
 @dataclass

@@ -39,7 +39,7 @@ from optuna.distributions import BaseDistribution
 from evomerge.merge import write_atomic
 
 from .._scalarize import to_losses
-from ._base import Candidate, Failure, Optimizer, Result
+from ._base import Candidate, Failure, Optimizer, Result, trial_result
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -243,8 +243,7 @@ class CoordinatedOptimizer(Optimizer):
             raise _Unusable(f"candidate {cid} differs from ledger trial {trial.number}'s genome")
 
     def _tell_trial(self, cid: int, trial: "FrozenTrial") -> None:
-        values = self._ledger.objective_values(trial)
-        self._tell_backend(cid, Failure(trial.user_attrs.get("failure", "failed")) if values is None else values)
+        self._tell_backend(cid, trial_result(self._ledger, trial))
 
     def ask(self, n: int) -> list[Candidate]:
         out: list[Candidate] = []
