@@ -1,14 +1,12 @@
 """Multi-fidelity evaluation: asynchronous successive halving over calibration items.
 
-Calibration scores are noisy, and the top of many noisy scores overestimates (the winner's curse).
-With a `Fidelity` the loop scores a candidate on the first ``rungs[0]`` items of every calibration
-set and continues the SAME candidate in the live model (`Scorer.extend`) to the next rung while its
-scalar ranks in the top ``1/eta`` of the study's candidates at that rung (ASHA's rule, decided at
-once). The optimizer is told the values at the highest rung reached (unbiased, noisier: no pruning
-API is needed, and optuna's pruners do not support multi-objective studies); only trials at the top
-rung (``full``) enter the Pareto front. The rule, the trial's ``fidelity`` attribute and the
-figures: docs/search.md ("Multi-fidelity search"). The rung statistics are read back from the
-ledger at every decision, so a resumed run, or another worker, continues them.
+Calibration scores are noisy, and the top of many noisy scores overestimates (the winner's curse):
+a candidate is scored on a few items first and continued in the live model (`Scorer.extend`) to
+more while it ranks in the top ``1/eta`` of its rung (ASHA's rule, decided at once; docs/search.md,
+"Multi-fidelity search"). The optimizer is told the values at the highest rung reached (unbiased,
+noisier: no pruning API needed, which optuna lacks for several objectives); only the top rung
+(``full``) enters the Pareto front. Rung statistics are read from the ledger at every decision, so
+a resumed run, or another worker, continues them.
 """
 
 from __future__ import annotations

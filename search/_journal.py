@@ -1,12 +1,10 @@
 """`JournalFile`: optuna's journal format in one append-only file, on optuna's public backend ABC.
 
-optuna's own `JournalFileBackend` fsyncs every append (a native sampler's ``study.ask`` appends one
-line per parameter) and locks with a lock *file* that a SIGKILLed holder leaves behind (the next
-run waits out a 30 s grace). This `BaseJournalBackend` (so ``optuna-dashboard ledger.log`` and
-`JournalFileBackend` read the file) serializes appends by ``flock`` on the file itself, which the
-kernel releases when its holder dies, and fsyncs only in `sync` (once per finished trial, and
-before each checkpoint write); lines reach the OS at once, so a killed process loses nothing. A
-torn last line (power loss in the middle of an append) is cut at open, under the lock.
+optuna's own `JournalFileBackend` fsyncs every append (a native sampler appends a line per
+parameter) and locks with a lock *file* that a SIGKILLed holder leaves behind (a 30 s wait). This
+backend (a file optuna-dashboard and `JournalFileBackend` read) appends under ``flock``, which the
+kernel releases when its holder dies, and fsyncs only in `sync` (`Ledger.sync`); lines reach the OS
+at once, so a killed process loses nothing. A torn last line (power loss) is cut at open.
 """
 
 from __future__ import annotations

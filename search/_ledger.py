@@ -98,11 +98,8 @@ def storage_for(
     location: str | os.PathLike[str], *, heartbeat: int | None = None
 ) -> tuple[optuna.storages.BaseStorage | str, Path | None]:
     """An Optuna storage for a path or URL, plus the run folder (None for remote databases).
-
-    ``heartbeat`` (seconds) turns on optuna's trial heartbeats for database storages, with
-    optuna's retry of a heartbeat-stale trial (`MAX_RETRY` times); the journal file has no
-    heartbeats (a refused combination rather than a silent lack of fault tolerance).
-    """
+    ``heartbeat`` (seconds) turns on optuna's trial heartbeats and stale-trial retry (`_database`);
+    a journal file has none, so it refuses one rather than silently lack the fault tolerance."""
     storage, run_dir, _ = _open(location, heartbeat)
     return storage, run_dir
 

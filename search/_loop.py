@@ -1,8 +1,7 @@
 """`run_search`: the one run loop, for a single process and for each of several workers.
 
-Per trial: a look at the budget, ``study.ask`` (an optuna sampler fills the genome; a coordinated
-optimizer's candidates wait in the study's queue, `search._queue`), decode, evaluate, the ledger
-write (``study.tell`` last), one fsync. A failed evaluation fails its trial, never the run.
+Per trial (docs/search.md, "Run loop"): a look at the budget, ``study.ask``, decode, evaluate, the
+ledger write (``study.tell`` last), one fsync. A failed evaluation fails its trial, never the run.
 
 **Budget** (exact, also across racing workers): the loop claims only after a look at the ledger
 saw ``counted + running < budget``; a worker then looks again and keeps its claim only if

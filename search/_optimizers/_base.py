@@ -41,11 +41,8 @@ def trial_result(ledger: "Ledger", trial: "FrozenTrial") -> Result:
 
 @dataclass
 class Candidate:
-    """One point a coordinated optimizer asked for.
-
-    ``key`` (the coordinator's candidate id) is stable across a resume and becomes the recipe's
-    ``trial``, so random masks of a re-evaluated candidate are the same.
-    """
+    """One point a coordinated optimizer asked for; ``key`` (its id) is stable across a resume and
+    becomes the recipe's ``trial``, so random masks of a re-evaluated candidate are the same."""
 
     key: int
     params: dict[str, Any]

@@ -2,21 +2,19 @@
 
 The state is data, never code: a JSON *history* of integers (``-n``: n new candidates asked;
 ``k >= 0``: candidate k told), plus the optimizer's name, budget and batch size. Resume replays it
-into a fresh backend of the same seed, taking every told result from the ledger and checking each
-replayed candidate against the ledger's genome, so nothing stored is ever unpickled or trusted,
-and a resumed deterministic backend continues the uninterrupted run's ask/tell sequence.
-
-Crash safety rests on three rules:
+into a fresh backend of the same seed with every result taken from the ledger, checking each
+replayed candidate against the ledger's genome: nothing stored is unpickled or trusted, and a
+deterministic backend continues the uninterrupted run's ask/tell sequence. Crash safety:
 
 1. Every ``ask`` batch ends with the history written atomically (`evomerge.merge.write_atomic`),
    so a candidate is in the history before it is enqueued (`search._queue`).
 2. A finished trial reaches the ledger before the optimizer is told, and every history write
    starts with a ledger fsync (`Ledger.sync`): the ledger is never behind the optimizer, also
-   after a power loss. A tell is written with the next ask's history (or by `save`); if the
-   process dies first, rule 3 replays it from the ledger with the same values.
-3. On ``bind``: the history is replayed, finished ledger trials it has not told are told now, and
-   pending candidates with no finished trial are re-queued; the next ``ask`` hands out those alone
-   (the rest of the interrupted batch), so every candidate is evaluated to completion once.
+   after a power loss. A tell is written with the next ask (or `save`); a crash before that is
+   repaired by rule 3 from the ledger.
+3. On ``bind``: the history is replayed, finished ledger trials it has not told are told, and
+   pending candidates with no finished trial are re-queued; the next ``ask`` hands out those
+   alone (the rest of the interrupted batch), so each candidate is evaluated to completion once.
 
 A missing or unusable history (deleted, a pickle) is rebuilt from the ledger alone, asking each
 candidate just before its result is told in ledger order: exact for one candidate per ask (the
