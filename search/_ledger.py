@@ -229,11 +229,7 @@ class Ledger:
             self.reference_point = None
         if self.reference_point is None and reference_point is not None:
             self.record_reference_point(reference_point)
-        self._name_metrics()
-
-    def _name_metrics(self) -> None:
-        """Name the study's values after the objectives (optuna's metric names: what
-        optuna-dashboard and optuna's plots label axes with, instead of "Objective 0..n")."""
+        # optuna's metric names: what optuna-dashboard and optuna's plots label axes with (else "Objective 0..n")
         names = [o.name for o in self.objectives] if self.scalarization is None else [f"{self.scalarization.kind} loss"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # experimental in optuna's API sense
@@ -285,9 +281,8 @@ class Ledger:
     def counts(self, trials: Sequence[FrozenTrial] | None = None) -> Counts:
         """One look at the study for the budget rule (`search._loop`), of ``trials`` (default: a fresh read)."""
         trials = self.trials() if trials is None else trials
-        rerun = rerun_numbers(trials)
         return Counts(
-            counted=sum(1 for t in trials if counted(t, rerun)),
+            counted=len(self.finished(trials)),
             running=frozenset(t.number for t in trials if t.state == TrialState.RUNNING),
             waiting=sum(1 for t in trials if t.state == TrialState.WAITING),
         )

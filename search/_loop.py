@@ -133,7 +133,11 @@ def run_search(
     distributions = optimizer.ask_distributions(space)
     archive = ledger.archive()
     result = SearchResult(archive=archive, n_finished=len(ledger.finished()))
-    bar = _progress_bar(progress, budget_evals, result.n_finished)
+    bar: Any = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=budget_evals, initial=result.n_finished, desc="search", unit="trial", dynamic_ncols=True)
     seed, names, trial = ledger.seed, ledger.objective_names, None
     try:
         while True:
@@ -289,11 +293,3 @@ def _values(evaluation: Evaluation, names: Sequence[str]) -> tuple[dict[str, flo
     if not all(math.isfinite(v) for v in values.values()):
         return None, f"non-finite objective values {values}"
     return values, None
-
-
-def _progress_bar(enabled: bool, total: int | None, initial: int) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="search", unit="trial", dynamic_ncols=True)

@@ -281,9 +281,8 @@ class SearchSpace:
         if not self._cells:
             raise ValueError("the layout has no tensors to merge")
         self._all_params, self._terms = self._build_params()
-        held = self._held_values()
-        self._free = [i for i, p in enumerate(self._all_params) if p.name not in held]
-        self._held = held
+        self._held = self._held_values()
+        self._free = [i for i, p in enumerate(self._all_params) if p.name not in self._held]
         self._free_params = [self._all_params[i] for i in self._free]
 
     # ----------------------------------------------------------------- structure
