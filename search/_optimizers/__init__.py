@@ -8,7 +8,7 @@ from typing import Any
 from ._base import Candidate, Failure, Optimizer, Result
 from ._baselines import GridSearch, RandomSearch
 from ._coordinator import CoordinatedOptimizer, ResumeError
-from ._nevergrad import NEVERGRAD_OPTIMIZERS, NevergradOptimizer
+from ._nevergrad import NEVERGRAD_OPTIMIZERS, NevergradOptimizer, nevergrad_refusal
 from ._optuna import CATEGORICAL, OPTUNA_SAMPLERS, OptunaOptimizer
 
 METHOD_CHOICE_OPTIMIZERS: tuple[str, ...] = (*(f"optuna:{s}" for s in CATEGORICAL), "random")
@@ -50,4 +50,5 @@ __all__ = [
     "ResumeError",
     "Result",
     "make_optimizer",
+    "nevergrad_refusal",
 ]
