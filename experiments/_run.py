@@ -136,7 +136,7 @@ def _warm_up_recipes(spec: ExperimentSpec, engine: "MergeEngine") -> list[Any]:
     return list(recipes.values())
 
 
-def _same_spec(a: ExperimentSpec, b: ExperimentSpec) -> bool:
+def same_spec(a: ExperimentSpec, b: ExperimentSpec) -> bool:
     """Whether two specs describe the same search (prose and output options do not count)."""
     dump = lambda s: s.model_dump(mode="json", by_alias=True, exclude={"outputs", "description"})  # noqa: E731
     return dump(a) == dump(b)
@@ -155,7 +155,7 @@ def start(
         resolved = resolve(parsed, label=label, progress=progress)
         outputs = resolved.outputs.model_copy(update={"run_dir": str(rd.path)})
         resolved = resolved.model_copy(update={"outputs": outputs})
-        if rd.exists() and not _same_spec(rd.load_spec(check_paths=False), resolved):
+        if rd.exists() and not same_spec(rd.load_spec(check_paths=False), resolved):
             raise UserError(f"{rd.path} holds a run of a different spec; pick another --run-dir, or `evomerge resume {rd.path}`")
         preflight(resolved, rd)
         session = Session.open(resolved, progress=progress)
@@ -169,7 +169,7 @@ def start(
         click.echo(f"run folder: {rd.path}")
     else:
         click.echo(f"resuming: {rd.path}")
-    return _execute(rd, session, signals, display=display)
+    return run_stages(rd, session, signals, display=display)
 
 
 def resume(run_dir: Path, *, display: Display, signals: "SignalLog") -> int:
@@ -183,7 +183,7 @@ def resume(run_dir: Path, *, display: Display, signals: "SignalLog") -> int:
     except KeyboardInterrupt:
         return signals.exit_code()
     click.echo(f"resuming: {rd.path}")
-    return _execute(rd, session, signals, display=display)
+    return run_stages(rd, session, signals, display=display)
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -343,8 +343,8 @@ def _stop(rd: RunDir, events: EventLog, status: str, reason: str, stage: str | N
     events.emit("stop", status=status, **stop)
 
 
-def _execute(rd: RunDir, session: Session, signals: SignalLog, *, display: Display) -> int:
-    """Run the stages not yet done, then the baseline, comparison and report."""
+def run_stages(rd: RunDir, session: Session, signals: SignalLog, *, display: Display) -> int:
+    """Run the stages not yet done, then the baseline, comparison and report; closes the session."""
     spec = session.spec
     stages = spec.resolved_stages()
     if spec.baseline:

@@ -403,18 +403,16 @@ class OptimizerSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _known_name(cls, name: str, info: ValidationInfo) -> str:
-        from evomerge.search import NEVERGRAD_OPTIMIZERS, OPTUNA_SAMPLERS
+        from evomerge.search import OPTUNA_SAMPLERS, nevergrad_refusal
 
         library = info.data.get("library")
         if library == "optuna" and name not in OPTUNA_SAMPLERS:
             raise ValueError(f"{name!r} is not one of {', '.join(OPTUNA_SAMPLERS)}")
         if library == "baseline" and name not in BASELINES:
             raise ValueError(f"{name!r} is not one of {', '.join(BASELINES)}")
-        if library == "nevergrad":
-            import nevergrad as ng
-
-            if name not in ng.optimizers.registry or (name != "NgIohTuned" and name.startswith(("NGOpt", "NgIoh", "Shiwa", "NGO"))):
-                raise ValueError(f"{name!r} is not one of {', '.join(NEVERGRAD_OPTIMIZERS)} (or another explicit nevergrad class)")
+        refusal = nevergrad_refusal(name) if library == "nevergrad" else None
+        if refusal is not None:
+            raise ValueError(refusal)
         return name
 
     @property

@@ -139,29 +139,71 @@ def worker_command(
                 display=display, signals=signals)
 
 
-def run_workers(spec_path: Path, *, run_dir: Path | None, workers: int, overrides: list[str]) -> int:
+def run_workers(spec_path: Path, *, run_dir: Path | None, workers: int, overrides: list[str], display: "Display",
+                signals: "SignalLog") -> int:
     """``evomerge run SPEC --workers N`` (see `launch`)."""
     from ._run import load_spec_with_overrides
 
     parsed, _ = load_spec_with_overrides(spec_path, None, overrides)
-    return launch(parsed, spec_path, run_dir=run_dir, workers=workers, overrides=overrides)
+    return launch(parsed, spec_path, run_dir=run_dir, workers=workers, display=display, signals=signals)
 
 
-def launch(spec: ExperimentSpec, spec_path: Path, *, run_dir: Path | None, workers: int, overrides: list[str]) -> int:
-    """``evomerge run --workers N``: N local worker processes on the run's storage, then exports."""
-    from ._build import build_engine, build_objectives, build_space
-    from ._run import export_stage
+def launch(spec: ExperimentSpec, spec_path: Path, *, run_dir: Path | None, workers: int, display: "Display",
+           signals: "SignalLog") -> int:
+    """``evomerge run --workers N``: N local worker processes search the run's stage, then this
+    process ends the run as a single-process run does (`_run.run_stages`: the uniform grid
+    baseline when the spec asks for it, the re-scored pick, the held-out comparison, the report,
+    status ``done``). Interrupted or failed workers leave the run resumable by the same command."""
+    from ._build import build_objectives, build_space
+    from ._run import Session, export_stage, run_stages, same_spec
 
     stage = _single_stage(spec)
     rd = RunDir((run_dir or spec.run_dir()).resolve())
     resolved = resolve(spec, label=str(spec_path), progress=False)
     resolved = resolved.model_copy(update={"outputs": resolved.outputs.model_copy(update={"run_dir": str(rd.path)})})
+    if rd.exists() and not same_spec(rd.load_spec(check_paths=False), resolved):
+        raise UserError(f"{rd.path} holds a run of a different spec; pick another --run-dir")
     storage = rd.storage(resolved)
     preflight(resolved, rd)  # before the folder exists
     build_objectives(resolved)  # the calibration sets (and lm-eval tasks) load, or fail in one line, before it too
     if not rd.exists():
         rd.path.mkdir(parents=True, exist_ok=True)
         dump_spec(resolved, rd.spec_file)
+        rd.write_state(status="created", name=resolved.name, elapsed={})
+        click.echo(f"run folder: {rd.path}")
+    state = rd.read_state()
+    elapsed = dict(state.get("elapsed", {}))
+    before, t0 = float(elapsed.get(stage.name, 0.0)), time.monotonic()
+    rd.write_state(status="running", stage=stage.name, stop=None, workers=workers, stage_started=time.time(),
+                   stage_elapsed_before=before, budgets={**state.get("budgets", {}), stage.name: stage.budget.model_dump()})
+    codes = _run_worker_processes(rd, storage, workers, signals)
+    rd.write_state(elapsed={**elapsed, stage.name: before + time.monotonic() - t0})
+    click.echo(f"workers exited with {codes}")
+    failed = next((c for c in codes if c != 0), 0)
+    if failed or signals.last() is not None:
+        rd.write_state(status="interrupted", stop={"reason": "workers", "stage": stage.name, "detail": f"exit codes {codes}"})
+        click.echo(f"continue with: evomerge run {spec_path} --workers {workers}" + (f" --run-dir {rd.path}" if run_dir else ""), err=True)
+        return signals.exit_code() if signals.last() is not None else failed
+    try:
+        session = Session.open(resolved, progress=display.bars)
+    except KeyboardInterrupt:
+        return signals.exit_code()
+    try:
+        ledger = open_shared_ledger(resolved, stage, storage, build_space(session.engine, stage.space),  # type: ignore[arg-type]
+                                    heartbeat=HEARTBEAT_SECONDS)
+        export_stage(rd, stage.name, ledger)
+        click.echo(f"{len(ledger.finished())} trials in {storage}; results in {rd.results_dir(stage.name)}")
+        rd.write_state(stages_done=[stage.name], stopped_by={stage.name: "evaluations"})
+    except BaseException:
+        session.close()
+        raise
+    return run_stages(rd, session, signals, display=display)
+
+
+def _run_worker_processes(rd: RunDir, storage: str, workers: int, signals: "SignalLog") -> list[int]:
+    """Start the workers (one per visible GPU, else on the CPU) and wait for all of them. A stop
+    of this process (SIGINT reaches the workers from the terminal; SIGTERM is passed on) lets
+    each worker give its trial back before this returns."""
     gpus = _visible_gpus()
     procs = []
     for i in range(workers):
@@ -171,13 +213,13 @@ def launch(spec: ExperimentSpec, spec_path: Path, *, run_dir: Path | None, worke
         cmd = [sys.executable, "-m", "evomerge.experiments.cli", "worker", str(rd.spec_file), "--storage", storage,
                "--worker-id", f"{socket.gethostname()}-w{i}", "--queue", str(workers), "--quiet"]
         procs.append(subprocess.Popen(cmd, env=env))
-    codes = [p.wait() for p in procs]
-    click.echo(f"workers exited with {codes}")
-    ledger = open_shared_ledger(resolved, stage, storage, build_space(build_engine(resolved, progress=False), stage.space),  # type: ignore[arg-type]
-                                heartbeat=HEARTBEAT_SECONDS)
-    export_stage(rd, stage.name, ledger)
-    click.echo(f"{len(ledger.finished())} trials in {storage}; results in {rd.results_dir(stage.name)}")
-    return next((c for c in codes if c != 0), 0)
+    while True:
+        try:
+            return [p.wait() for p in procs]
+        except KeyboardInterrupt:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
 
 
 def _visible_gpus() -> list[str]:

@@ -99,13 +99,14 @@ def run(spec: Path | None, preset: str | None, run_dir: Path | None, overrides: 
 
     if (spec is None) == (preset is None):
         raise UserError("give a SPEC file or --preset NAME (one of them)")
+    display = Display.for_terminal(quiet)
     if workers is not None:
         from ._workers import run_workers
 
         if spec is None:
             raise UserError("--workers needs a SPEC file")
-        sys.exit(run_workers(spec, run_dir=run_dir, workers=workers, overrides=list(overrides)))
-    display = Display.for_terminal(quiet)
+        sys.exit(_searching(lambda signals: run_workers(spec, run_dir=run_dir, workers=workers, overrides=list(overrides),
+                                                        display=display, signals=signals)))
     sys.exit(_searching(lambda signals: start(spec=spec, preset=preset, run_dir=run_dir, overrides=list(overrides),
                                               display=display, signals=signals)))
 

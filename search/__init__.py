@@ -19,7 +19,7 @@ __getattr__, __all__ = lazy_members(__name__, {
     "._loop": ["SearchResult", "run_search"],
     "._optimizers": [
         "METHOD_CHOICE_OPTIMIZERS", "NEVERGRAD_OPTIMIZERS", "OPTUNA_SAMPLERS", "Candidate", "Failure", "GridSearch", "NevergradOptimizer",
-        "Optimizer", "OptunaOptimizer", "RandomSearch", "ResumeError", "make_optimizer",
+        "Optimizer", "OptunaOptimizer", "RandomSearch", "ResumeError", "make_optimizer", "nevergrad_refusal",
     ],
     "._pareto": ["ParetoArchive", "ParetoPoint", "hypervolume", "pareto_mask"],
     "._scalarize": ["Scalarization", "to_losses"],

@@ -8,7 +8,7 @@ from typing import Any
 from ._base import Candidate, Failure, Optimizer, Result
 from ._baselines import GridSearch, RandomSearch
 from ._coordinator import CoordinatedOptimizer, ResumeError
-from ._nevergrad import NEVERGRAD_OPTIMIZERS, NevergradOptimizer
+from ._nevergrad import NEVERGRAD_OPTIMIZERS, NevergradOptimizer, nevergrad_refusal
 from ._optuna import CATEGORICAL, OPTUNA_SAMPLERS, OptunaOptimizer
 
 METHOD_CHOICE_OPTIMIZERS: tuple[str, ...] = (*(f"optuna:{s}" for s in CATEGORICAL), "random")
@@ -39,4 +39,5 @@ __all__ = [
     "Candidate", "CoordinatedOptimizer", "Failure", "GridSearch", "METHOD_CHOICE_OPTIMIZERS", "NEVERGRAD_OPTIMIZERS",
     "NevergradOptimizer", "OPTUNA_SAMPLERS", "Optimizer", "OptunaOptimizer", "RandomSearch", "ResumeError", "Result",
     "make_optimizer",
+    "nevergrad_refusal",
 ]

@@ -31,19 +31,26 @@ _AUTO_SELECTING = ("NGOpt", "NgIoh", "Shiwa", "NGO")
 choice is made at construction through ``enable_pickling``, a deterministic function of the budget)."""
 
 
+def nevergrad_refusal(optimizer: str) -> str | None:
+    """Why ``optimizer`` cannot drive a search (None when it can): the one rule for the spec's
+    check and the optimizer's constructor."""
+    import nevergrad as ng
+
+    if optimizer not in ng.optimizers.registry:
+        return f"{optimizer!r} is not one of {', '.join(NEVERGRAD_OPTIMIZERS)} (or another explicit nevergrad class)"
+    if optimizer != "NgIohTuned" and optimizer.startswith(_AUTO_SELECTING):
+        return (f"{optimizer!r} picks its algorithm itself (with one worker: Cobyla, which a resume cannot "
+                f"replay); use NgIohTuned (its tuned successor) or name a class such as {', '.join(NEVERGRAD_OPTIMIZERS[:5])}")
+    return None
+
+
 class NevergradOptimizer(CoordinatedOptimizer):
     """A nevergrad optimizer by registry name, e.g. ``NevergradOptimizer("TwoPointsDE")``."""
 
     def __init__(self, optimizer: str = "CMA", *, checkpoint: str | os.PathLike[str] | CheckpointStore | None = None) -> None:
-        import nevergrad as ng
-
-        if optimizer not in ng.optimizers.registry:
-            raise ValueError(f"unknown nevergrad optimizer {optimizer!r}; e.g. {', '.join(NEVERGRAD_OPTIMIZERS)}")
-        if optimizer != "NgIohTuned" and optimizer.startswith(_AUTO_SELECTING):
-            raise ValueError(
-                f"{optimizer!r} picks its algorithm itself (with one worker: Cobyla, which a resume cannot "
-                f"replay); name an explicit class such as {', '.join(NEVERGRAD_OPTIMIZERS[:5])}"
-            )
+        refusal = nevergrad_refusal(optimizer)
+        if refusal is not None:
+            raise ValueError(refusal)
         super().__init__(checkpoint=checkpoint)
         self.optimizer = optimizer
         self.name = f"nevergrad:{optimizer}"

@@ -297,3 +297,27 @@ def test_an_export_that_cannot_be_written_fails_in_one_line_and_leaves_nothing(f
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"evomerge: cannot write the export {out}: "), proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_with_workers_ends_like_a_single_process_run(zoo_copy: Path, tmp_path: Path) -> None:
+    """`run --workers 2`: two worker processes share the budget, then the launching process ends the
+    run as `run` does: the uniform grid baseline, the held-out comparison, the report, status done
+    (before, it stopped at the CSV exports: no report, `status` said "unknown")."""
+    objectives = [
+        {"name": "rev", "metric": "answer_loss", "data": "zoo:data/rev/calib.jsonl", "size": 8,
+         "holdout": "zoo:data/rev/test.jsonl"},
+        {"name": "kept", "metric": "kept_fraction"},
+    ]
+    spec = tiny_spec(tmp_path, zoo_copy, name="crew", evaluations=4, baseline=True, objectives=objectives)
+    proc = evomerge("run", str(spec), "--quiet", "--workers", "2", cwd=tmp_path)
+    run = tmp_path / "runs" / "crew"
+    assert "workers exited with [0, 0]" in proc.stdout
+    assert json.loads((run / "state.json").read_text())["status"] == "done"
+    for name in ("report.html", "comparison.json", "results/search/trials.json", "results/grid/trials.json"):
+        assert (run / name).exists(), name
+    comparison = json.loads((run / "comparison.json").read_text())
+    assert comparison["pick"] in comparison["scores"]
+    shares = [int(n) for n in re.findall(r"^worker \S+-w[01]: (\d+) trials", proc.stdout, flags=re.M)]
+    assert len(shares) == 2 and sum(shares) == 4, proc.stdout  # (the first to warm up may take them all)
+    status = evomerge("status", str(run), cwd=tmp_path).stdout
+    assert "done" in status and "4 / 4 (0 failed)" in status
