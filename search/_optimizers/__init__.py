@@ -38,6 +38,5 @@ def make_optimizer(spec: str, **kwargs: Any) -> Optimizer:
 __all__ = [
     "Candidate", "CoordinatedOptimizer", "Failure", "GridSearch", "METHOD_CHOICE_OPTIMIZERS", "NEVERGRAD_OPTIMIZERS",
     "NevergradOptimizer", "OPTUNA_SAMPLERS", "Optimizer", "OptunaOptimizer", "RandomSearch", "ResumeError", "Result",
-    "make_optimizer",
-    "nevergrad_refusal",
+    "make_optimizer", "nevergrad_refusal",
 ]
