@@ -313,16 +313,9 @@ class Ledger:
 
     # ------------------------------------------------------------------ writing
     def finish(
-        self,
-        trial: optuna.Trial,
-        *,
-        recipe_json: str,
-        values: Mapping[str, float] | None,
-        details: Mapping[str, Sequence[Mapping[str, Any]]],
-        timings: Mapping[str, float],
-        failure: str | None,
-        constraints: Sequence[float] | None,
-        fidelity: Mapping[str, Any] | None = None,
+        self, trial: optuna.Trial, *, recipe_json: str, values: Mapping[str, float] | None,
+        details: Mapping[str, Sequence[Mapping[str, Any]]], timings: Mapping[str, float], failure: str | None,
+        constraints: Sequence[float] | None, fidelity: Mapping[str, Any] | None = None,
     ) -> None:
         """Write a claimed trial's attributes (details truncated to `MAX_DETAIL_ITEMS`; ``failure``
         always, None on success: a re-run copies its attempt's attributes) and constraints, then

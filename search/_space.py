@@ -531,15 +531,10 @@ class SearchSpace:
                     values["epsilon"] = feasible_epsilon(values.get("density", ExpertParams().density), values["epsilon"])
                 experts[expert] = ExpertParams(**values)
             t = self._value(full, (ci, "t", None)) if "t" in kinds else None
-            rules.append(
-                GroupRule(
-                    layers=None if covers_all else list(cell.layers),
-                    kinds=None if cell.kinds is None else list(cell.kinds),
-                    method=self.template.method,
-                    experts=experts,
-                    t=t,
-                )
-            )
+            rules.append(GroupRule(
+                layers=None if covers_all else list(cell.layers), kinds=None if cell.kinds is None else list(cell.kinds),
+                method=self.template.method, experts=experts, t=t,
+            ))
         tpl = self.template
         return MergeRecipe(
             rules=rules, normalize=tpl.normalize, lambda_=tpl.lambda_, rescale=tpl.rescale,
@@ -590,15 +585,13 @@ class SearchSpace:
         return np.clip(full[self._free], low, high)
 
     def fit(self, recipe: MergeRecipe) -> tuple[np.ndarray, list[str]]:
-        """The genome nearest to ``recipe``, and notes on what did not fit; for recipes made
+        """The genome nearest to ``recipe``, and notes on what did not fit: for recipes made
         elsewhere (a mergekit config as the search's first point), which `encode` would refuse.
-
-        Per cell and parameter the recipe's values over the cell's tensor slots are averaged; a
-        slot no rule merges, or whose rule lacks an expert, counts as weight 0 (the base) and the
-        kind's starting value otherwise; smoothing curves are fitted by least squares; held values
-        stay held; the result is clipped to the bounds. Each of these, and a different method or
-        global option, gives one note naming the parameters concerned.
-        """
+        Per cell and parameter the recipe's values over the cell's tensor slots are averaged (a
+        slot no rule merges, or whose rule lacks an expert: weight 0, the base, and the kind's
+        starting value otherwise); smoothing curves are fitted by least squares; held values stay;
+        the result is clipped to the bounds. Each of these, and a different method or global
+        option, gives one note naming the parameters concerned."""
         self._flat("fit")
         tpl = self.template
         notes: list[str] = []
