@@ -50,6 +50,12 @@ def rung_scalars(trials: Sequence[FrozenTrial], rung: int) -> list[float]:
     return [float(g["scalars"][rung]) for g in grades if g and len(g["scalars"]) > rung]
 
 
+def items_spent(trials: Sequence[FrozenTrial]) -> int:
+    """Calibration items the graded (complete) trials of a study cost."""
+    grades = [t.user_attrs.get(FIDELITY_ATTR) for t in trials if t.state == TrialState.COMPLETE]
+    return sum(int(g["scored"]) for g in grades if g)
+
+
 def full_fidelity(grade: Mapping[str, Any] | None) -> bool:
     """Whether values graded ``grade`` (a trial's ``fidelity`` attribute, None without rungs) are at
     the top fidelity, so the trial may enter the Pareto front."""

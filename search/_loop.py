@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from evomerge.merge import MergeRecipe
 from evomerge.objectives import Evaluation
 
-from ._fidelity import FIDELITY_ATTR, Fidelity, full_fidelity, grade_record, rung_scalars
+from ._fidelity import Fidelity, full_fidelity, grade_record, items_spent, rung_scalars
 from ._ledger import Counts, Ledger, TrialRecord, counted, record, rerun_numbers
 from ._optimizers import CoordinatedOptimizer, Optimizer, OptunaOptimizer
 from ._pareto import ParetoArchive
@@ -274,12 +274,6 @@ def evaluate_guarded(
     if fidelity is None or evaluation.failed:
         return evaluation, seconds, None
     return evaluation, seconds, grade_record(fidelity, rung, scalars, peers, scorer.items(fidelity.rungs[rung]))  # type: ignore[union-attr]
-
-
-def items_spent(trials: Sequence[optuna.trial.FrozenTrial]) -> int:
-    """Calibration items the graded trials of a study cost (complete ones)."""
-    return sum(int(t.user_attrs[FIDELITY_ATTR]["scored"]) for t in trials
-               if t.state == TrialState.COMPLETE and t.user_attrs.get(FIDELITY_ATTR))
 
 
 def _values(evaluation: Evaluation, names: Sequence[str]) -> tuple[dict[str, float] | None, str | None]:

@@ -9,7 +9,7 @@ import pytest
 
 from evomerge.merge import MergeRecipe
 from evomerge.search import Fidelity, Ledger, make_optimizer, run_search
-from evomerge.search._loop import items_spent
+from evomerge.search._fidelity import items_spent
 
 from ._problem import build_problem
 
