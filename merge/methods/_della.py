@@ -5,8 +5,10 @@ magnitude ranks r = 0..n-1, keep probability `p = (density - epsilon) + 2 * epsi
 Bernoulli mask, then rescale. The ranks come from the `MagnitudeTable` (built once, int16 per entry),
 and `p` is computed with the same fp32 operations as mergekit. With `options.draws == "mergekit"` the
 mask is `torch.bernoulli(p, generator)`, identical to mergekit's on CPU under the same generator state
-(parity tests); the default "fast" draws compare a counter-based uniform per entry (`_draws.uniform_`)
-with p, chunk by chunk (same distribution, several times faster on CPU).
+(parity tests); the default "fast" draws compare a counter-based int32 hash per entry
+(`_draws.hash_bits`) with the int32 line `A + B * r` (`keep_line`: p on a 2**-32 grid, within 4e-6
+of mergekit's line), chunk by chunk, in the fused kernels too (`_fused`): the same distribution, and
+the same masks on every path.
 
 * `della` (mergekit `della`, TIES sign election, mergekit default normalize true) and
   `della_linear` (mergekit `della_linear`, plain weighted sum).
@@ -16,8 +18,9 @@ with p, chunk by chunk (same distribution, several times faster on CPU).
   p_i, which makes the result an unbiased estimate of the task vector.
 * Rows of length 1 (n = 1): mergekit divides 0 by 0 and fails; we use p = density.
 
-Passes per expert: 3 for p (int->float divide, scale, shift) + 2 (uniform draw, compare) + 1 (mask *= delta)
-(+1 divide by p for "paper") + 1 read (L1, "mergekit") + the combine's.
+Eager passes per expert: 3 for p (int->float, scale, shift) + 2 (uniform draw, compare) + 1 (mask *= delta)
+(+1 reciprocal of p for "paper") + 1 read (L1, "mergekit") + the combine's; fused: one pass, plus one
+reading pass for mergekit's L1.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 from .._recipe import ExpertParams
 from ._dare import work_dtype
-from ._draws import uniform_
+from ._draws import _s32, hash_bits
 from ._gta import GeneralizedTaskArithmetic, Scratch, Spec, Sparsified, trivial_spec
 from ._magnitude import MagnitudeTable
 from ._options import MethodOptions
@@ -72,6 +75,25 @@ def della_sparsify(
     return masked, l1_restore_factor(delta, masked, table)
 
 
+def keep_line(density: float, epsilon: float, row_len: int) -> tuple[int, int]:
+    """(A, B): the fast draws keep the entry of row rank r where `hash_bits < A + B * r` (int32,
+    wrapping), i.e. with probability mergekit's `(density - epsilon) + 2 * epsilon * r / (n - 1)`
+    on a 2**-32 grid (within r * 2**-33 of it: 4e-6 at most for int16 ranks).
+
+    Why integers: the same wrapping int32 ops give the same decisions in the eager path and in the
+    fused kernels whatever they fuse (a float line can be contracted into a multiply-add there), and
+    they vectorize (fp64 comparisons ran ~10x slower in inductor's kernels). B is capped so that
+    A + B * r stays below 2**31 for every rank (B is returned as the signed int32 of its value: the
+    product wraps, the sum does not)."""
+    top = (1 << 31) - 1
+    low, slope = (density, 0.0) if row_len <= 1 else (density - epsilon, 2 * epsilon / (row_len - 1))
+    a = min(top, round(low * 2**32) - (1 << 31))
+    b = round(slope * 2**32)
+    if row_len > 1:
+        b = min(b, (top - a) // (row_len - 1))
+    return a, _s32(b)
+
+
 class DellaSpec(Spec):
     """Per-entry keep probability from the precomputed row ranks; counter-based uniforms."""
 
@@ -81,21 +103,23 @@ class DellaSpec(Spec):
                  paper: bool) -> None:
         self.density, self.epsilon, self.key = density, epsilon, key
         self.ranks, self.row_len, self.paper = ranks.reshape(-1), row_len, paper
+        self.line = keep_line(density, epsilon, row_len)
         self.pending = not paper  # mergekit's L1 restore: a pass over the masked chunks
 
     def chunk(self, d: torch.Tensor, start: int, scratch: Scratch) -> torch.Tensor | None:
-        probs = scratch.get("della_probs", torch.float32)
-        if self.row_len > 1:
-            torch.div(self.ranks[start : start + d.numel()], self.row_len - 1, out=probs)
-            probs.mul_(2 * self.epsilon)
-            probs.add_(self.density - self.epsilon)
-        else:
-            probs.fill_(self.density)
+        bound = scratch.get("della_bound", torch.int32)
+        bound.copy_(self.ranks[start : start + d.numel()])
+        bound.mul_(self.line[1]).add_(self.line[0])  # wrapping int32, as the fused kernel
+        bits = hash_bits(scratch.get("bits", torch.int32), scratch.get("bits_tmp", torch.int32), self.key, start)
+        keep = torch.lt(bits, bound, out=scratch.get("della_keep", torch.bool))
         mask = scratch.get("mask", torch.float32)
-        uniform_(mask, scratch.get("bits", torch.int32), scratch.get("bits_tmp", torch.int32), self.key, start)
-        torch.lt(mask, probs, out=mask)
-        if self.paper:
-            mask.div_(probs)
+        if self.paper:  # each survivor over its keep probability: fl32(1 / fl32(p)), as the fused kernel
+            probs = scratch.get("della_probs", torch.float64)
+            probs.copy_(bound).add_(2.0**31).mul_(2.0**-32)  # exact
+            mask.copy_(probs).reciprocal_()
+            mask.mul_(keep)
+        else:
+            mask.copy_(keep)
         return mask.mul_(d)
 
 

@@ -29,9 +29,10 @@ z of 5.5-9.5 for entries 3 apart over 1M entries, random keys); with three, neig
 pass the same tests (tests/merge/test_chunked.py). Keys are random (blake2b, or the generator):
 keys differing in a few low bits would give related fields.
 
-DELLA needs full-resolution uniforms (per-entry probabilities): `uniform_` reads `hash_bits` (the
-field hash with a final xorshift that mixes the top bits into the low ones), keys from the trial's
-generator. Keep probability there: `u < p` with `u = x * 2**-32 + 0.5` in fp32. Element indices
+DELLA needs full-resolution draws (per-entry probabilities): it compares `hash_bits` (the field hash
+with a final xorshift that mixes the top bits into the low ones; keys from the trial's generator)
+with a per-rank int32 bound (`_della.keep_line`), so the eager path and the fused kernels draw the
+same masks. Element indices
 wrap modulo 2**32 (tensors beyond 4G entries would reuse draws; none exist).
 """
 
@@ -140,10 +141,3 @@ def window_mask(mask: torch.Tensor, bits: torch.Tensor, tmp: torch.Tensor, key: 
     field_hash(bits, tmp, key, start)
     bits.sub_(shift)
     return torch.lt(bits, bound, out=mask)
-
-
-def uniform_(out: torch.Tensor, bits: torch.Tensor, tmp: torch.Tensor, key: tuple[int, int], start: int) -> torch.Tensor:
-    """fp32 uniforms in [0, 1] for entries start..start+n-1 (DELLA's per-entry probabilities)."""
-    hash_bits(bits, tmp, key, start)
-    out.copy_(bits)
-    return out.mul_(2.0**-32).add_(0.5)

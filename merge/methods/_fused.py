@@ -24,8 +24,10 @@ Design rules:
   of each variant is guarded, the failure disables fusing for the process with ONE warning, and the
   caller falls back to the eager chunked path (`FusedUnavailable`).
 
-DELLA/DELLA-linear stay eager: their per-entry keep probabilities need the int16 row ranks of the
-magnitude table streamed alongside each delta, a different input signature; not done yet.
+DELLA/DELLA-linear (per tensor, not packed): each DELLA expert's row ranks are streamed beside its
+delta (`ranks`, widened to int32 per chunk: a loop that loads int16 is not vectorized), and its
+keep bound `A + B * rank` is the eager path's wrapping int32 line (`line`, `_della.keep_line`), so
+the masks are the eager path's. mergekit's L1 restore runs one reading pass first (`_make_l1_kernel`).
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ import torch
 from ._base import chunks
 from ._breadcrumbs import BandSpec, TieBandSpec
 from ._dare import DareSpec
+from ._della import DellaSpec
 from ._draws import _M1, _M2, _M3, _s32
-from ._gta import DenseSpec, GtaPlan, ZeroSpec
+from ._gta import DenseSpec, GtaPlan, ZeroSpec, restore_factors
 from ._magnitude import _strict_below
 from ._ranks import flagged, mark, unmark
+from ._scratch import scratch
 from ._ties import ThresholdSpec, TieThresholdSpec
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -74,26 +78,50 @@ def _field_hash(index: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> torc
     return h * _M3
 
 
+_DRAWN = ("dare", "della", "della_paper")
+"""Kinds that hash each entry's element index."""
+
+
 def _weighted(kinds: tuple[str, ...], deltas: Sequence[torch.Tensor], coef: torch.Tensor, lo: torch.Tensor,
               hi: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, shift: torch.Tensor,
-              start: torch.Tensor, flipped: tuple[int, ...] = (), flips: torch.Tensor | None = None) -> list[torch.Tensor]:
+              start: torch.Tensor, flipped: tuple[int, ...] = (), flips: torch.Tensor | None = None,
+              ranks: Sequence[torch.Tensor] = (), line: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Each expert's sparsified chunk times its coefficient, in fp32: the eager `Spec.chunk` times
     `coef` (dropped entries are +0 here; eager's `mask * x` may give -0, which no sum or election
     tells apart from +0). `flipped[i]` (exact top-k, a split tie group): expert i's bit in `flips`,
     set where its plain threshold decides the opposite of mergekit (`_ranks.flagged`; only the
-    variants that re-merge those few entries take flips, see `_refix`)."""
+    variants that re-merge those few entries take flips, see `_refix`). `ranks`: the row ranks of
+    the DELLA experts (int32), in expert order; `line`: (2, experts) int32, each DELLA expert's
+    keep line (`_della.keep_line`)."""
     index = None
     out = []
+    della = iter(ranks)
     for i, (kind, d) in enumerate(zip(kinds, deltas)):
         x = d.float()
-        if kind == "dare" and index is None:
+        if kind in _DRAWN and index is None:
             index = torch.arange(d.shape[-1], dtype=torch.int32, device=d.device) + start
-        keep = _keep(kind, x, lo[i], hi[i], bound[i], k0[i], k1[i], shift[i], index)
+        if kind.startswith("della"):
+            assert line is not None and index is not None
+            keep, bound = _della_keep(index, k0[i], k1[i], next(della), line[0, i], line[1, i])
+            if kind == "della_paper":  # each survivor over its keep probability, fl32(1 / fl32(p)) as eager
+                x = x * (1.0 / ((bound.double() + 2.0**31) * 2.0**-32).float())
+        else:
+            keep = _keep(kind, x, lo[i], hi[i], bound[i], k0[i], k1[i], shift[i], index)
         if flipped and flipped[i]:  # a threshold or band ("thr"/"band": keep is not None)
             keep = keep ^ ((flips & flipped[i]) != 0)
         # select, then weight: measured a few % faster than the other order (inductor, AVX-512)
         out.append((x if keep is None else torch.where(keep, x, 0.0)) * coef[i])
     return out
+
+
+def _della_keep(index: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, rank: torch.Tensor, a: torch.Tensor,
+                b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DELLA's fast draws (`_della.DellaSpec.chunk`): `hash_bits < a + b * rank` in wrapping int32
+    (`_della.keep_line`); also that bound, for the keep probability of the paper's rescale."""
+    h = _field_hash(index, k0, k1)
+    h = h ^ ((h >> 16) & 0xFFFF)  # `_draws.hash_bits`
+    bound = a + rank * b
+    return h < bound, bound
 
 
 def _keep(kind: str, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor,
@@ -133,13 +161,14 @@ def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats
     def kernel(out: torch.Tensor, base: torch.Tensor, deltas: list[torch.Tensor], lo: torch.Tensor,
                hi: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor,
                k1: torch.Tensor, shift: torch.Tensor, start: torch.Tensor, lam: torch.Tensor,
-               flips: torch.Tensor | None = None, seg: torch.Tensor | None = None):
+               flips: torch.Tensor | None = None, seg: torch.Tensor | None = None,
+               ranks: Sequence[torch.Tensor] = (), line: torch.Tensor | None = None):
         if segments:
             lo, hi, coef, weight, bound, k0, k1, shift = (t[:, seg] for t in (lo, hi, coef, weight, bound, k0, k1, shift))
         if packed:
             lo, hi, coef, weight, bound, k0, k1, shift = (t[:, :, None] for t in (lo, hi, coef, weight, bound, k0, k1, shift))
             start = start[:, None]
-        xs = _weighted(kinds, deltas, coef, lo, hi, bound, k0, k1, shift, start, flipped, flips)
+        xs = _weighted(kinds, deltas, coef, lo, hi, bound, k0, k1, shift, start, flipped, flips, ranks, line)
         if not consensus:  # linear_combine: coef = rescale * w * lambda / divisor
             merged = xs[0]
             for x in xs[1:]:
@@ -168,7 +197,23 @@ def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats
     return kernel
 
 
-def _call(key: tuple, build: Callable[[], Callable], *args):
+def _make_l1_kernel(count: int) -> Callable:
+    """mergekit's L1 restore for DELLA experts (`_gta.l1_rescale`'s pass 1, fused): each expert's kept
+    |x| summed in fp64 over one chunk, the masks drawn as the merge kernel draws them."""
+
+    def kernel(deltas: list[torch.Tensor], k0: torch.Tensor, k1: torch.Tensor, start: torch.Tensor,
+               ranks: list[torch.Tensor], line: torch.Tensor) -> torch.Tensor:
+        index = torch.arange(deltas[0].shape[-1], dtype=torch.int32, device=deltas[0].device) + start
+        sums = []
+        for i in range(count):
+            keep, _ = _della_keep(index, k0[i], k1[i], ranks[i], line[0, i], line[1, i])
+            sums.append(torch.where(keep, deltas[i].float().abs(), 0.0).double().sum())
+        return torch.stack(sums)
+
+    return kernel
+
+
+def _call(key: tuple, build: Callable[[], Callable], *args, **kwargs):
     """Run variant `key`, compiling it on first use; a failing first call disables fusing."""
     if _DISABLED:
         raise FusedUnavailable(_DISABLED[0])
@@ -176,9 +221,9 @@ def _call(key: tuple, build: Callable[[], Callable], *args):
     if fn is None:
         fn = _KERNELS[key] = torch.compile(_own_code(build(), len(_KERNELS)), dynamic=True)
     if key in _READY:
-        return fn(*args)
+        return fn(*args, **kwargs)
     try:
-        result = fn(*args)
+        result = fn(*args, **kwargs)
     except Exception as exc:  # compile failures come in many types (BackendCompilerFailed, InductorError, OSError)
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
         _DISABLED.append(reason)
@@ -221,6 +266,12 @@ class FusedGta:
         specs = [plan.specs[i] for i in experts]
         self.deltas = [plan.flats[i] for i in experts]
         lo, hi, bound, k0, k1, shift = zip(*(_encode(spec, d.dtype) for spec, d in zip(specs, self.deltas)))
+        della = [isinstance(spec, DellaSpec) for spec in specs]
+        self.ranks = [spec.ranks for spec in specs if isinstance(spec, DellaSpec)]
+        """The DELLA experts' flat row ranks (`MagnitudeTable.row_ranks`), streamed beside their deltas."""
+        self.line = torch.tensor([[spec.line[0] if d else 0 for spec, d in zip(specs, della)],
+                                  [spec.line[1] if d else 0 for spec, d in zip(specs, della)]],
+                                 dtype=torch.int32, device=device) if self.ranks else None
         # Two tensors, each viewed per row: this runs per tensor and candidate, and each torch.tensor
         # call costs ~5 us (seven of them were ~10% of the planning of a 0.5B merge).
         floats = torch.tensor([lo, hi, [plan.weights[i] for i in experts], [plan.lambda_] * len(experts)],
@@ -245,8 +296,10 @@ class FusedGta:
                 continue  # contributes nothing, eager skips it too
             kind = {DenseSpec: "dense", ThresholdSpec: "thr", BandSpec: "band", DareSpec: "dare",
                     TieThresholdSpec: "thr", TieBandSpec: "band"}.get(type(spec))  # ties: re-merged after (`_refix`)
+            if isinstance(spec, DellaSpec):
+                kind = "della_paper" if spec.paper else "della"
             if kind is None:
-                return None  # DELLA (per-entry probabilities) and any future spec: eager
+                return None  # any future spec: eager
             kinds.append(kind)
             experts.append(i)
         if not experts:
@@ -257,11 +310,13 @@ class FusedGta:
         self._start.fill_(_s32(start))
         return self._start
 
-    def _resolve_rescale(self) -> None:
-        """The coefficients, after mergekit's pending L1 rescale factors (an eager pass: only plans
-        without tables, or with tables that name no task vector, leave them pending; the engine's
-        tables give every DARE tensor a `WindowL1`)."""
+    def _resolve_rescale(self, chunk: int) -> None:
+        """The coefficients, after mergekit's pending L1 rescale factors: DELLA's by a fused reading
+        pass (`_della_l1`), others by an eager one (only plans without tables, or with tables that
+        name no task vector, leave them pending: the engine's tables give every DARE tensor a `WindowL1`)."""
         plan = self.plan
+        if plan.pending_rescale is not None and plan.pending_rescale[0] is not None:
+            self._della_l1(plan.pending_rescale[0], chunk)
         plan.resolve_rescale()
         consensus, scale = plan.consensus, plan.scale
         coefs = [plan.specs[i].rescale * (plan.weights[i] if consensus else plan.weights[i] * scale)
@@ -272,6 +327,28 @@ class FusedGta:
             self.coef = torch.stack([torch.as_tensor(c, dtype=torch.float32, device=self.lam.device).reshape(())
                                      for c in coefs])
 
+    def _della_l1(self, tables: Sequence[object], chunk: int) -> None:
+        """mergekit's L1 restore factors of the pending DELLA experts, their kept L1 summed by one
+        compiled pass over their deltas and ranks (what `_gta.l1_rescale` computes eagerly)."""
+        plan = self.plan
+        todo = [j for j, i in enumerate(self.experts) if isinstance(plan.specs[i], DellaSpec) and plan.specs[i].pending]
+        if not todo:
+            return
+        ranks = {i: r for i, r in zip((i for i in self.experts if isinstance(plan.specs[i], DellaSpec)), self.ranks)}
+        picked = [self.experts[j] for j in todo]
+        deltas = [self.deltas[j] for j in todo]
+        k0, k1 = self.k0[todo], self.k1[todo]
+        line = self.line[:, todo]
+        key = ("della_l1", len(todo), tuple(d.dtype for d in deltas))
+        kept = None
+        for lo, hi in chunks(plan.numel, chunk):
+            sums = _call(key, lambda: _make_l1_kernel(len(todo)), [d[lo:hi] for d in deltas], k0, k1,
+                         self._set_start(lo), _wide_ranks([ranks[i] for i in picked], lo, hi), line)
+            kept = sums if kept is None else kept + sums
+        assert kept is not None
+        restore_factors(plan.specs, {i: kept[j] for j, i in enumerate(picked)},
+                        {i: tables[i].l1.to(torch.float64) for i in picked}, kept.device)  # type: ignore[attr-defined]
+
     def apply(self, out: torch.Tensor, base: torch.Tensor, chunk: int,
               stats: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Write `(base + merged).to(out.dtype)` into the flat `out`, chunk by chunk, in one kernel each.
@@ -281,7 +358,7 @@ class FusedGta:
         the split tie groups' variant, after the plain pass: the caller's eager path rewrites `out`).
         """
         if self.coef is None:
-            self._resolve_rescale()
+            self._resolve_rescale(chunk)
         key = ("gta", self.kinds, self.plan.consensus, self.plan.normalize, stats,
                tuple(d.dtype for d in self.deltas), base.dtype, out.dtype)
         fixes = [self.plan.specs[i].fix for i in self.experts]
@@ -296,9 +373,10 @@ class FusedGta:
         try:
             for lo, hi in chunks(self.plan.numel, chunk):
                 extra = () if marks is None else (marks[lo:hi],)
+                della = {} if self.line is None else {"ranks": _wide_ranks(self.ranks, lo, hi), "line": self.line}
                 result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in self.deltas], self.lo,
                                self.hi, self.coef, self.weight, self.bound, self.k0, self.k1, self.shift,
-                               self._set_start(lo), self.lam, *extra)
+                               self._set_start(lo), self.lam, *extra, **della)
                 if stats:
                     nnz = result[0] if nnz is None else nnz + result[0]
                     l1 = result[1] if l1 is None else l1 + result[1]
@@ -316,6 +394,19 @@ class FusedGta:
             if stats:
                 nnz, l1 = nnz + change[0], l1 + change[1]
         return (nnz, l1) if stats else None
+
+
+def _wide_ranks(ranks: Sequence[torch.Tensor], lo: int, hi: int) -> list[torch.Tensor]:
+    """The chunk `[lo, hi)` of each DELLA expert's row ranks as int32, in pooled buffers: inductor
+    does not vectorize a loop that loads int16 (the whole kernel ran scalar, ~3x slower than the eager
+    ops), and the copy is one cache-resident pass per chunk."""
+    out = []
+    for j, r in enumerate(ranks):
+        piece = r[lo:hi]
+        if piece.dtype != torch.int32:
+            piece = scratch(piece.device, hi - lo, f"della.ranks{j}", torch.int32).copy_(piece)
+        out.append(piece)
+    return out
 
 
 def _refix(key: tuple, build: Callable[[], Callable], out: torch.Tensor, base: torch.Tensor,
@@ -355,6 +446,8 @@ def _encode(spec: object, dtype: torch.dtype) -> tuple[float, float, int, int, i
         return _keep_above(spec.lo, dtype), spec.hi, 0, 0, 0, 0
     if isinstance(spec, DareSpec):
         return 0.0, math.inf, spec.bound, _s32(spec.key[0]), _s32(spec.key[1]), spec.shift
+    if isinstance(spec, DellaSpec):  # its keep line comes separately (`FusedGta.line`)
+        return 0.0, math.inf, 0, _s32(spec.key[0]), _s32(spec.key[1]), 0
     if getattr(spec, "zero", False):
         return math.inf, math.inf, _INT32_MIN, 0, 0, 0
     return -1.0, math.inf, 0, 0, 0, 0  # DenseSpec

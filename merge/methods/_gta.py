@@ -22,7 +22,7 @@ rounds differently from mergekit's sum-then-divide: ~1e-7 relative.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar
 
 import numpy as np
@@ -343,12 +343,18 @@ def l1_rescale(specs: list[Spec], flats: list[torch.Tensor], tables: Sequence[Ma
             kept[i] += torch.linalg.vector_norm(masked, ord=1, dtype=torch.float64)
             if i in full:
                 full[i] += torch.linalg.vector_norm(piece, ord=1, dtype=torch.float64)
+    before = {i: tables[i].l1.to(torch.float64) if tables is not None else full[i] for i in todo}
+    restore_factors(specs, kept, before, device)
+
+
+def restore_factors(specs: list[Spec], kept: Mapping[int, torch.Tensor], before: Mapping[int, torch.Tensor],
+                    device: torch.device) -> None:
+    """Set `specs[i].rescale` to mergekit's L1 restore `before[i] / kept[i]` (fp64 L1 of the task vector
+    and of its kept entries; 1 when either is below 1e-7), for every i in `kept`."""
     on_cpu = device.type == "cpu"
-    for i in todo:
-        before = tables[i].l1.to(torch.float64) if tables is not None else full[i]
-        after = kept[i]
-        ok = (before >= _EPS) & (after >= _EPS)
-        factor = torch.where(ok, before / torch.where(ok, after, 1), 1).to(torch.float32)
+    for i, after in kept.items():
+        ok = (before[i] >= _EPS) & (after >= _EPS)
+        factor = torch.where(ok, before[i] / torch.where(ok, after, 1), 1).to(torch.float32)
         specs[i].rescale = float(factor) if on_cpu else factor
         specs[i].pending = False
 

@@ -277,11 +277,21 @@ class MagnitudeTable:
             with torch.no_grad():
                 view = delta.detach() if delta.dim() >= 2 else delta.detach().reshape(1, -1)
                 row_len = view.shape[1]
-                order = torch.argsort(view.abs(), dim=1)
-                ranks = order.argsort(dim=1)
-                del order
                 dtype = torch.int16 if row_len <= 32767 else torch.int32
-                self._row_ranks = ranks.to(dtype)
+                if view.dim() > 2:  # (no such tensor in a causal LM) ranks along dim 1, by the second sort
+                    self._row_ranks, self._row_len = torch.argsort(view.abs(), dim=1).argsort(dim=1).to(dtype), row_len
+                    return self._row_ranks, self._row_len
+                rows = view.shape[0]
+                ranks = torch.empty((rows, row_len), dtype=dtype, device=view.device)
+                # the inverse of each row's sort order, scattered (argsort of the order, as mergekit
+                # ranks, without the second sort), a block of rows at a time: int64 orders of ~4M entries
+                block = max(1, (1 << 22) // max(row_len, 1))
+                positions = torch.arange(row_len, dtype=dtype, device=view.device).expand(min(block, rows), row_len)
+                for r0 in range(0, rows, block):
+                    r1 = min(rows, r0 + block)
+                    order = torch.argsort(view[r0:r1].abs(), dim=1)
+                    ranks[r0:r1].scatter_(1, order, positions[: r1 - r0])
+                self._row_ranks = ranks
                 self._row_len = row_len
         return self._row_ranks, self._row_len
 

@@ -65,7 +65,8 @@ def _assert_close(eager: torch.Tensor, fused: torch.Tensor) -> None:
     torch.testing.assert_close(fused.float(), eager.float(), rtol=rtol, atol=1e-7)
 
 
-GTA = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "topk", "breadcrumbs", "breadcrumbs_ties"]
+GTA = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "topk", "breadcrumbs", "breadcrumbs_ties", "della",
+       "della_linear"]
 
 
 @pytest.mark.parametrize("method", GTA)
@@ -73,7 +74,7 @@ def test_fused_equals_eager_fp32(method: str) -> None:
     _assert_close(*_both(method, torch.float32, normalize=True))
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "della"])
 def test_fused_equals_eager_bf16(method: str) -> None:
     _assert_close(*_both(method, torch.bfloat16, normalize=True))
 
@@ -96,6 +97,31 @@ def test_dare_masks_identical_to_eager_draws() -> None:
                        spec.key, 0, spec.shift, spec.bound)
     assert torch.equal(out != 0, mask.bool())
     torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 4096 / round(density * 4096)))
+
+
+@pytest.mark.parametrize("rescale", ["paper", "mergekit"])
+def test_della_masks_identical_to_eager_draws(rescale: str) -> None:
+    """Two rows, magnitudes rising along each, base 0: the fused kernel keeps exactly the entries the
+    eager draws keep (exact fp64 uniforms and keep lines, so no multiply-add contraction can move a
+    decision), each over p ("paper") or times mergekit's L1 restore factor (the fused L1 pass)."""
+    rows = torch.linspace(1, 2, N // 2).repeat(2, 1)  # ranks ascending along each row
+    params = [ExpertParams(weight=1.0, density=0.45, epsilon=0.2)]
+    table = MagnitudeTable.build(rows)
+
+    def plan():
+        return get_method("della_linear").prepare(
+            [rows], params, base=None, options=MethodOptions(normalize=False, rescale=rescale), tables=[table],
+            generator=mask_generator(5, 7, "w", "cpu"), chunk=CHUNK)
+
+    eager_plan, eager = plan(), torch.empty(rows.numel())
+    for lo, hi in chunks(rows.numel(), CHUNK):
+        eager_plan.run(eager[lo:hi], lo, hi)
+    fused = torch.empty(rows.numel())
+    FusedGta.of(plan()).apply(fused, torch.zeros(rows.numel()), CHUNK, stats=False)
+    assert torch.equal(fused != 0, eager != 0)
+    kept = (fused != 0).view(2, -1).float()
+    assert 0.2 < kept[:, :100].mean() < 0.35 and 0.55 < kept[:, -100:].mean() < 0.7  # p rises with the rank
+    torch.testing.assert_close(fused, eager, rtol=1e-6, atol=0)
 
 
 BIG = (1 << 18) + 4099  # a WindowL1 built over several chunks
@@ -130,7 +156,7 @@ def engines(llama_family: dict[str, Path]) -> tuple[MergeEngine, MergeEngine]:
             MergeEngine.load(llama_family["base"], experts, progress=False, compile=False))
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della"])
 def test_engine_compiled_equals_eager(engines: tuple[MergeEngine, MergeEngine], method: str) -> None:
     fused, eager = engines
     if os.environ.get("EVOMERGE_COMPILE") == "0":
