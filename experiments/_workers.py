@@ -154,8 +154,8 @@ def launch(spec: ExperimentSpec, spec_path: Path, *, run_dir: Path | None, worke
     process ends the run as a single-process run does (`_run.run_stages`: the uniform grid
     baseline when the spec asks for it, the re-scored pick, the held-out comparison, the report,
     status ``done``). Interrupted or failed workers leave the run resumable by the same command."""
-    from ._build import build_objectives, build_space
-    from ._run import Session, export_stage, run_stages, same_spec
+    from ._build import build_objectives
+    from ._run import same_spec
 
     stage = _single_stage(spec)
     rd = RunDir((run_dir or spec.run_dir()).resolve())
@@ -184,12 +184,22 @@ def launch(spec: ExperimentSpec, spec_path: Path, *, run_dir: Path | None, worke
         rd.write_state(status="interrupted", stop={"reason": "workers", "stage": stage.name, "detail": f"exit codes {codes}"})
         click.echo(f"continue with: evomerge run {spec_path} --workers {workers}" + (f" --run-dir {rd.path}" if run_dir else ""), err=True)
         return signals.exit_code() if signals.last() is not None else failed
+    return _finish(rd, resolved, stage, storage, display, signals)
+
+
+def _finish(rd: RunDir, spec: ExperimentSpec, stage: StageSpec, storage: str, display: "Display",
+            signals: "SignalLog") -> int:
+    """After the workers spent the budget: the stage's exports, then what follows the search in a
+    single-process run (`_run.run_stages`, which sees the stage done), in this process."""
+    from ._build import build_space
+    from ._run import Session, export_stage, run_stages
+
     try:
-        session = Session.open(resolved, progress=display.bars)
+        session = Session.open(spec, progress=display.bars)
     except KeyboardInterrupt:
         return signals.exit_code()
     try:
-        ledger = open_shared_ledger(resolved, stage, storage, build_space(session.engine, stage.space),  # type: ignore[arg-type]
+        ledger = open_shared_ledger(spec, stage, storage, build_space(session.engine, stage.space),  # type: ignore[arg-type]
                                     heartbeat=HEARTBEAT_SECONDS)
         export_stage(rd, stage.name, ledger)
         click.echo(f"{len(ledger.finished())} trials in {storage}; results in {rd.results_dir(stage.name)}")

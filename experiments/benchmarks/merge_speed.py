@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (medians are reported)")
     parser.add_argument("--zoo", choices=["none", "tiny", "small"], default="none",
                         help="also benchmark this toy zoo if it is cached (never built here)")
+    parser.add_argument("--real-shape", choices=["qwen2.5", "llama3.2", "mistral0.3", "gemma2"],
+                        help="also benchmark this real-shaped fixture (its base, full experts and LoRA adapter; "
+                             "built offline on first use, minutes)")
     parser.add_argument("--layers", type=int,
                         help="override the depth of every synthetic size (e.g. --sizes 500M --layers 100 = 1.25B "
                              "parameters, to see which part of the peak RSS grows with the model)")
@@ -319,6 +322,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             experts = {n: folder / p for n, p in load_manifest(folder)["experts"].items()}
             results[f"zoo-{args.zoo}"] = in_child(measure, f"zoo {args.zoo}", folder / "base", experts, args.repeats,  # type: ignore[assignment]
                                                   args.threads, args.compile, args.pruning, methods)
+    if args.real_shape:
+        from evomerge.experiments.zoo import build_real_shape, load_manifest
+
+        root = build_real_shape(args.real_shape)
+        manifest = load_manifest(root)
+        experts = {n: root / p for n, p in {**manifest["experts"], **manifest.get("lora_experts", {})}.items()}
+        results[args.real_shape] = in_child(measure, f"{args.real_shape}-shaped fixture", root / manifest["base"],  # type: ignore[assignment]
+                                            experts, args.repeats, args.threads, args.compile, args.pruning, methods)
     for size in sizes:
         with tempfile.TemporaryDirectory(prefix="merge_speed_") as tmp:
             base, experts = in_child(synthetic_llama, Path(tmp), args.experts, getattr(torch, args.dtype), 0, size,  # type: ignore[misc]
