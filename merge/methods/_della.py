@@ -114,9 +114,9 @@ class DellaSpec(Spec):
         keep = torch.lt(bits, bound, out=scratch.get("della_keep", torch.bool))
         mask = scratch.get("mask", torch.float32)
         if self.paper:  # each survivor over its keep probability: fl32(1 / fl32(p)), as the fused kernel
-            probs = scratch.get("della_probs", torch.float64)
-            probs.copy_(bound).add_(2.0**31).mul_(2.0**-32)  # exact
-            mask.copy_(probs).reciprocal_()
+            shifted = scratch.get("della_shifted", torch.int64)
+            shifted.copy_(bound).add_(1 << 31)  # p * 2**32, an integer below 2**32
+            mask.copy_(shifted).mul_(2.0**-32).reciprocal_()  # one rounding to fp32, then exact scaling
             mask.mul_(keep)
         else:
             mask.copy_(keep)

@@ -102,9 +102,9 @@ def _weighted(kinds: tuple[str, ...], deltas: Sequence[torch.Tensor], coef: torc
             index = torch.arange(d.shape[-1], dtype=torch.int32, device=d.device) + start
         if kind.startswith("della"):
             assert line is not None and index is not None
-            keep, bound = _della_keep(index, k0[i], k1[i], next(della), line[0, i], line[1, i])
+            keep, della_bound = _della_keep(index, k0[i], k1[i], next(della), line[0, i], line[1, i])
             if kind == "della_paper":  # each survivor over its keep probability, fl32(1 / fl32(p)) as eager
-                x = x * (1.0 / ((bound.double() + 2.0**31) * 2.0**-32).float())
+                x = x * (1.0 / ((della_bound.long() + 2**31).float() * 2.0**-32))
         else:
             keep = _keep(kind, x, lo[i], hi[i], bound[i], k0[i], k1[i], shift[i], index)
         if flipped and flipped[i]:  # a threshold or band ("thr"/"band": keep is not None)
