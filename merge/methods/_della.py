@@ -18,9 +18,9 @@ the same masks on every path.
   p_i, which makes the result an unbiased estimate of the task vector.
 * Rows of length 1 (n = 1): mergekit divides 0 by 0 and fails; we use p = density.
 
-Eager passes per expert: 3 for p (int->float, scale, shift) + 2 (uniform draw, compare) + 1 (mask *= delta)
-(+1 reciprocal of p for "paper") + 1 read (L1, "mergekit") + the combine's; fused: one pass, plus one
-reading pass for mergekit's L1.
+Eager passes per expert: 3 for the bound (widen the ranks, scale, shift) + 2 (hash, compare) + 1
+(mask *= delta) (+3 for the keep probability of "paper") + 1 read (L1, "mergekit") + the combine's;
+fused: one pass, plus one reading pass for mergekit's L1.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def keep_line(density: float, epsilon: float, row_len: int) -> tuple[int, int]:
 
 
 class DellaSpec(Spec):
-    """Per-entry keep probability from the precomputed row ranks; counter-based uniforms."""
+    """Per-entry keep probability from the precomputed row ranks (`keep_line`); counter-based hashes."""
 
     random = True
 
