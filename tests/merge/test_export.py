@@ -40,7 +40,7 @@ def test_mixed_method_recipe_exports_without_mergekit_yaml(tmp_path: Path, llama
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "della"])
 def test_export_holds_the_bits_apply_wrote(tmp_path: Path, tiny_zoo: Path, method: str, dtype: torch.dtype) -> None:
     """The export is what was scored, bit for bit, with the fused kernels too (an eager export pass
     rounded task-arithmetic entries differently from the fused apply: 13 of 21 bf16 tensors of the
@@ -55,9 +55,11 @@ def test_export_holds_the_bits_apply_wrote(tmp_path: Path, tiny_zoo: Path, metho
     engine = MergeEngine.load(tiny_zoo / manifest["base"], experts, dtype=dtype, progress=False)
     assert engine.fused
     density = lambda d: 1.0 if method == "task_arithmetic" else d  # noqa: E731
-    rules = [GroupRule(method=method, experts={e: ExpertParams(weight=0.4, density=density(0.5)) for e in experts})]
+    extra = {"epsilon": 0.1} if method == "della" else {}
+    rules = [GroupRule(method=method, experts={e: ExpertParams(weight=0.4, density=density(0.5), **extra) for e in experts})]
     rules += [GroupRule(layers=[layer], method=method, experts={
-        e: ExpertParams(weight=0.3 + 0.1 * j + 0.05 * layer, density=density(0.3 + 0.1 * layer)) for j, e in enumerate(experts)})
+        e: ExpertParams(weight=0.3 + 0.1 * j + 0.05 * layer, density=density(0.3 + 0.1 * layer), **extra)
+        for j, e in enumerate(experts)})
         for layer in range(engine.layout.num_layers)]
     recipe = MergeRecipe(rules=rules, seed=3, trial=7)
     live = engine.new_target_model()
