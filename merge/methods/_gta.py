@@ -33,6 +33,7 @@ from ._draws import expert_keys
 from ._base import ChunkPlan, Coefficient, MergeMethod, axpy_, chunks, scaled_into, total_weight_divisor
 from ._magnitude import MagnitudeTable
 from ._options import MethodOptions
+from ._rescale import restore_ratio
 from ._scratch import release, scratch
 
 
@@ -274,9 +275,6 @@ def dense_spec(delta: torch.Tensor, p: ExpertParams, table: MagnitudeTable | Non
     return DenseSpec()
 
 
-_EPS = 1e-7  # mergekit's rescaled_masked_tensor eps
-
-
 class GtaPlan(ChunkPlan):
     """Per-chunk sparsify + combine for one tensor (specs, weights and scale resolved by `prepare`)."""
 
@@ -353,8 +351,7 @@ def restore_factors(specs: list[Spec], kept: Mapping[int, torch.Tensor], before:
     and of its kept entries; 1 when either is below 1e-7), for every i in `kept`."""
     on_cpu = device.type == "cpu"
     for i, after in kept.items():
-        ok = (before[i] >= _EPS) & (after >= _EPS)
-        factor = torch.where(ok, before[i] / torch.where(ok, after, 1), 1).to(torch.float32)
+        factor = restore_ratio(before[i], after).to(torch.float32)
         specs[i].rescale = float(factor) if on_cpu else factor
         specs[i].pending = False
 

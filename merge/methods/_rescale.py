@@ -21,7 +21,11 @@ def l1_restore_factor(delta: torch.Tensor, masked: torch.Tensor, table: "Magnitu
     The numerator comes from the table (computed once); the denominator is one read of `masked`.
     """
     before = table.l1 if table is not None else delta.abs().float().sum()
-    after = torch.linalg.vector_norm(masked, ord=1, dtype=torch.float32)
+    return restore_ratio(before, torch.linalg.vector_norm(masked, ord=1, dtype=torch.float32))
+
+
+def restore_ratio(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """``before / after``, or 1 when either L1 is below mergekit's 1e-7 (tensors: no sync on CUDA)."""
     ok = (before >= _EPS) & (after >= _EPS)
     return torch.where(ok, before / torch.where(ok, after, 1), 1)
 
