@@ -220,9 +220,7 @@ def best_trial(ledger: "Ledger") -> Any:
 
     from evomerge.search import to_losses
 
-    from evomerge.search import full_fidelity
-
-    done = [t for t in ledger.trials((TrialState.COMPLETE,)) if ledger.feasible(t) and full_fidelity(t.user_attrs.get("fidelity"))]
+    done = [t for t in ledger.trials((TrialState.COMPLETE,)) if ledger.eligible(t)]
     if not done:
         return None
     if ledger.scalarization is not None:

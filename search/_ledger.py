@@ -298,11 +298,17 @@ class Ledger:
     def feasible(trial: FrozenTrial) -> bool:
         return all(c <= 0 for c in trial.user_attrs.get("constraints") or ())
 
+    @classmethod
+    def eligible(cls, trial: FrozenTrial) -> bool:
+        """Whether a finished trial may enter the front or be named a stage's best: feasible, and
+        scored at the top fidelity (a low rung's few items are too noisy)."""
+        return cls.feasible(trial) and full_fidelity(trial.user_attrs.get(FIDELITY_ATTR))
+
     def archive(self) -> ParetoArchive:
         """The Pareto archive rebuilt from the ledger, in trial order (so resume restores history)."""
         archive = ParetoArchive(self.directions, self.reference_point)
         for trial in self.finished():
-            archive.add(trial.number, self.objective_values(trial), feasible=self.feasible(trial) and full_fidelity(trial.user_attrs.get(FIDELITY_ATTR)))
+            archive.add(trial.number, self.objective_values(trial), feasible=self.eligible(trial))
         if archive.reference_point is not None and self.reference_point is None:
             self.record_reference_point(archive.reference_point)
         return archive
