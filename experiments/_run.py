@@ -269,13 +269,8 @@ def _run_stage(
         # TIES at the method's defaults) is the sensible first trial, as it is for nevergrad.
         ledger.study.enqueue_trial(space.start_params())
     scorer = PenalizedScorer(session.scorer, space) if optimizer_spec.l1_penalty > 0 else session.scorer
-    state = rd.read_state()
-    elapsed = dict(state.get("elapsed", {}))
-    before = float(elapsed.get(stage.name, 0.0))
+    elapsed, before = rd.start_stage(stage.name, stage.budget.model_dump())
     t0 = time.monotonic()
-    budgets = {**state.get("budgets", {}), stage.name: stage.budget.model_dump()}
-    # stage_started lets `status` count the time of a trial still running, not only finished ones
-    rd.write_state(status="running", stage=stage.name, budgets=budgets, stage_started=time.time(), stage_elapsed_before=before)
     stage_seconds = lambda: before + time.monotonic() - t0  # noqa: E731
 
     def checkpoint(_: Any) -> None:

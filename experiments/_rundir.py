@@ -114,6 +114,17 @@ class RunDir:
         """state.json (empty before the first write); a damaged one is a one-line `UserError`."""
         return read_json_object(self.state_file, fix="delete it: progress is rebuilt from the ledger") if self.state_file.exists() else {}
 
+    def start_stage(self, stage: str, budget: dict[str, Any], **changes: Any) -> tuple[dict[str, float], float]:
+        """Mark ``stage`` running in state.json, with its budget and start time (`status` counts the
+        time of a trial still running from it); returns every stage's elapsed seconds so far and this
+        stage's (a resumed stage goes on counting from there)."""
+        state = self.read_state()
+        elapsed = dict(state.get("elapsed", {}))
+        before = float(elapsed.get(stage, 0.0))
+        self.write_state(status="running", stage=stage, budgets={**state.get("budgets", {}), stage: budget},
+                         stage_started=time.time(), stage_elapsed_before=before, **changes)
+        return elapsed, before
+
     def write_state(self, **changes: Any) -> dict[str, Any]:
         """Merge ``changes`` into state.json atomically (a crash never leaves half a file). Not
         fsynced: it is written after every trial, and the ledger, not this file, is the truth."""

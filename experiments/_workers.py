@@ -171,11 +171,8 @@ def launch(spec: ExperimentSpec, spec_path: Path, *, run_dir: Path | None, worke
         dump_spec(resolved, rd.spec_file)
         rd.write_state(status="created", name=resolved.name, elapsed={})
         click.echo(f"run folder: {rd.path}")
-    state = rd.read_state()
-    elapsed = dict(state.get("elapsed", {}))
-    before, t0 = float(elapsed.get(stage.name, 0.0)), time.monotonic()
-    rd.write_state(status="running", stage=stage.name, stop=None, workers=workers, stage_started=time.time(),
-                   stage_elapsed_before=before, budgets={**state.get("budgets", {}), stage.name: stage.budget.model_dump()})
+    elapsed, before = rd.start_stage(stage.name, stage.budget.model_dump(), stop=None, workers=workers)  # type: ignore[union-attr]
+    t0 = time.monotonic()
     codes = _run_worker_processes(rd, storage, workers, signals)
     rd.write_state(elapsed={**elapsed, stage.name: before + time.monotonic() - t0})
     click.echo(f"workers exited with {codes}")
