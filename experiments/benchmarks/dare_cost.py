@@ -27,29 +27,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from evomerge.experiments.benchmarks.merge_speed import (SIZES, PlainPass, _plain_kernel, in_child, per_layer_recipe,
-                                                        synthetic_llama)
+                                                        sample, synthetic_llama)
 
 EXPERTS = 3
 KINDS = ("dense", "thr", "dare")
-
-
-def _cpu(fn: Callable[[], object], calls: int) -> float:
-    return _times(fn, calls)[1]
-
-
-def _times(fn: Callable[[], object], calls: int) -> tuple[float, float]:
-    """(wall, process CPU) seconds per call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
 
 
 def _rounds(runs: dict[str, Callable[[], object]], repeats: int, calls: int) -> dict[str, float]:
@@ -58,7 +45,7 @@ def _rounds(runs: dict[str, Callable[[], object]], repeats: int, calls: int) -> 
     times: dict[str, list[tuple[float, float]]] = {key: [] for key in runs}
     for _ in range(repeats):
         for key, fn in runs.items():
-            times[key].append(_times(fn, calls))
+            times[key].append(sample(fn, calls))
     result = {key: statistics.median(c for _, c in v) for key, v in times.items()}
     result.update({f"{key} wall": statistics.median(w for w, _ in v) for key, v in times.items()})
     return result
@@ -151,7 +138,7 @@ def phases(base: Path, experts: dict[str, Path], label: str, repeats: int, threa
                                              "per-tensor fused": tensor_kernels}
     plan()
     pack()
-    slowest = max(_cpu(fn, 1) for fn in runs.values())
+    slowest = max(sample(fn, 1)[1] for fn in runs.values())
     result = _rounds(runs, repeats, max(1, min(50, round(0.02 / max(slowest, 1e-6)))))
     plain_s = result["plain pass"]
     print(f"phases of a DARE-TIES apply, {label}: {engine.num_params / 1e6:.2f}M params, {len(engine.layout.slots)} "
