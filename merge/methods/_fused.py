@@ -334,8 +334,8 @@ class FusedGta:
         todo = [j for j, i in enumerate(self.experts) if isinstance(plan.specs[i], DellaSpec) and plan.specs[i].pending]
         if not todo:
             return
-        ranks = {i: r for i, r in zip((i for i in self.experts if isinstance(plan.specs[i], DellaSpec)), self.ranks)}
         picked = [self.experts[j] for j in todo]
+        ranks = [plan.specs[i].ranks for i in picked]  # type: ignore[attr-defined]
         deltas = [self.deltas[j] for j in todo]
         k0, k1 = self.k0[todo], self.k1[todo]
         line = self.line[:, todo]
@@ -343,7 +343,7 @@ class FusedGta:
         kept = None
         for lo, hi in chunks(plan.numel, chunk):
             sums = _call(key, lambda: _make_l1_kernel(len(todo)), [d[lo:hi] for d in deltas], k0, k1,
-                         self._set_start(lo), _wide_ranks([ranks[i] for i in picked], lo, hi), line)
+                         self._set_start(lo), _wide_ranks(ranks, lo, hi), line)
             kept = sums if kept is None else kept + sums
         assert kept is not None
         restore_factors(plan.specs, {i: kept[j] for j, i in enumerate(picked)},
