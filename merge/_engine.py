@@ -22,7 +22,8 @@ from torch import nn
 from ._compat import VocabPolicy, check_architecture, check_config_weights, check_tensors
 from ._allocator import trim
 from ._errors import MergeError
-from ._io import CheckpointReader, StagingBuffer, config_dtype, load_config, require_dir
+from ._io import (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, CheckpointReader, StagingBuffer, config_dtype, load_config,
+                  quiet_transformers, require_dir)
 from ._layout import ModelLayout
 from ._lora import LoraAdapter, LoraModule, is_adapter
 from ._packed import PACK_MAX_NUMEL, PackedArena
@@ -175,9 +176,7 @@ class MergeEngine:
     def new_target_model(self) -> nn.Module:
         """The one live HF model (base weights, eval mode, no grads) that `apply` rewrites."""
         if self._target is None:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
+            model = self._base_architecture()
             model.to(self.device).eval().requires_grad_(False)
             targets = self._targets(model)
             with torch.no_grad():
@@ -185,6 +184,21 @@ class MergeEngine:
                     targets[name].copy_(self._base[name])
             self._target = model
         return self._target
+
+    def _base_architecture(self) -> nn.Module:
+        """The base's HF model, its weights about to be overwritten by `new_target_model`.
+
+        Loaded by transformers from the base's safetensors: the shards are memory-mapped, so this
+        costs no random initialisation (`from_config` spent 8.2 s initialising a 0.7B Mistral-shaped
+        model, against 0.07 s), and its non-persistent buffers (rotary frequencies) are the library's
+        own. A base with only pickle files (`allow_pickle`) or unindexed shards is built from its config."""
+        from transformers import AutoModelForCausalLM
+
+        if (self.base_path / SAFETENSORS_INDEX).is_file() or (self.base_path / SAFETENSORS_SINGLE).is_file():
+            with quiet_transformers():
+                return AutoModelForCausalLM.from_pretrained(self.base_path, config=self.config, dtype=self.dtype,
+                                                            use_safetensors=True)
+        return AutoModelForCausalLM.from_config(self.config, dtype=self.dtype)
 
     def _targets(self, target: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         tensors: Mapping[str, torch.Tensor]

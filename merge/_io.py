@@ -13,6 +13,7 @@ import os
 import pickle
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -222,6 +223,21 @@ class CheckpointReader:
         """Every tensor, read one at a time."""
         for name in self._files:
             yield name, self.get(name)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars ("Loading weights", "Writing model shards") while inside: the
+    bar is transformers' process-wide switch, restored on exit."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -17,15 +17,14 @@ import copy
 import os
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from ...merge import quiet_transformers
 from ._cache import ZooBuildError, build_cached, cache_root
 from .architecture import ARCHS, make_config
 from .arithmetic import task_arithmetic
@@ -106,20 +105,6 @@ def _make_data(spec: ZooSize, seed: int) -> dict[str, dict[str, list[Example]]]:
 
 
 # --------------------------------------------------------------------------- models
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No per-save "Writing model shards" bars inside the build's own progress bar."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 def _save_hf(model: PreTrainedModel, tokenizer, path: Path) -> None:

@@ -42,9 +42,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from ...merge import CheckpointReader
+from ...merge import CheckpointReader, quiet_transformers
 from ._cache import ZooBuildError, build_cached, cache_root
-from .build import LORA_TARGETS, derive_seed, quiet_transformers
+from .build import LORA_TARGETS, derive_seed
 from .families import FAMILIES, RealShape
 from .manifest import write_manifest
 from .skills import SKILLS, sample_unique, skill_rng, write_jsonl

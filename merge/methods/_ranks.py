@@ -39,10 +39,12 @@ _SIXTEEN = (torch.bfloat16, torch.float16)
 
 
 def _keys(flat: torch.Tensor, full: bool) -> torch.Tensor:
-    """Monotone integer keys of |x| (equal keys <=> equal magnitudes when `full` or 16-bit dtypes):
-    the 15 magnitude bits of a 16-bit float, or the fp32 pattern's top 15 (`full`: all 31) bits."""
+    """Monotone non-negative integer keys of |x| (equal keys <=> equal magnitudes when `full` or
+    16-bit dtypes): the 15 magnitude bits of a 16-bit float (int16), or the fp32 pattern's top 15
+    (`full`: all 31) bits (int32). Kept narrow: `torch.bincount` takes them as they are (widening a
+    bf16 tensor's keys to int64 first made the histogram 5x slower)."""
     if flat.dtype in _SIXTEEN:
-        return flat.view(torch.int16).to(torch.int32) & 0x7FFF
+        return flat.view(torch.int16) & 0x7FFF
     bits = flat.float().view(torch.int32) & 0x7FFFFFFF
     return bits if full else bits >> 16
 
@@ -77,9 +79,9 @@ class RankTable:
         self._flat = flat
         """The task vector itself (not a copy): fp32 boundary buckets are resolved by a gather."""
         keys = _keys(flat, full=False)
-        lo, hi = int(keys.min()), int(keys.max())
+        lo = int(keys.min())
         self._offset = lo
-        counts = torch.bincount((keys - lo).long(), minlength=hi - lo + 1).cpu().numpy().astype(np.int64)
+        counts = torch.bincount(keys)[lo:].cpu().numpy().astype(np.int64)
         self._counts = counts
         self._below = np.concatenate([[0], np.cumsum(counts)[:-1]])
         """Entries in lower buckets: the bucket of a sorted position is one binary search in it (a

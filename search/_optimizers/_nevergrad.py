@@ -34,6 +34,8 @@ choice is made at construction through ``enable_pickling``, a deterministic func
 def nevergrad_refusal(optimizer: str) -> str | None:
     """Why ``optimizer`` cannot drive a search (None when it can): the one rule for the spec's
     check and the optimizer's constructor."""
+    if optimizer in NEVERGRAD_OPTIMIZERS:
+        return None  # registry classes that choose nothing themselves: no 1.3 s import to check a spec
     import nevergrad as ng
 
     if optimizer not in ng.optimizers.registry:
