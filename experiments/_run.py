@@ -101,10 +101,12 @@ class Session:
 
     @classmethod
     def open(cls, spec: ExperimentSpec, *, progress: bool) -> "Session":
-        """Load engine and scorer; ``progress``: loading progress bars."""
+        """Load engine and scorer; ``progress``: loading progress bars. The calibration files are read
+        first: a broken one is reported before minutes of model loading, not after."""
+        objectives = build_objectives(spec)
         engine = build_engine(spec, progress=progress)
         check_mergekit_files(spec, engine)
-        scorer = build_scorer(spec, engine, build_objectives(spec))
+        scorer = build_scorer(spec, engine, objectives)
         for recipe in _warm_up_recipes(spec, engine):
             scorer.warm_up(recipe)
         return cls(spec, engine, scorer)
