@@ -246,8 +246,9 @@ def mark(fixes: Sequence[torch.Tensor | None], numel: int) -> tuple[tuple[int, .
         bit = 1 << n
         if n == 0:  # the marks are all zero: nothing to read
             marks.index_fill_(0, fix, bit)
-        else:  # index_select / index_copy_: 3-6x faster than `marks[fix]` indexing on CPU (measured)
-            marks.index_copy_(0, fix, marks.index_select(0, fix) | bit)
+        else:  # a list has no repeats and each bit is new, so adding is OR: one pass, 2x faster than
+            # index_select | bit + index_copy_, 6-12x than `marks[fix] |= bit` on CPU (measured)
+            marks.index_add_(0, fix, torch.full(fix.shape, bit, dtype=marks.dtype, device=fix.device))
         bits.append(bit)
         n += 1
     return tuple(bits), marks
