@@ -3,10 +3,10 @@
 For each published architecture (Qwen2.5-0.5B, Llama-3.2-1B, Mistral-7B-v0.3, Gemma-2-2B, depth
 cut to 2-4 layers, random weights): the folders have the published shape (config values, bf16
 shards + index, a tokenizer of the published vocabulary size), the experts differ from the base
-where fine-tuning changed them, and the checkpoints load, merge in place (TIES, or DARE-TIES for Mistral, over the full
-experts and the LoRA adapter, compiled kernels as for any model of >= 50M parameters), export (the exported
-folder gives the live merged model's logits exactly) and score (TransformersScorer; the loss equals
-a plain forward pass of the merged model).
+where fine-tuning changed them, and the checkpoints load, merge in place (TIES, or DARE-TIES for
+Mistral, over the full experts and the LoRA adapter, compiled kernels as for any model of >= 50M
+parameters), export (the exported folder gives the live merged model's logits exactly) and score
+(TransformersScorer; the loss equals a plain forward pass of the merged model).
 
 Each fixture is built once (about 0.5-2 minutes on 2 cores) and cached under $EVOMERGE_CACHE;
 calibration sets are 4 items, because scoring a 128k-256k vocabulary on CPU is the slow part.
@@ -67,7 +67,8 @@ def _mixed(family: str, manifest: dict) -> MergeRecipe:
     names = [*manifest["experts"], *manifest["lora_experts"]]
     return MergeRecipe(rules=[
         GroupRule(method="task_arithmetic", experts={n: ExpertParams(weight=0.4) for n in names}),
-        GroupRule(layers=[0], method=SPARSIFIED.get(family, "ties"), experts={n: ExpertParams(weight=0.4, density=0.5) for n in names}),
+        GroupRule(layers=[0], method=SPARSIFIED.get(family, "ties"),
+                  experts={n: ExpertParams(weight=0.4, density=0.5) for n in names}),
     ], normalize=False, seed=5)
 
 
