@@ -107,7 +107,9 @@ class Session:
         engine = build_engine(spec, progress=progress)
         check_mergekit_files(spec, engine)
         scorer = build_scorer(spec, engine, objectives)
-        for recipe in _warm_up_recipes(spec, engine):
+        recipes = _warm_up_recipes(spec, engine)
+        engine.build_sorts(recipes)  # exact pruning's and DELLA's sorts, side by side, memory checked
+        for recipe in recipes:
             scorer.warm_up(recipe)
         return cls(spec, engine, scorer)
 

@@ -33,6 +33,7 @@ from .methods._base import ChunkPlan, chunk_buffer, chunk_elements, chunks, run_
 
 if TYPE_CHECKING:
     from .methods import MagnitudeTable, MethodOptions
+    from .methods._magnitude import SortKind
 
 HEAD = "lm_head.weight"
 
@@ -55,6 +56,16 @@ class MergeStats:
     l1_distance: float | None
     changed_params: int | None
     seconds: float
+
+
+@dataclass(frozen=True)
+class _SortJob:
+    """One one-time sort to build (`MergeEngine.build_sorts`): `kept` bytes held for the run."""
+
+    table: "MagnitudeTable"
+    delta: torch.Tensor
+    kind: "SortKind"
+    kept: int
 
 
 def _tied(config: Any) -> bool:
@@ -312,16 +323,113 @@ class MergeEngine:
     def warm_up(self, recipes: Iterable[MergeRecipe], target: nn.Module | Mapping[str, torch.Tensor]) -> float:
         """Pay the one-time costs of a run before its first timed candidate; returns the seconds taken.
 
-        Applies each recipe with and without stats (overwriting `target`, as any candidate would):
-        that builds the magnitude tables the recipes read, packs the small tensors and compiles every
-        fused kernel variant they use (a few seconds each, once per process). Later applies of
-        recipes with the same methods and expert kinds then cost one pass over the weights.
+        Runs the sorts the recipes read, several at a time (`build_sorts`), then applies each recipe
+        with and without stats (overwriting `target`, as any candidate would): that builds the
+        magnitude tables the recipes read, packs the small tensors and compiles every fused kernel
+        variant they use (a few seconds each, once per process). Later applies of recipes with the
+        same methods and expert kinds then cost one pass over the weights.
         """
         start = time.perf_counter()
+        recipes = list(recipes)
+        self.build_sorts(recipes)
         for recipe in recipes:
             self.apply(recipe, target, stats=False)
             self.apply(recipe, target, stats=True)
         return time.perf_counter() - start
+
+    @torch.no_grad()
+    def build_sorts(self, recipes: Iterable[MergeRecipe], threads: int | None = None,
+                    available: int | None = None) -> float:
+        """Run every one-time sort that merging `recipes` reads, `threads` at a time (default: torch's
+        thread count), largest first; returns the seconds taken.
+
+        Why: exact pruning keeps mergekit's sort order of each task vector it prunes, DELLA its row
+        ranks (`MagnitudeTable.build_sort`). torch sorts a flat tensor on one thread (~15M entries/s),
+        so inside the first merge, one tensor after another, a 0.5B model with 3 experts sorted for
+        two minutes per direction and a 7B model would sort for half an hour; side by side they take
+        that divided by the cores. The sorts' temporaries (~20 bytes per entry while a tensor sorts)
+        are held to half the memory the results leave free. Where the results themselves (4 bytes
+        per entry and expert for exact pruning) would not fit in the memory available, raises
+        `MergeError` naming the fix before sorting anything. Adapter-mode recipes sort only small
+        LoRA factors, on first use. `available`: bytes of memory free for the sorts (default: what
+        the OS reports, `available_memory`).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ._memory import ByteBudget
+
+        start = time.perf_counter()
+        work = self._sort_jobs(recipes)
+        if not work:
+            return time.perf_counter() - start
+        free = self._check_sort_memory(work, available)
+        budget = ByteBudget(max(1 << 28, free // 2) if free is not None else 1 << 62)
+
+        def run(job: "_SortJob") -> None:
+            temporary = 20 * (min(job.table.numel, 1 << 22) if job.kind == "rows" else job.table.numel)
+            budget.acquire(temporary)
+            try:
+                job.table.build_sort(job.delta, job.kind)
+            finally:
+                budget.release(temporary)
+
+        ranked = {id(job.table): job for job in work if job.kind != "rows"}
+        with ThreadPoolExecutor(max_workers=max(1, threads or torch.get_num_threads())) as pool:
+            # each table's histogram first: its two sort directions may then run in two threads
+            list(pool.map(lambda job: job.table.ranks(job.delta), ranked.values()))
+            list(pool.map(run, work))
+        return time.perf_counter() - start
+
+    def _sort_jobs(self, recipes: Iterable[MergeRecipe]) -> "list[_SortJob]":
+        """The sorts `recipes` read that are not built yet, largest tensor first."""
+        kinds: dict[tuple[str, str], set[str]] = {}
+        for recipe in recipes:
+            if recipe.lora_mode == "adapter":
+                continue
+            options = self._method_options(recipe)
+            for item in self.check(recipe):
+                if item.rule is None or not hasattr(item.method, "one_time_sort"):
+                    continue
+                for expert, p in zip(item.experts, item.params):
+                    kind = item.method.one_time_sort(p, options)
+                    if kind is not None:
+                        kinds.setdefault((expert, item.name), set()).add(kind)
+        work = []
+        for (expert, name), wanted in kinds.items():
+            delta = self._delta(expert, name)
+            table = self._table(expert, name, delta)
+            for kind in sorted(wanted):
+                kept = table.sort_bytes(delta, kind)
+                if kept:
+                    work.append(_SortJob(table, delta, kind, kept))
+        work.sort(key=lambda job: job.table.numel, reverse=True)
+        return work
+
+    @staticmethod
+    def _check_sort_memory(work: "list[_SortJob]", available: int | None) -> int | None:
+        """Raise `MergeError` when what the sorts keep in host memory exceeds 90% of what is
+        available; returns the memory they leave free (None: unknown)."""
+        from ._memory import available_memory
+
+        host = [job for job in work if job.kind != "rows" or job.delta.device.type == "cpu"]
+        need = sum(job.kept for job in host)
+        free = available if available is not None else available_memory()
+        if free is None:
+            return None
+        if need > 0.9 * free:
+            exact = any(job.kind != "rows" for job in host)
+            fix = ("set `pruning: approximate` in the spec (thresholds, no sorts; docs/merge-methods.md) or free memory"
+                   if exact else "free memory, or merge fewer tensors with DELLA")
+            raise MergeError(f"the one-time sorts of this run's merges (mergekit's exact top-k order, DELLA's row ranks) "
+                             f"need {need / 1e9:.1f} GB of memory and {free / 1e9:.1f} GB is available; {fix}")
+        return free - need
+
+    def _method_options(self, recipe: MergeRecipe) -> "MethodOptions":
+        """The recipe's method-wide options (a rule's `t` is set per rule)."""
+        from .methods import MethodOptions
+
+        return MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=None,
+                             seed=recipe.seed, draws=recipe.draws, pruning=recipe.pruning)
 
     def _trim_after_building(self, seed: int) -> None:
         """After an apply that built tables (the first one; DARE's windows again for a new seed), hand
@@ -449,11 +557,7 @@ class MergeEngine:
 
     def _sources(self, recipe: MergeRecipe) -> Iterator[tuple[TensorPlan, "ChunkPlan | torch.Tensor | None"]]:
         """Per tensor: None (keep the base), a chunk plan (dense), or a whole fp32 delta (adapter mode)."""
-        # Imported here, not at module level: `methods` imports `_recipe` from this package, and
-        # `evomerge.merge` must import cleanly for code that only needs recipes or layouts.
-        from .methods import MethodOptions
-        options = MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=None,
-                                seed=recipe.seed, draws=recipe.draws, pruning=recipe.pruning)
+        options = self._method_options(recipe)
         for item in self.check(recipe):
             if item.rule is None:
                 yield item, None
@@ -514,10 +618,7 @@ class MergeEngine:
 
     def merged_adapter(self, recipe: MergeRecipe) -> dict[str, LoraModule]:
         """Adapter-mode merge of the LoRA factors per base tensor (scale folded into B)."""
-        from .methods import MethodOptions
-
-        options = MethodOptions(normalize=recipe.normalize, lambda_=recipe.lambda_, rescale=recipe.rescale, t=None,
-                                seed=recipe.seed, draws=recipe.draws, pruning=recipe.pruning)
+        options = self._method_options(recipe)
         result: dict[str, LoraModule] = {}
         with torch.no_grad():
             for item in self.check(recipe):

@@ -103,6 +103,7 @@ class Breadcrumbs(GeneralizedTaskArithmetic):
     mergekit_name = "breadcrumbs"
     spec = staticmethod(band_spec)
     sparsifier = staticmethod(band_sparsify)
+    sort_kind = "asc"
     uses = frozenset({"weight", "density", "gamma", "normalize", "lambda"})
     mergekit_defaults = {"normalize": False}
 

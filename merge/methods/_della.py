@@ -151,6 +151,7 @@ class DellaLinear(GeneralizedTaskArithmetic):
     is_random = True
     spec = staticmethod(della_spec)
     sparsifier = staticmethod(della_sparsify)
+    sort_kind = "rows"
     uses = frozenset({"weight", "density", "epsilon", "normalize", "lambda", "rescale"})
     mergekit_defaults = {"normalize": False, "rescale": True}
 

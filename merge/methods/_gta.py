@@ -31,7 +31,7 @@ import torch
 from .._recipe import ExpertParams
 from ._draws import expert_keys
 from ._base import ChunkPlan, Coefficient, MergeMethod, axpy_, chunks, scaled_into, total_weight_divisor
-from ._magnitude import MagnitudeTable
+from ._magnitude import MagnitudeTable, SortKind
 from ._options import MethodOptions
 from ._rescale import restore_ratio
 from ._scratch import release, scratch
@@ -364,9 +364,24 @@ class GeneralizedTaskArithmetic(MergeMethod):
     sparsifier: ClassVar[Sparsifier] = staticmethod(no_sparsify)  # type: ignore[assignment]
     """Whole-tensor sparsifier, used only for `draws="mergekit"` (mergekit-identical generator use)."""
     uses = frozenset({"weight", "normalize", "lambda"})
+    sort_kind: ClassVar[SortKind | None] = None
+    """The one-time sort of a task vector this method's pruning reads (`MagnitudeTable.build_sort`):
+    "desc" mergekit's top-k order, "asc" Breadcrumbs' order (both for exact pruning only), "rows"
+    DELLA's row ranks; None: no sort."""
 
     def whole_tensor(self, options: MethodOptions) -> bool:
         return self.is_random and options.draws == "mergekit"
+
+    def one_time_sort(self, p: ExpertParams, options: MethodOptions) -> SortKind | None:
+        """The sort that merging a task vector with `p` under `options` reads, None if none: the engine
+        runs every such sort of a run at once, several in parallel, before the first candidate
+        (`MergeEngine.build_sorts`), rather than one by one inside the first merge."""
+        kind = self.sort_kind
+        if kind is None or not 0 < float(p.density) < 1 or self.whole_tensor(options):
+            return None
+        if kind != "rows" and options.pruning != "exact":
+            return None
+        return kind
 
     def _prepare(
         self,

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
+from typing import Literal
 
 import numpy as np
 import torch
@@ -95,6 +96,10 @@ def _l1(flat: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
         piece = flat[start : start + chunk]
         total += buf[: piece.numel()].copy_(piece).abs_().sum()
     return total.float()
+
+
+SortKind = Literal["desc", "asc", "rows"]
+"""A one-time sort of a task vector (`MagnitudeTable.build_sort`)."""
 
 
 class MagnitudeTable:
@@ -294,6 +299,26 @@ class MagnitudeTable:
                 self._row_ranks = ranks
                 self._row_len = row_len
         return self._row_ranks, self._row_len
+
+    # -- one-time sorts (built together before a search: `MergeEngine.build_sorts`) --------------
+    def sort_bytes(self, delta: torch.Tensor, kind: SortKind) -> int:
+        """Bytes the sort `kind` of `delta` will hold for the run once built; 0 when it is built."""
+        if kind == "rows":
+            if self._row_ranks is not None:
+                return 0
+            row_len = delta.shape[1] if delta.dim() >= 2 else delta.numel()
+            return self.numel * (2 if row_len <= 32767 else 4)
+        order = None if self._ranks is None else self._ranks.built(kind == "desc")
+        return 0 if order is not None else self.numel * 4
+
+    def build_sort(self, delta: torch.Tensor, kind: SortKind) -> None:
+        """Build the sort `kind` of `delta` (this table's task vector) now: mergekit's top-k order
+        ("desc") or Breadcrumbs' order ("asc") for exact pruning, DELLA's row ranks ("rows"). Safe to
+        call from several threads for different tables (torch's sorts release the GIL)."""
+        if kind == "rows":
+            self.row_ranks(delta)
+        else:
+            self.ranks(delta).order(kind == "desc")
 
     def __repr__(self) -> str:
         kind = "exact" if self.exact else f"quantiles@{self.resolution}" + (f" of {self.sampled} samples" if self.sampled else "")

@@ -95,6 +95,10 @@ class RankTable:
         perms = sum(p.numel() * 4 for p in (self._desc, self._asc) if p is not None)
         return int(self._counts.nbytes * 2) + perms
 
+    def built(self, descending: bool) -> torch.Tensor | None:
+        """The permutation of that direction if it is built, else None."""
+        return self._desc if descending else self._asc
+
     def order(self, descending: bool) -> torch.Tensor:
         """mergekit's permutation (int32, CPU): `argsort(|d|.float(), descending=True)` for top-k,
         `sort(|d|.float()).indices` for Breadcrumbs; built on first use, then cached."""

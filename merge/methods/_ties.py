@@ -115,6 +115,7 @@ class Ties(GeneralizedTaskArithmetic):
     consensus = True
     spec = staticmethod(magnitude_spec)
     sparsifier = staticmethod(magnitude_sparsify)
+    sort_kind = "desc"
     uses = frozenset({"weight", "density", "normalize", "lambda"})
     mergekit_defaults = {"normalize": True}
 
@@ -124,4 +125,5 @@ class TopK(GeneralizedTaskArithmetic):
     mergekit_name = None
     spec = staticmethod(magnitude_spec)
     sparsifier = staticmethod(magnitude_sparsify)
+    sort_kind = "desc"
     uses = frozenset({"weight", "density", "normalize", "lambda"})

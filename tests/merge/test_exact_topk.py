@@ -157,3 +157,77 @@ def test_packed_kernel_keeps_split_tie_groups_exact_in_bf16(llama_family, method
     assert fused._arena is not None and len(fused._arena.names) == len(fused.layout.slots)  # all packed
     split = sum(spec.fix is not None for _, plan in fused._sources(recipe) if plan is not None for spec in plan.specs)
     assert split >= len(fused.layout.slots), "split tie groups must be exercised"
+
+
+def _sort_recipes(experts: list[str]):  # type: ignore[no-untyped-def]
+    """TIES (top-k order), Breadcrumbs-TIES (ascending order) and DELLA (row ranks), per-layer densities."""
+    from evomerge.merge import GroupRule, MergeRecipe
+
+    recipes = []
+    for method, extra in (("ties", {}), ("breadcrumbs_ties", {"gamma": 0.02}), ("della", {"epsilon": 0.1})):
+        rules = [GroupRule(method=method, experts={e: ExpertParams(weight=0.5, density=0.3 + 0.2 * j, **extra)
+                                                   for j, e in enumerate(experts)})]
+        recipes.append(MergeRecipe(rules=rules, normalize=True))
+    return recipes
+
+
+def test_build_sorts_side_by_side_gives_the_sorts_and_merges_of_the_first_apply(llama_family) -> None:
+    """`build_sorts` (several threads, before the first candidate) builds exactly the permutations and
+    row ranks that the first apply built one by one, so every merge is the same to the bit."""
+    from evomerge.merge import MergeEngine
+
+    experts = {e: llama_family[e] for e in ("a", "b", "c")}
+    lazy, eager = (MergeEngine.load(llama_family["base"], experts, progress=False, dtype=torch.bfloat16) for _ in range(2))
+    recipes = _sort_recipes(list(experts))
+    assert eager.build_sorts(recipes, threads=3) >= 0
+    built = {key: t for key, t in eager._tables.items()}
+    assert sum(t._ranks is not None and t._ranks.built(True) is not None for t in built.values()) > 0
+    assert sum(t._ranks is not None and t._ranks.built(False) is not None for t in built.values()) > 0
+    assert sum(t._row_ranks is not None for t in built.values()) > 0
+    for recipe in recipes:
+        a, b = lazy.new_target_model(), eager.new_target_model()
+        lazy.apply(recipe, a, stats=False)
+        eager.apply(recipe, b, stats=False)
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
+    compared = 0  # the first apply sorts only where a tie group splits; build_sorts wherever one may
+    for key, table in built.items():
+        other = lazy._tables[key]
+        for descending in (True, False):
+            mine = None if table._ranks is None else table._ranks.built(descending)
+            theirs = None if other._ranks is None else other._ranks.built(descending)
+            if mine is not None and theirs is not None:
+                assert torch.equal(mine, theirs), key
+                compared += 1
+        if table._row_ranks is not None:
+            assert torch.equal(table._row_ranks, other._row_ranks), key
+            compared += 1
+    assert compared > len(built)
+    assert eager.build_sorts(recipes) >= 0  # all built: nothing to do
+
+
+def test_build_sorts_refuses_sorts_that_do_not_fit_and_sorts_nothing(llama_family) -> None:
+    """The results of exact pruning's sorts are held for the run (4 bytes per entry and expert):
+    where they exceed the memory available, one error names the fix before any sort runs; with
+    `pruning: approximate` there is nothing to sort."""
+    from evomerge.merge import MergeEngine, MergeError
+
+    experts = {e: llama_family[e] for e in ("a", "b")}
+    engine = MergeEngine.load(llama_family["base"], experts, progress=False, dtype=torch.bfloat16)
+    ties = _sort_recipes(list(experts))[0]
+    with pytest.raises(MergeError, match=r"need \d+\.\d GB of memory and 0\.0 GB is available; set `pruning: approximate`"):
+        engine.build_sorts([ties], available=1000)
+    assert all(t._ranks is None or t._ranks.built(True) is None for t in engine._tables.values())
+    approximate = ties.model_copy(update={"pruning": "approximate"})
+    engine.build_sorts([approximate], available=0)
+    assert all(t._ranks is None for t in engine._tables.values())
+
+
+def test_available_memory_reads_the_machine() -> None:
+    import sys
+
+    from evomerge.merge._memory import available_memory
+
+    free = available_memory()
+    if sys.platform.startswith("linux"):
+        assert free is not None and free > 0

@@ -1,0 +1,95 @@
+"""The one-time sorts of a run (exact pruning's orders, DELLA's row ranks): one at a time vs side by side.
+
+`MergeEngine.build_sorts` runs at warm-up every sort the run's recipes read. Before it, each sort
+ran inside the first merge, one tensor after another, and torch sorts a flat tensor on one thread.
+This times, on `merge_speed`'s synthetic bf16 Llama, `build_sorts(threads=1)` (that sequential
+order: the real peer) against `build_sorts(threads=N)`, interleaved round by round on fresh tables,
+checks that both build the same permutations, and prints the ratio and the memory the sorts keep.
+
+    python -m evomerge.experiments.benchmarks.sort_build                      # 50M, 3 experts, TIES + DELLA
+    python -m evomerge.experiments.benchmarks.sort_build --size 500M --rounds 2
+    python -m evomerge.experiments.benchmarks.sort_build --methods ties,breadcrumbs_ties --threads 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from evomerge.experiments.benchmarks.merge_speed import SIZES, per_layer_recipe, synthetic_llama
+from evomerge.merge import MergeEngine, fixed_mmap_threshold
+
+
+def _kept(engine: MergeEngine) -> dict[tuple[str, str], list[torch.Tensor]]:
+    """Every built sort per (expert, tensor): the permutations of both directions, the row ranks."""
+    built = {}
+    for key, table in engine._tables.items():
+        ranks = table._ranks
+        parts = [] if ranks is None else [p for p in (ranks.built(True), ranks.built(False)) if p is not None]
+        if table._row_ranks is not None:
+            parts.append(table._row_ranks)
+        built[key] = parts
+    return built
+
+
+def run(size: str, num_experts: int, methods: list[str], threads: int, rounds: int) -> dict[str, float]:
+    """Sequential vs parallel `build_sorts`, `rounds` interleaved rounds on fresh tables."""
+    result: dict[str, float] = {"threads": threads}
+    with tempfile.TemporaryDirectory() as tmp:
+        base, experts = synthetic_llama(Path(tmp), num_experts, torch.bfloat16, size=size)
+        engine = MergeEngine.load(base, experts, progress=False)
+        result["params_m"] = engine.num_params / 1e6
+        recipes = [per_layer_recipe(m, list(experts), engine.layout.num_layers) for m in methods]
+        times: dict[int, list[float]] = {1: [], threads: []}
+        reference = None
+        for _ in range(rounds):
+            for n in (1, threads):
+                engine._tables.clear()  # fresh tables: every sort runs again
+                start = time.perf_counter()
+                engine.build_sorts(recipes, threads=n)
+                times[n].append(time.perf_counter() - start)
+                built = _kept(engine)
+                if reference is None:
+                    reference = built
+                    result["kept_gb"] = sum(p.numel() * p.element_size() for v in built.values() for p in v) / 1e9
+                    result["sorted_entries_m"] = sum(p.numel() for v in built.values() for p in v) / 1e6
+                elif built.keys() != reference.keys() or not all(
+                        len(built[k]) == len(reference[k]) and all(map(torch.equal, built[k], reference[k]))
+                        for k in built):
+                    raise SystemExit(f"threads={n} built different sorts than threads=1")
+        result["one_at_a_time_s"] = statistics.median(times[1])
+        result["side_by_side_s"] = statistics.median(times[threads])
+        result["speedup"] = result["one_at_a_time_s"] / result["side_by_side_s"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="50M", choices=sorted(SIZES))
+    parser.add_argument("--experts", type=int, default=3)
+    parser.add_argument("--methods", default="ties,della", help="comma-separated methods whose sorts are built")
+    parser.add_argument("--threads", type=int, default=None, help="side-by-side sorts (default: torch's threads)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    fixed_mmap_threshold()  # as the CLI does before it loads
+    threads = args.threads or torch.get_num_threads()
+    if threads < 2:
+        raise SystemExit("one thread: nothing to compare (pass --threads 2 or more)")
+    result = run(args.size, args.experts, args.methods.split(","), threads, args.rounds)
+    print(f"synthetic Llama {args.size}: {result['params_m']:.1f}M params, {args.experts} experts, methods {args.methods}: "
+          f"{result['sorted_entries_m']:.0f}M sorted entries, {result['kept_gb']:.2f} GB kept for the run")
+    print(f"  one at a time (threads=1) {result['one_at_a_time_s']:.2f} s | side by side (threads={threads}) "
+          f"{result['side_by_side_s']:.2f} s | {result['speedup']:.2f}x faster (medians of {args.rounds} interleaved rounds; "
+          f"same permutations and ranks)")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
