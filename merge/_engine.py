@@ -529,7 +529,9 @@ class MergeEngine:
         export holds exactly the bits a scorer scored: a separate eager pass rounds a few bf16
         entries differently (multiply-add contraction, docs/merge-engine.md). That costs one model
         of memory while exporting, what the scorer's live model costs during a search. The eager
-        engine streams one tensor at a time, as its apply computes them."""
+        engine streams one tensor at a time, as its apply computes them. The recipe's one-time sorts
+        run first, side by side (`build_sorts`)."""
+        self.build_sorts([recipe])
         if self.fused:
             target = {name: torch.empty_like(self._base[name]) for name in self.layout.slots}
             self.apply(recipe, target, stats=False)
