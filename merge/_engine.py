@@ -382,7 +382,7 @@ class MergeEngine:
 
     def _sort_jobs(self, recipes: Iterable[MergeRecipe]) -> "list[_SortJob]":
         """The sorts `recipes` read that are not built yet, largest tensor first."""
-        kinds: dict[tuple[str, str], set[str]] = {}
+        kinds: dict[tuple[str, str], set["SortKind"]] = {}
         for recipe in recipes:
             if recipe.lora_mode == "adapter":
                 continue
