@@ -124,8 +124,20 @@ class Scorer(ABC):
         process (compiling the merge kernels that recipe's methods use, building the engine's tables,
         the inference kernels' first calls) then fall before the first timed candidate instead of
         counting against its timeout. Call it with a typical recipe (the search space's starting
-        point) before a search; a later candidate of other methods may still compile its own kernels."""
-        return self._evaluate(recipe, Deadline(None))
+        point) before a search; a later candidate of other methods may still compile its own kernels.
+
+        First it runs the merge engine's one-time sorts that ``recipe`` reads, side by side and with
+        their memory checked (`MergeEngine.build_sorts`; their seconds are ``timings["sorts"]``).
+        Unlike a failure inside the evaluation, a `MergeError` there (the sorts would not fit in
+        memory) is raised: it is the run's, not a candidate's."""
+        sorts = self._build_sorts(recipe)
+        evaluation = self._evaluate(recipe, Deadline(None))
+        evaluation.timings["sorts"] = sorts
+        return evaluation
+
+    @abstractmethod
+    def _build_sorts(self, recipe: Any) -> float:
+        """Run the one-time sorts ``recipe`` reads in the engine that merges it; returns the seconds."""
 
     def _evaluate(self, recipe: Any, deadline: Deadline, items: int | None = None) -> Evaluation:
         start = time.perf_counter()

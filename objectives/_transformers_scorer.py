@@ -50,6 +50,9 @@ class TransformersScorer(Scorer):
         self.model = engine.new_target_model().to(device=self.device, dtype=dtype).eval()
         self.inference = ModelInference(self.model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop)
 
+    def _build_sorts(self, recipe: Any) -> float:
+        return self.engine.build_sorts([recipe])
+
     def _swap_in(self, recipe: Any) -> SwapResult:
         t0 = time.perf_counter()
         stats = self.engine.apply(recipe, self.model, stats=self._plan.needs_costs)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from evomerge.merge import MergeStats
+from evomerge.merge import MergeError, MergeStats
 
 from . import _vllm_compat as compat
 from ._objective import Objective
@@ -74,6 +74,13 @@ class VllmScorer(Scorer):
         compat.call_workers(self.llm, "evomerge_init", json.dumps(spec))
         self.startup_seconds = time.perf_counter() - start
         """Engine start plus the worker's merge-engine load, for reports."""
+
+    def _build_sorts(self, recipe: Any) -> float:
+        results = compat.call_workers(self.llm, "evomerge_build_sorts", recipe.to_json())
+        refused = next((r["error"] for r in results if r["error"]), None)
+        if refused is not None:  # the worker's MergeError, carried as text through the RPC
+            raise MergeError(refused)
+        return max(r["seconds"] for r in results)
 
     def _swap_in(self, recipe: Any) -> SwapResult:
         results = compat.call_workers(self.llm, "evomerge_apply", recipe.to_json(), self._plan.needs_costs)

@@ -39,6 +39,17 @@ class MergeWorkerExtension:
         self._evomerge_staging = {name: engine.base_tensor(name).clone() for name in engine.layout.slots}
         return {"seconds": time.perf_counter() - start, "num_params": engine.num_params}
 
+    def evomerge_build_sorts(self, recipe_json: str) -> dict[str, Any]:
+        """The engine's one-time sorts for one recipe (`MergeEngine.build_sorts`): seconds, or the
+        `MergeError` message when they would not fit in this worker's memory."""
+        from evomerge.merge import MergeError, MergeRecipe
+
+        try:
+            seconds = self._evomerge_engine.build_sorts([MergeRecipe.from_json(recipe_json)])
+        except MergeError as exc:
+            return {"seconds": 0.0, "error": str(exc)}
+        return {"seconds": seconds, "error": None}
+
     def evomerge_apply(self, recipe_json: str, with_stats: bool) -> dict[str, Any]:
         """Merge one recipe and swap it in; returns timings and the engine's `MergeStats` fields."""
         from evomerge.merge import MergeRecipe

@@ -158,3 +158,21 @@ def test_evaluation_round_trips_through_json(scorer):
     bad = Evaluation.failure("timeout: x", {"total": 1.0})
     assert Evaluation.from_dict(json.loads(json.dumps(bad.to_dict()))) == bad
     assert all(math.isfinite(v) for v in ev.values.values())
+
+
+
+def test_warm_up_builds_the_recipes_sorts_first(zoo_dir, zoo_experts, zoo_objectives):
+    """`warm_up` runs the engine's one-time sorts of its recipe before evaluating (side by side,
+    `MergeEngine.build_sorts`) and reports their seconds; afterwards nothing is left to sort."""
+    from evomerge.merge import MergeEngine
+
+    engine = MergeEngine.load(zoo_dir / "base", zoo_experts, progress=False)  # its own: no table built yet
+    rule = GroupRule(method="ties", experts={"rev": ExpertParams(weight=0.5, density=0.4),
+                                             "sort": ExpertParams(weight=0.5, density=0.6)})
+    r = MergeRecipe(rules=[rule])
+    with TransformersScorer(engine, zoo_objectives[:1], batch_size=4, max_new_tokens=12) as s:
+        warm = s.warm_up(r)
+    assert not warm.failed and warm.timings["sorts"] > 0
+    built = [t for t in engine._tables.values() if t._ranks is not None and t._ranks.built(True) is not None]
+    assert len(built) == 2 * len(engine.layout.slots)  # every tensor of both experts that TIES prunes
+    assert engine.build_sorts([r]) < 0.05  # nothing left to sort
