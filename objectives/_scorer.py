@@ -130,14 +130,15 @@ class Scorer(ABC):
         their memory checked (`MergeEngine.build_sorts`; their seconds are ``timings["sorts"]``).
         Unlike a failure inside the evaluation, a `MergeError` there (the sorts would not fit in
         memory) is raised: it is the run's, not a candidate's."""
-        sorts = self._build_sorts(recipe)
+        sorts = self.build_sorts([recipe])
         evaluation = self._evaluate(recipe, Deadline(None))
         evaluation.timings["sorts"] = sorts
         return evaluation
 
     @abstractmethod
-    def _build_sorts(self, recipe: Any) -> float:
-        """Run the one-time sorts ``recipe`` reads in the engine that merges it; returns the seconds."""
+    def build_sorts(self, recipes: Sequence[Any]) -> float:
+        """Run the one-time sorts ``recipes`` read in the engine that merges them, side by side and
+        memory checked (`MergeEngine.build_sorts`; raises its `MergeError`); returns the seconds."""
 
     def _evaluate(self, recipe: Any, deadline: Deadline, items: int | None = None) -> Evaluation:
         start = time.perf_counter()

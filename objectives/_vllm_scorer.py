@@ -75,8 +75,8 @@ class VllmScorer(Scorer):
         self.startup_seconds = time.perf_counter() - start
         """Engine start plus the worker's merge-engine load, for reports."""
 
-    def _build_sorts(self, recipe: Any) -> float:
-        results = compat.call_workers(self.llm, "evomerge_build_sorts", recipe.to_json())
+    def build_sorts(self, recipes: Sequence[Any]) -> float:
+        results = compat.call_workers(self.llm, "evomerge_build_sorts", [r.to_json() for r in recipes])
         refused = next((r["error"] for r in results if r["error"]), None)
         if refused is not None:  # the worker's MergeError, carried as text through the RPC
             raise MergeError(refused)

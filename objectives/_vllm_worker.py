@@ -39,13 +39,13 @@ class MergeWorkerExtension:
         self._evomerge_staging = {name: engine.base_tensor(name).clone() for name in engine.layout.slots}
         return {"seconds": time.perf_counter() - start, "num_params": engine.num_params}
 
-    def evomerge_build_sorts(self, recipe_json: str) -> dict[str, Any]:
-        """The engine's one-time sorts for one recipe (`MergeEngine.build_sorts`): seconds, or the
-        `MergeError` message when they would not fit in this worker's memory."""
+    def evomerge_build_sorts(self, recipes_json: list[str]) -> dict[str, Any]:
+        """The engine's one-time sorts for these recipes (`MergeEngine.build_sorts`): seconds, or
+        the `MergeError` message when they would not fit in this worker's memory."""
         from evomerge.merge import MergeError, MergeRecipe
 
         try:
-            seconds = self._evomerge_engine.build_sorts([MergeRecipe.from_json(recipe_json)])
+            seconds = self._evomerge_engine.build_sorts([MergeRecipe.from_json(r) for r in recipes_json])
         except MergeError as exc:
             return {"seconds": 0.0, "error": str(exc)}
         return {"seconds": seconds, "error": None}

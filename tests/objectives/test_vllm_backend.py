@@ -73,6 +73,23 @@ def test_swapped_candidates_match_the_transformers_backend(vllm_scorer, hf_score
 
 @needs_vllm
 @pytest.mark.vllm
+def test_warm_up_sorts_in_the_workers_engine(vllm_scorer, hf_scorer):
+    """`warm_up` runs the one-time sorts of exact TIES in the vLLM worker's engine (the one that
+    merges), once: a second warm-up finds them built; the candidate scores as the transformers one."""
+    rule = GroupRule(method="ties", experts={"rev": ExpertParams(weight=0.8, density=0.4),
+                                             "sort": ExpertParams(weight=0.6, density=0.6)})
+    pruned = MergeRecipe(rules=[rule])
+    first = vllm_scorer.warm_up(pruned)
+    assert not first.failed, first.reason
+    assert first.timings["sorts"] > 0
+    assert vllm_scorer.warm_up(pruned).timings["sorts"] < 0.05
+    want = hf_scorer.evaluate(pruned)
+    assert {k: v for k, v in first.values.items() if k.endswith("_acc")} == {
+        k: v for k, v in want.values.items() if k.endswith("_acc")}
+
+
+@needs_vllm
+@pytest.mark.vllm
 def test_returning_to_a_candidate_reproduces_it(vllm_scorer):
     first = vllm_scorer.evaluate(CANDIDATES[0])
     vllm_scorer.evaluate(CANDIDATES[1])
