@@ -346,7 +346,7 @@ class MergeEngine:
         Why: exact pruning keeps mergekit's sort order of each task vector it prunes, DELLA its row
         ranks (`MagnitudeTable.build_sort`). torch sorts a flat tensor on one thread (~15M entries/s),
         so inside the first merge, one tensor after another, a 0.5B model with 3 experts sorted for
-        two minutes per direction and a 7B model would sort for half an hour; side by side they take
+        two minutes per direction and a 7B model would sort for ~23 minutes; side by side they take
         that divided by the cores. The sorts' temporaries (~20 bytes per entry while a tensor sorts)
         are held to half the memory the results leave free. Where the results themselves (4 bytes
         per entry and expert for exact pruning) would not fit in the memory available, raises
