@@ -43,6 +43,7 @@ from ._rundir import RunDir
 from ._runlog import Display, EventLog, trial_reporter
 from ._spec import ExperimentSpec, OptimizerSpec, SpaceSpec, StageSpec
 from ._spec_io import dump_spec, preset_path, read_yaml, validate_spec
+from .zoo import cache_root
 
 if TYPE_CHECKING:
     from evomerge.merge import MergeEngine, MergeRecipe
@@ -109,7 +110,8 @@ class Session:
         scorer = build_scorer(spec, engine, objectives)
         recipes = _warm_up_recipes(spec, engine)
         start = time.perf_counter()
-        sorts = scorer.build_sorts(_sorting_recipes(spec, engine))
+        # where exact pruning's sort orders go when memory is short: the cache's disk, not /tmp (often RAM)
+        sorts = scorer.build_sorts(_sorting_recipes(spec, engine) + recipes, spill_dir=cache_root() / "sorts")
         sorts += sum(scorer.warm_up(recipe).timings["sorts"] for recipe in recipes)
         if progress:
             click.echo(f"warm-up: one-time sorts {sorts:.0f} s, first evaluation of {len(recipes)} recipe(s) "

@@ -339,7 +339,7 @@ class MergeEngine:
 
     @torch.no_grad()
     def build_sorts(self, recipes: Iterable[MergeRecipe], threads: int | None = None,
-                    available: int | None = None) -> float:
+                    available: int | None = None, spill_dir: Path | None = None) -> float:
         """Run every one-time sort that merging `recipes` reads, `threads` at a time (default: torch's
         thread count), largest first; returns the seconds taken.
 
@@ -349,8 +349,10 @@ class MergeEngine:
         two minutes per direction and a 7B model would sort for ~23 minutes; side by side they take
         that divided by the cores. The sorts' temporaries (~20 bytes per entry while a tensor sorts)
         are held to half the memory the results leave free. Where the results themselves (4 bytes
-        per entry and expert for exact pruning) would not fit in the memory available, raises
-        `MergeError` naming the fix before sorting anything. Adapter-mode recipes sort only small
+        per entry and expert for exact pruning) would not fit in the memory available, the exact
+        pruning orders go to memory-mapped files in `spill_dir` (a warning says so; a candidate
+        reads only their boundary slices) when it is given and has the room, and otherwise
+        `MergeError` names the fix, before anything is sorted. Adapter-mode recipes sort only small
         LoRA factors, on first use. `available`: bytes of memory free for the sorts (default: what
         the OS reports, `available_memory`).
         """
@@ -362,14 +364,14 @@ class MergeEngine:
         work = self._sort_jobs(recipes)
         if not work:
             return time.perf_counter() - start
-        free = self._check_sort_memory(work, available)
+        free, spill = self._sort_memory(work, available, spill_dir)
         budget = ByteBudget(max(1 << 28, free // 2) if free is not None else 1 << 62)
 
         def run(job: "_SortJob") -> None:
             temporary = 20 * (min(job.table.numel, 1 << 22) if job.kind == "rows" else job.table.numel)
             budget.acquire(temporary)
             try:
-                job.table.build_sort(job.delta, job.kind)
+                job.table.build_sort(job.delta, job.kind, spill)
             finally:
                 budget.release(temporary)
 
@@ -406,23 +408,39 @@ class MergeEngine:
         return work
 
     @staticmethod
-    def _check_sort_memory(work: "list[_SortJob]", available: int | None) -> int | None:
-        """Raise `MergeError` when what the sorts keep in host memory exceeds 90% of what is
-        available; returns the memory they leave free (None: unknown)."""
+    def _sort_memory(work: "list[_SortJob]", available: int | None,
+                     spill_dir: Path | None) -> tuple[int | None, Path | None]:
+        """Where the sorts' results go: (memory they leave free, None = unknown; the folder the exact
+        pruning orders are mapped from, None = memory). Raises `MergeError` when what they keep in
+        host memory exceeds 90% of what is available and cannot go to `spill_dir`."""
+        import shutil
+        import warnings
+
         from ._memory import available_memory
 
         host = [job for job in work if job.kind != "rows" or job.delta.device.type == "cpu"]
         need = sum(job.kept for job in host)
         free = available if available is not None else available_memory()
         if free is None:
-            return None
-        if need > 0.9 * free:
-            exact = any(job.kind != "rows" for job in host)
-            fix = ("set `pruning: approximate` in the spec (thresholds, no sorts; docs/merge-methods.md) or free memory"
-                   if exact else "free memory, or merge fewer tensors with DELLA")
-            raise MergeError(f"the one-time sorts of this run's merges (mergekit's exact top-k order, DELLA's row ranks) "
-                             f"need {need / 1e9:.1f} GB of memory and {free / 1e9:.1f} GB is available; {fix}")
-        return free - need
+            return None, None
+        if need <= 0.9 * free:
+            return free - need, None
+        orders = sum(job.kept for job in host if job.kind != "rows")
+        disk = None
+        if spill_dir is not None and orders and need - orders <= 0.9 * free:
+            spill_dir.mkdir(parents=True, exist_ok=True)
+            disk = shutil.disk_usage(spill_dir).free
+            if orders <= 0.9 * disk:
+                warnings.warn(f"exact pruning's sort orders need {orders / 1e9:.1f} GB and {free / 1e9:.1f} GB of memory is "
+                              f"available: they are kept in memory-mapped files in {spill_dir} ({disk / 1e9:.1f} GB free "
+                              "there; unlinked, gone when the process ends)", stacklevel=3)
+                return free - (need - orders), spill_dir
+        fix = ("set `pruning: approximate` in the spec (thresholds, no sorts; docs/merge-methods.md) or free memory"
+               if orders else "free memory, or merge fewer tensors with DELLA")
+        if disk is not None:
+            fix += f" (or disk space: {spill_dir} has {disk / 1e9:.1f} GB free)"
+        raise MergeError(f"the one-time sorts of this run's merges (mergekit's exact top-k order, DELLA's row ranks) "
+                         f"need {need / 1e9:.1f} GB of memory and {free / 1e9:.1f} GB is available; {fix}")
 
     def _method_options(self, recipe: MergeRecipe) -> "MethodOptions":
         """The recipe's method-wide options (a rule's `t` is set per rule)."""

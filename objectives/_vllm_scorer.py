@@ -75,8 +75,9 @@ class VllmScorer(Scorer):
         self.startup_seconds = time.perf_counter() - start
         """Engine start plus the worker's merge-engine load, for reports."""
 
-    def build_sorts(self, recipes: Sequence[Any]) -> float:
-        results = compat.call_workers(self.llm, "evomerge_build_sorts", [r.to_json() for r in recipes])
+    def build_sorts(self, recipes: Sequence[Any], spill_dir: Path | None = None) -> float:
+        results = compat.call_workers(self.llm, "evomerge_build_sorts", [r.to_json() for r in recipes],
+                                      None if spill_dir is None else str(spill_dir))
         refused = next((r["error"] for r in results if r["error"]), None)
         if refused is not None:  # the worker's MergeError, carried as text through the RPC
             raise MergeError(refused)

@@ -39,13 +39,16 @@ class MergeWorkerExtension:
         self._evomerge_staging = {name: engine.base_tensor(name).clone() for name in engine.layout.slots}
         return {"seconds": time.perf_counter() - start, "num_params": engine.num_params}
 
-    def evomerge_build_sorts(self, recipes_json: list[str]) -> dict[str, Any]:
+    def evomerge_build_sorts(self, recipes_json: list[str], spill_dir: str | None) -> dict[str, Any]:
         """The engine's one-time sorts for these recipes (`MergeEngine.build_sorts`): seconds, or
-        the `MergeError` message when they would not fit in this worker's memory."""
+        the `MergeError` message when they would not fit in this worker's memory (or `spill_dir`)."""
+        from pathlib import Path
+
         from evomerge.merge import MergeError, MergeRecipe
 
         try:
-            seconds = self._evomerge_engine.build_sorts([MergeRecipe.from_json(r) for r in recipes_json])
+            seconds = self._evomerge_engine.build_sorts([MergeRecipe.from_json(r) for r in recipes_json],
+                                                        spill_dir=None if spill_dir is None else Path(spill_dir))
         except MergeError as exc:
             return {"seconds": 0.0, "error": str(exc)}
         return {"seconds": seconds, "error": None}

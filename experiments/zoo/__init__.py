@@ -13,7 +13,7 @@ from evomerge.merge._lazy import lazy_members
 # Loaded on first use (`merge._lazy`), so that the CLI, which registers the zoo commands, starts
 # without importing torch and transformers: submodule -> the public names it provides.
 __getattr__, __all__ = lazy_members(__name__, {
-    "._cache": ["ZooBuildError", "is_complete"],
+    "._cache": ["ZooBuildError", "cache_root", "is_complete"],
     ".build": ["BUILDER_VERSION", "build_zoo", "default_zoo_dir"],
     ".evaluation": ["accuracy", "exact_match"],
     ".manifest": ["format_accuracy_table", "load_manifest"],

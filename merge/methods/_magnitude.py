@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -311,14 +312,16 @@ class MagnitudeTable:
         order = None if self._ranks is None else self._ranks.built(kind == "desc")
         return 0 if order is not None else self.numel * 4
 
-    def build_sort(self, delta: torch.Tensor, kind: SortKind) -> None:
+    def build_sort(self, delta: torch.Tensor, kind: SortKind, spill: Path | None = None) -> None:
         """Build the sort `kind` of `delta` (this table's task vector) now: mergekit's top-k order
-        ("desc") or Breadcrumbs' order ("asc") for exact pruning, DELLA's row ranks ("rows"). Safe to
-        call from several threads for different tables (torch's sorts release the GIL)."""
+        ("desc") or Breadcrumbs' order ("asc") for exact pruning, kept in a memory-mapped file in
+        `spill` when given, or DELLA's row ranks ("rows"). Safe to call from several threads for
+        different tables, and for one table's two directions once `ranks` is built (torch's sorts
+        release the GIL)."""
         if kind == "rows":
             self.row_ranks(delta)
         else:
-            self.ranks(delta).order(kind == "desc")
+            self.ranks(delta).order(kind == "desc", spill)
 
     def __repr__(self) -> str:
         kind = "exact" if self.exact else f"quantiles@{self.resolution}" + (f" of {self.sampled} samples" if self.sampled else "")

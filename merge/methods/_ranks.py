@@ -27,10 +27,13 @@ matter (a kept 0 adds 0 and agrees with no elected sign), so a boundary at 0 kee
 
 from __future__ import annotations
 
+import os
 import struct
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -56,6 +59,20 @@ def key_value(key: int, dtype: torch.dtype) -> float:
     if dtype == torch.bfloat16:
         return struct.unpack("<f", struct.pack("<I", key << 16))[0]
     return struct.unpack("<f", struct.pack("<I", key))[0]
+
+
+def _mapped(tensor: torch.Tensor, folder: Path) -> torch.Tensor:
+    """`tensor` (CPU) written to a file in `folder` and memory-mapped back, the file unlinked at
+    once: its pages belong to the page cache, read on first touch and dropped under memory pressure
+    (a candidate reads only the boundary slices of a permutation), and the file vanishes with the
+    process however it ends."""
+    fd, name = tempfile.mkstemp(prefix="evomerge-sort-", suffix=".bin", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            tensor.numpy().tofile(out)
+        return torch.from_file(name, shared=False, size=tensor.numel(), dtype=tensor.dtype)
+    finally:
+        os.unlink(name)
 
 
 @dataclass(frozen=True)
@@ -99,15 +116,18 @@ class RankTable:
         """The permutation of that direction if it is built, else None."""
         return self._desc if descending else self._asc
 
-    def order(self, descending: bool) -> torch.Tensor:
+    def order(self, descending: bool, spill: Path | None = None) -> torch.Tensor:
         """mergekit's permutation (int32, CPU): `argsort(|d|.float(), descending=True)` for top-k,
-        `sort(|d|.float()).indices` for Breadcrumbs; built on first use, then cached."""
+        `sort(|d|.float()).indices` for Breadcrumbs; built on first use, then cached. `spill`: keep
+        it in a memory-mapped file in that folder instead of in memory (`_mapped`)."""
         perm = self._desc if descending else self._asc
         if perm is None:
             w = self._flat.abs().float().cpu()
             perm = (torch.argsort(w, descending=True) if descending else torch.sort(w, descending=False).indices)
             perm = perm.to(torch.int32)
             del w
+            if spill is not None:
+                perm = _mapped(perm, spill)
             if descending:
                 self._desc = perm
             else:

@@ -231,3 +231,37 @@ def test_available_memory_reads_the_machine() -> None:
     free = available_memory()
     if sys.platform.startswith("linux"):
         assert free is not None and free > 0
+
+
+def test_build_sorts_maps_exact_orders_from_disk_when_memory_is_short(llama_family, tmp_path) -> None:
+    """Short of memory, with a spill folder that has the room, exact pruning's orders go to
+    memory-mapped files there (unlinked at once: the folder stays empty) with a warning that says
+    so; the permutations and every merge are the same to the bit. DELLA's row ranks cannot go
+    there: short of memory for them, the refusal names what to do."""
+    import sys
+
+    from evomerge.merge import MergeEngine, MergeError
+
+    experts = {e: llama_family[e] for e in ("a", "b", "c")}
+    lazy, mapped = (MergeEngine.load(llama_family["base"], experts, progress=False, dtype=torch.bfloat16) for _ in range(2))
+    ties, band, della = _sort_recipes(list(experts))
+    spill = tmp_path / "sorts"
+    with pytest.warns(UserWarning, match=r"kept in memory-mapped files in .*sorts \(\d+\.\d GB free there"):
+        mapped.build_sorts([ties, band], available=1000, spill_dir=spill)
+    assert list(spill.iterdir()) == []
+    if sys.platform.startswith("linux"):
+        maps = [line for line in open("/proc/self/maps") if "evomerge-sort-" in line]
+        assert maps and all("(deleted)" in line for line in maps)
+    for recipe in (ties, band):
+        a, b = lazy.new_target_model(), mapped.new_target_model()
+        lazy.apply(recipe, a, stats=False)
+        mapped.apply(recipe, b, stats=False)
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
+    for key, table in lazy._tables.items():
+        for descending in (True, False):
+            theirs = None if table._ranks is None else table._ranks.built(descending)
+            if theirs is not None:
+                assert torch.equal(theirs, mapped._tables[key]._ranks.built(descending)), key
+    with pytest.raises(MergeError, match="merge fewer tensors with DELLA"):
+        mapped.build_sorts([della], available=1000, spill_dir=spill)
