@@ -7,6 +7,7 @@ packages' constructors.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from ._spec import ExperimentSpec, ObjectiveSpec, ScorerSpec
@@ -37,7 +38,7 @@ def build_engine(spec: ExperimentSpec, *, progress: bool = True) -> "MergeEngine
     from evomerge.merge import MergeEngine
 
     models = spec.models
-    return MergeEngine.load(
+    engine = MergeEngine.load(
         models.base,
         models.experts,
         device=_device(spec.scorer.device),
@@ -46,6 +47,16 @@ def build_engine(spec: ExperimentSpec, *, progress: bool = True) -> "MergeEngine
         progress=progress,
         compile=models.compile,
     )
+    engine.spill_dir = sort_spill_dir()
+    return engine
+
+
+def sort_spill_dir() -> Path:
+    """Where exact pruning's sort orders are memory-mapped from when memory is short: the cache's
+    disk (`$EVOMERGE_CACHE/sorts`), not the temp folder, which is often RAM."""
+    from .zoo import cache_root
+
+    return cache_root() / "sorts"
 
 
 def build_objective(obj: ObjectiveSpec, *, seed: int, data: str | None = None, rungs: bool = False) -> "Objective":

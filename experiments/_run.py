@@ -24,7 +24,7 @@ import yaml
 
 from evomerge.merge import write_atomic
 
-from ._build import build_engine, build_objectives, build_scorer, build_space, start_at
+from ._build import build_engine, build_objectives, build_scorer, build_space, sort_spill_dir, start_at
 from ._compare import holdout_scores, single_model_recipes
 from ._errors import UserError, first_line
 from ._fitness import (
@@ -43,7 +43,6 @@ from ._rundir import RunDir
 from ._runlog import Display, EventLog, trial_reporter
 from ._spec import ExperimentSpec, OptimizerSpec, SpaceSpec, StageSpec
 from ._spec_io import dump_spec, preset_path, read_yaml, validate_spec
-from .zoo import cache_root
 
 if TYPE_CHECKING:
     from evomerge.merge import MergeEngine, MergeRecipe
@@ -110,8 +109,7 @@ class Session:
         scorer = build_scorer(spec, engine, objectives)
         recipes = _warm_up_recipes(spec, engine)
         start = time.perf_counter()
-        # where exact pruning's sort orders go when memory is short: the cache's disk, not /tmp (often RAM)
-        sorts = scorer.build_sorts(_sorting_recipes(spec, engine) + recipes, spill_dir=cache_root() / "sorts")
+        sorts = scorer.build_sorts(_sorting_recipes(spec, engine) + recipes, spill_dir=sort_spill_dir())
         sorts += sum(scorer.warm_up(recipe).timings["sorts"] for recipe in recipes)
         if progress:
             click.echo(f"warm-up: one-time sorts {sorts:.0f} s, first evaluation of {len(recipes)} recipe(s) "

@@ -105,6 +105,9 @@ class MergeEngine:
         if compile not in ("auto", True, False):
             raise MergeError(f"compile must be 'auto', True or False, got {compile!r}")
         self.compile: CompileMode = compile
+        self.spill_dir: Path | None = None
+        """Folder exact pruning's sort orders are memory-mapped from when memory is short
+        (`build_sorts`); None refuses such a run instead. The CLI sets `$EVOMERGE_CACHE/sorts`."""
         """Fused compiled kernels for the task-arithmetic family (`methods/_fused.py`): "auto" (the
         default) and True fuse every model size, False keeps the eager chunked path. The environment
         variable EVOMERGE_COMPILE=0|1 overrides it. A failing compile falls back to the eager chunked
@@ -350,7 +353,7 @@ class MergeEngine:
         that divided by the cores. The sorts' temporaries (~20 bytes per entry while a tensor sorts)
         are held to half the memory the results leave free. Where the results themselves (4 bytes
         per entry and expert for exact pruning) would not fit in the memory available, the exact
-        pruning orders go to memory-mapped files in `spill_dir` (a warning says so; a candidate
+        pruning orders go to memory-mapped files in `spill_dir` (default `self.spill_dir`; a warning says so; a candidate
         reads only their boundary slices) when it is given and has the room, and otherwise
         `MergeError` names the fix, before anything is sorted. Adapter-mode recipes sort only small
         LoRA factors, on first use. `available`: bytes of memory free for the sorts (default: what
@@ -364,7 +367,7 @@ class MergeEngine:
         work = self._sort_jobs(recipes)
         if not work:
             return time.perf_counter() - start
-        free, spill = self._sort_memory(work, available, spill_dir)
+        free, spill = self._sort_memory(work, available, spill_dir or self.spill_dir)
         budget = ByteBudget(max(1 << 28, free // 2) if free is not None else 1 << 62)
 
         def run(job: "_SortJob") -> None:

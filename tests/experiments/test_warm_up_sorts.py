@@ -7,6 +7,7 @@ from pathlib import Path
 from evomerge.experiments._build import build_engine
 from evomerge.experiments._run import _sorting_recipes
 from evomerge.experiments._spec_io import validate_spec
+from evomerge.experiments.zoo import cache_root
 
 
 def test_sorts_are_built_for_densities_the_space_can_reach_even_from_a_dense_start(tiny_zoo: Path, tmp_path: Path) -> None:
@@ -26,6 +27,7 @@ def test_sorts_are_built_for_densities_the_space_can_reach_even_from_a_dense_sta
 
     pruning = spec(["weight", "density"])
     engine = build_engine(pruning, progress=False)
+    assert engine.spill_dir == cache_root() / "sorts"  # exports and runs map orders from the cache's disk when short
     recipes = _sorting_recipes(pruning, engine)
     densities = {p.density for r in recipes for rule in r.rules for p in rule.experts.values()}
     assert densities == {0.6}
