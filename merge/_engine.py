@@ -353,11 +353,11 @@ class MergeEngine:
         that divided by the cores. The sorts' temporaries (~20 bytes per entry while a tensor sorts)
         are held to half the memory the results leave free. Where the results themselves (4 bytes
         per entry and expert for exact pruning) would not fit in the memory available, the exact
-        pruning orders go to memory-mapped files in `spill_dir` (default `self.spill_dir`; a warning says so; a candidate
-        reads only their boundary slices) when it is given and has the room, and otherwise
-        `MergeError` names the fix, before anything is sorted. Adapter-mode recipes sort only small
-        LoRA factors, on first use. `available`: bytes of memory free for the sorts (default: what
-        the OS reports, `available_memory`).
+        pruning orders go to memory-mapped files in `spill_dir` (default `self.spill_dir`; a
+        warning says so; a candidate reads only their boundary slices) when it has the room, and
+        otherwise `MergeError` names the fix, before anything is sorted. Adapter-mode recipes sort
+        only small LoRA factors, on first use. `available`: bytes of memory free for the sorts
+        (default: what the OS reports, `available_memory`).
         """
         from concurrent.futures import ThreadPoolExecutor
 
