@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from evomerge.experiments.benchmarks import gpu_merge, merge_speed
+from evomerge.experiments.benchmarks import gpu_merge, merge_speed, sort_build
 
 
 def test_gpu_merge_tiny_on_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -49,3 +49,14 @@ def test_merge_speed_smallest_size(tmp_path: Path) -> None:
     assert r["plain_s"] > 0 and r["ties_ratio"] > 0 and r["dare_ties_cpu_ratio"] > 0
     assert r["peak_rss_over_model"] >= r["budget_over_model"]  # the data alone is (experts + 2) x model
     assert json.loads(out.read_text())["1M"]["params"] == r["params"]
+
+
+def test_sort_build_smallest_size(tmp_path: Path) -> None:
+    """The one-time sorts built one at a time, side by side and mapped from a spill folder give the
+    same permutations (the benchmark exits otherwise); the folder is left empty."""
+    spill = tmp_path / "sorts"
+    r = sort_build.main(["--size", "1M", "--rounds", "1", "--threads", "2", "--methods", "ties,della",
+                         "--spill", str(spill)])
+    assert r["sorted_entries_m"] > 1 and r["kept_gb"] > 0
+    assert r["one_at_a_time_s"] > 0 and r["side_by_side_s"] > 0 and r["side_by_side_mapped_s"] > 0
+    assert list(spill.iterdir()) == []
