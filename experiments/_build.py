@@ -110,7 +110,7 @@ def build_scorer(spec: ExperimentSpec, engine: "MergeEngine", objectives: list["
         dtype = "auto" if scorer.dtype == "auto" else scorer.dtype
         return VllmScorer(
             spec.models.base, spec.models.experts, objectives, dtype=dtype, max_new_tokens=scorer.max_new_tokens,
-            timeout=scorer.timeout, seed=spec.seed, **scorer.options,
+            timeout=scorer.timeout, seed=spec.seed, spill_dir=sort_spill_dir(), **scorer.options,
         )
     from evomerge.objectives import TransformersScorer
 

@@ -24,7 +24,7 @@ import yaml
 
 from evomerge.merge import write_atomic
 
-from ._build import build_engine, build_objectives, build_scorer, build_space, sort_spill_dir, start_at
+from ._build import build_engine, build_objectives, build_scorer, build_space, start_at
 from ._compare import holdout_scores, single_model_recipes
 from ._errors import UserError, first_line
 from ._fitness import (
@@ -109,7 +109,7 @@ class Session:
         scorer = build_scorer(spec, engine, objectives)
         recipes = _warm_up_recipes(spec, engine)
         start = time.perf_counter()
-        sorts = scorer.build_sorts(_sorting_recipes(spec, engine) + recipes, spill_dir=sort_spill_dir())
+        sorts = scorer.build_sorts(_sorting_recipes(spec, engine) + recipes)
         sorts += sum(scorer.warm_up(recipe).timings["sorts"] for recipe in recipes)
         if progress:
             click.echo(f"warm-up: one-time sorts {sorts:.0f} s, first evaluation of {len(recipes)} recipe(s) "

@@ -13,7 +13,6 @@ import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 from ._evaluation import Evaluation
@@ -137,10 +136,10 @@ class Scorer(ABC):
         return evaluation
 
     @abstractmethod
-    def build_sorts(self, recipes: Sequence[Any], spill_dir: Path | None = None) -> float:
+    def build_sorts(self, recipes: Sequence[Any]) -> float:
         """Run the one-time sorts ``recipes`` read in the engine that merges them, side by side and
         memory checked (`MergeEngine.build_sorts`: exact pruning's orders go to memory-mapped files
-        in ``spill_dir`` when memory is short; raises its `MergeError`); returns the seconds."""
+        in that engine's `spill_dir` when memory is short; raises its `MergeError`); returns the seconds."""
 
     def _evaluate(self, recipe: Any, deadline: Deadline, items: int | None = None) -> Evaluation:
         start = time.perf_counter()

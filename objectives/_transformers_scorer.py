@@ -50,8 +50,8 @@ class TransformersScorer(Scorer):
         self.model = engine.new_target_model().to(device=self.device, dtype=dtype).eval()
         self.inference = ModelInference(self.model, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop)
 
-    def build_sorts(self, recipes: Sequence[Any], spill_dir: Path | None = None) -> float:
-        return self.engine.build_sorts(recipes, spill_dir=spill_dir)
+    def build_sorts(self, recipes: Sequence[Any]) -> float:
+        return self.engine.build_sorts(recipes)
 
     def _swap_in(self, recipe: Any) -> SwapResult:
         t0 = time.perf_counter()

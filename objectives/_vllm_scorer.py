@@ -49,6 +49,7 @@ class VllmScorer(Scorer):
         gpu_memory_utilization: float = 0.85,
         allow_cpu: bool = False,
         engine_kwargs: Mapping[str, Any] | None = None,
+        spill_dir: str | Path | None = None,
     ) -> None:
         compat.import_vllm()
         if compat.platform_is_cpu() and not allow_cpu:
@@ -70,14 +71,14 @@ class VllmScorer(Scorer):
             gpu_memory_utilization=gpu_memory_utilization,
             engine_kwargs=dict(engine_kwargs or {}),
         )
-        spec = {"base": str(base), "experts": {k: str(v) for k, v in experts.items()}, "dtype": dtype}
+        spec = {"base": str(base), "experts": {k: str(v) for k, v in experts.items()}, "dtype": dtype,
+                "spill_dir": None if spill_dir is None else str(spill_dir)}
         compat.call_workers(self.llm, "evomerge_init", json.dumps(spec))
         self.startup_seconds = time.perf_counter() - start
         """Engine start plus the worker's merge-engine load, for reports."""
 
-    def build_sorts(self, recipes: Sequence[Any], spill_dir: Path | None = None) -> float:
-        results = compat.call_workers(self.llm, "evomerge_build_sorts", [r.to_json() for r in recipes],
-                                      None if spill_dir is None else str(spill_dir))
+    def build_sorts(self, recipes: Sequence[Any]) -> float:
+        results = compat.call_workers(self.llm, "evomerge_build_sorts", [r.to_json() for r in recipes])
         refused = next((r["error"] for r in results if r["error"]), None)
         if refused is not None:  # the worker's MergeError, carried as text through the RPC
             raise MergeError(refused)

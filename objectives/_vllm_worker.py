@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +26,8 @@ class MergeWorkerExtension:
     """Mixed into vLLM's worker by ``worker_extension_cls``; ``self`` is the worker."""
 
     def evomerge_init(self, spec_json: str) -> dict[str, Any]:
-        """Load base + experts from ``{"base": path, "experts": {name: path}, "dtype": str}``."""
+        """Load base + experts from ``{"base": path, "experts": {name: path}, "dtype": str,
+        "spill_dir": path or null}`` (the engine's `MergeEngine.spill_dir`)."""
         from evomerge.merge import MergeEngine
 
         spec = json.loads(spec_json)
@@ -33,22 +35,20 @@ class MergeWorkerExtension:
         engine = MergeEngine.load(
             spec["base"], spec["experts"], device=self.device, dtype=getattr(torch, spec["dtype"]), progress=False
         )
+        engine.spill_dir = None if spec.get("spill_dir") is None else Path(spec["spill_dir"])
         self._evomerge_engine = engine
         # Staging tensors the engine writes into; `reload_weights` then copies them into vLLM's
         # (possibly repacked / fused) parameters.
         self._evomerge_staging = {name: engine.base_tensor(name).clone() for name in engine.layout.slots}
         return {"seconds": time.perf_counter() - start, "num_params": engine.num_params}
 
-    def evomerge_build_sorts(self, recipes_json: list[str], spill_dir: str | None) -> dict[str, Any]:
+    def evomerge_build_sorts(self, recipes_json: list[str]) -> dict[str, Any]:
         """The engine's one-time sorts for these recipes (`MergeEngine.build_sorts`): seconds, or
-        the `MergeError` message when they would not fit in this worker's memory (or `spill_dir`)."""
-        from pathlib import Path
-
+        the `MergeError` message when they would not fit in this worker's memory (or spill folder)."""
         from evomerge.merge import MergeError, MergeRecipe
 
         try:
-            seconds = self._evomerge_engine.build_sorts([MergeRecipe.from_json(r) for r in recipes_json],
-                                                        spill_dir=None if spill_dir is None else Path(spill_dir))
+            seconds = self._evomerge_engine.build_sorts([MergeRecipe.from_json(r) for r in recipes_json])
         except MergeError as exc:
             return {"seconds": 0.0, "error": str(exc)}
         return {"seconds": seconds, "error": None}
