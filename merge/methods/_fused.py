@@ -46,7 +46,7 @@ from ._della import DellaSpec
 from ._draws import _M1, _M2, _M3, _s32
 from ._gta import DenseSpec, GtaPlan, ZeroSpec, restore_factors
 from ._magnitude import _strict_below
-from ._ranks import flagged, mark, unmark
+from ._ranks import STAMP_LISTS, flagged, stamp
 from ._scratch import scratch
 from ._ties import ThresholdSpec, TieThresholdSpec
 
@@ -85,12 +85,15 @@ _DRAWN = ("dare", "della", "della_paper")
 def _weighted(kinds: tuple[str, ...], deltas: Sequence[torch.Tensor], coef: torch.Tensor, lo: torch.Tensor,
               hi: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor, shift: torch.Tensor,
               start: torch.Tensor, flipped: tuple[int, ...] = (), flips: torch.Tensor | None = None,
-              ranks: Sequence[torch.Tensor] = (), line: torch.Tensor | None = None) -> list[torch.Tensor]:
+              ranks: Sequence[torch.Tensor] = (), line: torch.Tensor | None = None,
+              stamp: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Each expert's sparsified chunk times its coefficient, in fp32: the eager `Spec.chunk` times
     `coef` (dropped entries are +0 here; eager's `mask * x` may give -0, which no sum or election
     tells apart from +0). `flipped[i]` (exact top-k, a split tie group): expert i's bit in `flips`,
-    set where its plain threshold decides the opposite of mergekit (`_ranks.flagged`; only the
-    variants that re-merge those few entries take flips, see `_refix`). `ranks`: the row ranks of
+    set where its plain threshold decides the opposite of mergekit (`_ranks.flagged`: the variants
+    that re-merge those few entries, see `_refix`), or with `stamp` (the variant that flips them in
+    its one pass) the bit offset + 1 of expert i's byte in `flips`, equal to `stamp` there
+    (`_ranks.stamp`). `ranks`: the row ranks of
     the DELLA experts (int32), in expert order; `line`: (2, experts) int32, each DELLA expert's
     keep line (`_della.keep_line`)."""
     index = None
@@ -108,7 +111,8 @@ def _weighted(kinds: tuple[str, ...], deltas: Sequence[torch.Tensor], coef: torc
         else:
             keep = _keep(kind, x, lo[i], hi[i], bound[i], k0[i], k1[i], shift[i], index)
         if flipped and flipped[i]:  # a threshold or band ("thr"/"band": keep is not None)
-            keep = keep ^ ((flips & flipped[i]) != 0)
+            listed = ((flips >> (flipped[i] - 1)) & 255) == stamp if stamp is not None else (flips & flipped[i]) != 0
+            keep = keep ^ listed
         # select, then weight: measured a few % faster than the other order (inductor, AVX-512)
         out.append((x if keep is None else torch.where(keep, x, 0.0)) * coef[i])
     return out
@@ -162,13 +166,14 @@ def _make_kernel(kinds: tuple[str, ...], consensus: bool, normalize: bool, stats
                hi: torch.Tensor, coef: torch.Tensor, weight: torch.Tensor, bound: torch.Tensor, k0: torch.Tensor,
                k1: torch.Tensor, shift: torch.Tensor, start: torch.Tensor, lam: torch.Tensor,
                flips: torch.Tensor | None = None, seg: torch.Tensor | None = None,
-               ranks: Sequence[torch.Tensor] = (), line: torch.Tensor | None = None):
+               ranks: Sequence[torch.Tensor] = (), line: torch.Tensor | None = None,
+               stamp: torch.Tensor | None = None):
         if segments:
             lo, hi, coef, weight, bound, k0, k1, shift = (t[:, seg] for t in (lo, hi, coef, weight, bound, k0, k1, shift))
         if packed:
             lo, hi, coef, weight, bound, k0, k1, shift = (t[:, :, None] for t in (lo, hi, coef, weight, bound, k0, k1, shift))
             start = start[:, None]
-        xs = _weighted(kinds, deltas, coef, lo, hi, bound, k0, k1, shift, start, flipped, flips, ranks, line)
+        xs = _weighted(kinds, deltas, coef, lo, hi, bound, k0, k1, shift, start, flipped, flips, ranks, line, stamp)
         if not consensus:  # linear_combine: coef = rescale * w * lambda / divisor
             merged = xs[0]
             for x in xs[1:]:
@@ -251,12 +256,13 @@ class FusedGta:
 
     inline_fixes = 1 / 256
     """Exact top-k with split tie groups: above this fraction of the tensor's entries listed
-    (`Spec.fix`, summed over experts) the kernel reads a mark array and flips the listed decisions
-    in its one pass (~1-1.3 ns per entry more on one AVX-512 thread with 2-3 experts, measured on
-    16M bf16 entries: the mask arithmetic, not the int32 read); at or below it the plain kernel runs
-    and the listed entries are merged again (`_refix`: ~30-110 ns per listed entry of random reads
-    and writes, more under memory contention). Break-even is ~1% listed; 1/256 keeps the random
-    path to the sparse lists (topk_speed at 160M: 1/64 measured worse than always inline)."""
+    (`Spec.fix`, summed over experts; at most `STAMP_LISTS` lists) the kernel reads a mark array
+    (`_ranks.stamp`) and flips the listed decisions in its one pass: ~3-5 ns per listed entry to
+    stamp, and the kernel's read of 4 more bytes per entry (~0.1 ns per entry on 2 AVX-512 threads:
+    10.5 ms against 8.6 ms over 16.4M bf16 entries with 3 experts, whole-tensor calls); at or below
+    it the plain kernel runs and the listed entries are merged again (`_refix`: ~30-110 ns per listed
+    entry of random reads and writes, more under memory contention). Break-even is ~0.3% listed;
+    1/256 keeps the random path to the sparse lists (fp32 task vectors, whose tie groups are small)."""
 
     def __init__(self, plan: GtaPlan, kinds: tuple[str, ...], experts: list[int]) -> None:
         self.plan = plan
@@ -363,26 +369,25 @@ class FusedGta:
                tuple(d.dtype for d in self.deltas), base.dtype, out.dtype)
         fixes = [self.plan.specs[i].fix for i in self.experts]
         listed = sum(fix.numel() for fix in fixes if fix is not None)
-        inline = listed > 0 and listed > self.plan.numel * self.inline_fixes  # exact top-k's split tie groups
-        bits, marks = mark(fixes, self.plan.numel) if inline else ((), None)
+        lists = sum(fix is not None for fix in fixes)
+        # exact top-k's split tie groups, flipped in the one pass when many are listed
+        inline = 0 < lists <= STAMP_LISTS and listed > self.plan.numel * self.inline_fixes
+        offsets, marks, stamped = stamp(fixes, self.plan.numel) if inline else ((), None, None)
         if inline:
-            key = key + (bits, marks.dtype)
+            key = key + ("stamped", offsets, marks.dtype)
         build = lambda: _make_kernel(self.kinds, self.plan.consensus, self.plan.normalize, stats,  # noqa: E731
-                                     flipped=bits)
+                                     flipped=offsets)
         nnz = l1 = None
-        try:
-            for lo, hi in chunks(self.plan.numel, chunk):
-                extra = () if marks is None else (marks[lo:hi],)
-                della = {} if self.line is None else {"ranks": _wide_ranks(self.ranks, lo, hi), "line": self.line}
-                result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in self.deltas], self.lo,
-                               self.hi, self.coef, self.weight, self.bound, self.k0, self.k1, self.shift,
-                               self._set_start(lo), self.lam, *extra, **della)
-                if stats:
-                    nnz = result[0] if nnz is None else nnz + result[0]
-                    l1 = result[1] if l1 is None else l1 + result[1]
-        finally:
-            if marks is not None:  # the pooled marks stay all zero between calls (a failed compile included)
-                unmark(marks, fixes)
+        for lo, hi in chunks(self.plan.numel, chunk):
+            extra = {} if marks is None else {"flips": marks[lo:hi], "stamp": stamped}
+            if self.line is not None:
+                extra.update(ranks=_wide_ranks(self.ranks, lo, hi), line=self.line)
+            result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in self.deltas], self.lo,
+                           self.hi, self.coef, self.weight, self.bound, self.k0, self.k1, self.shift,
+                           self._set_start(lo), self.lam, **extra)
+            if stats:
+                nnz = result[0] if nnz is None else nnz + result[0]
+                l1 = result[1] if l1 is None else l1 + result[1]
         if listed and not inline:
             flip_bits, index, flags = flagged(fixes, self.plan.numel, distinct=stats)
             params = (self.lo, self.hi, self.coef, self.weight, self.bound, self.k0, self.k1, self.shift,
@@ -571,31 +576,34 @@ class PackedGta:
         block = out.shape[1]
         key = ("packed", self.kinds, self.consensus, self.normalize, stats, tuple(d.dtype for d in deltas),
                base.dtype, out.dtype)
-        build = lambda: _make_kernel(self.kinds, self.consensus, self.normalize, stats, packed=True)  # noqa: E731
+        lists = self._arena_lists(block, out.device) if any(self.fixes) else []
+        listed = sum(fix.numel() for fix in lists if fix is not None)
+        # exact top-k's split tie groups: flipped in the one pass when many are listed (as `FusedGta`)
+        inline = 0 < sum(fix is not None for fix in lists) <= STAMP_LISTS and listed > out.numel() * FusedGta.inline_fixes
+        offsets, marks, stamped = stamp(lists, out.numel()) if inline else ((), None, None)
+        if inline:
+            key = key + ("stamped", offsets, marks.dtype)
+            marks = marks.view(out.shape)
+        build = lambda: _make_kernel(self.kinds, self.consensus, self.normalize, stats, packed=True,  # noqa: E731
+                                     flipped=offsets)
         nnz = l1 = None
         for lo, hi in chunks(out.shape[0], max(1, chunk // block)):
+            extra = {} if marks is None else {"flips": marks[lo:hi], "stamp": stamped}
             result = _call(key, build, out[lo:hi], base[lo:hi], [d[lo:hi] for d in deltas],
                            *(t[name][:, lo:hi] for name in ("lo", "hi", "coef", "weight", "bound", "k0", "k1", "shift")),
-                           row_first[lo:hi], self.lam)
+                           row_first[lo:hi], self.lam, **extra)
             if stats:
                 nnz = result[0] if nnz is None else nnz + result[0]
                 l1 = result[1] if l1 is None else l1 + result[1]
-        if any(self.fixes):
-            change = self._refix(out, base, deltas, segment, row_first, stats)
+        if listed and not inline:
+            change = self._refix(out, base, deltas, lists, segment, row_first, stats)
             if stats:
                 nnz, l1 = nnz + change[0], l1 + change[1]
         return (nnz, l1) if stats else None
 
-    def _refix(self, out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor],
-               segment: torch.Tensor, row_first: torch.Tensor,
-               stats: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The split tie groups' entries merged again (`_refix`), their lists moved to arena offsets
-        (one concatenation per expert) and merged by the flat kernel with each entry's values looked
-        up through its segment inside the kernel (`_make_kernel(segments=True)`; gathering the
-        tables per entry first measured ~1 ms for 18k entries on the 1M model, and the packed
-        kernel would take one row per entry: scalar code)."""
-        block = out.shape[1]
-        device = out.device
+    def _arena_lists(self, block: int, device: torch.device) -> list[torch.Tensor | None]:
+        """Per contributing expert its split tie groups' `fix` lists moved to arena offsets (one
+        concatenation per expert; None: no list)."""
         starts = self.row_starts.tolist()
         lists: list[torch.Tensor | None] = []
         for pieces in self.fixes:
@@ -606,6 +614,17 @@ class PackedGta:
             offsets = torch.tensor([starts[s] * block for s, _ in pieces], dtype=torch.long, device=device)
             lengths = torch.tensor([fix.numel() for _, fix in pieces], dtype=torch.long, device=device)
             lists.append(listed + torch.repeat_interleave(offsets, lengths))
+        return lists
+
+    def _refix(self, out: torch.Tensor, base: torch.Tensor, deltas: Sequence[torch.Tensor],
+               lists: list[torch.Tensor | None], segment: torch.Tensor, row_first: torch.Tensor,
+               stats: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The split tie groups' entries (`lists`, arena offsets) merged again (`_refix`) by the flat
+        kernel with each entry's values looked up through its segment inside the kernel
+        (`_make_kernel(segments=True)`; gathering the tables per entry first measured ~1 ms for 18k
+        entries on the 1M model, and the packed kernel would take one row per entry: scalar code)."""
+        block = out.shape[1]
+        device = out.device
         bits, index, flags = flagged(lists, out.numel(), distinct=stats)
         rows = index // block
         seg = segment.index_select(0, rows).long()

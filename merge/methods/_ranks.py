@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -238,7 +239,7 @@ _MARKS = threading.local()
 
 
 def _marks(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """This thread's all-zero mark buffer of at least `numel` entries (callers leave it zeroed)."""
+    """This thread's all-zero mark buffer of at least `numel` entries (`flagged` leaves it zeroed)."""
     pool = _MARKS.__dict__.setdefault("pool", {})
     key = (str(device), dtype)
     buf = pool.get(key)
@@ -247,59 +248,98 @@ def _marks(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor
     return buf[:numel]
 
 
-def mark(fixes: Sequence[torch.Tensor | None], numel: int) -> tuple[tuple[int, ...], torch.Tensor]:
-    """Per expert its bit (0: no `fix` list), and a pooled mark array of `numel` entries with each
+def _mark(fixes: Sequence[torch.Tensor | None], numel: int) -> tuple[tuple[int, ...], torch.Tensor]:
+    """Per expert its bit (0: no `fix` list), and the pooled mark array of `numel` entries with each
     expert's bit set at the flat indices of its list (each list without repeats; at most 62 lists).
+    The caller zeroes what it set before it returns (`flagged`): the pool stays all zero.
 
-    At a listed entry the plain threshold (or band) decides the opposite of mergekit (the list holds
-    boundary members the strict threshold drops, or, with `drop`, members `|x| >= v` keeps), so a
-    fused kernel keeps `plain XOR bit` there (`_fused._weighted`). The caller zeroes the listed
-    entries again (`unmark`): the pool (one int per entry of the largest tensor so far, per thread)
-    stays all zero between uses."""
+    The first list of each byte of an entry (4 in int32, 8 in int64) is written by a plain
+    `index_fill_` of that byte (bit 0 of byte j), the later ones OR their bit in by `index_add_`
+    (each bit is new, so adding is OR): a fill costs ~3 ns per listed entry, an `index_add_` ~12
+    (measured, 2 threads), and most tensors have at most 4 lists."""
     listed = [fix for fix in fixes if fix is not None]
     if len(listed) > 62:
         raise ValueError(f"exact top-k marks hold at most 62 experts per tensor, got {len(listed)}")
-    # int32, not int64, for <= 31 lists: half the traffic; inductor vectorizes `marks & bit` on int32
-    # but not on 8/16-bit integers (4-40x slower kernels, measured)
     marks = _marks(numel, listed[0].device, torch.int32 if len(listed) <= 31 else torch.int64)
+    lanes = _lanes(marks)
     bits, n = [], 0
     for fix in fixes:
         if fix is None:
             bits.append(0)
             continue
-        bit = 1 << n
-        if n == 0:  # the marks are all zero: nothing to read
-            marks.index_fill_(0, fix, bit)
-        else:  # a list has no repeats and each bit is new, so adding is OR: one pass, 2x faster than
-            # index_select | bit + index_copy_, 6-12x than `marks[fix] |= bit` on CPU (measured)
+        lane, level = n % lanes.shape[1], n // lanes.shape[1]
+        bit = 1 << (_shift(lane, lanes.shape[1]) + level)
+        if level == 0:  # this byte of every entry is still zero
+            lanes[:, lane].index_fill_(0, fix, 1)
+        else:
             marks.index_add_(0, fix, torch.full(fix.shape, bit, dtype=marks.dtype, device=fix.device))
         bits.append(bit)
         n += 1
     return tuple(bits), marks
 
 
-def unmark(marks: torch.Tensor, fixes: Sequence[torch.Tensor | None]) -> None:
-    """Zero what `mark` set: at the listed entries when they are few (random writes), else the whole
-    array (one sequential pass: cheaper above ~1 listed entry in 16, measured)."""
+def _lanes(marks: torch.Tensor) -> torch.Tensor:
+    """`marks` (int32/int64) viewed as (entries, bytes): one uint8 lane per byte of each entry."""
+    return marks.view(torch.uint8).view(marks.numel(), marks.element_size())
+
+
+def _shift(lane: int, width: int) -> int:
+    """The bit offset of byte `lane` within its `width`-byte integer."""
+    return 8 * (lane if sys.byteorder == "little" else width - 1 - lane)
+
+
+STAMP_LISTS = 8
+"""The most `fix` lists `stamp` takes (one byte lane each of an int64 entry)."""
+
+_STAMPS = threading.local()
+
+
+def stamp(fixes: Sequence[torch.Tensor | None], numel: int) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
+    """Exact top-k's split tie groups marked for a fused kernel that flips them inline (`_fused._weighted`).
+
+    Returns per expert its byte lane's bit offset + 1 (0: no `fix` list), a pooled array of `numel`
+    entries (int32 for up to 4 lists, int64 for up to `STAMP_LISTS`) and this use's stamp (a 0-d
+    tensor of its dtype): expert i lists an entry iff `(entry >> (offset_i - 1)) & 255 == stamp`.
+    Each list is one `index_fill_` of its byte lane with a stamp new to the pool, so nothing
+    has to be cleared after the kernel (clearing the listed entries again cost as much as marking
+    them: ~3.6 ms per candidate of a 50M model's 55); the pool is zeroed once every 255 stamps."""
     listed = [fix for fix in fixes if fix is not None]
-    if sum(fix.numel() for fix in listed) * 16 > marks.numel():
-        marks.zero_()
-        return
-    for fix in listed:
-        marks.index_fill_(0, fix, 0)
+    if len(listed) > STAMP_LISTS:
+        raise ValueError(f"stamps hold at most {STAMP_LISTS} lists per tensor, got {len(listed)}")
+    device, dtype = listed[0].device, torch.int32 if len(listed) <= 4 else torch.int64
+    pool = _STAMPS.__dict__.setdefault("pool", {})
+    key = (str(device), dtype)
+    buf, last = pool.get(key, (None, 0))
+    if buf is None or buf.numel() < numel:
+        buf, last = torch.zeros(numel, dtype=dtype, device=device), 0
+    if last == 255:  # every stamp was used since the pool was last all zero
+        buf.zero_()
+        last = 0
+    pool[key] = buf, last + 1
+    marks = buf[:numel]
+    lanes = _lanes(marks)
+    offsets, n = [], 0
+    for fix in fixes:
+        if fix is None:
+            offsets.append(0)
+            continue
+        lanes[:, n].index_fill_(0, fix, last + 1)
+        offsets.append(_shift(n, lanes.shape[1]) + 1)
+        n += 1
+    return tuple(offsets), marks, torch.tensor(last + 1, dtype=dtype, device=device)
 
 
 def flagged(fixes: Sequence[torch.Tensor | None], numel: int,
             distinct: bool = True) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
     """The entries where some expert's plain threshold (or band) decides the opposite of mergekit.
 
-    `fixes`: per expert its `fix` list, as for `mark`. Returns per expert its bit (0: no list), the
+    `fixes`: per expert its `fix` list, as for `_mark`. Returns per expert its bit (0: no list), the
     listed indices (int64, in no particular order; each once if `distinct`, else once per listing)
     and per index the OR of the bits of the experts listing it (int32; int64 above 31 lists). The
     fused kernels merge a tensor with the plain thresholds and then these few entries again with the
     flagged experts' decisions flipped (`_fused._refix`): random reads and writes of the lists' size.
 
-    Built with `mark`'s pooled array, left all zero again: the bits are gathered, and duplicates are
+    Built with `_mark`'s pooled array, left all zero again: the bits are gathered, and duplicates are
     dropped by writing each listing's position and keeping the listings that read their own back
     (for the stats: repeated entries give the same merged value, so the merge itself needs no
     `distinct`). One list needs no marks at all."""
@@ -307,7 +347,7 @@ def flagged(fixes: Sequence[torch.Tensor | None], numel: int,
     if len(listed) == 1:
         bits = tuple(0 if fix is None else 1 for fix in fixes)
         return bits, listed[0], torch.ones(listed[0].shape, dtype=torch.int32, device=listed[0].device)
-    bits, marks = mark(fixes, numel)
+    bits, marks = _mark(fixes, numel)
     index = torch.cat(listed)
     flags = marks.index_select(0, index)
     if distinct:  # an entry listed by several experts: keep one listing (whichever wrote last)

@@ -89,7 +89,7 @@ def test_approximate_pruning_is_the_opt_in_threshold() -> None:
 def test_fused_kernel_fixes_split_ties_like_the_eager_path(method: str, inline: bool) -> None:
     """The fused kernel runs the plain thresholds and merges the split tie groups' listed entries
     again with their decisions flipped (`_fused._refix`), or, with many listed (`inline`), flips
-    them inside its one pass (`_ranks.mark`): the target equals the eager chunked merge (bit for bit
+    them inside its one pass (`_ranks.stamp`): the target equals the eager chunked merge (bit for bit
     for TIES; linear sums within an fp32 multiply-add, then the bf16 cast), and the stats count the
     fixed entries."""
     from evomerge.merge.methods._fused import FusedGta
@@ -123,21 +123,52 @@ def test_fused_kernel_fixes_split_ties_like_the_eager_path(method: str, inline: 
     assert float(l1) == pytest.approx(float(merged.double().abs().sum()), rel=1e-5)
     from evomerge.merge.methods._ranks import _marks
 
-    assert not bool(_marks(N, torch.device("cpu"), torch.int32).any())  # the pooled tie marks are cleared
+    assert not bool(_marks(N, torch.device("cpu"), torch.int32).any())  # the refix path's pooled marks are cleared
+
+
+def test_stamped_marks_list_each_use_only_across_the_pools_wrap_around() -> None:
+    """`_ranks.stamp` never clears what it marked: each use writes a stamp new to the pool, so an
+    entry listed by an earlier use (of any tensor) reads as unlisted now, also after the 255th use,
+    when the pool is zeroed and the stamps start again; up to 4 lists take int32 entries, 5-8 int64."""
+    from evomerge.merge.methods._ranks import STAMP_LISTS, stamp
+
+    g = torch.Generator().manual_seed(9)
+    n = 10_000
+    for experts in (3, STAMP_LISTS):
+        for use in range(300):
+            lists = [None if (use + e) % 5 == 0 else torch.randperm(n, generator=g)[:use % 97 + 1]
+                     for e in range(experts)]
+            offsets, marks, value = stamp(lists, n)
+            assert marks.dtype == (torch.int32 if sum(x is not None for x in lists) <= 4 else torch.int64)
+            for fix, offset in zip(lists, offsets):
+                listed = ((marks >> (offset - 1)) & 255) == value
+                want = torch.zeros(n, dtype=torch.bool)
+                if fix is None:
+                    assert offset == 0
+                    continue
+                want[fix] = True
+                assert torch.equal(listed, want), (experts, use)
+    with pytest.raises(ValueError, match="at most 8 lists"):
+        stamp([torch.arange(3)] * (STAMP_LISTS + 1), n)
 
 
 
+@pytest.mark.parametrize("inline", [False, True])
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
-def test_packed_kernel_keeps_split_tie_groups_exact_in_bf16(llama_family, method: str) -> None:
+def test_packed_kernel_keeps_split_tie_groups_exact_in_bf16(llama_family, method: str, inline: bool,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """bf16 task vectors split a tie group at the boundary of most small tensors: those stay in the
-    packed kernel (plain thresholds, then their boundary members merged again, `_fused._refix`) and
-    give the eager engine's merge to the bit, with the same stats."""
+    packed kernel (plain thresholds, then their boundary members merged again, `_fused._refix`, or
+    with many listed, `inline`, flipped in its one pass, `_ranks.stamp`) and give the eager engine's
+    merge to the bit, with the same stats."""
     import os
 
     from evomerge.merge import GroupRule, MergeEngine, MergeRecipe
+    from evomerge.merge.methods._fused import FusedGta
 
     if os.environ.get("EVOMERGE_COMPILE") == "0":
         pytest.skip("EVOMERGE_COMPILE=0 forces the eager path")
+    monkeypatch.setattr(FusedGta, "inline_fixes", 0.0 if inline else 1.0)
     experts = {e: llama_family[e] for e in ("a", "b", "c")}
     engines = [MergeEngine.load(llama_family["base"], experts, progress=False, compile=mode, dtype=torch.bfloat16)
                for mode in (True, False)]
