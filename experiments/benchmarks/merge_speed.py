@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeRecipe, fixed_mmap_threshold
+from evomerge.merge.methods import get_method
 
 
 SIZES: dict[str, tuple[int, int, int, int, int, int]] = {
@@ -97,13 +98,18 @@ RECIPE_SEED = 1
 
 def per_layer_recipe(method: str, experts: list[str], num_layers: int, trial: int = 0,
                      pruning: str = "exact") -> MergeRecipe:
-    """A global rule plus one rule per layer, densities varying by layer and expert."""
-    extra = {"epsilon": 0.1} if method.startswith("della") else {}  # densities 0.2-0.74: d +- 0.1 stays in (0, 1)
-    rules = [GroupRule(method=method, experts={e: ExpertParams(weight=0.5, density=0.5, **extra) for e in experts})]
+    """A global rule plus one rule per layer, densities varying by layer and expert (for the methods
+    that read a density; the others get weights only, as a recipe must)."""
+    uses = get_method(method).uses
+    extra = {"epsilon": 0.1} if "epsilon" in uses else {}  # densities 0.2-0.74: d +- 0.1 stays in (0, 1)
+
+    def params(weight: float, density: float) -> ExpertParams:
+        return ExpertParams(weight=weight, **({"density": density} if "density" in uses else {}), **extra)
+
+    rules = [GroupRule(method=method, experts={e: params(0.5, 0.5) for e in experts})]
     for layer in range(num_layers):
         rules.append(GroupRule(layers=[layer], method=method, experts={
-            e: ExpertParams(weight=0.3 + 0.1 * j, density=0.2 + 0.6 * ((layer * 7 + j * 3) % 10) / 10, **extra)
-            for j, e in enumerate(experts)}))
+            e: params(0.3 + 0.1 * j, 0.2 + 0.6 * ((layer * 7 + j * 3) % 10) / 10) for j, e in enumerate(experts)}))
     return MergeRecipe(rules=rules, normalize=True, seed=RECIPE_SEED, trial=trial, pruning=pruning)
 
 
@@ -253,15 +259,20 @@ def _child(queue, fn, args) -> None:  # type: ignore[no-untyped-def]
 def in_child(fn: Callable[..., object], *args: object) -> object:
     """Run `fn(*args)` in a fresh spawned process (own ru_maxrss) and return its result."""
     import multiprocessing as mp
+    import queue as queue_module
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, fn, args))
     proc.start()
-    result = queue.get()
+    while True:  # a child that dies (an exception, the OOM killer) never puts a result: do not wait forever
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"benchmark child failed with exit code {proc.exitcode} (its traceback is above)") from None
     proc.join()
-    if proc.exitcode:
-        raise RuntimeError(f"benchmark child failed with exit code {proc.exitcode}")
     return result
 
 
