@@ -32,7 +32,7 @@ import struct
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -262,20 +262,29 @@ def _mark(fixes: Sequence[torch.Tensor | None], numel: int) -> tuple[tuple[int, 
         raise ValueError(f"exact top-k marks hold at most 62 experts per tensor, got {len(listed)}")
     marks = _marks(numel, listed[0].device, torch.int32 if len(listed) <= 31 else torch.int64)
     lanes = _lanes(marks)
-    bits, n = [], 0
-    for fix in fixes:
-        if fix is None:
-            bits.append(0)
-            continue
+
+    def set_bit(n: int, fix: torch.Tensor) -> int:
         lane, level = n % lanes.shape[1], n // lanes.shape[1]
         bit = 1 << (_shift(lane, lanes.shape[1]) + level)
         if level == 0:  # this byte of every entry is still zero
             lanes[:, lane].index_fill_(0, fix, 1)
         else:
             marks.index_add_(0, fix, torch.full(fix.shape, bit, dtype=marks.dtype, device=fix.device))
-        bits.append(bit)
+        return bit
+
+    return _per_list(fixes, set_bit), marks
+
+
+def _per_list(fixes: Sequence[torch.Tensor | None], write: Callable[[int, torch.Tensor], int]) -> tuple[int, ...]:
+    """Per expert `write(n, fix)` for its list, the n-th list of `fixes` (0 for an expert without one)."""
+    out, n = [], 0
+    for fix in fixes:
+        if fix is None:
+            out.append(0)
+            continue
+        out.append(write(n, fix))
         n += 1
-    return tuple(bits), marks
+    return tuple(out)
 
 
 def _lanes(marks: torch.Tensor) -> torch.Tensor:
@@ -318,15 +327,12 @@ def stamp(fixes: Sequence[torch.Tensor | None], numel: int) -> tuple[tuple[int, 
     pool[key] = buf, last + 1
     marks = buf[:numel]
     lanes = _lanes(marks)
-    offsets, n = [], 0
-    for fix in fixes:
-        if fix is None:
-            offsets.append(0)
-            continue
+
+    def stamp_lane(n: int, fix: torch.Tensor) -> int:
         lanes[:, n].index_fill_(0, fix, last + 1)
-        offsets.append(_shift(n, lanes.shape[1]) + 1)
-        n += 1
-    return tuple(offsets), marks, torch.tensor(last + 1, dtype=dtype, device=device)
+        return _shift(n, lanes.shape[1]) + 1
+
+    return _per_list(fixes, stamp_lane), marks, torch.tensor(last + 1, dtype=dtype, device=device)
 
 
 def flagged(fixes: Sequence[torch.Tensor | None], numel: int,
