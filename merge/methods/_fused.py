@@ -368,12 +368,8 @@ class FusedGta:
         key = ("gta", self.kinds, self.plan.consensus, self.plan.normalize, stats,
                tuple(d.dtype for d in self.deltas), base.dtype, out.dtype)
         fixes = [self.plan.specs[i].fix for i in self.experts]
-        listed = sum(fix.numel() for fix in fixes if fix is not None)
-        lists = sum(fix is not None for fix in fixes)
-        # exact top-k's split tie groups, flipped in the one pass when many are listed
-        inline = 0 < lists <= STAMP_LISTS and listed > self.plan.numel * self.inline_fixes
-        offsets, marks, stamped = stamp(fixes, self.plan.numel) if inline else ((), None, None)
-        if inline:
+        offsets, marks, stamped = _stamp_dense(fixes, self.plan.numel, self.inline_fixes)
+        if marks is not None:
             key = key + ("stamped", offsets, marks.dtype)
         build = lambda: _make_kernel(self.kinds, self.plan.consensus, self.plan.normalize, stats,  # noqa: E731
                                      flipped=offsets)
@@ -388,7 +384,7 @@ class FusedGta:
             if stats:
                 nnz = result[0] if nnz is None else nnz + result[0]
                 l1 = result[1] if l1 is None else l1 + result[1]
-        if listed and not inline:
+        if marks is None and any(fix is not None for fix in fixes):
             flip_bits, index, flags = flagged(fixes, self.plan.numel, distinct=stats)
             params = (self.lo, self.hi, self.coef, self.weight, self.bound, self.k0, self.k1, self.shift,
                       self._set_start(0), self.lam)  # start: DARE only, never in a plan with fixes
@@ -399,6 +395,19 @@ class FusedGta:
             if stats:
                 nnz, l1 = nnz + change[0], l1 + change[1]
         return (nnz, l1) if stats else None
+
+
+def _stamp_dense(fixes: Sequence[torch.Tensor | None], numel: int,
+                 fraction: float) -> tuple[tuple[int, ...], torch.Tensor | None, torch.Tensor | None]:
+    """Exact top-k's split tie groups stamped for a kernel that flips them in its one pass
+    (`_ranks.stamp`) when they list more than `fraction` of the `numel` entries
+    (`FusedGta.inline_fixes`) in at most `STAMP_LISTS` lists; else ((), None, None): the plain
+    pass, then `_refix` if any are listed."""
+    lists = sum(fix is not None for fix in fixes)
+    listed = sum(fix.numel() for fix in fixes if fix is not None)
+    if 0 < lists <= STAMP_LISTS and listed > numel * fraction:
+        return stamp(fixes, numel)
+    return (), None, None
 
 
 def _wide_ranks(ranks: Sequence[torch.Tensor], lo: int, hi: int) -> list[torch.Tensor]:
@@ -577,11 +586,8 @@ class PackedGta:
         key = ("packed", self.kinds, self.consensus, self.normalize, stats, tuple(d.dtype for d in deltas),
                base.dtype, out.dtype)
         lists = self._arena_lists(block, out.device) if any(self.fixes) else []
-        listed = sum(fix.numel() for fix in lists if fix is not None)
-        # exact top-k's split tie groups: flipped in the one pass when many are listed (as `FusedGta`)
-        inline = 0 < sum(fix is not None for fix in lists) <= STAMP_LISTS and listed > out.numel() * FusedGta.inline_fixes
-        offsets, marks, stamped = stamp(lists, out.numel()) if inline else ((), None, None)
-        if inline:
+        offsets, marks, stamped = _stamp_dense(lists, out.numel(), FusedGta.inline_fixes)
+        if marks is not None:
             key = key + ("stamped", offsets, marks.dtype)
             marks = marks.view(out.shape)
         build = lambda: _make_kernel(self.kinds, self.consensus, self.normalize, stats, packed=True,  # noqa: E731
@@ -595,7 +601,7 @@ class PackedGta:
             if stats:
                 nnz = result[0] if nnz is None else nnz + result[0]
                 l1 = result[1] if l1 is None else l1 + result[1]
-        if listed and not inline:
+        if marks is None and any(fix is not None for fix in lists):
             change = self._refix(out, base, deltas, lists, segment, row_first, stats)
             if stats:
                 nnz, l1 = nnz + change[0], l1 + change[1]
