@@ -137,12 +137,15 @@ def recipe_of(view: RunView, number: int) -> Any:
 
 def export_trial(run_dir: Path, trial: int, *, out: Path | None = None, stage: str | None = None) -> Path:
     """Write a trial's merged model (HF folder + recipe.json + mergekit.yaml + card)."""
+    from evomerge.merge import check_export_target
+
     from ._build import build_engine
 
     view = load_view(run_dir, stage)
     recipe = recipe_of(view, trial)
     target = (out or RunDir(view.run_dir).export_dir(trial)).resolve()
     _check_output(target, folder=True)
+    check_export_target(target)  # before the models load
     engine = build_engine(view.spec, progress=False)
     return engine.export(recipe, target)
 

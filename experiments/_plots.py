@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +16,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from evomerge.merge import write_atomic  # noqa: E402
 
 if TYPE_CHECKING:
     from ._results import RunView
@@ -173,9 +173,6 @@ def write_plots(view: "RunView", out_dir: Path) -> dict[str, Path]:
     for name, png in (("front.png", front_pairs(view)), ("hypervolume.png", hypervolume_curve(view))):
         if png is None:
             continue
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(png)
-        os.replace(tmp, out_dir / name)
+        write_atomic(out_dir / name, png, durable=False)
         paths[name] = out_dir / name
     return paths

@@ -13,6 +13,7 @@ __getattr__, __all__ = lazy_members(__name__, {
     "._allocator": ["fixed_mmap_threshold"],
     "._engine": ["MergeEngine", "MergeStats"],
     "._errors": ["MergeError"],
+    "._export": ["check_export_target"],
     "._io": ["CheckpointReader", "quiet_transformers"],
     "._layout": ["KIND_PATTERNS", "LAYER_PATTERN", "ModelLayout", "TensorSlot", "classify"],
     "._lora": ["LoraAdapter", "LoraModule"],

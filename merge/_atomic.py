@@ -18,6 +18,18 @@ from pathlib import Path
 from typing import IO
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (`os.umask` would change it for every thread
+    for a moment): Linux reports it in /proc/self/status; elsewhere the common 0o022."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make a rename inside ``folder`` durable across a machine restart."""
     fd = os.open(folder, os.O_RDONLY)
@@ -40,6 +52,7 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "w", *, encoding: str 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     binary = "b" in mode
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the output private to its writer
         with os.fdopen(fd, mode, encoding=None if binary else encoding, newline=None if binary else newline) as f:
             yield f
             f.flush()
@@ -71,6 +84,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
     try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make an exported model private to its writer
         yield tmp
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))

@@ -97,6 +97,21 @@ def _write_shards(tensors: Iterable[tuple[str, torch.Tensor]], out: Path, limit:
     (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
 
 
+EXPORT_MARKER = "recipe.json"
+"""Every export writes it: a folder holding it is an earlier export that a new one may replace."""
+
+
+def check_export_target(out: Path) -> None:
+    """Refuse an `out` that is a file, or a non-empty folder that is not an earlier export: an
+    export replaces its folder whole, and a user's own files there must not go with it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"export: {out} is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        raise MergeError(f"export: {out} is a folder with other files in it, which an export would replace; "
+                         "give a new or empty folder (an earlier export, with its recipe.json, is replaced)")
+
+
 def _check_free_space(engine: "MergeEngine", out: Path) -> None:
     """Refuse before merging when the destination cannot hold the weights (a full disk midway costs minutes)."""
     needed = engine.weight_bytes()
@@ -139,6 +154,7 @@ def export_model(engine: "MergeEngine", recipe: MergeRecipe, out: Path, *, shard
     """HF folder: config, weights (sharded above `shard_size`), tokenizer, recipe.json, mergekit.yaml, README.md."""
     limit = parse_size(shard_size)
     engine.check(recipe)
+    check_export_target(out)
     _check_free_space(engine, out)
     try:
         with atomic_dir(out) as tmp:
@@ -147,7 +163,7 @@ def export_model(engine: "MergeEngine", recipe: MergeRecipe, out: Path, *, shard
             for fname in TOKENIZER_FILES:
                 if (engine.base_path / fname).is_file():
                     shutil.copy2(engine.base_path / fname, tmp / fname)
-            (tmp / "recipe.json").write_text(json.dumps(json.loads(recipe.to_json()), indent=2))
+            (tmp / EXPORT_MARKER).write_text(json.dumps(json.loads(recipe.to_json()), indent=2))
             mergekit, why_not = _mergekit_yaml(engine, recipe)
             if mergekit:
                 (tmp / "mergekit.yaml").write_text(mergekit)
@@ -167,6 +183,7 @@ def export_adapter(engine: "MergeEngine", recipe: MergeRecipe, out: Path) -> Pat
     ranks = {m.rank for m in modules.values()}
     if len(ranks) > 1:
         raise MergeError(f"merged LoRA modules have different ranks {sorted(ranks)}; PEFT needs rank_pattern, not supported")
+    check_export_target(out)
     rank = ranks.pop()
     first = engine.adapter(engine.lora_expert_names[0])
     state: dict[str, torch.Tensor] = {}
@@ -186,5 +203,5 @@ def export_adapter(engine: "MergeEngine", recipe: MergeRecipe, out: Path) -> Pat
     with atomic_dir(out) as tmp:
         _save_shard(state, tmp / "adapter_model.safetensors")
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "recipe.json").write_text(json.dumps(json.loads(recipe.to_json()), indent=2))
+        (tmp / EXPORT_MARKER).write_text(json.dumps(json.loads(recipe.to_json()), indent=2))
     return out

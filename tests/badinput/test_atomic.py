@@ -111,3 +111,33 @@ def test_failed_file_write_keeps_the_old_file(tmp_path: Path) -> None:
             f.write("new, half")
             f.write(str(Boom()))
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["trials.json"]
+
+
+def test_export_refuses_a_folder_of_other_files_and_replaces_an_earlier_export(tiny_zoo: Path, tmp_path: Path) -> None:
+    from evomerge.merge import ExpertParams, GroupRule, MergeEngine, MergeError, MergeRecipe
+
+    engine = MergeEngine.load(tiny_zoo / "base", {"rev": tiny_zoo / "experts" / "rev"}, progress=False)
+    recipe = MergeRecipe(rules=[GroupRule(method="task_arithmetic", experts={"rev": ExpertParams(weight=0.5)})])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("important")
+    with pytest.raises(MergeError, match="other files"):
+        engine.export(recipe, mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # nothing written beside it either
+    out = tmp_path / "export"
+    engine.export(recipe, out)
+    engine.export(recipe, out)  # an earlier export (its recipe.json) is replaced
+    _complete_model(out)
+
+
+def test_outputs_get_the_umasks_permissions_not_the_temporary_files(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "report.html", "<html></html>")
+        with atomic_dir(tmp_path / "model") as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
