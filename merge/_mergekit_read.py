@@ -160,8 +160,11 @@ def recipe_from_mergekit(
         spread += [f"{k}[{e}]" if e else k for (e, k), v in cell.items() if max(v) - min(v) > 1e-9]
         try:
             experts = {e: ExpertParams(**{k: mean[(e, k)] for k in kinds}) for e in per_model}
-        except ValueError as exc:  # pydantic: a density or gamma outside [0, 1]
-            raise MergeError(f"mergekit parameters at layer {layer} {kind}: {' '.join(str(exc).split())[:200]}") from None
+            get_method(method).check_params(list(experts.values()))
+        except ValueError as exc:  # pydantic: a density or gamma outside [0, 1]; DELLA's epsilon range
+            averaged = " (evomerge sets one value per layer and module kind: these are the averages of its tensors')" \
+                if any(max(v) - min(v) > 1e-9 for v in cell.values()) else ""
+            raise MergeError(f"mergekit parameters at layer {layer} {kind}: {' '.join(str(exc).split())[:200]}{averaged}") from None
         rule = GroupRule(layers=None if layer is None else [layer], kinds=[kind], method=method,
                          experts=experts, t=mean.get(("", "t")))
         # A rule without layers selects its kind everywhere: it goes first, so per-layer rules win.
@@ -173,8 +176,12 @@ def recipe_from_mergekit(
         notes.append(f"values that differ between tensors of one layer and module kind are averaged: {', '.join(sorted(set(spread)))}")
     defaults = MERGEKIT_DEFAULTS[mk]
     normalize = bool(shared.get("normalize", defaults.get("normalize", True)))
-    if "rescale" in defaults and not shared.get("rescale", defaults["rescale"]) and "rescale" in get_method(method).uses:
-        notes.append("rescale: false is not expressible: evomerge rescales as mergekit's rescale: true")
+    rescale = shared.get("rescale", defaults.get("rescale", False))
+    if "rescale" in get_method(method).uses:
+        if not rescale:
+            notes.append("rescale: false is not expressible: evomerge rescales as mergekit's rescale: true")
+    elif rescale:
+        notes.append(f"rescale: true is not expressible for {method}: evomerge prunes without mergekit's L1 rescale of the kept entries")
     lam = float(shared.get("lambda", 1.0))
     for key in sorted(set(shared) - {"normalize", "rescale", "lambda", "int8_mask", "t", *kinds}):
         notes.append(f"shared parameter {key!r} ignored")

@@ -155,7 +155,7 @@ class DellaLinear(GeneralizedTaskArithmetic):
     uses = frozenset({"weight", "density", "epsilon", "normalize", "lambda", "rescale"})
     mergekit_defaults = {"normalize": False, "rescale": True}
 
-    def _check_params(self, params: Sequence[ExpertParams], options: MethodOptions) -> None:
+    def check_params(self, params: Sequence[ExpertParams]) -> None:
         # Validate every expert before drawing anything, so a bad recipe fails fast and cleanly.
         for p in params:
             if 0 < p.density < 1:

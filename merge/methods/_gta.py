@@ -396,7 +396,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
     ) -> ChunkPlan:
         if self.whole_tensor(options):
             raise ValueError(f"{self.name} with draws='mergekit' runs on whole tensors: call merge()")
-        self._check_params(params, options)
+        self.check_params(params)
         weights = [float(p.weight) for p in params]
         flats = [d.reshape(-1) for d in deltas]
         keys = expert_keys(generator, len(deltas)) if self.is_random else [None] * len(deltas)
@@ -421,7 +421,7 @@ class GeneralizedTaskArithmetic(MergeMethod):
         tables: Sequence[MagnitudeTable] | None,
         generator: torch.Generator | None,
     ) -> None:
-        self._check_params(params, options)
+        self.check_params(params)
         work = out if out.dtype in (torch.float32, torch.float64) else torch.empty_like(out, dtype=torch.float32)
         scratch = Scratch(work)
         weights = [float(p.weight) for p in params]
@@ -435,8 +435,9 @@ class GeneralizedTaskArithmetic(MergeMethod):
         if work is not out:
             out.copy_(work)
 
-    def _check_params(self, params: Sequence[ExpertParams], options: MethodOptions) -> None:
-        """Method-specific parameter checks (DELLA's epsilon range)."""
+    def check_params(self, params: Sequence[ExpertParams]) -> None:
+        """Method-specific parameter checks (DELLA's epsilon range), raising ValueError; run before
+        anything is drawn, and by the mergekit import on the values it averaged."""
 
 
 class _lazy(Sequence[Sparsified]):

@@ -95,3 +95,24 @@ def test_what_cannot_be_read_is_one_line(engine: MergeEngine) -> None:
         recipe_from_mergekit({"merge_method": "ties", "models": [{"model": "/elsewhere", "parameters": {"weight": 1}}]}, engine.layout, expert_of)
     with pytest.raises(MergeError, match="has no 'weight'"):
         recipe_from_mergekit({"merge_method": "ties", "models": [{"model": str(engine.expert_paths["a"])}]}, engine.layout, expert_of)
+
+
+def test_mergekit_rescale_of_magnitude_pruning_is_noted(engine: MergeEngine) -> None:
+    """mergekit's ties honours `rescale: true` (an L1 rescale after pruning); evomerge has none: a note."""
+    models = [{"model": str(engine.expert_paths[n]), "parameters": {"weight": 0.5, "density": 0.4}} for n in "ab"]
+    config = {"merge_method": "ties", "base_model": str(engine.base_path), "models": models}
+    _, notes = recipe_from_mergekit({**config, "parameters": {"rescale": True}}, engine.layout, _expert_of(engine))
+    assert any("rescale: true is not expressible for ties" in note for note in notes), notes
+    _, notes = recipe_from_mergekit(config, engine.layout, _expert_of(engine))
+    assert notes == []
+
+
+def test_della_values_that_average_out_of_range_are_refused_at_import(engine: MergeEngine) -> None:
+    """A filter gives one tensor density 0.8 and the rest 1.0: the layer's mean with epsilon 0.1
+    leaves DELLA's range, which the import says (not the merge, later, as a traceback)."""
+    one = next(n for n, s in engine.layout.slots.items() if s.layer == 1 and s.kind == "attention")
+    density = [{"filter": one, "value": 0.8}, {"value": 1.0}]
+    models = [{"model": str(engine.expert_paths[n]), "parameters": {"weight": 0.5, "epsilon": 0.1, "density": density}} for n in "ab"]
+    config = {"merge_method": "della", "base_model": str(engine.base_path), "models": models}
+    with pytest.raises(MergeError, match=r"layer 1 attention: DELLA needs density - epsilon > 0.*averages"):
+        recipe_from_mergekit(config, engine.layout, _expert_of(engine))
