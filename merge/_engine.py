@@ -67,6 +67,12 @@ class _SortJob:
     kind: "SortKind"
     kept: int
 
+    @property
+    def temporary(self) -> int:
+        """Bytes held while it sorts: |d| in fp32, the sorted values, int64 indices, the int32
+        result (20 per entry, measured); DELLA's row sorts go a block of rows at a time."""
+        return 20 * (min(self.table.numel, 1 << 22) if self.kind == "rows" else self.table.numel)
+
 
 def _tied(config: Any) -> bool:
     return bool(getattr(config, "tie_word_embeddings", False))
@@ -371,7 +377,7 @@ class MergeEngine:
         budget = ByteBudget(max(1 << 28, free // 2) if free is not None else 1 << 62)
 
         def run(job: "_SortJob") -> None:
-            temporary = 20 * (min(job.table.numel, 1 << 22) if job.kind == "rows" else job.table.numel)
+            temporary = job.temporary
             budget.acquire(temporary)
             try:
                 job.table.build_sort(job.delta, job.kind, spill)
@@ -423,14 +429,17 @@ class MergeEngine:
 
         host = [job for job in work if job.kind != "rows" or job.delta.device.type == "cpu"]
         need = sum(job.kept for job in host)
+        # one sort's temporaries come on top of what the finished ones keep: a 590M-entry embedding
+        # (Gemma-2's) sorts with ~12 GB of them, which the kept results alone did not show
+        largest = max((job.temporary for job in host), default=0)
         free = available if available is not None else available_memory()
         if free is None:
             return None, None
-        if need <= 0.9 * free:
+        if need + largest <= 0.9 * free:
             return free - need, None
         orders = sum(job.kept for job in host if job.kind != "rows")
         disk = None
-        if spill_dir is not None and orders and need - orders <= 0.9 * free:
+        if spill_dir is not None and orders and need - orders + largest <= 0.9 * free:
             spill_dir.mkdir(parents=True, exist_ok=True)
             disk = shutil.disk_usage(spill_dir).free
             if orders <= 0.9 * disk:
@@ -443,7 +452,8 @@ class MergeEngine:
         if disk is not None:
             fix += f" (or disk space: {spill_dir} has {disk / 1e9:.1f} GB free)"
         raise MergeError(f"the one-time sorts of this run's merges (mergekit's exact top-k order, DELLA's row ranks) "
-                         f"need {need / 1e9:.1f} GB of memory and {free / 1e9:.1f} GB is available; {fix}")
+                         f"need {(need + largest) / 1e9:.1f} GB of memory ({need / 1e9:.1f} GB kept for the run, "
+                         f"{largest / 1e9:.1f} GB while the largest tensor sorts) and {free / 1e9:.1f} GB is available; {fix}")
 
     def _method_options(self, recipe: MergeRecipe) -> "MethodOptions":
         """The recipe's method-wide options (a rule's `t` is set per rule)."""

@@ -246,8 +246,11 @@ def test_build_sorts_refuses_sorts_that_do_not_fit_and_sorts_nothing(llama_famil
     experts = {e: llama_family[e] for e in ("a", "b")}
     engine = MergeEngine.load(llama_family["base"], experts, progress=False, dtype=torch.bfloat16)
     ties = _sort_recipes(list(experts))[0]
-    with pytest.raises(MergeError, match=r"need \d+\.\d GB of memory and 0\.0 GB is available; set `pruning: approximate`"):
+    with pytest.raises(MergeError, match=r"need \d+\.\d GB of memory \(\d+\.\d GB kept for the run, \d+\.\d GB while the largest tensor sorts\) and 0\.0 GB is available; set `pruning: approximate`"):
         engine.build_sorts([ties], available=1000)
+    largest = 20 * max(engine.base_tensor(n).numel() for n in engine.layout.slots)
+    with pytest.raises(MergeError, match=r"while the largest tensor sorts"):  # the largest sort's temporaries count too
+        engine.build_sorts([ties], available=int(largest / 0.9) - 1)
     assert all(t._ranks is None or t._ranks.built(True) is None for t in engine._tables.values())
     approximate = ties.model_copy(update={"pruning": "approximate"})
     engine.build_sorts([approximate], available=0)
@@ -277,8 +280,10 @@ def test_build_sorts_maps_exact_orders_from_disk_when_memory_is_short(llama_fami
     lazy, mapped = (MergeEngine.load(llama_family["base"], experts, progress=False, dtype=torch.bfloat16) for _ in range(2))
     ties, band, della = _sort_recipes(list(experts))
     spill = tmp_path / "sorts"
+    # room for the largest tensor's sort temporaries (20 bytes per entry), not for the kept orders
+    short = int(25 * max(mapped.base_tensor(n).numel() for n in mapped.layout.slots) / 0.9)
     with pytest.warns(UserWarning, match=r"kept in memory-mapped files in .*sorts \(\d+\.\d GB free there"):
-        mapped.build_sorts([ties, band], available=1000, spill_dir=spill)
+        mapped.build_sorts([ties, band], available=short, spill_dir=spill)
     assert list(spill.iterdir()) == []
     if sys.platform.startswith("linux"):
         maps = [line for line in open("/proc/self/maps") if "evomerge-sort-" in line]
@@ -295,4 +300,4 @@ def test_build_sorts_maps_exact_orders_from_disk_when_memory_is_short(llama_fami
             if theirs is not None:
                 assert torch.equal(theirs, mapped._tables[key]._ranks.built(descending)), key
     with pytest.raises(MergeError, match="merge fewer tensors with DELLA"):
-        mapped.build_sorts([della], available=1000, spill_dir=spill)
+        mapped.build_sorts([della], available=short, spill_dir=spill)
