@@ -2,10 +2,11 @@
 
 The spec's pydantic models check each field on its own; these check what the fields point at: the
 run folder can be created, the storage URL opens, every stage's optimizer can be constructed with
-its options; `report_remote_code` names models that ship code (``auto_map``) once they loaded. Models and calibration sets are
-checked where they are loaded (`evomerge.merge.MergeEngine.load`, `CalibrationSet.load`), which
-also happens before the run folder exists. A failure is a `UserError`: one line, exit status 2,
-and no file or folder created.
+its options; the scorer's device exists; every objective's calibration and held-out files read
+cleanly and hold the kind of set its metric needs; `report_remote_code` names models that ship
+code (``auto_map``) once they loaded. Models are checked where they are loaded
+(`evomerge.merge.MergeEngine.load`), which also happens before the run folder exists. A failure is
+a `UserError` or a `CalibrationError`: one line, exit status 2, and no file or folder created.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def preflight(spec: ExperimentSpec, rd: RunDir) -> None:
     if spec.storage:
         check_ledger_location(spec.storage)
     check_optimizers(spec)
+    check_device(spec)
+    check_objective_data(spec)
 
 
 # ---------------------------------------------------------------------------------------- run folder
@@ -164,6 +167,55 @@ def check_optimizers(spec: ExperimentSpec) -> None:
                 f"{where}.options: {opt.options!r} is refused by {opt.factory_name} ({first_line(exc)}); "
                 "use the keywords its sampler/optimizer documents"
             ) from None
+
+
+# ------------------------------------------------------------------------------------------- device
+
+
+def check_device(spec: ExperimentSpec) -> None:
+    """``scorer.device`` names a device this torch has (``cpu`` and ``auto`` always do)."""
+    device = spec.scorer.device
+    if device in ("cpu", "auto"):
+        return
+    import torch
+
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("scorer.device: 'mps' but torch has no MPS (Apple GPU) device here; use cpu or auto")
+        return
+    if not torch.cuda.is_available():
+        raise UserError(f"scorer.device: {device!r} but torch has no CUDA device here; use cpu (or auto)")
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise UserError(f"scorer.device: {device!r} but torch sees {count} CUDA device(s) (cuda:0..cuda:{count - 1}); "
+                        "use one of those, or cuda")
+
+
+# ------------------------------------------------------------------------------------ objective data
+
+
+def check_objective_data(spec: ExperimentSpec) -> None:
+    """Every objective's ``data`` and ``holdout`` file reads as a calibration set (a broken line is
+    a `CalibrationError` naming file and line) of the kind its metric needs, before the models load:
+    a held-out set is otherwise first read after the whole search."""
+    from evomerge.objectives import METRICS, CalibrationSet
+
+    for i, obj in enumerate(spec.objectives):
+        for field in ("data", "holdout"):
+            path = getattr(obj, field)
+            if path is None:
+                continue
+            kind = CalibrationSet.load(path, name=obj.name).kind
+            need = METRICS[obj.metric][0] if obj.metric in METRICS else None
+            if need is None or kind == need:
+                continue
+            fits = ", ".join(m for m, (k, _) in METRICS.items() if k == kind)
+            where = f"objectives[{i}].metric" if field == "data" else f"objectives[{i}].holdout"
+            fix = (f"use a metric for {kind} sets ({fits}) or a {need} file" if field == "data"
+                   else f"point it at a {need} file like data")
+            raise UserError(f"{where}: objective {obj.name!r}: metric {obj.metric!r} needs a {need} set, "
+                            f"but {path} is a {kind} set; {fix}")
 
 
 # ---------------------------------------------------------------------------------------- remote code

@@ -1,4 +1,5 @@
-"""A spec with several mistakes lists every one, one line each, in one go (no fix-rerun loop)."""
+"""A spec with several mistakes lists every one, one line each, in one go (no fix-rerun loop); a
+problem only the files or the machine show is one line too, before the models load."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import yaml
 
 from evomerge.experiments._spec_io import SpecError, load_spec
 
-from .conftest import evomerge
+from .conftest import evomerge, tiny_spec
 from .test_spec import GOOD
 
 
@@ -50,3 +51,38 @@ def test_the_cli_prints_them_all_and_exits_2(tmp_path: Path) -> None:
     assert len(lines) == len(EXPECTED) and all(line.startswith("evomerge: ") for line in lines), proc.stderr
     assert "budget.wallclock: unknown key" in lines[-1]
     assert not (tmp_path / "runs").exists()
+
+
+def _one_line_before_load(spec: Path, tmp_path: Path) -> str:
+    """The run's single stderr line: exit 2, no run folder, nothing loaded or searched."""
+    proc = evomerge("run", str(spec), cwd=tmp_path, check=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("evomerge: "), proc.stderr
+    assert "run folder" not in proc.stdout and not (tmp_path / "runs").exists(), proc.stdout
+    return lines[0]
+
+
+def test_a_broken_holdout_file_is_reported_before_the_search(zoo_copy: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "held.jsonl"
+    bad.write_text('{"prompt": "abc"}\n', encoding="utf-8")
+    objectives = [{"name": "rev", "metric": "answer_loss", "data": "zoo:data/rev/calib.jsonl", "size": 4, "holdout": str(bad)}]
+    line = _one_line_before_load(tiny_spec(tmp_path, zoo_copy, evaluations=2, objectives=objectives), tmp_path)
+    assert line == f"evomerge: {bad}:1: generation item is missing answer"
+
+
+def test_a_metric_for_another_kind_of_set_names_the_metric(zoo_copy: Path, tmp_path: Path) -> None:
+    objectives = [{"name": "rev", "metric": "perplexity", "data": "zoo:data/rev/calib.jsonl", "size": 4}]
+    line = _one_line_before_load(tiny_spec(tmp_path, zoo_copy, evaluations=2, objectives=objectives), tmp_path)
+    assert line.startswith("evomerge: objectives[0].metric: objective 'rev': metric 'perplexity' needs a perplexity set, but ")
+    assert line.endswith("is a generation set; use a metric for generation sets "
+                         "(exact_match, contains, response_length, custom, answer_loss) or a perplexity file")
+
+
+def test_a_device_torch_lacks_names_scorer_device(zoo_copy: Path, tmp_path: Path) -> None:
+    import torch
+
+    device = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: absent with or without CUDA
+    spec = tiny_spec(tmp_path, zoo_copy, evaluations=2, scorer={"batch_size": 16, "max_new_tokens": 6, "device": device})
+    line = _one_line_before_load(spec, tmp_path)
+    assert line.startswith(f"evomerge: scorer.device: '{device}' but torch ")
+    assert "CUDA device" in line and ("use cpu" in line or "use one of those" in line)
