@@ -190,6 +190,22 @@ class SpaceTemplate(BaseModel):
                 raise ValueError(f"method {self.method!r} (the first trial's) is not one of methods {self.methods}")
         elif self.params is None and self.method not in METHOD_KINDS:
             raise ValueError(f"method {self.method!r} has no default parameter kinds; set `params`")
+        elif self.params is not None and self.method in METHOD_KINDS:
+            reads = METHOD_KINDS[self.method] + CHOICE_EXTRA_KINDS.get(self.method, ())
+            ignored = [k for k in self.params if k not in reads]
+            if ignored:  # the engine would refuse every recipe, at the first trial that sets it
+                raise ValueError(f"params: method {self.method!r} does not read {', '.join(ignored)}; "
+                                 f"remove it (it reads {', '.join(reads) or 'no parameter'})")
+        searched = self.searched_kinds
+        for key, value in self.fixed.items():
+            if key not in PARAM_KINDS:
+                continue
+            if key not in searched:  # a held kind replaces a searched one; alone it would be ignored
+                raise ValueError(f"fixed: {key!r} is not among the searched kinds ({', '.join(searched)}); "
+                                 f"add it to params as well (fixed holds it out of the genome)")
+            legal = LEGAL_RANGE.get(key)
+            if legal is not None and not legal[0] <= value <= legal[1]:
+                raise ValueError(f"fixed: {key} {value} must lie in {list(legal)}")
         for kind, (low, high) in self.bounds.items():
             legal = LEGAL_RANGE.get(kind)
             if not low < high:

@@ -161,3 +161,20 @@ def test_della_epsilon_is_capped_to_fit_its_density() -> None:
     assert [p.epsilon for rule in space.decode(x).rules for p in rule.experts.values()] == pytest.approx([0.99 * 0.1] * 2)
     assert space.decode(space.encode(recipe)) == recipe  # a capped recipe is its own fixed point
     assert feasible_epsilon(1.0, 0.3) == 0.3 and feasible_epsilon(0.5, 0.2) == 0.2
+
+
+@pytest.mark.parametrize(("template", "message"), [
+    (dict(method="dare_ties", params=["weight", "density", "epsilon"]), r"params: method 'dare_ties' does not read epsilon"),
+    (dict(method="task_arithmetic", params=["weight", "density"]), r"does not read density; remove it \(it reads weight\)"),
+    (dict(method="ties", params=["weight"], fixed={"density": 0.3}), r"fixed: 'density' is not among the searched kinds"),
+    (dict(method="ties", params=["weight", "density"], fixed={"density": 1.7}), r"fixed: density 1.7 must lie in \[0.0, 1.0\]"),
+])
+def test_kinds_a_method_ignores_and_held_values_out_of_range_are_refused(template: dict, message: str) -> None:
+    """Each was accepted and then failed every trial (a traceback) or was silently ignored."""
+    with pytest.raises(ValueError, match=message):
+        SpaceTemplate(**template)
+
+
+def test_della_reads_epsilon_and_a_held_searched_kind_is_accepted() -> None:
+    assert SpaceTemplate(method="della", params=["weight", "density", "epsilon"]).searched_kinds == ("weight", "density", "epsilon")
+    assert SpaceTemplate(method="ties", params=["weight", "density"], fixed={"density": 0.3}).fixed == {"density": 0.3}
