@@ -180,7 +180,7 @@ def recipe_from_mergekit(
     if "rescale" in get_method(method).uses:
         if not rescale:
             notes.append("rescale: false is not expressible: evomerge rescales as mergekit's rescale: true")
-    elif rescale:
+    elif rescale and "rescale" in defaults:  # mergekit's magnitude pruning (ties, breadcrumbs, task_arithmetic)
         notes.append(f"rescale: true is not expressible for {method}: evomerge prunes without mergekit's L1 rescale of the kept entries")
     lam = float(shared.get("lambda", 1.0))
     for key in sorted(set(shared) - {"normalize", "rescale", "lambda", "int8_mask", "t", *kinds}):
