@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from evomerge.merge import MergeRecipe, atomic_file, write_atomic
 
-from ._ledger import Ledger
+from ._ledger import Ledger, counted, rerun_numbers
 
 
 class Exporter(Protocol):
@@ -25,13 +25,15 @@ class Exporter(Protocol):
     def export(self, recipe: MergeRecipe, out_dir: str | Path) -> Path: ...
 
 
-def trial_record(ledger: Ledger, trial: FrozenTrial, *, on_front: bool) -> dict[str, Any]:
-    """One trial as a JSON-safe dict: genome, recipe, objectives, details, timings, failure."""
+def trial_record(ledger: Ledger, trial: FrozenTrial, *, on_front: bool, rerun: set[int]) -> dict[str, Any]:
+    """One trial as a JSON-safe dict: genome, recipe, objectives, details, timings, failure.
+    ``interrupted`` is the ledger's rule (`counted`; ``rerun``: `rerun_numbers`), so a trial whose
+    process was killed reads as interrupted here as in ``status``, not only one given back."""
     recipe = trial.user_attrs.get("recipe")
     return {
         "number": trial.number,
         "state": trial.state.name,
-        "interrupted": bool(trial.user_attrs.get("interrupted", False)),
+        "interrupted": trial.state == TrialState.FAIL and not counted(trial, rerun),
         "candidate": trial.user_attrs.get("candidate"),
         "on_front": on_front,
         "feasible": ledger.feasible(trial),
@@ -70,7 +72,9 @@ def export_results(ledger: Ledger, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     front = {p.number for p in ledger.archive().front}
-    records = [trial_record(ledger, t, on_front=t.number in front) for t in ledger.trials()]
+    trials = ledger.trials()
+    rerun = rerun_numbers(trials)
+    records = [trial_record(ledger, t, on_front=t.number in front, rerun=rerun) for t in trials]
     names = ledger.objective_names
     meta = {
         "objectives": [{"name": o.name, "direction": o.direction} for o in ledger.objectives],

@@ -66,3 +66,16 @@ def test_optuna_dashboard_opens_the_ledger(finished_run) -> None:
     assert status[0].startswith("200")
     studies = json.loads(body)["study_summaries"]
     assert [s["study_name"] for s in studies] == ["evomerge"]
+
+
+def test_a_trial_cut_off_by_a_dead_process_exports_as_interrupted(tiny_zoo: Path, tmp_path: Path) -> None:
+    """A trial left RUNNING by a killed process is failed and re-queued at resume (`fail_running`);
+    the CSV says interrupted, as `status` does (it said FAIL, interrupted=False, no failure)."""
+    _, scorer, space = build_problem(tiny_zoo)
+    ledger = Ledger(tmp_path / "run", objectives=scorer.objectives, space=space.to_dict(), reference_point=[50.0, 1e6])
+    ledger.study.ask()  # claimed, then the process "died"
+    assert [t.number for t in ledger.fail_running()] == [0]
+    with open(export_results(ledger, tmp_path / "out")["trials.csv"]) as f:
+        rows = {int(r["number"]): r for r in csv.DictReader(f)}
+    assert (rows[0]["state"], rows[0]["interrupted"]) == ("FAIL", "True")
+    assert rows[1]["state"] == "WAITING" and rows[1]["interrupted"] == "False"  # its re-run, queued
