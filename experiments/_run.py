@@ -108,8 +108,11 @@ class Session:
         check_mergekit_files(spec, engine)
         scorer = build_scorer(spec, engine, objectives)
         recipes = _warm_up_recipes(spec, engine)
+        sorting = _sorting_recipes(spec, engine)
+        for recipe in sorting + recipes:  # a recipe the models cannot take (a full expert in lora_mode
+            engine.check(recipe)          # adapter) is one line now, not a failure of every trial
         start = time.perf_counter()
-        sorts = scorer.build_sorts(_sorting_recipes(spec, engine) + recipes)
+        sorts = scorer.build_sorts(sorting + recipes)
         sorts += sum(scorer.warm_up(recipe).timings["sorts"] for recipe in recipes)
         if progress:
             click.echo(f"warm-up: one-time sorts {sorts:.0f} s, first evaluation of {len(recipes)} recipe(s) "

@@ -86,3 +86,10 @@ def test_a_device_torch_lacks_names_scorer_device(zoo_copy: Path, tmp_path: Path
     line = _one_line_before_load(spec, tmp_path)
     assert line.startswith(f"evomerge: scorer.device: '{device}' but torch ")
     assert "CUDA device" in line and ("use cpu" in line or "use one of those" in line)
+
+
+def test_a_recipe_the_models_cannot_take_is_one_line_before_the_run_folder(zoo_copy: Path, tmp_path: Path) -> None:
+    """`lora_mode: adapter` over full experts: every trial failed, and the run ended with status 0."""
+    space = {"method": "ties", "params": ["weight", "density"], "lora_mode": "adapter"}
+    line = _one_line_before_load(tiny_spec(tmp_path, zoo_copy, evaluations=2, space=space), tmp_path)
+    assert "lora_mode='adapter' merges LoRA adapters only" in line and "use lora_mode='materialized'" in line
