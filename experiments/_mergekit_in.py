@@ -7,7 +7,7 @@ the report shows whether the search beat the merge the user had.
 
 The config's models are matched to the spec's experts by path (relative to the YAML file), by
 Hugging Face id (the id's cache folder), or by name (the expert's name or folder name); models
-that are not experts (the base listed among ``models``) are left out, with a note.
+that are neither experts nor the base are left out, with a note.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def mergekit_recipe(path: str, engine: "MergeEngine", experts: Mapping[str, str]
 
     config = read_yaml(Path(path), f"{field} ({path})")
     try:
-        return recipe_from_mergekit(config, engine.layout, expert_matcher(Path(path).parent, experts))
+        base = expert_matcher(Path(path).parent, {"base": str(engine.base_path)})
+        return recipe_from_mergekit(config, engine.layout, expert_matcher(Path(path).parent, experts),
+                                    is_base=lambda ref: base(ref) is not None)
     except MergeError as exc:
         raise UserError(f"{field}: {path}: {exc}") from None
 

@@ -34,6 +34,8 @@ MERGEKIT_DEFAULTS: dict[str, dict[str, bool]] = {
     "della_linear": {"normalize": False, "rescale": True},
     "linear": {"normalize": True},
     "slerp": {},
+    "nuslerp": {"nuslerp_flatten": True, "nuslerp_row_wise": False},
+    "model_stock": {"filter_wise": False},
 }
 """Methods read from mergekit YAML (those `recipe_to_mergekit` writes), with mergekit's defaults."""
 
@@ -81,6 +83,9 @@ def _method(config: Mapping[str, Any]) -> str:
         raise MergeError(f"mergekit merge_method {name!r} is not one of {', '.join(sorted(ours))}")
     if not isinstance(config.get("models"), list) or not config["models"]:
         raise MergeError("mergekit config has no 'models' list")
+    if name in ("nuslerp", "model_stock") and not config.get("base_model"):
+        raise MergeError(f"mergekit {name} without 'base_model' merges whole models; evomerge's {name} merges task vectors: "
+                         "add the base model as 'base_model'")
     return ours[name]
 
 
@@ -104,12 +109,14 @@ def _slot_t(layer: Any, num_layers: int) -> float:
 
 
 def recipe_from_mergekit(
-    config: Mapping[str, Any], layout: ModelLayout, expert_of: Callable[[str], str | None]
+    config: Mapping[str, Any], layout: ModelLayout, expert_of: Callable[[str], str | None],
+    is_base: Callable[[str], bool] | None = None,
 ) -> tuple[MergeRecipe, list[str]]:
     """The recipe of a mergekit config over ``layout``, and notes on what it approximates.
 
-    ``expert_of`` maps a model reference of the config to an expert name (None: not an expert,
-    e.g. the base model listed among ``models``).
+    ``expert_of`` maps a model reference of the config to an expert name (None: not an expert);
+    ``is_base`` tells the base model among the others (besides the config's ``base_model``). A
+    ``linear`` config that lists the base with a weight averages it in: `_linear_with_base`.
     """
     method = _method(config)
     from .methods import get_method
@@ -118,20 +125,30 @@ def recipe_from_mergekit(
     shared = dict(config.get("parameters") or {})
     notes: list[str] = []
     per_model: dict[str, dict[str, Any]] = {}
+    base_params: dict[str, Any] | None = None
     for ref, entry in zip(model_refs(config), config["models"]):
         expert = expert_of(ref)
         params = dict(entry.get("parameters") or {})
-        if expert is None and ref == config.get("base_model"):
-            continue  # mergekit lists the base among models; its task vector is zero
+        if expert is None and (ref == config.get("base_model") or (is_base is not None and is_base(ref))):
+            base_params = params  # mergekit lists the base among models; its task vector is zero
+            continue
         if expert is None:
             if method == "linear" and any(evaluate_setting(n, params.get("weight", shared.get("weight", 0)), 0) for n in layout.slots):
-                notes.append(f"model {ref!r} is not an expert: its linear weight is dropped (evomerge's linear mixes experts' task vectors)")
+                notes.append(f"model {ref!r} is neither the base nor an expert: its linear weight is dropped")
             elif method not in ("linear", "slerp"):
                 notes.append(f"model {ref!r} is not one of the spec's experts: left out")
             continue
         per_model[expert] = params
     if not per_model:
         raise MergeError("mergekit config names none of the spec's experts among its models")
+    low, high = get_method(method).expert_count
+    if len(per_model) < (low or 0) or (high is not None and len(per_model) > high):
+        count = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+        raise MergeError(f"mergekit {mk} merges {count} model(s) besides the base; the config lists {len(per_model)} of the spec's experts")
+    if method == "linear" and base_params is not None:
+        base_weight = _base_weights(layout, base_params, shared)
+        if any(base_weight.values()):
+            return _linear_with_base(layout, per_model, shared, base_weight, notes)
     kinds = [k for k in ("weight", "density", "gamma", "epsilon") if k in get_method(method).uses]
     if method == "slerp":
         kinds = []
@@ -153,6 +170,85 @@ def recipe_from_mergekit(
             if value is None:
                 raise MergeError("mergekit slerp config has no 't' parameter")
             cell[("", "t")].append(value)
+    rules, spread = _slot_rules(method, values, per_model, kinds)
+    if spread:
+        notes.append(f"values that differ between tensors of one layer and module kind are averaged: {', '.join(sorted(set(spread)))}")
+    defaults = MERGEKIT_DEFAULTS[mk]
+    normalize = bool(shared.get("normalize", defaults.get("normalize", True)))
+    rescale = shared.get("rescale", defaults.get("rescale", False))
+    if "rescale" in get_method(method).uses:
+        if not rescale:
+            notes.append("rescale: false is not expressible: evomerge rescales as mergekit's rescale: true")
+    elif rescale and "rescale" in defaults:  # mergekit's magnitude pruning (ties, breadcrumbs, task_arithmetic)
+        notes.append(f"rescale: true is not expressible for {method}: evomerge prunes without mergekit's L1 rescale of the kept entries")
+    for key in ("nuslerp_flatten", "nuslerp_row_wise", "filter_wise"):
+        if key in defaults and bool(shared.get(key, defaults[key])) != defaults[key]:
+            notes.append(f"{key}: {shared[key]} is not expressible: evomerge's {method} is mergekit's with {key}: {defaults[key]}")
+    lam = float(shared.get("lambda", 1.0))
+    known = {"normalize", "rescale", "lambda", "int8_mask", "t", *kinds, *defaults}
+    for key in sorted(set(shared) - known):
+        notes.append(f"shared parameter {key!r} ignored")
+    return MergeRecipe(rules=rules, normalize=normalize, lambda_=lam), notes
+
+
+def _base_weights(layout: ModelLayout, base_params: Mapping[str, Any], shared: Mapping[str, Any]) -> dict[str, float]:
+    """Per tensor the linear weight of the base listed among a config's models."""
+    weights: dict[str, float] = {}
+    for name, slot in layout.slots.items():
+        value = evaluate_setting(name, base_params.get("weight", shared.get("weight")), _slot_t(slot.layer, layout.num_layers))
+        if value is None:
+            raise MergeError("mergekit linear lists the base model without a 'weight' (mergekit requires one)")
+        weights[name] = value
+    return weights
+
+
+def _linear_with_base(
+    layout: ModelLayout, per_model: Mapping[str, Mapping[str, Any]],
+    shared: Mapping[str, Any], base_weight: Mapping[str, float], notes: list[str],
+) -> tuple[MergeRecipe, list[str]]:
+    """A ``linear`` config that averages the base in, as the same merge in task-vector form.
+
+    mergekit computes ``(w_b·base + Σ w_i x_i) / W`` with ``W = w_b + Σ w_i``; as ``x_i = base + d_i``
+    that is ``base + Σ (w_i / W) d_i``: task arithmetic with weights ``w_i / W``. Without
+    ``normalize`` the result ``W·base + Σ w_i d_i`` has a base term no evomerge method writes,
+    so the base's weight is dropped with a note (evomerge's linear then gives ``Σ w_i x_i``).
+    """
+    normalize = bool(shared.get("normalize", MERGEKIT_DEFAULTS["linear"]["normalize"]))
+    values: dict[Any, dict[tuple[str, str], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for name, slot in layout.slots.items():
+        t = _slot_t(slot.layer, layout.num_layers)
+        weights = {}
+        for expert, params in per_model.items():
+            value = evaluate_setting(name, params.get("weight", shared.get("weight")), t)
+            if value is None:
+                raise MergeError(f"mergekit model of expert {expert!r} has no 'weight' (mergekit requires one)")
+            weights[expert] = value
+        total = base_weight[name] + sum(weights.values())
+        divisor = total if normalize and abs(total) >= 1e-8 else 1.0
+        for expert, value in weights.items():
+            values[(slot.layer, slot.kind)][(expert, "weight")].append(value / divisor)
+    if not normalize:
+        notes.append("the base model's linear weight is dropped: without normalize mergekit's linear scales the base "
+                     "by the sum of all weights, which no evomerge method writes")
+        method = "linear"
+    else:
+        notes.append("linear averaging the base model in is read as task_arithmetic with weights w / (w_base + sum of weights), "
+                     "the same merge")
+        method = "task_arithmetic"
+    rules, spread = _slot_rules(method, values, per_model, ["weight"])
+    if spread:
+        notes.append(f"values that differ between tensors of one layer and module kind are averaged: {', '.join(sorted(set(spread)))}")
+    for key in sorted(set(shared) - {"normalize", "weight"}):
+        notes.append(f"shared parameter {key!r} ignored")
+    return MergeRecipe(rules=rules, normalize=False), notes
+
+
+def _slot_rules(
+    method: str, values: Mapping[Any, Mapping[tuple[str, str], list[float]]], per_model: Mapping[str, Any], kinds: list[str],
+) -> tuple[list[GroupRule], list[str]]:
+    """One rule per (layer, module kind) slot holding its tensors' mean values, and the values averaged."""
+    from .methods import get_method
+
     rules: list[GroupRule] = []
     spread: list[str] = []
     for (layer, kind), cell in values.items():
@@ -172,17 +268,4 @@ def recipe_from_mergekit(
             rules.insert(0, rule)
         else:
             rules.append(rule)
-    if spread:
-        notes.append(f"values that differ between tensors of one layer and module kind are averaged: {', '.join(sorted(set(spread)))}")
-    defaults = MERGEKIT_DEFAULTS[mk]
-    normalize = bool(shared.get("normalize", defaults.get("normalize", True)))
-    rescale = shared.get("rescale", defaults.get("rescale", False))
-    if "rescale" in get_method(method).uses:
-        if not rescale:
-            notes.append("rescale: false is not expressible: evomerge rescales as mergekit's rescale: true")
-    elif rescale and "rescale" in defaults:  # mergekit's magnitude pruning (ties, breadcrumbs, task_arithmetic)
-        notes.append(f"rescale: true is not expressible for {method}: evomerge prunes without mergekit's L1 rescale of the kept entries")
-    lam = float(shared.get("lambda", 1.0))
-    for key in sorted(set(shared) - {"normalize", "rescale", "lambda", "int8_mask", "t", *kinds}):
-        notes.append(f"shared parameter {key!r} ignored")
-    return MergeRecipe(rules=rules, normalize=normalize, lambda_=lam), notes
+    return rules, spread

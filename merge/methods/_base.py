@@ -121,6 +121,10 @@ class MergeMethod(ABC):
         """Whole-tensor path, used only when `whole_tensor(options)` is true."""
         raise NotImplementedError(f"{self.name} has no whole-tensor path")
 
+    def check_params(self, params: Sequence[ExpertParams]) -> None:
+        """Method-specific parameter checks (DELLA's epsilon range), raising ValueError; run before
+        anything is drawn, and by the mergekit import on the values it averaged."""
+
     def _validate(
         self,
         out: torch.Tensor | None,

@@ -435,10 +435,6 @@ class GeneralizedTaskArithmetic(MergeMethod):
         if work is not out:
             out.copy_(work)
 
-    def check_params(self, params: Sequence[ExpertParams]) -> None:
-        """Method-specific parameter checks (DELLA's epsilon range), raising ValueError; run before
-        anything is drawn, and by the mergekit import on the values it averaged."""
-
 
 class _lazy(Sequence[Sparsified]):
     """Sparsify expert i only when the combine reaches it, so one scratch buffer serves every expert."""

@@ -53,8 +53,13 @@ def _mergekit(tmp_path: Path, zoo: Path, name: str, **changes) -> Path:
 def test_init_is_the_first_trial_and_baselines_are_scored(tmp_path: Path, zoo_copy: Path) -> None:
     layers = json.loads((zoo_copy / "base" / "config.json").read_text())["num_hidden_layers"]
     init = _mergekit(tmp_path, zoo_copy, "start")
-    spec = _spec(tmp_path, zoo_copy, init="start.yaml", baselines={"mine": "start.yaml"})
+    # the base (no base_model key: found by its path) averaged in half and half with rev
+    weights = {"zoo/base": 1.0, "zoo/experts/rev": 1.0, "zoo/experts/sort": 0.0}
+    _mergekit(tmp_path, zoo_copy, "avg", merge_method="linear", base_model=None,
+              models=[{"model": m, "parameters": {"weight": w}} for m, w in weights.items()])
+    spec = _spec(tmp_path, zoo_copy, init="start.yaml", baselines={"mine": "start.yaml", "avg": "avg.yaml"})
     proc = evomerge("run", str(spec), "--quiet", cwd=tmp_path)
+    assert "warning: baseline avg: linear averaging the base model in is read as task_arithmetic" in proc.stderr, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: init")]
     assert layers == 2
     # mergekit's gradient: t = layer / (layers - 1), and t = 0 outside the layers. L0 (+ embed): 0.2;
@@ -67,7 +72,7 @@ def test_init_is_the_first_trial_and_baselines_are_scored(tmp_path: Path, zoo_co
     for layer in range(layers):
         assert abs(first[f"L{layer}.density[sort]"] - 0.4) < 1e-9 and abs(first[f"L{layer}.weight[sort]"] - 0.5) < 1e-9
     comparison = json.loads((tmp_path / "runs" / "mk" / "comparison.json").read_text())
-    assert set(comparison["references"]) >= {"base", "expert:rev", "expert:sort", "mergekit:mine"}
+    assert set(comparison["references"]) >= {"base", "expert:rev", "expert:sort", "mergekit:mine", "mergekit:avg"}
     assert set(comparison["references"]["mergekit:mine"]) == {"rev", "kept"}
     assert "mergekit:mine" in (tmp_path / "runs" / "mk" / "report.html").read_text()
 

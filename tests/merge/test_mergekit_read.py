@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.config import evaluate_setting as mergekit_setting
@@ -116,3 +117,76 @@ def test_della_values_that_average_out_of_range_are_refused_at_import(engine: Me
     config = {"merge_method": "della", "base_model": str(engine.base_path), "models": models}
     with pytest.raises(MergeError, match=r"layer 1 attention: DELLA needs density - epsilon > 0.*averages"):
         recipe_from_mergekit(config, engine.layout, _expert_of(engine))
+
+
+@pytest.mark.parametrize("method", ["nuslerp", "model_stock"])
+def test_exported_nuslerp_and_model_stock_read_back(method: str, engine: MergeEngine) -> None:
+    """What `recipe_to_mergekit` writes for the two-task-vector methods reads back as the same merge."""
+    experts = {"a": ExpertParams(weight=0.3), "b": ExpertParams(weight=0.9)} if method == "nuslerp" else \
+        {"a": ExpertParams(), "b": ExpertParams()}
+    rules = [GroupRule(method=method, experts=experts)]
+    if method == "nuslerp":
+        rules.append(GroupRule(layers=[1], method=method, experts={"a": ExpertParams(weight=1.0), "b": ExpertParams(weight=0.2)}))
+    recipe = MergeRecipe(rules=rules)
+    text = recipe_to_mergekit(recipe, engine.layout, str(engine.base_path), {n: str(p) for n, p in engine.expert_paths.items()})
+    back, notes = recipe_from_mergekit(yaml.safe_load(text), engine.layout, _expert_of(engine))
+    assert notes == []
+    want, got = engine.merged_state(recipe), engine.merged_state(back)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_nuslerp_and_model_stock_without_a_base_or_with_other_counts_are_one_line(engine: MergeEngine) -> None:
+    a, b = (str(engine.expert_paths[n]) for n in "ab")
+    weighted = [{"model": p, "parameters": {"weight": 0.5}} for p in (a, b)]
+    with pytest.raises(MergeError, match="nuslerp without 'base_model' merges whole models"):
+        recipe_from_mergekit({"merge_method": "nuslerp", "models": weighted}, engine.layout, _expert_of(engine))
+    three = [*weighted, {"model": "c", "parameters": {"weight": 0.5}}]
+    config = {"merge_method": "nuslerp", "base_model": str(engine.base_path), "models": three}
+    with pytest.raises(MergeError, match="nuslerp merges exactly 2 model.* the config lists 3"):
+        recipe_from_mergekit(config, engine.layout, lambda ref: _expert_of(engine)(ref) or ("c" if ref == "c" else None))
+    config = {"merge_method": "model_stock", "base_model": str(engine.base_path), "models": [{"model": a}],
+              "parameters": {"filter_wise": True}}
+    with pytest.raises(MergeError, match="model_stock merges at least 2"):
+        recipe_from_mergekit(config, engine.layout, _expert_of(engine))
+    config["models"] = [{"model": a}, {"model": b}]
+    _, notes = recipe_from_mergekit(config, engine.layout, _expert_of(engine))
+    assert notes == ["filter_wise: True is not expressible: evomerge's model_stock is mergekit's with filter_wise: False"]
+
+
+def _mergekit_linear(engine: MergeEngine, config: dict, name: str, t: float) -> torch.Tensor:
+    """mergekit's linear at one tensor: the models' weights averaged (normalize) or summed."""
+    tensors = {str(engine.base_path): engine.base_tensor(name).float()}
+    for expert, path in engine.expert_paths.items():
+        tensors[str(path)] = engine.base_tensor(name).float() + engine.task_vector(expert, name).float()
+    weights = [mergekit_setting(name, entry["parameters"]["weight"], t, validate=float) for entry in config["models"]]
+    total = sum(w * tensors[entry["model"]] for w, entry in zip(weights, config["models"]))
+    return total / sum(weights) if config.get("parameters", {}).get("normalize", True) else total
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_listing_the_base_averages_it_in(normalize: bool, engine: MergeEngine) -> None:
+    """`models: [base: 0.5, a: [0.2, 0.6], b: 0.3]` is mergekit's average of the three models: read as
+    task arithmetic with weights w / (sum of weights), the same merge; without normalize the base's
+    term cannot be written, which a note says."""
+    base, a, b = str(engine.base_path), str(engine.expert_paths["a"]), str(engine.expert_paths["b"])
+    config = {"merge_method": "linear", "models": [
+        {"model": base, "parameters": {"weight": 0.5}},
+        {"model": a, "parameters": {"weight": [0.2, 0.6]}},
+        {"model": b, "parameters": {"weight": 0.3}},
+    ], "parameters": {"normalize": normalize}}
+    recipe, notes = recipe_from_mergekit(config, engine.layout, _expert_of(engine), is_base=lambda ref: ref == base)
+    merged = engine.merged_state(recipe)
+    if not normalize:
+        assert any("base model's linear weight is dropped" in n for n in notes), notes
+        return
+    assert {r.method for r in recipe.rules} == {"task_arithmetic"}
+    assert any("read as task_arithmetic" in n for n in notes), notes
+    layers = engine.layout.num_layers
+    for name, slot in engine.layout.slots.items():
+        t = slot.layer / (layers - 1) if isinstance(slot.layer, int) else 0.0
+        torch.testing.assert_close(merged[name].float(), _mergekit_linear(engine, config, name, t), rtol=1e-5, atol=1e-6, msg=name)
+    # without the base listed, nothing changes: evomerge's linear over the experts
+    config["models"] = config["models"][1:]
+    recipe, notes = recipe_from_mergekit(config, engine.layout, _expert_of(engine), is_base=lambda ref: ref == base)
+    assert {r.method for r in recipe.rules} == {"linear"} and notes == []
