@@ -100,24 +100,29 @@ class Session:
     scorer: "Scorer"
 
     @classmethod
-    def open(cls, spec: ExperimentSpec, *, progress: bool) -> "Session":
-        """Load engine and scorer; ``progress``: loading progress bars. The calibration files are read
-        first: a broken one is reported before minutes of model loading, not after."""
+    def open(cls, spec: ExperimentSpec, *, display: Display) -> "Session":
+        """Load engine and scorer and warm them up, saying so (`Display.note`): on real checkpoints
+        this takes minutes before the first trial, which a log must not pass over in silence. The
+        calibration files are read first: a broken one is reported before the loading, not after."""
         objectives = build_objectives(spec)
-        engine = build_engine(spec, progress=progress)
+        start = time.perf_counter()
+        if not display.bars:  # the bars show the loading themselves
+            display.note(f"loading the base model and {len(spec.models.experts) or 'the'} expert(s)")
+        engine = build_engine(spec, progress=display.bars)
         check_mergekit_files(spec, engine)
         scorer = build_scorer(spec, engine, objectives)
         recipes = _warm_up_recipes(spec, engine)
         sorting = _sorting_recipes(spec, engine)
         for recipe in sorting + recipes:  # a recipe the models cannot take (a full expert in lora_mode
             engine.check(recipe)          # adapter) is one line now, not a failure of every trial
+        display.note(f"loaded in {time.perf_counter() - start:.0f} s ({len(engine.expert_paths)} expert(s)); warm-up: "
+                     f"one-time sorts and a first evaluation of {len(recipes)} recipe(s) ...")
         start = time.perf_counter()
         sorts = scorer.build_sorts(sorting + recipes)
         sorts += sum(scorer.warm_up(recipe).timings["sorts"] for recipe in recipes)
-        if progress:
-            click.echo(f"warm-up: one-time sorts {sorts:.0f} s, first evaluation of {len(recipes)} recipe(s) "
-                       f"{time.perf_counter() - start - sorts:.0f} s (kernel compiles, tables); once per process, "
-                       "in no trial's time", err=True)
+        display.note(f"warm-up: one-time sorts {sorts:.0f} s, first evaluation of {len(recipes)} recipe(s) "
+                     f"{time.perf_counter() - start - sorts:.0f} s (kernel compiles, tables); once per process, "
+                     "in no trial's time")
         return cls(spec, engine, scorer)
 
     def close(self) -> None:
@@ -183,7 +188,7 @@ def start(
         if rd.exists() and not same_spec(rd.load_spec(check_paths=False), resolved):
             raise UserError(f"{rd.path} holds a run of a different spec; pick another --run-dir, or `evomerge resume {rd.path}`")
         preflight(resolved, rd)
-        session = Session.open(resolved, progress=progress)
+        session = Session.open(resolved, display=display)
         report_remote_code(resolved)
     except KeyboardInterrupt:
         return signals.exit_code()
@@ -203,7 +208,7 @@ def resume(run_dir: Path, *, display: Display, signals: "SignalLog") -> int:
     spec = rd.load_spec()
     try:
         preflight(spec, rd)
-        session = Session.open(spec, progress=display.bars)
+        session = Session.open(spec, display=display)
         report_remote_code(spec)
     except KeyboardInterrupt:
         return signals.exit_code()

@@ -43,6 +43,12 @@ class Display:
         bars = not quiet and sys.stdout.isatty() and sys.stderr.isatty()
         return cls(bars=bars, lines=not bars)
 
+    def note(self, message: str) -> None:
+        """One line about the run's progress outside any trial (loading, warm-up): on stderr beside
+        the bars, on stdout among the trial lines of a log, nowhere when neither is shown."""
+        if self.bars or self.lines:
+            print(message, file=sys.stderr if self.bars else sys.stdout, flush=True)
+
 
 # ------------------------------------------------------------------------------------------- events
 

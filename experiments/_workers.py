@@ -91,7 +91,7 @@ def work(
     assert stage.optimizer is not None and stage.budget is not None and stage.space is not None
     worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     try:
-        session = Session.open(spec, progress=display.bars)
+        session = Session.open(spec, display=display)
     except KeyboardInterrupt:
         return signals.exit_code()
     t0 = time.monotonic()
@@ -192,7 +192,7 @@ def _finish(rd: RunDir, spec: ExperimentSpec, stage: StageSpec, storage: str, di
     from ._run import Session, export_stage, run_stages
 
     try:
-        session = Session.open(spec, progress=display.bars)
+        session = Session.open(spec, display=display)
     except KeyboardInterrupt:
         return signals.exit_code()
     try:

@@ -79,6 +79,10 @@ def test_an_overnight_log_has_a_line_and_an_event_per_trial(finished_run: tuple[
     has the run's start, each stage's start and end, every trial and the stop with its reason."""
     cwd, run = finished_run
     lines = (cwd / "run.stdout").read_text(encoding="utf-8").splitlines()
+    # the minutes before the first trial on a real checkpoint are said, in order, before the run folder
+    start_up = [next(i for i, ln in enumerate(lines) if ln.startswith(prefix)) for prefix in
+                ("loading the base model and ", "loaded in ", "warm-up: one-time sorts ", "run folder: ")]
+    assert start_up == sorted(start_up), lines
     for stage, count in (("search", 6), ("grid", 20)):
         trials = [ln for ln in lines if ln.startswith(f"[{stage}] trial ")]
         assert len(trials) == count, lines
