@@ -206,7 +206,10 @@ def check_objective_data(spec: ExperimentSpec) -> None:
             path = getattr(obj, field)
             if path is None:
                 continue
-            kind = CalibrationSet.load(path, name=obj.name).kind
+            full = CalibrationSet.load(path, name=obj.name)
+            kind = full.kind
+            if field == "data":
+                check_item_count(spec, i, path, len(full.items))
             need = METRICS[obj.metric][0] if obj.metric in METRICS else None
             if need is None or kind == need:
                 continue
@@ -216,6 +219,15 @@ def check_objective_data(spec: ExperimentSpec) -> None:
                    else f"point it at a {need} file like data")
             raise UserError(f"{where}: objective {obj.name!r}: metric {obj.metric!r} needs a {need} set, "
                             f"but {path} is a {kind} set; {fix}")
+
+
+def check_item_count(spec: ExperimentSpec, index: int, path: str, items: int) -> None:
+    """A ``size`` above the calibration file's items scores every item, fewer than the spec says:
+    a warning, since the search's noise is that of the smaller set."""
+    obj = spec.objectives[index]
+    if obj.size is not None and obj.size > items:
+        click.echo(f"warning: objectives[{index}].size: objective {obj.name!r} asks for {obj.size} items and "
+                   f"{path} has {items}: all {items} are scored", err=True)
 
 
 # ---------------------------------------------------------------------------------------- remote code

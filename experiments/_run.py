@@ -111,10 +111,9 @@ class Session:
         engine = build_engine(spec, progress=display.bars)
         check_mergekit_files(spec, engine)
         scorer = build_scorer(spec, engine, objectives)
+        check_spaces(spec, engine)
         recipes = _warm_up_recipes(spec, engine)
         sorting = _sorting_recipes(spec, engine)
-        for recipe in sorting + recipes:  # a recipe the models cannot take (a full expert in lora_mode
-            engine.check(recipe)          # adapter) is one line now, not a failure of every trial
         display.note(f"loaded in {time.perf_counter() - start:.0f} s ({len(engine.expert_paths)} expert(s)); warm-up: "
                      f"one-time sorts and a first evaluation of {len(recipes)} recipe(s) ...")
         start = time.perf_counter()
@@ -127,6 +126,23 @@ class Session:
 
     def close(self) -> None:
         self.scorer.close()
+
+
+def check_spaces(spec: ExperimentSpec, engine: "MergeEngine") -> None:
+    """Each stage's space merges what the models allow (a method's expert count, ``lora_mode:
+    adapter`` over LoRA experts only): a problem is one line naming the spec's field, before the run
+    folder exists, not a failure of every trial (a run that then ended with status 0). One recipe
+    per method suffices: the values a search varies do not change what `MergeEngine.check` checks."""
+    from evomerge.merge import RuleError
+
+    for i, stage in enumerate(spec.resolved_stages()):
+        where = f"stages[{i}].space" if spec.stages is not None and spec.stages[i].space is not None else "space"
+        space = build_space(engine, stage.space)
+        for sub in map(space.sub, space.methods):
+            try:
+                engine.check(sub.decode(sub.x0, seed=spec.seed))
+            except RuleError as exc:
+                raise UserError(f"{where}.{exc.field}: {exc.problem}") from None
 
 
 def _warm_up_recipes(spec: ExperimentSpec, engine: "MergeEngine") -> list[Any]:

@@ -12,7 +12,7 @@ __getattr__, __all__ = lazy_members(__name__, {
     "._compat": ["VOCAB_POLICIES", "VocabPolicy"],
     "._allocator": ["fixed_mmap_threshold"],
     "._engine": ["MergeEngine", "MergeStats"],
-    "._errors": ["MergeError"],
+    "._errors": ["MergeError", "RuleError"],
     "._export": ["check_export_target"],
     "._io": ["CheckpointReader", "quiet_transformers"],
     "._layout": ["KIND_PATTERNS", "LAYER_PATTERN", "ModelLayout", "TensorSlot", "classify"],

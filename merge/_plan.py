@@ -2,7 +2,7 @@
 
 `apply` must never leave a live model half-merged because rule 7 names an unknown expert, so the
 whole recipe is resolved and validated against the engine (experts, methods, expert counts, LoRA
-mode) first; each problem becomes a one-line `MergeError` naming the rule and the fix.
+mode) first; each problem becomes a one-line `RuleError` naming the rule, its culprit field and the fix.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from ._errors import MergeError
+from ._errors import RuleError
 from ._layout import ModelLayout
 from ._recipe import ExpertParams, GroupRule, MergeRecipe
 
@@ -57,7 +57,7 @@ def _method(rule: GroupRule, index: int) -> Any:
         return get_method(rule.method)
     except (KeyError, ValueError) as exc:
         message = exc.args[0] if exc.args else str(exc)
-        raise MergeError(f"rule {index}: {message}") from None
+        raise RuleError(index, "method", message) from None
 
 
 def check_rules(recipe: MergeRecipe, experts: Iterable[str], lora_experts: set[str]) -> list[Any]:
@@ -68,14 +68,16 @@ def check_rules(recipe: MergeRecipe, experts: Iterable[str], lora_experts: set[s
         method = _method(rule, index)
         unknown = [e for e in rule.experts if e not in known]
         if unknown:
-            raise MergeError(f"rule {index}: unknown expert {unknown[0]!r}; the engine has experts {known}")
+            raise RuleError(index, "experts", f"unknown expert {unknown[0]!r}; the engine has experts {known}")
         spec = getattr(method, "expert_count", None)
         if not expert_count_ok(spec, len(rule.experts)):
-            raise MergeError(f"rule {index}: method {rule.method!r} takes {_describe_count(spec)} expert(s), the rule lists {len(rule.experts)}")
+            raise RuleError(index, "method", f"method {rule.method!r} takes {_describe_count(spec)} expert(s), "
+                                             f"got {len(rule.experts)} ({', '.join(rule.experts)})")
         if recipe.lora_mode == "adapter":
             full = [e for e in rule.experts if e not in lora_experts]
             if full:
-                raise MergeError(f"rule {index}: lora_mode='adapter' merges LoRA adapters only, but {full[0]!r} is a full model; use lora_mode='materialized' to mix them")
+                raise RuleError(index, "lora_mode", f"lora_mode='adapter' merges LoRA adapters only, but {full[0]!r} is a "
+                                                    "full model; use lora_mode='materialized' to mix them")
         methods.append(method)
     return methods
 

@@ -92,4 +92,23 @@ def test_a_recipe_the_models_cannot_take_is_one_line_before_the_run_folder(zoo_c
     """`lora_mode: adapter` over full experts: every trial failed, and the run ended with status 0."""
     space = {"method": "ties", "params": ["weight", "density"], "lora_mode": "adapter"}
     line = _one_line_before_load(tiny_spec(tmp_path, zoo_copy, evaluations=2, space=space), tmp_path)
-    assert "lora_mode='adapter' merges LoRA adapters only" in line and "use lora_mode='materialized'" in line
+    assert line.startswith("evomerge: space.lora_mode: lora_mode='adapter' merges LoRA adapters only")
+    assert "use lora_mode='materialized'" in line
+
+
+def test_a_method_for_another_number_of_experts_names_the_field(zoo_copy: Path, tmp_path: Path) -> None:
+    """nuslerp over the zoo's four experts: the space's field, not the rule number of a recipe the user never wrote."""
+    space = {"method": "nuslerp", "params": ["weight"]}
+    line = _one_line_before_load(tiny_spec(tmp_path, zoo_copy, evaluations=2, space=space), tmp_path)
+    assert line.startswith("evomerge: space.method: method 'nuslerp' takes exactly 2 expert(s), got 4 ("), line
+    stages = [{"name": "first", "space": {"method": "ties"}}, {"name": "second", "space": space}]
+    line = _one_line_before_load(tiny_spec(tmp_path, zoo_copy, evaluations=2, stages=stages), tmp_path)
+    assert line.startswith("evomerge: stages[1].space.method: method 'nuslerp' takes exactly 2"), line
+
+
+def test_a_size_above_the_file_is_a_warning_and_the_run_scores_every_item(zoo_copy: Path, tmp_path: Path) -> None:
+    items = len((zoo_copy / "data" / "rev" / "calib.jsonl").read_text(encoding="utf-8").splitlines())
+    objectives = [{"name": "rev", "metric": "answer_loss", "data": "zoo:data/rev/calib.jsonl", "size": items + 100}]
+    proc = evomerge("run", str(tiny_spec(tmp_path, zoo_copy, evaluations=1, objectives=objectives)), cwd=tmp_path)
+    assert (f"warning: objectives[0].size: objective 'rev' asks for {items + 100} items and "
+            f"{zoo_copy / 'data' / 'rev' / 'calib.jsonl'} has {items}: all {items} are scored") in proc.stderr, proc.stderr

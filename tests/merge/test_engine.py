@@ -117,7 +117,7 @@ def test_recipe_errors_name_the_rule_and_culprit(engine: MergeEngine) -> None:
     with pytest.raises(MergeError, match=r"rule 1: .*nonesuch"):
         engine.apply(bad_method, target)
     two_for_slerp = MergeRecipe(rules=[GroupRule(method="slerp", t=0.5, experts={"a": ExpertParams(), "b": ExpertParams()})])
-    with pytest.raises(MergeError, match=r"rule 0: method 'slerp' takes exactly 1 expert\(s\), the rule lists 2"):
+    with pytest.raises(MergeError, match=r"rule 0: method 'slerp' takes exactly 1 expert\(s\), got 2 \(a, b\)"):
         engine.apply(two_for_slerp, target)
     della = MergeRecipe(rules=[GroupRule(method="della", experts={"a": ExpertParams(density=0.95, epsilon=0.1)})])
     with pytest.raises(MergeError, match=r"tensor [\w.]+, method 'della': DELLA needs density - epsilon > 0"):
