@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Mapping
 
 from evomerge.merge import ExpertParams, GroupRule, MergeRecipe
 
-from ._build import build_objectives, build_scorer
+from ._build import build_objectives
 from ._spec import ExperimentSpec
 
 if TYPE_CHECKING:
-    from evomerge.merge import MergeEngine
+    from evomerge.objectives import Scorer
 
 
 def single_model_recipes(experts: list[str]) -> dict[str, MergeRecipe]:
@@ -29,17 +29,14 @@ def single_model_recipes(experts: list[str]) -> dict[str, MergeRecipe]:
 
 
 def holdout_scores(
-    spec: ExperimentSpec, engine: "MergeEngine", candidates: Mapping[str, MergeRecipe]
+    spec: ExperimentSpec, scorer: "Scorer", candidates: Mapping[str, MergeRecipe]
 ) -> dict[str, dict[str, float]]:
-    """Objective values of each candidate on the held-out sets (metric objectives with a holdout)."""
-    objectives = build_objectives(spec, holdout=True)
-    scorer = build_scorer(spec, engine, objectives)
-    try:
-        out: dict[str, dict[str, float]] = {}
+    """Objective values of each candidate on the held-out sets (metric objectives with a holdout),
+    scored by the run's own scorer (`Scorer.scoring`)."""
+    out: dict[str, dict[str, float]] = {}
+    with scorer.scoring(build_objectives(spec, holdout=True)):
         for label, recipe in candidates.items():
             evaluation = scorer.evaluate(recipe)
             out[label] = {} if evaluation.failed else dict(evaluation.values)
-        return out
-    finally:
-        scorer.close()
+    return out
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from ._build import build_objectives, build_scorer
+from ._build import build_objectives
 from ._spec import ExperimentSpec
 
 if TYPE_CHECKING:
-    from evomerge.merge import MergeEngine, MergeRecipe
+    from evomerge.merge import MergeRecipe
     from evomerge.objectives import Objective, Scorer
 
 
@@ -73,18 +73,15 @@ def rescore_objectives(spec: ExperimentSpec) -> list["Objective"] | None:
 
 
 def rescore_run(
-    spec: ExperimentSpec, engine: "MergeEngine", recipes: Mapping[int, "MergeRecipe"],
+    spec: ExperimentSpec, scorer: "Scorer", recipes: Mapping[int, "MergeRecipe"],
     score: Callable[[Mapping[str, float]], float],
 ) -> Rescored | None:
-    """`rescore` of a run's top trials with a scorer over `rescore_objectives` (None: nothing to do)."""
+    """`rescore` of a run's top trials by the run's scorer over `rescore_objectives` (None: nothing to do)."""
     objectives = rescore_objectives(spec)
     if objectives is None or not recipes:
         return None
-    scorer = build_scorer(spec, engine, objectives)
-    try:
+    with scorer.scoring(objectives):
         return rescore(scorer, recipes, score, items=calibration_items(objectives))
-    finally:
-        scorer.close()
 
 
 def calibration_items(objectives: Sequence["Objective"]) -> int:

@@ -478,7 +478,7 @@ def _rescore_pick(rd: RunDir, session: Session, view: Any) -> "Rescored | None":
     spec = session.spec
     scores = {t.number: view.headline(t.values) for t in view.pick_pool()}
     recipes = {n: recipe_of(view, n) for n in top_trials(scores, spec.rescore.top)}
-    rescored = rescore_run(spec, session.engine, recipes, view.headline)
+    rescored = rescore_run(spec, session.scorer, recipes, view.headline)
     if rescored is not None:
         import optuna
 
@@ -533,7 +533,7 @@ def finish_run(rd: RunDir, session: Session) -> None:
     if holdout:
         comparison.update(
             objectives=holdout,
-            scores=holdout_scores(spec, session.engine, candidates),
+            scores=holdout_scores(spec, session.scorer, candidates),
             note=_comparison_note(grid_best is not None, bool(spec.baselines)),
         )
     write_atomic(rd.comparison_file, json.dumps(comparison, indent=2) + "\n")

@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ._evaluation import Evaluation
 from ._objective import Objective
@@ -67,6 +68,7 @@ class Scorer(ABC):
         if not objectives:
             raise ValueError("a scorer needs at least one objective")
         self._plan = ScoringPlan(objectives, tokenizer)
+        self._tokenizer = tokenizer
         self.timeout = timeout
         self._live: tuple[Evaluation, int | None, Any] | None = None
         """The last evaluation, its items per set and its merge statistics: what `extend` continues."""
@@ -167,6 +169,20 @@ class Scorer(ABC):
         evaluation = Evaluation(values=values, details=details, timings=timings)
         self._live = (evaluation, items, swapped.stats)
         return evaluation
+
+    @contextmanager
+    def scoring(self, objectives: Sequence[Objective]) -> Iterator["Scorer"]:
+        """This scorer, scoring ``objectives`` instead of its own inside the block, in the same live
+        model: a run's end re-scores its pick on more items and on held-out sets without a second
+        model (a second vLLM engine does not fit beside the first on the GPU) or a second compile."""
+        if not objectives:
+            raise ValueError("a scorer needs at least one objective")
+        saved = self._plan, self._live
+        self._plan, self._live = ScoringPlan(objectives, self._tokenizer), None
+        try:
+            yield self
+        finally:
+            self._plan, self._live = saved[0], None
 
     def close(self) -> None:
         """Release the backend's resources (model, engine). The scorer is unusable afterwards."""

@@ -81,6 +81,27 @@ def test_extend_scores_only_the_added_items_and_equals_a_direct_evaluation(score
     assert stale.failed and "latest" in stale.reason
 
 
+def test_scoring_other_objectives_in_the_same_model_equals_a_scorer_of_them(scorer, zoo_engine, zoo_dir):
+    """A run's end (re-scoring, held-out sets) scores other objectives in the run's live model: the
+    values are a scorer of those objectives' own, and after the block the scorer's own come back."""
+    from evomerge.objectives import CalibrationSet, Objective
+
+    r = recipe({"rev": 0.7, "sort": 0.4})
+    before = scorer.evaluate(r)
+    wider = [Objective("rev_loss", "answer_loss", CalibrationSet.load(zoo_dir / "data" / "rev" / "calib.jsonl")),
+             Objective("sort_acc", "exact_match", CalibrationSet.load(zoo_dir / "data" / "sort" / "test.jsonl", size=5, seed=1))]
+    with scorer.scoring(wider) as same:
+        assert same is scorer and [o.name for o in scorer.objectives] == ["rev_loss", "sort_acc"]
+        inside = scorer.evaluate(r)
+        assert scorer.extend(before, 8).failed  # the evaluation before the block is not continued inside it
+    with TransformersScorer(zoo_engine, wider, batch_size=4, max_new_tokens=12) as own:
+        alone = own.evaluate(r)
+    assert not inside.failed and inside.values == pytest.approx(alone.values, rel=1e-5, abs=1e-6)
+    assert inside.details["sort_acc"] == alone.details["sort_acc"] and len(inside.details["sort_acc"]) == 5
+    after = scorer.evaluate(r)
+    assert after.values == before.values
+
+
 def test_experts_win_their_own_skill(scorer):
     rev = scorer.evaluate(recipe({"rev": 1.0}))
     sort = scorer.evaluate(recipe({"sort": 1.0}))
