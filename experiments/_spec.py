@@ -36,6 +36,10 @@ ZOO_PREFIX = "zoo:"
 """Paths starting with this prefix resolve inside the toy zoo named by ``models.zoo``."""
 
 
+FOLDER_NAME = r"^[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*$"
+"""Names that become file or folder names (the run folder, a stage's results): letters, digits,
+``_ . -``, and not dots alone (``..`` as a run name wrote the run into the parent folder)."""
+
 class _Strict(BaseModel):
     """Every spec section forbids unknown keys: a misspelt option must fail, not be ignored, and
     every number is finite: a NaN or infinite budget, bound or penalty is a typo, not a request."""
@@ -447,7 +451,7 @@ class StageSpec(_Strict):
     the two stages must then share granularity and module grouping, so parameter names match.
     """
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=FOLDER_NAME)
     space: SpaceSpec | None = None
     optimizer: OptimizerSpec | None = None
     budget: BudgetSpec | None = None
@@ -495,7 +499,7 @@ class OutputsSpec(_Strict):
 class ExperimentSpec(_Strict):
     """A complete, validated experiment."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(pattern=FOLDER_NAME)
     description: str = ""
     seed: Seed = 0
     """Seeds the optimizer (sampler, nevergrad, baselines) and the DARE/DELLA masks, never the data."""
@@ -515,7 +519,7 @@ class ExperimentSpec(_Strict):
     init: SpecPath | None = None
     """A mergekit YAML (``models:`` form) whose coefficients, fitted to the first stage's space and
     clipped to its bounds, are the search's first point."""
-    baselines: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")], SpecPath] = Field(default_factory=dict)
+    baselines: dict[Annotated[str, Field(pattern=FOLDER_NAME)], SpecPath] = Field(default_factory=dict)
     """Named mergekit YAMLs scored beside the experts (comparison table and report)."""
     rescore: RescoreSpec = Field(default_factory=RescoreSpec)
     """Re-score the best few trials on more calibration items and pick by that score."""

@@ -80,6 +80,17 @@ def test_nested_list_location(tmp_path: Path) -> None:
     assert message == "spec.yaml: objectives[1].direction: 'up' is not one of maximize, minimize"
 
 
+@pytest.mark.parametrize("name", ["..", ".", "..."])
+def test_names_that_become_folders_are_not_dots_alone(tmp_path: Path, name: str) -> None:
+    """`name: ..` put the run folder's files in the folder that holds `runs/`; a stage named `..`
+    wrote its results into the run folder itself."""
+    assert _error(tmp_path, name=name).startswith(f"spec.yaml: name: '{name}': string should match pattern")
+    stages = [{"name": name}]
+    assert _error(tmp_path, stages=stages).startswith(f"spec.yaml: stages[0].name: '{name}': string should match pattern")
+    data = {**GOOD, "name": ".hidden-run_1.0", "stages": [{"name": "v1.2"}]}
+    assert load_spec(_write(tmp_path, data), label="spec.yaml").name == ".hidden-run_1.0"
+
+
 def test_missing_file_is_named(tmp_path: Path) -> None:
     message = _error(tmp_path, models={"base": "nowhere", "experts": {"a": "."}})
     assert "models.base: 'nowhere' does not exist" in message
