@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -45,6 +46,19 @@ class _Strict(BaseModel):
     every number is finite: a NaN or infinite budget, bound or penalty is a typo, not a request."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML reads ``yes``, ``on`` and ``true`` as booleans, which pydantic takes as 1 in a
+        number field: ``evaluations: yes`` ran one trial without a word."""
+        if isinstance(value, bool) and info.field_name is not None:
+            annotation = cls.model_fields[info.field_name].annotation
+            union = get_origin(annotation) in (Union, UnionType)
+            kinds = set(get_args(annotation)) if union else {annotation}
+            if kinds & {int, float} and bool not in kinds:
+                raise ValueError(f"{value!r} is a boolean (YAML reads yes/no/on/off/true/false so); write a number")
+        return value
 
 
 MAX_SEED = 2**32 - 1

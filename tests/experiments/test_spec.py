@@ -91,6 +91,16 @@ def test_names_that_become_folders_are_not_dots_alone(tmp_path: Path, name: str)
     assert load_spec(_write(tmp_path, data), label="spec.yaml").name == ".hidden-run_1.0"
 
 
+def test_a_boolean_is_no_number(tmp_path: Path) -> None:
+    """`evaluations: yes` is YAML's True, which pydantic would take as 1 evaluation."""
+    message = _error(tmp_path, budget={"evaluations": True})
+    assert message == "spec.yaml: budget.evaluations: True is a boolean (YAML reads yes/no/on/off/true/false so); write a number"
+    assert "seed: False is a boolean" in _error(tmp_path, seed=False)
+    assert "scorer.timeout: True is a boolean" in _error(tmp_path, scorer={"timeout": True})
+    data = {**GOOD, "baseline": True, "scorer": {"timeout": 30}}  # a boolean field and numbers stay as they were
+    assert load_spec(_write(tmp_path, data), label="spec.yaml").baseline is True
+
+
 def test_missing_file_is_named(tmp_path: Path) -> None:
     message = _error(tmp_path, models={"base": "nowhere", "experts": {"a": "."}})
     assert "models.base: 'nowhere' does not exist" in message
