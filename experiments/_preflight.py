@@ -28,7 +28,7 @@ _CONNECT_TIMEOUT_S = 10
 def preflight(spec: ExperimentSpec, rd: RunDir) -> None:
     """Every check of this module for ``spec`` run in ``rd`` (a new or an existing run folder)."""
     if rd.exists():
-        rd.read_state()  # a corrupt state.json is reported now, not after the models are loaded
+        check_ledger_kept(spec, rd, rd.read_state())  # a corrupt state.json is reported now, not after loading
     else:
         check_run_dir(rd.path)
     if spec.storage:
@@ -39,6 +39,18 @@ def preflight(spec: ExperimentSpec, rd: RunDir) -> None:
 
 
 # ---------------------------------------------------------------------------------------- run folder
+
+
+def check_ledger_kept(spec: ExperimentSpec, rd: RunDir, state: dict) -> None:
+    """A run folder whose state records finished stages keeps its local ledger: without it a resume would
+    start over from no trials and, for a finished run, write an empty comparison and report over
+    the results (the ledger, not state.json, is the record of the trials)."""
+    if spec.storage or not state.get("stages_done"):
+        return
+    ledgers = [f for f in (rd.journal_file, rd.sqlite_file) if f.exists()]
+    if not ledgers or all(f.stat().st_size == 0 for f in ledgers):
+        raise UserError(f"{rd.journal_file}: missing or empty, but {rd.state_file.name} records finished stages; "
+                        "restore the ledger from a backup, or start the run again in a new run folder")
 
 
 def writable_parent(path: Path, what: str) -> None:

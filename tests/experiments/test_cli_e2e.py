@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -325,3 +326,22 @@ def test_run_with_workers_ends_like_a_single_process_run(zoo_copy: Path, tmp_pat
     assert len(shares) == 2 and sum(shares) == 4, proc.stdout  # (the first to warm up may take them all)
     status = evomerge("status", str(run), cwd=tmp_path).stdout
     assert "done" in status and "4 / 4 (0 failed)" in status
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty"])
+def test_resuming_a_finished_run_without_its_ledger_keeps_its_results(damage: str, finished_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """A finished run whose ledger.log is gone was re-finished from zero trials, writing an empty
+    comparison and report over its results; now one line, exit 2, nothing written."""
+    _, run = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    if damage == "missing":
+        (copy / "ledger.log").unlink()
+    else:
+        (copy / "ledger.log").write_bytes(b"")
+    before = {f.name: f.read_bytes() for f in copy.iterdir() if f.is_file()}
+    proc = evomerge("resume", str(copy), cwd=tmp_path, check=2)
+    [line] = proc.stderr.strip().splitlines()
+    assert line == (f"evomerge: {copy / 'ledger.log'}: missing or empty, but state.json records finished stages; "
+                    "restore the ledger from a backup, or start the run again in a new run folder")
+    assert {f.name: f.read_bytes() for f in copy.iterdir() if f.is_file()} == before
