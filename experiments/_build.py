@@ -7,9 +7,11 @@ packages' constructors.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from ._errors import UserError
 from ._spec import ExperimentSpec, ObjectiveSpec, ScorerSpec
 
 if TYPE_CHECKING:
@@ -107,6 +109,7 @@ def build_scorer(spec: ExperimentSpec, engine: "MergeEngine", objectives: list["
     if scorer.backend == "vllm":
         from evomerge.objectives import VllmScorer
 
+        _check_options(VllmScorer, scorer)
         dtype = "auto" if scorer.dtype == "auto" else scorer.dtype
         return VllmScorer(
             spec.models.base, spec.models.experts, objectives, dtype=dtype, max_new_tokens=scorer.max_new_tokens,
@@ -114,10 +117,23 @@ def build_scorer(spec: ExperimentSpec, engine: "MergeEngine", objectives: list["
         )
     from evomerge.objectives import TransformersScorer
 
+    _check_options(TransformersScorer, scorer)
     return TransformersScorer(
         engine, objectives, device=_device(scorer.device), dtype=_torch_dtype(scorer.dtype),
         batch_size=scorer.batch_size, max_new_tokens=scorer.max_new_tokens, timeout=scorer.timeout, **scorer.options,
     )
+
+
+def _check_options(backend: type, scorer: ScorerSpec) -> None:
+    """``scorer.options`` are keywords of the backend's constructor that the spec has no field for;
+    an unknown one is a one-line user error, not a TypeError after the models loaded."""
+    fields = {"engine", "base", "experts", "objectives", "dtype", "device", "batch_size", "max_new_tokens", "timeout",
+              "seed", "spill_dir"}
+    allowed = [name for name in inspect.signature(backend).parameters if name not in fields]
+    unknown = sorted(set(scorer.options) - set(allowed))
+    if unknown:
+        raise UserError(f"scorer.options: {', '.join(map(repr, unknown))} is not an option of the {scorer.backend} "
+                        f"backend; allowed: {', '.join(allowed)}")
 
 
 def build_space(engine: "MergeEngine", template: "SpaceTemplate", held: Mapping[str, float] | None = None) -> "SearchSpace":

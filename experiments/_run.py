@@ -137,7 +137,13 @@ def check_spaces(spec: ExperimentSpec, engine: "MergeEngine") -> None:
 
     for i, stage in enumerate(spec.resolved_stages()):
         where = f"stages[{i}].space" if spec.stages is not None and spec.stages[i].space is not None else "space"
-        space = build_space(engine, stage.space)
+        try:
+            space = build_space(engine, stage.space)
+        except ValueError as exc:  # names the layout does not have (a `fixed` parameter such as L99.weight[a])
+            raise UserError(f"{where}: {exc}") from None
+        if space.dim == 0:
+            raise UserError(f"{where}.params: the space has no parameter to search (every kind held or none listed); "
+                            "list at least one kind the method reads")
         for sub in map(space.sub, space.methods):
             try:
                 engine.check(sub.decode(sub.x0, seed=spec.seed))

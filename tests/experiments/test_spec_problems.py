@@ -112,3 +112,17 @@ def test_a_size_above_the_file_is_a_warning_and_the_run_scores_every_item(zoo_co
     proc = evomerge("run", str(tiny_spec(tmp_path, zoo_copy, evaluations=1, objectives=objectives)), cwd=tmp_path)
     assert (f"warning: objectives[0].size: objective 'rev' asks for {items + 100} items and "
             f"{zoo_copy / 'data' / 'rev' / 'calib.jsonl'} has {items}: all {items} are scored") in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"space": {"method": "ties", "params": ["weight"], "fixed": {"L99.weight[rev]": 0.5}}},
+     "evomerge: space: fixed: unknown parameter names ['L99.weight[rev]']"),
+    ({"space": {"method": "ties", "params": []}}, "evomerge: space.params: the space has no parameter to search"),
+    ({"scorer": {"batch_size": 16, "options": {"foo": 1}}},
+     "evomerge: scorer.options: 'foo' is not an option of the transformers backend; allowed: "),
+], ids=["fixed-unknown-name", "nothing-to-search", "unknown-scorer-option"])
+def test_problems_the_loaded_models_show_are_one_line(change: dict, expected: str, zoo_copy: Path, tmp_path: Path) -> None:
+    """Found after the models load, before the run folder exists: were tracebacks (and for an empty
+    space, a run folder with the optimizer's ValueError)."""
+    line = _one_line_before_load(tiny_spec(tmp_path, zoo_copy, evaluations=2, **change), tmp_path)
+    assert line.startswith(expected), line
