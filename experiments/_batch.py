@@ -10,7 +10,6 @@ interrupted one resumes from its ledger, failed ones stay failed unless ``--retr
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from evomerge.merge import write_atomic
+
+from ._errors import UserError, first_line
 from ._signals import EXIT_CODES, graceful_stop
 
 STATE_FILE = "batch.json"
@@ -47,13 +49,15 @@ class BatchState:
     def load(cls, path: Path) -> "BatchState":
         if not path.exists():
             return cls()
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return cls([Entry(**e) for e in data["entries"]])
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls([Entry(**e) for e in data["entries"]])
+        except (ValueError, TypeError, KeyError) as exc:  # not JSON, not this file's shape
+            raise UserError(f"{path}: not a batch state file ({type(exc).__name__}: {first_line(str(exc))}); "
+                            "delete it to queue the specs again (their run folders resume)") from None
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"entries": [asdict(e) for e in self.entries]}, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({"entries": [asdict(e) for e in self.entries]}, indent=2) + "\n")
 
     def merge(self, specs: list[Path], batch_dir: Path) -> None:
         """Add specs not yet queued (in order); a spec keeps its state across reruns."""
@@ -82,10 +86,10 @@ def run_batch(
 ) -> int:
     """Run the queue; returns 0 when every spec is done, 1 when some failed, 130/143 when stopped."""
     batch_dir = batch_dir.resolve()
+    state_path = batch_dir / STATE_FILE
+    state = BatchState.load(state_path)  # a broken state file is one line before anything is written
     batch_dir.mkdir(parents=True, exist_ok=True)
     (batch_dir / "logs").mkdir(exist_ok=True)
-    state_path = batch_dir / STATE_FILE
-    state = BatchState.load(state_path)
     state.merge(specs, batch_dir)
     wanted = {str(s.resolve()) for s in specs}
     state.save(state_path)

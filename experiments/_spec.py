@@ -562,6 +562,7 @@ class ExperimentSpec(_Strict):
                 raise ValueError("the first stage needs a 'space' (no top-level 'space' to fall back to)")
             if self.stages[0].inherit:
                 raise ValueError("the first stage cannot inherit: there is no previous stage")
+            self._check_stage_names_and_inheritance()
         for opt in [self.optimizer] + [s.optimizer for s in self.stages or [] if s.optimizer]:
             if self.has_skill_templates:
                 break  # names are known once the zoo's skills are expanded (then checked again)
@@ -576,6 +577,27 @@ class ExperimentSpec(_Strict):
         if self.has_skill_templates and self.models.zoo is None:
             raise ValueError("objective names with '{skill}' expand per zoo skill and need 'models.zoo'")
         return self
+
+    def _check_stage_names_and_inheritance(self) -> None:
+        """Stage names are folder and study names (one each; ``grid`` is the uniform grid
+        baseline's), and a stage inherits parameters by name, so its layer and module groups must
+        be the previous stage's (otherwise the names do not match: found after stage 1 ran)."""
+        names = [s.name for s in self.stages or []]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"stage names must differ: {', '.join(twice)} is used twice")
+        if "grid" in names:
+            raise ValueError("stage name 'grid' is the uniform grid baseline's (results/grid); pick another")
+        stages = self.resolved_stages()
+        for i in range(1, len(stages)):
+            if not stages[i].inherit:
+                continue
+            before, now = stages[i - 1].space, stages[i].space
+            for field_name in ("granularity", "modules", "sections"):
+                if getattr(before, field_name) != getattr(now, field_name):
+                    raise ValueError(f"stage {stages[i].name!r} inherits {', '.join(stages[i].inherit)} from "
+                                     f"{stages[i - 1].name!r}, so its space.{field_name} must be the same: "
+                                     f"{getattr(now, field_name)!r} vs {getattr(before, field_name)!r}")
 
     def _check_fidelity(self, fidelity: FidelitySpec) -> None:
         """Rungs need calibration sets to take items from, and fit every subset the spec draws."""

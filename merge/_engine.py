@@ -141,7 +141,7 @@ class MergeEngine:
         base_cfg = load_config(base_path, "base model")
         try:
             config = AutoConfig.from_pretrained(str(base_path))
-        except (ValueError, OSError, KeyError) as exc:
+        except (ValueError, OSError, KeyError):
             shipped = " (its auto_map names code shipped with the model, which evomerge never runs)" if base_cfg.get("auto_map") else ""
             raise MergeError(
                 f"base model {base_path / 'config.json'}: transformers has no built-in model_type "
@@ -453,7 +453,8 @@ class MergeEngine:
             fix += f" (or disk space: {spill_dir} has {disk / 1e9:.1f} GB free)"
         raise MergeError(f"the one-time sorts of this run's merges (mergekit's exact top-k order, DELLA's row ranks) "
                          f"need {(need + largest) / 1e9:.1f} GB of memory ({need / 1e9:.1f} GB kept for the run, "
-                         f"{largest / 1e9:.1f} GB while the largest tensor sorts) and {free / 1e9:.1f} GB is available; {fix}")
+                         f"{largest / 1e9:.1f} GB while the largest tensor sorts) and {free / 1e9:.1f} GB is available, "
+                         f"of which 90% ({0.9 * free / 1e9:.1f} GB) may be used; {fix}")
 
     def _method_options(self, recipe: MergeRecipe) -> "MethodOptions":
         """The recipe's method-wide options (a rule's `t` is set per rule)."""

@@ -345,3 +345,15 @@ def test_resuming_a_finished_run_without_its_ledger_keeps_its_results(damage: st
     assert line == (f"evomerge: {copy / 'ledger.log'}: missing or empty, but state.json records finished stages; "
                     "restore the ledger from a backup, or start the run again in a new run folder")
     assert {f.name: f.read_bytes() for f in copy.iterdir() if f.is_file()} == before
+
+
+def test_a_broken_batch_state_file_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    (batch / "batch.json").write_text("{not json", encoding="utf-8")
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: s\n", encoding="utf-8")
+    proc = evomerge("batch", str(spec), "--batch-dir", str(batch), cwd=tmp_path, check=2)
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"evomerge: {batch / 'batch.json'}: not a batch state file (JSONDecodeError: ") and "delete it" in line
+    assert sorted(p.name for p in batch.iterdir()) == ["batch.json"]

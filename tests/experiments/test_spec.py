@@ -101,6 +101,20 @@ def test_a_boolean_is_no_number(tmp_path: Path) -> None:
     assert load_spec(_write(tmp_path, data), label="spec.yaml").baseline is True
 
 
+def test_stage_problems_are_found_before_stage_one_runs(tmp_path: Path) -> None:
+    """Two stages of one name, a stage named like the grid baseline, and inheriting across other
+    layer groups failed after the first stage had run (a traceback and a half-written run folder)."""
+    layer = {"method": "ties", "params": ["weight", "density"], "granularity": "layer"}
+    twice = [{"name": "a", "space": layer}, {"name": "a"}]
+    assert "stage names must differ: a is used twice" in _error(tmp_path, stages=twice)
+    assert "stage name 'grid' is the uniform grid baseline's" in _error(tmp_path, stages=[{"name": "grid", "space": layer}])
+    inherit = [{"name": "a", "space": layer}, {"name": "b", "space": {**layer, "granularity": "global"}, "inherit": ["density"]}]
+    assert ("stage 'b' inherits density from 'a', so its space.granularity must be the same: 'global' vs 'layer'"
+            in _error(tmp_path, stages=inherit))
+    inherit[1]["space"] = {**layer, "params": ["weight"]}
+    assert load_spec(_write(tmp_path, {**GOOD, "stages": inherit}), label="spec.yaml").stages[1].inherit == ["density"]
+
+
 def test_missing_file_is_named(tmp_path: Path) -> None:
     message = _error(tmp_path, models={"base": "nowhere", "experts": {"a": "."}})
     assert "models.base: 'nowhere' does not exist" in message

@@ -246,7 +246,7 @@ def test_build_sorts_refuses_sorts_that_do_not_fit_and_sorts_nothing(llama_famil
     experts = {e: llama_family[e] for e in ("a", "b")}
     engine = MergeEngine.load(llama_family["base"], experts, progress=False, dtype=torch.bfloat16)
     ties = _sort_recipes(list(experts))[0]
-    with pytest.raises(MergeError, match=r"need \d+\.\d GB of memory \(\d+\.\d GB kept for the run, \d+\.\d GB while the largest tensor sorts\) and 0\.0 GB is available; set `pruning: approximate`"):
+    with pytest.raises(MergeError, match=r"need \d+\.\d GB of memory \(\d+\.\d GB kept for the run, \d+\.\d GB while the largest tensor sorts\) and 0\.0 GB is available, of which 90% \(0\.0 GB\) may be used; set `pruning: approximate`"):
         engine.build_sorts([ties], available=1000)
     largest = 20 * max(engine.base_tensor(n).numel() for n in engine.layout.slots)
     with pytest.raises(MergeError, match=r"while the largest tensor sorts"):  # the largest sort's temporaries count too
