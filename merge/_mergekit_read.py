@@ -15,6 +15,7 @@ a method it lacks) raises `MergeError` with one line.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any, Callable, Mapping
 
@@ -52,11 +53,15 @@ def evaluate_setting(tensor: str, setting: Any, t: float) -> float | None:
     if isinstance(setting, bool):
         return float(setting)
     if isinstance(setting, (int, float)):
+        if not math.isfinite(setting):
+            raise MergeError(f"mergekit parameter value {setting!r} is not a finite number")
         return float(setting)
     if isinstance(setting, list):
         if not setting:
             return None
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+            if not all(math.isfinite(v) for v in setting):
+                raise MergeError(f"mergekit parameter gradient {setting!r} holds a value that is not a finite number")
             scaled = t * (len(setting) - 1)
             i0 = int(scaled)
             i1 = min(len(setting) - 1, i0 + 1)
@@ -141,6 +146,9 @@ def recipe_from_mergekit(
         per_model[expert] = params
     if not per_model:
         raise MergeError("mergekit config names none of the spec's experts among its models")
+    named_base = config.get("base_model")
+    if isinstance(named_base, str) and is_base is not None and expert_of(named_base) is None and not is_base(named_base):
+        notes.append(f"base_model {named_base!r} is not the spec's base: the merge is of the task vectors over the spec's base")
     low, high = get_method(method).expert_count
     if len(per_model) < (low or 0) or (high is not None and len(per_model) > high):
         count = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"

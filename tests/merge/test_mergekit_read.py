@@ -190,3 +190,17 @@ def test_linear_listing_the_base_averages_it_in(normalize: bool, engine: MergeEn
     config["models"] = config["models"][1:]
     recipe, notes = recipe_from_mergekit(config, engine.layout, _expert_of(engine), is_base=lambda ref: ref == base)
     assert {r.method for r in recipe.rules} == {"linear"} and notes == []
+
+
+def test_non_finite_values_and_another_base_are_said(engine: MergeEngine) -> None:
+    a, b = (str(engine.expert_paths[n]) for n in "ab")
+    base = str(engine.base_path)
+    for weight in (float("nan"), [0.2, float("inf")]):
+        config = {"merge_method": "task_arithmetic", "base_model": base,
+                  "models": [{"model": a, "parameters": {"weight": weight}}, {"model": b, "parameters": {"weight": 0.5}}]}
+        with pytest.raises(MergeError, match="not a finite number"):
+            recipe_from_mergekit(config, engine.layout, _expert_of(engine), is_base=lambda ref: ref == base)
+    config = {"merge_method": "task_arithmetic", "base_model": "/elsewhere/other-base",
+              "models": [{"model": a, "parameters": {"weight": 0.5}}]}
+    _, notes = recipe_from_mergekit(config, engine.layout, _expert_of(engine), is_base=lambda ref: ref == base)
+    assert notes == ["base_model '/elsewhere/other-base' is not the spec's base: the merge is of the task vectors over the spec's base"]
