@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 from ._errors import MergeError
 from ._layout import ModelLayout
+from ._plan import describe_count, expert_count_ok
 from ._recipe import ExpertParams, GroupRule, MergeRecipe
 
 MERGEKIT_DEFAULTS: dict[str, dict[str, bool]] = {
@@ -149,10 +150,10 @@ def recipe_from_mergekit(
     named_base = config.get("base_model")
     if isinstance(named_base, str) and is_base is not None and expert_of(named_base) is None and not is_base(named_base):
         notes.append(f"base_model {named_base!r} is not the spec's base: the merge is of the task vectors over the spec's base")
-    low, high = get_method(method).expert_count
-    if len(per_model) < (low or 0) or (high is not None and len(per_model) > high):
-        count = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
-        raise MergeError(f"mergekit {mk} merges {count} model(s) besides the base; the config lists {len(per_model)} of the spec's experts")
+    count = get_method(method).expert_count
+    if not expert_count_ok(count, len(per_model)):
+        raise MergeError(f"mergekit {mk} merges {describe_count(count)} model(s) besides the base; "
+                         f"the config lists {len(per_model)} of the spec's experts")
     if method == "linear" and base_params is not None:
         base_weight = _base_weights(layout, base_params, shared)
         if any(base_weight.values()):

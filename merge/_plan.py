@@ -41,7 +41,8 @@ def expert_count_ok(spec: Any, n: int) -> bool:
     return n >= (low or 0) and (high is None or n <= high)
 
 
-def _describe_count(spec: Any) -> str:
+def describe_count(spec: Any) -> str:
+    """A method's expert count in words: 'exactly 2', 'at least 2', '1 to 3'."""
     if isinstance(spec, int):
         return f"exactly {spec}"
     if spec is not None and spec[0] == spec[1]:
@@ -71,7 +72,7 @@ def check_rules(recipe: MergeRecipe, experts: Iterable[str], lora_experts: set[s
             raise RuleError(index, "experts", f"unknown expert {unknown[0]!r}; the engine has experts {known}")
         spec = getattr(method, "expert_count", None)
         if not expert_count_ok(spec, len(rule.experts)):
-            raise RuleError(index, "method", f"method {rule.method!r} takes {_describe_count(spec)} expert(s), "
+            raise RuleError(index, "method", f"method {rule.method!r} takes {describe_count(spec)} expert(s), "
                                              f"got {len(rule.experts)} ({', '.join(rule.experts)})")
         if recipe.lora_mode == "adapter":
             full = [e for e in rule.experts if e not in lora_experts]
