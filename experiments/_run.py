@@ -213,7 +213,7 @@ def start(
         session = Session.open(resolved, display=display)
         report_remote_code(resolved)
     except KeyboardInterrupt:
-        return signals.exit_code()
+        return _stopped_in_start_up(signals, rd, resumable=rd.exists())
     if not rd.exists():
         rd.path.mkdir(parents=True, exist_ok=True)
         dump_spec(resolved, rd.spec_file)
@@ -222,6 +222,15 @@ def start(
     else:
         click.echo(f"resuming: {rd.path}")
     return run_stages(rd, session, signals, display=display)
+
+
+def _stopped_in_start_up(signals: "SignalLog", rd: RunDir, *, resumable: bool) -> int:
+    """A stop while the models load or warm up: nothing of the run was written; say so (a
+    scheduler's log otherwise shows a run that ended without a word) and return 130 / 143."""
+    code = signals.exit_code()
+    again = f"continue with: evomerge resume {rd.path}" if resumable else "start it again with the same command"
+    click.echo(f"stopped during start-up (exit {code}), before any trial; nothing was written; {again}", err=True)
+    return code
 
 
 def resume(run_dir: Path, *, display: Display, signals: "SignalLog") -> int:
@@ -233,7 +242,7 @@ def resume(run_dir: Path, *, display: Display, signals: "SignalLog") -> int:
         session = Session.open(spec, display=display)
         report_remote_code(spec)
     except KeyboardInterrupt:
-        return signals.exit_code()
+        return _stopped_in_start_up(signals, rd, resumable=True)
     click.echo(f"resuming: {rd.path}")
     return run_stages(rd, session, signals, display=display)
 

@@ -357,3 +357,19 @@ def test_a_broken_batch_state_file_is_one_line_and_writes_nothing(tmp_path: Path
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith(f"evomerge: {batch / 'batch.json'}: not a batch state file (JSONDecodeError: ") and "delete it" in line
     assert sorted(p.name for p in batch.iterdir()) == ["batch.json"]
+
+
+def test_a_stop_during_start_up_says_so_and_writes_nothing(zoo_copy: Path, tmp_path: Path) -> None:
+    """SIGTERM while the models load: exit 143 with one line saying nothing was written (a
+    scheduler's log showed a run that ended without a word)."""
+    spec = tiny_spec(tmp_path, zoo_copy, name="early", evaluations=2)
+    proc = subprocess.Popen([EVOMERGE, "run", str(spec)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert first.startswith("loading the base model"), first
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == ("stopped during start-up (exit 143), before any trial; nothing was written; "
+                                            "start it again with the same command")
+    assert not (tmp_path / "runs").exists()
