@@ -334,6 +334,11 @@ class ObjectiveSpec(_Strict):
             raise ValueError(f"objective '{self.name}': metric '{self.metric}' needs 'data' (a calibration set)")
         if self.extract == "regex" and not self.pattern:
             raise ValueError(f"objective '{self.name}': extract 'regex' needs 'pattern'")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:  # otherwise every trial fails on it
+                raise ValueError(f"objective '{self.name}': pattern {self.pattern!r} is not a regular expression ({exc})") from None
         if self.metric == "custom" and not self.function:
             raise ValueError(f"objective '{self.name}': metric 'custom' needs 'function' (pkg.module:function)")
         return self
@@ -350,6 +355,9 @@ class ConstraintSpec(_Strict):
     def _a_bound(self) -> "ConstraintSpec":
         if self.min is None and self.max is None:
             raise ValueError(f"constraint on '{self.objective}' needs 'min' and/or 'max'")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"constraint on '{self.objective}': min {self.min} is above max {self.max}, so no trial "
+                             "can be feasible; swap them")
         return self
 
 
@@ -417,6 +425,13 @@ class OptimizerSpec(_Strict):
     weighted here). Single-objective optimizers (nevergrad, optuna cmaes) always see this one loss."""
     l1_penalty: float = Field(0.0, ge=0.0)
     """Adds ``l1_penalty x mean |genome|`` to the scalarized fitness (Evo-Merging, LoraHub)."""
+
+    @field_validator("weights")
+    @classmethod
+    def _some_weight(cls, weights: dict[str, float] | None) -> dict[str, float] | None:
+        if weights is not None and not any(weights.values()):
+            raise ValueError("every weight is 0, so every candidate scalarizes to the same loss; give some objective a weight")
+        return weights
 
     @field_validator("name")
     @classmethod

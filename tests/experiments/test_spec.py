@@ -115,6 +115,18 @@ def test_stage_problems_are_found_before_stage_one_runs(tmp_path: Path) -> None:
     assert load_spec(_write(tmp_path, {**GOOD, "stages": inherit}), label="spec.yaml").stages[1].inherit == ["density"]
 
 
+def test_specs_no_trial_can_satisfy_are_refused(tmp_path: Path) -> None:
+    """Each ran to exit 0: every trial failed on the pattern, the front stayed empty, or the scalar was constant."""
+    regex = [{**GOOD["objectives"][0], "extract": "regex", "pattern": "(["}, GOOD["objectives"][1]]
+    assert "objective 'rev': pattern '([' is not a regular expression" in _error(tmp_path, objectives=regex)
+    constraint = [{"objective": "rev", "min": 0.9, "max": 0.1}]
+    assert "constraint on 'rev': min 0.9 is above max 0.1" in _error(tmp_path, constraints=constraint)
+    optimizer = {"library": "nevergrad", "name": "CMA", "weights": {"rev": 0.0, "sparsity": 0}}
+    assert "optimizer.weights: every weight is 0" in _error(tmp_path, optimizer=optimizer)
+    optimizer["weights"] = {"rev": 1.0, "sparsity": 0}
+    assert load_spec(_write(tmp_path, {**GOOD, "optimizer": optimizer}), label="spec.yaml").optimizer.weights == {"rev": 1.0, "sparsity": 0}
+
+
 def test_missing_file_is_named(tmp_path: Path) -> None:
     message = _error(tmp_path, models={"base": "nowhere", "experts": {"a": "."}})
     assert "models.base: 'nowhere' does not exist" in message
