@@ -219,10 +219,9 @@ def check_objective_data(spec: ExperimentSpec) -> None:
             if path is None:
                 continue
             full = CalibrationSet.load(path, name=obj.name)
-            kind = full.kind
             if field == "data":
                 check_item_count(spec, i, path, len(full.items))
-            need = METRICS[obj.metric][0] if obj.metric in METRICS else None
+            kind, need = full.kind, (METRICS[obj.metric][0] if obj.metric in METRICS else None)
             if need is None or kind == need:
                 continue
             fits = ", ".join(m for m, (k, _) in METRICS.items() if k == kind)

@@ -110,8 +110,8 @@ class Session:
             display.note(f"loading the base model and {len(spec.models.experts) or 'the'} expert(s)")
         engine = build_engine(spec, progress=display.bars)
         check_mergekit_files(spec, engine)
+        check_spaces(spec, engine)  # before the scorer: a vLLM engine takes minutes to start
         scorer = build_scorer(spec, engine, objectives)
-        check_spaces(spec, engine)
         recipes = _warm_up_recipes(spec, engine)
         sorting = _sorting_recipes(spec, engine)
         display.note(f"loaded in {time.perf_counter() - start:.0f} s ({len(engine.expert_paths)} expert(s)); warm-up: "
