@@ -32,8 +32,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from evomerge.experiments.zoo import ZooBuildError
     from evomerge.merge import MergeError
     from evomerge.objectives import CalibrationError, LmEvalError
-    from evomerge.search import ResumeError
+    from evomerge.search import LedgerError, ResumeError
 
     from ._spec_io import SpecError
 
-    return (UserError, SpecError, MergeError, CalibrationError, LmEvalError, ZooBuildError, ResumeError, FileNotFoundError)
+    return (UserError, SpecError, MergeError, CalibrationError, LmEvalError, ZooBuildError, ResumeError, LedgerError,
+            FileNotFoundError)

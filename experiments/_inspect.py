@@ -36,7 +36,7 @@ def _study(rd: RunDir, stage: str) -> "optuna.Study":
         raise UserError(f"{rd.path}: stage {stage!r} has no trials yet")
     where = rd.storage(spec, shared=False)
     try:
-        storage, _ = storage_for(where)
+        storage, _ = storage_for(where, read_only=True)
         return optuna.load_study(study_name=stage, storage=storage)
     except KeyError:
         raise UserError(f"{rd.path}: stage {stage!r} has no trials yet") from None

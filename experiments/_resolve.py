@@ -106,5 +106,10 @@ def resolve(spec: ExperimentSpec, *, label: str, progress: bool = True) -> Exper
         data = _unzoo(data, zoo)
         data["models"] = {**models, **_zoo_models(zoo, spec.models.zoo), "zoo": None}
     elif spec.models.pool is not None:
-        data["models"] = {**models, "experts": {**models["experts"], **pool_adapters(Path(spec.models.pool))}, "pool": None}
+        adapters = pool_adapters(Path(spec.models.pool))
+        clash = sorted(set(adapters) & set(models["experts"]))
+        if clash:  # the pool's adapter would replace the listed expert without a word
+            raise SpecError(f"models.experts: {', '.join(map(repr, clash))} is also the name of an adapter in models.pool "
+                            f"({spec.models.pool}); rename the expert")
+        data["models"] = {**models, "experts": {**models["experts"], **adapters}, "pool": None}
     return validate_spec(data, root=Path.cwd(), label=label)

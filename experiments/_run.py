@@ -270,11 +270,6 @@ def label_study(ledger: "Ledger", spec: ExperimentSpec) -> "Ledger":
     return ledger
 
 
-def _kind_of(param_name: str) -> str:
-    """``L0-3.attention.density[expert]`` -> ``density``."""
-    return param_name.split("[")[0].split(".")[-1]
-
-
 def best_trial(ledger: "Ledger") -> Any:
     """The stage's best completed trial: lowest scalarized loss, else best mean objective loss."""
     from optuna.trial import TrialState
@@ -316,14 +311,14 @@ STOP_REASONS = {"budget": "evaluations", "time": "wall_clock", "exhausted": "exh
 
 
 def _run_stage(
-    rd: RunDir, session: Session, stage: StageSpec, space: "SearchSpace", *, display: Display, events: EventLog,
-) -> tuple[str, "Ledger"]:
-    """One `run_search` call; returns why it stopped (a `STOP_REASONS` value) and the stage's ledger."""
+    rd: RunDir, session: Session, stage: StageSpec, space: "SearchSpace", ledger: "Ledger", *, display: Display,
+    events: EventLog,
+) -> str:
+    """One `run_search` call into the stage's ``ledger``; returns why it stopped (a `STOP_REASONS` value)."""
     from evomerge.search import make_optimizer, run_search
 
     spec, optimizer_spec = session.spec, stage.optimizer
     assert optimizer_spec is not None and stage.budget is not None
-    ledger = open_ledger(rd, spec, stage.name, optimizer_spec, space)
     optimizer = make_optimizer(optimizer_spec.factory_name, **optimizer_spec.options)
     if optimizer_spec.library == "optuna" and not ledger.trials():
         # Optuna samplers start from random points; the template's starting point (e.g. plain
@@ -363,7 +358,7 @@ def _run_stage(
         rd.write_state(stopped_by={**rd.read_state().get("stopped_by", {}), stage.name: reason})
         click.echo(f"stage {stage.name}: stopped by {reason} after {result.n_finished} trials "
                    f"({result.n_new} new, {result.wall_seconds:.1f}s)")
-    return reason, ledger
+    return reason
 
 
 def search_fidelity(spec: ExperimentSpec, optimizer: OptimizerSpec) -> "Fidelity | None":
@@ -405,20 +400,28 @@ def run_stages(rd: RunDir, session: Session, signals: SignalLog, *, display: Dis
         stages.append(_grid_stage(session, stages[-1]))
     state = rd.read_state()
     done: list[str] = list(state.get("stages_done", []))
+    try:
+        handover, opened = _reopen(rd, session, stages, done)
+    except BaseException:
+        session.close()
+        raise
     events = EventLog(rd.events_file)
     events.emit("run_start", run=spec.name, spec_hash=spec_hash(rd), seed=spec.seed, resumed=bool(done or state.get("stage")),
                 stages=[s.name for s in stages], stages_done=done, pid=os.getpid(), host=socket.gethostname())
     rd.write_state(status="running", stop=None, pid=os.getpid(), host=socket.gethostname())
-    handover = Handover()
     current: str | None = None
     try:
-        for stage in stages:
+        for i, stage in enumerate(stages):
+            if i < len(opened) and stage.name in done:
+                continue  # reopened by `_reopen`, its handover included
             current = stage.name
-            space = _stage_space(session, stage, handover)
-            if stage.name in done:
-                ledger = open_ledger(rd, spec, stage.name, stage.optimizer, space)  # type: ignore[arg-type]
+            if i < len(opened):
+                space, ledger = opened[i]
             else:
-                stopped_by, ledger = _run_stage(rd, session, stage, space, display=display, events=events)
+                space = _stage_space(session, stage, handover)
+                ledger = open_ledger(rd, spec, stage.name, stage.optimizer, space)  # type: ignore[arg-type]
+            if stage.name not in done:
+                stopped_by = _run_stage(rd, session, stage, space, ledger, display=display, events=events)
                 if stopped_by == "signal":
                     raise KeyboardInterrupt
                 done.append(stage.name)
@@ -444,6 +447,23 @@ def run_stages(rd: RunDir, session: Session, signals: SignalLog, *, display: Dis
     return 0
 
 
+def _reopen(rd: RunDir, session: Session, stages: list[StageSpec], done: list[str]
+            ) -> tuple[Handover, list[tuple["SearchSpace", "Ledger"]]]:
+    """The finished stages' spaces and ledgers, then the next stage's, opened before the run
+    writes anything: a ledger that no longer matches the spec (an edited spec.yaml) or has a
+    damaged line is then one line with the run folder as it was, not a run marked failed.
+    Returns the handover to the stage after the opened ones and the (space, ledger) per stage."""
+    handover, opened = Handover(), []
+    for stage in stages:
+        space = _stage_space(session, stage, handover)
+        ledger = open_ledger(rd, session.spec, stage.name, stage.optimizer, space)  # type: ignore[arg-type]
+        opened.append((space, ledger))
+        if stage.name not in done:
+            break
+        handover = _handover(ledger, stages, stage)
+    return handover, opened
+
+
 def export_stage(rd: RunDir, stage: str, ledger: "Ledger") -> None:
     """The stage's trials and front as CSV/JSON and its plots, for spreadsheets and notebooks."""
     from evomerge.search import export_results
@@ -467,7 +487,7 @@ class Handover:
 
 def _handover(ledger: "Ledger", stages: list[StageSpec], stage: StageSpec) -> Handover:
     """The next stage's `Handover` from this stage's best trial (by the same rule on every resume)."""
-    from evomerge.search import trial_recipe
+    from evomerge.search import kind_of, trial_recipe
 
     index = stages.index(stage)
     following = stages[index + 1] if index + 1 < len(stages) else None
@@ -478,7 +498,7 @@ def _handover(ledger: "Ledger", stages: list[StageSpec], stage: StageSpec) -> Ha
         if following.inherit:
             raise UserError(f"stage {stage.name!r} has no completed trial for stage {following.name!r} to inherit from")
         return Handover()
-    held = {name: float(v) for name, v in best.params.items() if _kind_of(name) in following.inherit}
+    held = {name: float(v) for name, v in best.params.items() if kind_of(name) in following.inherit}
     return Handover(best=trial_recipe(ledger, best.number), held=held)
 
 

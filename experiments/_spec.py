@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from evomerge.search import SpaceTemplate
+from evomerge.search import SpaceTemplate, kind_of
 from evomerge.search._space import ParamKind
 
 from ._hub import is_model_id
@@ -50,14 +50,19 @@ class _Strict(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        """YAML reads ``yes``, ``on`` and ``true`` as booleans, which pydantic takes as 1 in a
-        number field: ``evaluations: yes`` ran one trial without a word."""
-        if isinstance(value, bool) and info.field_name is not None:
-            annotation = cls.model_fields[info.field_name].annotation
-            union = get_origin(annotation) in (Union, UnionType)
-            kinds = set(get_args(annotation)) if union else {annotation}
-            if kinds & {int, float} and bool not in kinds:
-                raise ValueError(f"{value!r} is a boolean (YAML reads yes/no/on/off/true/false so); write a number")
+        """Booleans and numbers are not interchangeable. YAML reads ``yes``, ``on`` and ``true`` as
+        booleans, which pydantic takes as 1 in a number field: ``evaluations: yes`` ran one trial
+        without a word. The other way, pydantic takes the text ``'yes'``, ``'off'`` or ``'0'`` as a
+        boolean: a quoted ``allow_pickle: 'no'`` would be read but ``'nope'`` refused."""
+        if info.field_name is None:
+            return value
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+        if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
+            raise ValueError(f"{value!r} is a boolean (YAML reads yes/no/on/off/true/false so); write a number")
+        literals = {v for kind in kinds if get_origin(kind) is Literal for v in get_args(kind)}
+        if isinstance(value, str) and bool in kinds and str not in kinds and value not in literals:
+            raise ValueError(f"{value!r} is text; write true or false, unquoted")
         return value
 
 
@@ -86,7 +91,7 @@ def _resolve_path(value: Any, info: ValidationInfo) -> Any:
     path = Path(text).expanduser()
     if not path.is_absolute() and root is not None:
         path = Path(root) / path
-    path = path.resolve()
+    path = _resolved(path, text)
     if (info.context or {}).get("check_paths", True) and not path.exists():
         raise ValueError(f"{text!r} does not exist (resolved to {path})")
     return str(path)
@@ -125,7 +130,16 @@ def _resolve_out_path(value: Any, info: ValidationInfo) -> Any:
     path = Path(str(value)).expanduser()
     if not path.is_absolute() and root is not None:
         path = Path(root) / path
-    return str(path.resolve())
+    return str(_resolved(path, str(value)))
+
+
+def _resolved(path: Path, text: str) -> Path:
+    """``path.resolve()``, with a symlink loop as a field error (pathlib raises RuntimeError on
+    Python < 3.13, OSError after)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:
+        raise ValueError(f"{text!r} cannot be resolved ({exc}); point it at the folder or file itself") from None
 
 
 OutPath = Annotated[str, BeforeValidator(_resolve_out_path)]
@@ -231,10 +245,15 @@ class SpaceSpec(SpaceTemplate):
                     f"bounds for 'weight': {[low, high]} exceeds +-{MAX_COEFFICIENT:g} (a task vector scaled that far "
                     "overflows the model's weights); use bounds such as [-1.5, 1.5]"
                 )
-        for kind, value in self.init.items():
-            low, high, _ = self.kind_bounds(kind)
+        for field, values in (("fixed", self.fixed), ("init", self.init)):
+            large = {k: v for k, v in values.items() if kind_of(k) == "weight" and abs(v) > MAX_COEFFICIENT}
+            if large:
+                raise ValueError(f"{field}: {', '.join(f'{k} {v:g}' for k, v in large.items())} exceeds +-{MAX_COEFFICIENT:g} "
+                                 "(a task vector scaled that far overflows the model's weights); use a value such as 1.0")
+        for key, value in self.init.items():  # by kind or by parameter name: within that kind's bounds
+            low, high, _ = self.kind_bounds(kind_of(key))  # type: ignore[arg-type]
             if not low <= value <= high:
-                raise ValueError(f"init for {kind!r}: {value} lies outside its bounds [{low}, {high}]; pick a value inside")
+                raise ValueError(f"init for {key!r}: {value} lies outside its bounds [{low}, {high}]; pick a value inside")
         if abs(self.lambda_) > MAX_COEFFICIENT:
             raise ValueError(f"lambda: {self.lambda_} exceeds +-{MAX_COEFFICIENT:g}; use a value such as 1.0")
         return self
@@ -565,6 +584,7 @@ class ExperimentSpec(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"objective names must be unique; repeated: {', '.join(dupes)}")
+        self._check_a_task_objective()
         for c in self.constraints:
             if c.objective not in names:
                 raise ValueError(f"constraint on unknown objective {c.objective!r}; objectives: {', '.join(names)}")
@@ -592,6 +612,17 @@ class ExperimentSpec(_Strict):
         if self.has_skill_templates and self.models.zoo is None:
             raise ValueError("objective names with '{skill}' expand per zoo skill and need 'models.zoo'")
         return self
+
+    def _check_a_task_objective(self) -> None:
+        """At least one objective scores the model: costs alone (kept_fraction, l1_distance,
+        changed_params) are read from the merge, so a search over them finds the base model, having
+        run the scorer for nothing."""
+        from evomerge.objectives import COSTS
+
+        if all(o.metric in COSTS for o in self.objectives):
+            raise ValueError(f"objectives: every objective is a merge cost ({', '.join(o.metric for o in self.objectives)}), "
+                             "which the base model minimizes; add one that scores the model on calibration data "
+                             "(e.g. metric: answer_loss with data: a JSONL file)")
 
     def _check_stage_names_and_inheritance(self) -> None:
         """Stage names are folder and study names (one each; ``grid`` is the uniform grid

@@ -15,6 +15,7 @@ from evomerge.merge._lazy import lazy_members
 __getattr__, __all__ = lazy_members(__name__, {
     "._fidelity": ["Fidelity", "full_fidelity"],
     "._export": ["export_results", "export_trial_model", "trial_recipe"],
+    "._journal": ["LedgerError"],
     "._ledger": ["MAX_DETAIL_ITEMS", "Ledger", "ObjectiveSpec", "TrialRecord", "read_records", "storage_for"],
     "._loop": ["SearchResult", "run_search"],
     "._optimizers": [
@@ -23,5 +24,5 @@ __getattr__, __all__ = lazy_members(__name__, {
     ],
     "._pareto": ["ParetoArchive", "ParetoPoint", "hypervolume", "pareto_mask"],
     "._scalarize": ["Scalarization", "to_losses"],
-    "._space": ["DEFAULT_BOUNDS", "METHOD_KINDS", "ParamKind", "SearchSpace", "SpaceTemplate"],
+    "._space": ["DEFAULT_BOUNDS", "METHOD_KINDS", "ParamKind", "SearchSpace", "SpaceTemplate", "kind_of"],
 })

@@ -4,7 +4,9 @@ optuna's own `JournalFileBackend` fsyncs every append (a native sampler appends 
 parameter) and locks with a lock *file* that a SIGKILLed holder leaves behind (a 30 s wait). This
 backend (a file optuna-dashboard and `JournalFileBackend` read) appends under ``flock``, which the
 kernel releases when its holder dies, and fsyncs only in `sync` (`Ledger.sync`); lines reach the OS
-at once, so a killed process loses nothing. A torn last line (power loss) is cut at open.
+at once, so a killed process loses nothing. A torn last line (power loss) is cut when a writer
+opens the file; a reader (``read_only``: `evomerge status`, `front`, `export`) leaves the file as it
+is and reads up to that line.
 """
 
 from __future__ import annotations
@@ -19,15 +21,24 @@ from typing import Any, Iterator
 from optuna.storages.journal import BaseJournalBackend
 
 
+class LedgerError(ValueError):
+    """A ledger that cannot serve this run: a damaged journal line, or a study recorded for
+    another search (one-line message; a user error, not a bug)."""
+
+
 class JournalFile(BaseJournalBackend):
     """An optuna journal file shared by the processes of one machine (module docstring)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._out = open(self.path, "ab", buffering=0)  # O_APPEND: every write lands at the end
+        self.read_only = read_only
         self._offsets = [0]  # byte offset of log line i (known prefix of the file)
         self._synced = -1
+        if read_only:
+            self._out = open(self.path, "rb", buffering=0)  # a missing file is the reader's error
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._out = open(self.path, "ab", buffering=0)  # O_APPEND: every write lands at the end
         with _flock(self._out.fileno()):
             size = os.fstat(self._out.fileno()).st_size
             if size:
@@ -50,9 +61,11 @@ class JournalFile(BaseJournalBackend):
                 if number == len(self._offsets) - 1:
                     self._offsets.append(self._offsets[-1] + len(line))
                 if number >= log_number_from:
-                    yield json.loads(line)
+                    yield _record(line, self.path, number)
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        if self.read_only:
+            raise PermissionError(f"{self.path}: opened read-only (an inspection command writes no trial)")
         data = memoryview(("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode())
         with _flock(self._out.fileno()):
             while data:
@@ -65,6 +78,19 @@ class JournalFile(BaseJournalBackend):
             os.fsync(self._out.fileno())
             self._synced = size
 
+
+def _record(line: bytes, path: Path, number: int) -> dict[str, Any]:
+    """One journal line as optuna's record, or a `LedgerError` naming the file and line (optuna
+    replays every record in order, so a damaged one cannot be skipped)."""
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        raise LedgerError(f"{path}: line {number + 1} is not a journal record ({type(exc).__name__}); "
+                          "the ledger is damaged: restore it from a copy") from None
+    if not isinstance(record, dict):
+        raise LedgerError(f"{path}: line {number + 1} is a JSON {type(record).__name__}, not a journal record; "
+                          "the ledger is damaged: restore it from a copy")
+    return record
 
 
 @contextmanager

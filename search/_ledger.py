@@ -26,7 +26,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ._fidelity import FIDELITY_ATTR, full_fidelity
-from ._journal import JournalFile
+from ._journal import JournalFile, LedgerError
 from ._pareto import Direction, ParetoArchive
 from ._scalarize import Scalarization
 
@@ -95,42 +95,45 @@ def counted(trial: FrozenTrial, rerun: set[int]) -> bool:
 
 
 def storage_for(
-    location: str | os.PathLike[str], *, heartbeat: int | None = None
+    location: str | os.PathLike[str], *, heartbeat: int | None = None, read_only: bool = False
 ) -> tuple[optuna.storages.BaseStorage | str, Path | None]:
     """An Optuna storage for a path or URL, plus the run folder (None for remote databases).
     ``heartbeat`` (seconds) turns on optuna's trial heartbeats and stale-trial retry (`_database`);
-    a journal file has none, so it refuses one rather than silently lack the fault tolerance."""
-    storage, run_dir, _ = _open(location, heartbeat)
+    a journal file has none, so it refuses one rather than silently lack the fault tolerance.
+    ``read_only``: for a reader that must leave a local ledger file as it found it (no torn
+    line cut, no SQLite mode set, no folder made)."""
+    storage, run_dir, _ = _open(location, heartbeat, read_only)
     return storage, run_dir
 
 
 def _open(
-    location: str | os.PathLike[str], heartbeat: int | None
+    location: str | os.PathLike[str], heartbeat: int | None, read_only: bool = False
 ) -> tuple[optuna.storages.BaseStorage | str, Path | None, JournalFile | None]:
     """`storage_for`, plus the journal file behind the storage (None for databases)."""
     text = os.fspath(location)
     if "://" in text:
         if text.startswith("sqlite:///"):
             path = Path(text[len("sqlite:///"):])
-            return _sqlite(path, heartbeat), path.parent, None
+            return _sqlite(path, heartbeat, read_only), path.parent, None
         return (text if heartbeat is None else _database(text, heartbeat, {})), None, None
     path = Path(text)
     if path.suffix in (".db", ".sqlite", ".sqlite3"):
-        return _sqlite(path, heartbeat), path.parent, None
+        return _sqlite(path, heartbeat, read_only), path.parent, None
     if heartbeat is not None:
         raise ValueError(f"{text}: trial heartbeats need a database storage (sqlite:///... or postgresql://...)")
     if path.suffix not in (".log", ".journal"):
         path = path / "ledger.log"
-    journal = JournalFile(path)
+    journal = JournalFile(path, read_only=read_only)
     return optuna.storages.JournalStorage(journal), path.parent, journal
 
 
-def _sqlite(path: Path, heartbeat: int | None) -> optuna.storages.RDBStorage:
+def _sqlite(path: Path, heartbeat: int | None, read_only: bool = False) -> optuna.storages.RDBStorage:
     # WAL: one fsync per commit instead of several, and readers (a dashboard) never block the run.
     # The mode is persistent in the file, so it is set once with the stdlib driver.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(path) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
     return _database(f"sqlite:///{path}", heartbeat, {"connect_args": {"timeout": 60}})
 
 
@@ -199,9 +202,12 @@ class Ledger:
         self.study_name = study_name
         self.scalarization = scalarization
         directions = ["minimize"] if scalarization is not None else [o.direction for o in self.objectives]
-        self.study = optuna.create_study(
-            storage=self.storage, study_name=study_name, directions=directions, load_if_exists=True
-        )
+        if study_name in optuna.study.get_all_study_names(self.storage):  # a resume: nothing appended
+            self.study = optuna.load_study(study_name=study_name, storage=self.storage)
+        else:
+            self.study = optuna.create_study(
+                storage=self.storage, study_name=study_name, directions=directions, load_if_exists=True
+            )
         meta = {
             "objectives": [{"name": o.name, "direction": o.direction} for o in self.objectives],
             "scalarization": None if scalarization is None else scalarization.to_dict(),
@@ -213,13 +219,13 @@ class Ledger:
         if "objectives" in stored:
             for key in ("objectives", "scalarization", "seed", "space_fingerprint"):
                 if _jsonable(meta[key]) != stored.get(key):
-                    raise ValueError(
-                        f"ledger {study_name!r} was created with {key}={stored.get(key)!r}, "
-                        f"this run has {meta[key]!r}; use a new run folder or study name"
+                    raise LedgerError(
+                        f"the ledger's stage {study_name!r} was recorded with {key} {stored.get(key)!r}, the spec now gives "
+                        f"{_jsonable(meta[key])!r}; a resume continues the same search: undo the spec's change, or start a new run folder"
                     )
             self.reference_point = stored.get("reference_point")
             if reference_point is not None and self.reference_point is not None and list(map(float, reference_point)) != self.reference_point:
-                raise ValueError(f"ledger's reference point is {self.reference_point}, not {list(reference_point)}")
+                raise LedgerError(f"the ledger's reference point is {self.reference_point}, not {list(reference_point)}")
         else:
             # "objectives" last: it marks complete metadata, so a worker opening the study while
             # another creates it never compares against half-written attributes

@@ -198,14 +198,20 @@ class SpaceTemplate(BaseModel):
                                  f"remove it (it reads {', '.join(reads) or 'no parameter'})")
         searched = self.searched_kinds
         for key, value in self.fixed.items():
-            if key not in PARAM_KINDS:
-                continue
-            if key not in searched:  # a held kind replaces a searched one; alone it would be ignored
+            if key in PARAM_KINDS and key not in searched:  # a held kind replaces a searched one; alone it would be ignored
                 raise ValueError(f"fixed: {key!r} is not among the searched kinds ({', '.join(searched)}); "
                                  f"add it to params as well (fixed holds it out of the genome)")
-            legal = LEGAL_RANGE.get(key)
+            legal = LEGAL_RANGE.get(kind_of(key))  # type: ignore[arg-type]
             if legal is not None and not legal[0] <= value <= legal[1]:
                 raise ValueError(f"fixed: {key} {value} must lie in {list(legal)}")
+        # an unsearched kind the method reads is held at its init (clipped to its bounds); one no
+        # method here reads is a typo or a stale line, not a request
+        reads = set(searched).union(*(choice_kinds(m) for m in self.methods or [self.method] if m in METHOD_KINDS))
+        for field, keys in (("bounds", self.bounds), ("init", self.init)):
+            unread = [k for k in keys if k in PARAM_KINDS and k not in reads]
+            if unread:
+                raise ValueError(f"{field}: {', '.join(map(repr, unread))} is read by no method of this space "
+                                 f"(they read {', '.join(sorted(reads)) or 'nothing'}); remove it")
         for kind, (low, high) in self.bounds.items():
             legal = LEGAL_RANGE.get(kind)
             if not low < high:
@@ -229,7 +235,7 @@ class SpaceTemplate(BaseModel):
         """The single-method template of one choice: its kinds, and the ``init``/``fixed`` entries
         (by kind or by name) of the kinds it reads."""
         kinds = choice_kinds(method, self.params)
-        keep = lambda d: {k: v for k, v in d.items() if _kind_of(k) in kinds}  # noqa: E731
+        keep = lambda d: {k: v for k, v in d.items() if kind_of(k) in kinds}  # noqa: E731
         return self.model_copy(update={
             "method": method, "methods": None, "params": list(kinds), "init": keep(self.init), "fixed": keep(self.fixed),
         })
@@ -686,7 +692,7 @@ def _refuse_unknown_names(template: SpaceTemplate, names: set[str]) -> None:
             raise ValueError(f"{field_name}: unknown parameter names {unknown}; see SearchSpace.names")
 
 
-def _kind_of(key: str) -> str:
+def kind_of(key: str) -> str:
     """The kind of an ``init``/``fixed`` key: the key itself, or a parameter name's kind."""
     match = _PARAM_NAME.match(key)
     return key if match is None else match.group(2)

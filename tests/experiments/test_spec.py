@@ -135,7 +135,7 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
 def test_cross_field_checks(tmp_path: Path) -> None:
     assert "set 'evaluations' and/or 'wall_clock'" in _error(tmp_path, budget={})
     assert "constraint on unknown objective 'acc'" in _error(tmp_path, constraints=[{"objective": "acc", "min": 0.1}])
-    bad_space = {"method": "ties", "params": ["weight"], "bounds": {"density": [0.5, 0.2]}}
+    bad_space = {"method": "ties", "params": ["weight", "density"], "bounds": {"density": [0.5, 0.2]}}
     assert "low 0.5 must be below high 0.2" in _error(tmp_path, space=bad_space)
     assert "space.method: 'tie' is not one of linear, task_arithmetic, ties" in _error(tmp_path, space={"method": "tie"})
     assert "'2 weeks' is not a duration" in _error(tmp_path, budget={"wall_clock": "2 weeks"})
