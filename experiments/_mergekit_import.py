@@ -30,14 +30,18 @@ the spec, so nothing is dropped silently.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from evomerge.merge import write_atomic
+
 from ._errors import UserError
 from ._hub import parse_model_id
+from ._preflight import writable_parent
 from ._spec_io import read_yaml, validate_spec
 
 EVOLVE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
@@ -134,7 +138,7 @@ def evolve_to_spec(path: Path, *, name: str | None = None, evaluations: int = 10
         target = lora or model
         experts[_name(target, taken)] = _model(target, config_dir)
 
-    granularity = int(genome.get("layer_granularity") or 0)
+    granularity = _whole(genome.get("layer_granularity") or 0, f"{label}: genome.layer_granularity")
     space: dict[str, Any] = {"method": method, "granularity": "global" if granularity == 0 else ("layer" if granularity == 1 else granularity)}
     if genome.get("smooth"):
         layers = _num_layers(_model(base, config_dir))
@@ -145,7 +149,7 @@ def evolve_to_spec(path: Path, *, name: str | None = None, evaluations: int = 10
     if genome.get("filters"):
         space["modules"] = _modules(list(genome["filters"]), notes)
     normalize = genome.get("normalize")
-    space["normalize"] = method in ("ties", "dare_ties", "linear") if normalize is None else bool(normalize)
+    space["normalize"] = method in ("ties", "dare_ties", "linear") if normalize is None else _flag(normalize, f"{label}: genome.normalize")
     if method != "slerp":
         space["bounds"] = {"weight": [-1.5, 1.5] if genome.get("allow_negative_weights") else [0.0, 1.5]}
         space["init"] = {"weight": round(1.0 / len(models), 6), **({"density": 1.0} if method in ("ties", "dare_ties") else {})}
@@ -165,11 +169,11 @@ def evolve_to_spec(path: Path, *, name: str | None = None, evaluations: int = 10
                 lm_eval[key] = config[key]
         if include_path is not None:
             lm_eval["include_path"] = str(include_path)
-        lm_eval["apply_chat_template"] = bool(config.get("apply_chat_template", True))
-        lm_eval["fewshot_as_multiturn"] = bool(config.get("fewshot_as_multiturn", True))
+        for key in ("apply_chat_template", "fewshot_as_multiturn"):
+            lm_eval[key] = _flag(config.get(key, True), f"{label}: {key}")
         objective = _objective_name(task["name"], names)
         objectives.append({"name": objective, "lm_eval": lm_eval})
-        weights[objective] = float(task.get("weight", 1.0))
+        weights[objective] = _number(task.get("weight", 1.0), f"{label}: tasks[{task['name']!r}].weight")
     for key, why in (("shuffle", "documents are taken in lm-eval's order"), ("random_init", "the search starts from the initial genotype")):
         if config.get(key):
             notes.append(f"{key}: not carried over ({why})")
@@ -190,12 +194,31 @@ def evolve_to_spec(path: Path, *, name: str | None = None, evaluations: int = 10
 def write_imported_spec(config: Path, out: Path, *, name: str | None, evaluations: int, wall_clock: float | None = None,
                         include_path: Path | None = None) -> list[str]:
     """Convert, validate (a spec that would not load is an error here, not at run time), write; the notes."""
+    writable_parent(out, "--out")
     spec, notes = evolve_to_spec(config, name=name, evaluations=evaluations, wall_clock=wall_clock, include_path=include_path)
     validate_spec(spec, root=out.resolve().parent, label=str(out))
     header = "".join(f"# note: {n}\n" for n in notes)
     text = f"# evomerge spec imported from {config} (evomerge import mergekit-evolve)\n{header}"
-    text += yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)  # atomic: a half-written spec never exists
+    write_atomic(out, text + yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
     return notes
+
+
+def _number(value: Any, where: str) -> float:
+    """A finite number from the mergekit config, or a one-line error naming its field."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{where}: {value!r} is not a number")
+    return float(value)
+
+
+def _whole(value: Any, where: str) -> int:
+    """A count from the mergekit config (``int('x')`` would be a traceback, ``int(2.7)`` a silent 2)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"{where}: {value!r} is not a whole number >= 0")
+    return value
+
+
+def _flag(value: Any, where: str) -> bool:
+    """true/false only: Python's ``bool('no')`` is True."""
+    if not isinstance(value, bool):
+        raise UserError(f"{where}: {value!r} is not true or false")
+    return value

@@ -35,7 +35,9 @@ def preflight(spec: ExperimentSpec, rd: RunDir) -> None:
         check_ledger_location(spec.storage)
     check_optimizers(spec)
     check_device(spec)
+    check_backend(spec)
     check_objective_data(spec)
+    check_custom_metrics(spec)
 
 
 # ---------------------------------------------------------------------------------------- run folder
@@ -204,7 +206,34 @@ def check_device(spec: ExperimentSpec) -> None:
                         "use one of those, or cuda")
 
 
+def check_backend(spec: ExperimentSpec) -> None:
+    """``scorer.backend: vllm`` has a vLLM to import and, unless ``scorer.options.allow_cpu``, a GPU:
+    found now rather than after the models loaded."""
+    if spec.scorer.backend != "vllm":
+        return
+    from evomerge.objectives import vllm_problem
+
+    problem = vllm_problem(allow_cpu=bool(spec.scorer.options.get("allow_cpu")))
+    if problem is not None:
+        raise UserError(f"scorer.backend: vllm: {problem}; or use backend: transformers"
+                        + (", or scorer.options: {allow_cpu: true} for vLLM's CPU build" if "allow_cpu" in problem else ""))
+
+
 # ------------------------------------------------------------------------------------ objective data
+
+
+def check_custom_metrics(spec: ExperimentSpec) -> None:
+    """Each ``metric: custom`` objective's ``function`` imports and is callable (it would
+    otherwise fail after the models loaded)."""
+    from evomerge.objectives import load_custom_metric
+
+    for i, obj in enumerate(spec.objectives):
+        if obj.metric == "custom":
+            try:
+                load_custom_metric(obj.function)
+            except ValueError as exc:
+                raise UserError(f"objectives[{i}].function: {exc}; give an importable 'package.module:function'") from None
+
 
 
 def check_objective_data(spec: ExperimentSpec) -> None:

@@ -49,7 +49,10 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "w", *, encoding: str 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # name the output asked for, not the random sibling nobody asked for
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
     binary = "b" in mode
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make the output private to its writer

@@ -79,6 +79,7 @@ class LoraAdapter:
 
         from safetensors import SafetensorError
 
+        _check_numbers(config, path / ADAPTER_CONFIG)
         adapter = cls(path=path, config=config)
         try:
             state = load_file(str(weights))
@@ -107,15 +108,45 @@ class LoraAdapter:
         for module, ab in factors.items():
             if set(ab) != {"A", "B"}:
                 raise MergeError(f"{label} {self.path}: module {module} lacks lora_{'A' if 'A' not in ab else 'B'}")
+            self._check_rank(module, ab["A"], ab["B"])
             self.modules[f"{module}.weight"] = LoraModule(
                 a=ab["A"], b=ab["B"], scale=self.scale_for(module, ab["A"].shape[0]),
                 embedding=module in embedding, fan_in_fan_out=fan_in_fan_out,
             )
 
+    def _check_rank(self, module: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """A's rows, B's columns and the config's rank agree, as PEFT's loading requires: the
+        scale is alpha over that rank, so a config that disagrees with its tensors would scale
+        every delta wrongly without a word."""
+        config_file = self.path / ADAPTER_CONFIG
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise MergeError(f"{self.path / ADAPTER_WEIGHTS}: module {module}: lora_A {tuple(a.shape)} and lora_B "
+                             f"{tuple(b.shape)} do not multiply (A is rank x in, B is out x rank); re-save the adapter")
+        rank = _pattern_value(self.config.get("rank_pattern") or {}, module, self.config.get("r"))
+        if rank is not None and rank != a.shape[0]:
+            raise MergeError(f"{config_file}: r (or rank_pattern) says rank {rank} for {module}, but its lora_A has "
+                             f"{a.shape[0]} rows; fix r to the trained rank, or re-save the adapter with PEFT")
+
     def scale_for(self, module: str, rank: int) -> float:
         """PEFT's scaling for one module: alpha / r, or alpha / sqrt(r) under rslora."""
         alpha = float(_pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8)))
         return alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+
+
+def _check_numbers(config: dict[str, Any], path: Path) -> None:
+    """``r`` and ``lora_alpha`` (and the values of their per-module patterns) are positive
+    numbers, ``r`` whole: PEFT's scale alpha / r is computed from them."""
+    fields: list[tuple[str, Any]] = [(key, config[key]) for key in ("r", "lora_alpha") if key in config]
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        table = config.get(pattern) or {}
+        if not isinstance(table, dict):
+            raise MergeError(f"{path}: {pattern} is a {type(table).__name__}, not a mapping of module names to numbers")
+        fields += [(f"{pattern}[{name!r}]", value) for name, value in table.items()]
+    for name, value in fields:
+        whole = name == "r" or name.startswith("rank_pattern")
+        kind = int if whole else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
+            raise MergeError(f"{path}: {name} is {value!r}; it must be a positive {'whole number' if whole else 'number'}")
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:

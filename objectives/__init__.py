@@ -36,4 +36,5 @@ __getattr__, __all__ = lazy_members(__name__, {
     "._scorer": ["Deadline", "EvaluationTimeout", "Scorer", "SwapResult"],
     "._transformers_scorer": ["TransformersScorer"],
     "._vllm_scorer": ["VllmScorer"],
+    "._vllm_compat": ["vllm_problem"],
 })

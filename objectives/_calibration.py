@@ -228,11 +228,12 @@ def _parse_item(row: dict[str, Any], kind: SetKind, where: str) -> CalibrationIt
     for key in _KEYS[kind] - {"choices", "label"}:
         if not isinstance(row[key], str):
             raise CalibrationError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
+    for key in _KEYS[kind] - {"choices", "label"}:  # an empty answer scores as a perfect item, an empty prompt asks nothing
+        if not row[key].strip():
+            raise CalibrationError(f"{where}: {key!r} is empty; give every item its text, or drop the line")
     if kind == "generation":
         return CalibrationItem(prompt=row["prompt"], answer=row["answer"])
     if kind == "perplexity":
-        if not row["text"]:
-            raise CalibrationError(f"{where}: 'text' is empty")
         return CalibrationItem(text=row["text"])
     choices, label = row["choices"], row["label"]
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):

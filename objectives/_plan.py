@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
-from ._calibration import CalibrationSet
+from ._calibration import CalibrationError, CalibrationItem, CalibrationSet
 from ._costs import COSTS
 from ._lm_eval import LmEvalSuite
 from ._metrics import (
@@ -84,7 +84,9 @@ class _SetRequests:
 class ScoringPlan:
     """Tokenized requests for a list of objectives, and the reduction of outputs to values."""
 
-    def __init__(self, objectives: Sequence[Objective], tokenizer: Any) -> None:
+    def __init__(self, objectives: Sequence[Objective], tokenizer: Any, context_length: int | None = None) -> None:
+        """``context_length``: the model's (positions it was built for); a calibration item longer
+        than that is refused here, once, rather than scored at a crawl (or garbled) per candidate."""
         names = [o.name for o in objectives]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -97,7 +99,7 @@ class ScoringPlan:
                 continue
             req = self._sets.get(id(obj.calibration))
             if req is None:
-                req = self._sets[id(obj.calibration)] = _tokenize(obj.calibration, tokenizer)
+                req = self._sets[id(obj.calibration)] = _tokenize(obj.calibration, tokenizer, context_length)
             req.needs_generation |= obj.metric in GENERATION_METRICS
         # lm-eval tasks build their own requests (prompts, few-shot examples) through lm-eval.
         self._lm_eval = LmEvalSuite(self.objectives, tokenizer) if any(o.lm_eval for o in self.objectives) else None
@@ -245,13 +247,14 @@ def _run_packed(call: Callable[[list[Any]], list[Any]], requests: list[tuple[int
     return len(flat)
 
 
-def _tokenize(cal: CalibrationSet, tokenizer: Any) -> _SetRequests:
+def _tokenize(cal: CalibrationSet, tokenizer: Any, context_length: int | None) -> _SetRequests:
     req = _SetRequests(cal, items=cal.items)
     # A chat template carries its own BOS/special tokens; plain prompts get the tokenizer's.
     special = not cal.chat_template
 
     def encode(text: str, add_special: bool) -> TokenIds:
-        return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+        # verbose=False: an item past the tokenizer's model_max_length is refused below in one line
+        return list(tokenizer(text, add_special_tokens=add_special, verbose=False)["input_ids"])
 
     def split(prefix_text: str, continuation: str) -> tuple[TokenIds, TokenIds]:
         # Tokenize the whole string and cut at the prefix, so the continuation's tokens are the
@@ -259,7 +262,8 @@ def _tokenize(cal: CalibrationSet, tokenizer: Any) -> _SetRequests:
         # straddles the boundary.
         prefix = encode(prefix_text, special)
         if not prefix:
-            raise ValueError(f"{cal.name}: a prompt tokenizes to nothing and the tokenizer adds no BOS; nothing to condition on")
+            raise CalibrationError(f"{cal.path or cal.name}: a prompt tokenizes to nothing and the tokenizer adds no BOS; "
+                                   "nothing to condition on")
         whole = encode(prefix_text + continuation, special)
         if whole[: len(prefix)] == prefix and len(whole) > len(prefix):
             return prefix, whole[len(prefix) :]
@@ -269,7 +273,8 @@ def _tokenize(cal: CalibrationSet, tokenizer: Any) -> _SetRequests:
         for item in cal.items:
             ids = encode(item.text, True)  # type: ignore[arg-type]
             if len(ids) < 2:
-                raise ValueError(f"{cal.name}: text {item.text!r} has fewer than 2 tokens; nothing to score")
+                raise CalibrationError(f"{cal.path or cal.name}: text {item.text!r} has fewer than 2 tokens; nothing to score")
+            _check_fits(cal, item, len(ids), context_length)
             req.text_pairs.append((ids[:1], ids[1:]))  # the first token (BOS) has no context
         return req
     for item in cal.items:
@@ -278,7 +283,20 @@ def _tokenize(cal: CalibrationSet, tokenizer: Any) -> _SetRequests:
         if cal.kind == "generation":
             req.answer_pairs.append(split(prompt, item.answer))  # type: ignore[arg-type]
             req.drafts.append(req.answer_pairs[-1][1])
+            pairs = req.answer_pairs[-1:]
         else:
-            req.choice_pairs.extend(split(prompt, choice) for choice in item.choices)  # type: ignore[union-attr]
+            pairs = [split(prompt, choice) for choice in item.choices]  # type: ignore[union-attr]
+            req.choice_pairs.extend(pairs)
             req.drafts.append([])
+        _check_fits(cal, item, max(len(a) + len(b) for a, b in pairs), context_length)
     return req
+
+
+def _check_fits(cal: CalibrationSet, item: CalibrationItem, tokens: int, context_length: int | None) -> None:
+    """An item the model cannot take in one window: a 200k-character prompt kept the toy zoo's
+    256-position model in its warm-up for over ten minutes, and positions past the context score
+    as noise."""
+    if context_length is not None and tokens > context_length:
+        start = (item.text if item.text is not None else item.prompt or "")[:40]
+        raise CalibrationError(f"{cal.path or cal.name}: an item of {tokens} tokens (starting {start!r}) is longer than "
+                               f"the model's context of {context_length} tokens; shorten it or drop it")

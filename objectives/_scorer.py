@@ -64,11 +64,14 @@ class Scorer(ABC):
     implement `_swap_in`, `_generate` and `_logprobs`.
     """
 
-    def __init__(self, objectives: Sequence[Objective], tokenizer: Any, *, timeout: float | None = None) -> None:
+    def __init__(self, objectives: Sequence[Objective], tokenizer: Any, *, timeout: float | None = None,
+                 context_length: int | None = None) -> None:
+        """``context_length``: the model's, in tokens (None: unchecked); longer calibration items are refused."""
         if not objectives:
             raise ValueError("a scorer needs at least one objective")
-        self._plan = ScoringPlan(objectives, tokenizer)
+        self._plan = ScoringPlan(objectives, tokenizer, context_length)
         self._tokenizer = tokenizer
+        self._context_length = context_length
         self.timeout = timeout
         self._live: tuple[Evaluation, int | None, Any] | None = None
         """The last evaluation, its items per set and its merge statistics: what `extend` continues."""
@@ -178,7 +181,7 @@ class Scorer(ABC):
         if not objectives:
             raise ValueError("a scorer needs at least one objective")
         saved = self._plan, self._live
-        self._plan, self._live = ScoringPlan(objectives, self._tokenizer), None
+        self._plan, self._live = ScoringPlan(objectives, self._tokenizer, self._context_length), None
         try:
             yield self
         finally:

@@ -43,7 +43,8 @@ class TransformersScorer(Scorer):
     ) -> None:
         if tokenizer is None:
             tokenizer = load_tokenizer(engine.base_path)
-        super().__init__(objectives, tokenizer, timeout=timeout)
+        super().__init__(objectives, tokenizer, timeout=timeout,
+                         context_length=getattr(engine.config, "max_position_embeddings", None))
         self.engine = engine
         self.tokenizer = tokenizer
         self.device = torch.device(device)
@@ -111,10 +112,21 @@ class ModelInference:
 
 
 def load_tokenizer(path: str | Path) -> Any:
-    """The tokenizer saved in a model folder (no remote code: safety default of the project)."""
+    """The tokenizer saved in a model folder (no remote code: safety default of the project).
+
+    Its files are input like the weights: a broken one is a one-line `MergeError` naming the
+    folder. transformers and tokenizers raise many types here (JSONDecodeError, OSError,
+    tokenizers' plain ``Exception``), hence the broad catch at this one loading boundary."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    from evomerge.merge import MergeError
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise MergeError(f"{path}: the tokenizer files do not load ({type(exc).__name__}: {detail}); "
+                         "re-save them with the tokenizer's save_pretrained") from None
 
 
 def eos_token_ids(tokenizer: Any, generation_config: Any = None) -> frozenset[int]:

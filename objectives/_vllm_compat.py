@@ -39,6 +39,18 @@ def import_vllm() -> Any:
     return vllm
 
 
+def vllm_problem(allow_cpu: bool) -> str | None:
+    """Why `VllmScorer` cannot start here, in one line (None when it can): vLLM does not import,
+    or it found no GPU and ``allow_cpu`` is off. For checks before any model loads."""
+    try:
+        import_vllm()
+    except ImportError as exc:
+        return str(exc)
+    if platform_is_cpu() and not allow_cpu:
+        return "vLLM found no GPU (its CPU platform), and allow_cpu is off"
+    return None
+
+
 def platform_is_cpu() -> bool:
     """Whether vLLM runs on its CPU platform (no GPU visible or a CPU build)."""
     from vllm.platforms import current_platform

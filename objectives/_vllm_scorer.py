@@ -55,7 +55,7 @@ class VllmScorer(Scorer):
         if compat.platform_is_cpu() and not allow_cpu:
             raise RuntimeError("VllmScorer needs a GPU but vLLM found none (CPU platform); use TransformersScorer, or pass allow_cpu=True to run vLLM on CPU")
         tokenizer = load_tokenizer(base)
-        super().__init__(objectives, tokenizer, timeout=timeout)
+        super().__init__(objectives, tokenizer, timeout=timeout, context_length=max_model_len or _context_length(base))
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         self.max_new_tokens = max_new_tokens
@@ -121,6 +121,13 @@ class VllmScorer(Scorer):
 
     def close(self) -> None:
         del self.llm
+
+
+def _context_length(base: str | Path) -> int | None:
+    """The base's context length (``max_position_embeddings``), the length vLLM serves by default."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.from_pretrained(str(base), trust_remote_code=False), "max_position_embeddings", None)
 
 
 def _generation_config(base: str | Path) -> Any:

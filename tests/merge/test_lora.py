@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,22 @@ def test_adapter_mode_refuses_full_experts(llama_family: dict[str, Path], lora_f
     recipe = MergeRecipe(rules=[GroupRule(method="task_arithmetic", experts={"la": ExpertParams(), "a": ExpertParams()})], lora_mode="adapter")
     with pytest.raises(MergeError, match=r"rule 0: lora_mode='adapter' merges LoRA adapters only, but 'a' is a full model"):
         engine.apply(recipe, engine.new_target_model())
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"lora_alpha": "sixteen"}, r"adapter_config.json: lora_alpha is 'sixteen'; it must be a positive number"),
+    ({"lora_alpha": True}, r"lora_alpha is True"),
+    ({"r": 0}, r"r is 0; it must be a positive whole number"),
+    ({"r": 3}, r"adapter_config.json: r \(or rank_pattern\) says rank 3 for .*, but its lora_A has 4 rows"),
+    ({"rank_pattern": {"q_proj": 2}}, r"says rank 2 for model.layers.\d.self_attn.q_proj"),
+    ({"alpha_pattern": {"q_proj": "x"}}, r"alpha_pattern\['q_proj'\] is 'x'"),
+])
+def test_an_adapter_config_that_disagrees_with_peft_is_one_line(tmp_path: Path, lora_family: dict[str, Path],
+                                                                 change: dict, problem: str) -> None:
+    """PEFT scales by lora_alpha / r from the config: a config whose numbers are not numbers, or
+    whose rank is not the weights', would scale every delta wrongly (PEFT itself refuses to load it)."""
+    folder = Path(shutil.copytree(lora_family["la"], tmp_path / "adapter"))
+    config = folder / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    with pytest.raises(MergeError, match=problem):
+        LoraAdapter.load(folder)
