@@ -440,6 +440,64 @@ def stages_empty(d, w):
     return _run(d, w, lambda s: s.__setitem__("stages", []))
 
 
+@case("models.allow_pickle")
+def boolean_written_as_text(d, w):
+    return _run(d, w, lambda s: s["models"].__setitem__("allow_pickle", "yes"))
+
+
+@case("objectives")
+def only_cost_objectives(d, w):
+    return _run(d, w, lambda s: s.__setitem__("objectives", [{"name": "kept", "metric": "kept_fraction"}]))
+
+
+@case("fixed")
+def fixed_weight_absurd(d, w):
+    return _run(d, w, lambda s: s["space"].__setitem__("fixed", {"weight": 2000}))
+
+
+@case("bounds")
+def bounds_for_a_kind_no_method_reads(d, w):
+    def edit(s: dict) -> None:
+        s["space"].update(method="task_arithmetic", params=["weight"], bounds={"density": [0.1, 0.9]})
+
+    return _run(d, w, edit)
+
+
+@case("init")
+def init_by_name_outside_bounds(d, w):
+    return _run(d, w, lambda s: s["space"].__setitem__("init", {"L0.density[rev]": 1.5}))
+
+
+@case("models.experts.rev")
+def expert_path_is_a_symlink_loop(d, w):
+    (d / "loop").symlink_to(d / "loop")
+    return _run(d, w, lambda s: s["models"]["experts"].__setitem__("rev", str(d / "loop")))
+
+
+@case("models.experts")
+def expert_named_like_a_pool_adapter(d, w):
+    def edit(s: dict) -> None:
+        s["models"]["pool"] = str(w.zoo / "pool")
+        s["models"]["experts"]["rev-clean0"] = s["models"]["experts"].pop("rev")
+        s["space"].update(method="task_arithmetic", params=["weight"])
+
+    return _run(d, w, edit)
+
+
+@case("scorer.backend")
+def vllm_backend_without_a_usable_vllm(d, w):
+    # vLLM is absent from the test environment (and has no GPU where it is present on CPU)
+    return _run(d, w, lambda s: s["scorer"].__setitem__("backend", "vllm"))
+
+
+@case("objectives[0].function")
+def custom_metric_not_importable(d, w):
+    def edit(s: dict) -> None:
+        s["objectives"][0].update(metric="custom", function="no_such_module_here:score")
+
+    return _run(d, w, edit)
+
+
 # --------------------------------------------------------------------------------------- --set
 
 
@@ -670,6 +728,29 @@ def shard_index_broken(d, w):
     return _expert(d, w, lambda f: (f / "model.safetensors.index.json").write_text("{}"))
 
 
+@case("tokenizer")
+def base_tokenizer_broken(d, w):
+    return _base(d, w, lambda f: (f / "tokenizer.json").write_text("{"))
+
+
+def _adapter(d: Path, w: World, **config: object) -> list[str]:
+    """A run with the zoo's LoRA adapter as a third expert, its adapter_config.json edited."""
+    folder = Path(shutil.copytree(w.zoo / "adapters" / "rev-lora", d / "adapter"))
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    return _run(d, w, lambda s: s["models"]["experts"].__setitem__("lora", str(folder)))
+
+
+@case("adapter_config.json")
+def lora_alpha_not_a_number(d, w):
+    return _adapter(d, w, lora_alpha="sixteen")
+
+
+@case("adapter_config.json")
+def lora_rank_disagrees_with_the_weights(d, w):
+    return _adapter(d, w, r=3)
+
+
 # ------------------------------------------------------------------------------------ calibration
 
 
@@ -713,6 +794,17 @@ def calib_bad_json_with_workers(d, w):
 def calib_is_a_folder(d, w):
     (d / "calib.jsonl").mkdir()
     return _run(d, w, lambda s: s["objectives"][0].__setitem__("data", str(d / "calib.jsonl")))
+
+
+@case("calib.jsonl:2")
+def calib_answer_empty(d, w):
+    return _calib(d, w, b'{"prompt": "a", "answer": "b"}\n{"prompt": "a", "answer": ""}\n')
+
+
+@case("calib.jsonl")
+def calib_item_longer_than_the_context(d, w):
+    (d / "calib.jsonl").write_text(json.dumps({"prompt": "ab" * 20000, "answer": "b"}) + "\n")
+    return _run(d, w, lambda s: s["objectives"][0].update(data=str(d / "calib.jsonl"), size=1))
 
 
 # ------------------------------------------------------------------------------------ run folders
@@ -812,6 +904,21 @@ def resume_storage_unknown(d, w):
     return ["resume", str(run)]
 
 
+@case("ledger.log: line 3")
+def resume_ledger_line_damaged(d, w):
+    run = _copy_run(d, w)
+    lines = (run / "ledger.log").read_bytes().splitlines(keepends=True)
+    (run / "ledger.log").write_bytes(b"".join([*lines[:2], b"garbage{not json\n", *lines[2:]]))
+    return ["resume", str(run)]
+
+
+@case("space_fingerprint")
+def resume_spec_space_edited(d, w):
+    run = _copy_run(d, w)
+    _edit_run_spec(run, lambda s: s["space"].__setitem__("method", "dare_ties"))
+    return ["resume", str(run)]
+
+
 # ------------------------------------------------------------------------------ inspection commands
 
 
@@ -860,6 +967,11 @@ def report_out_under_a_file(d, w):
     return ["report", str(_copy_run(d, w)), "--out", "afile/report.html"]
 
 
+@case("/proc/version")
+def report_out_where_nothing_can_be_written(d, w):
+    return ["report", str(_copy_run(d, w)), "--out", "/proc/version"]
+
+
 @case("not a run folder")
 def report_not_a_run(d, w):
     (d / "empty").mkdir()
@@ -888,6 +1000,33 @@ def status_ledger_corrupt(d, w):
 @case("no such spec")
 def batch_spec_missing(d, w):
     return ["batch", "missing.yaml", "--batch-dir", "batch"]
+
+
+def _evolve_config(d: Path, w: World, *, genome: dict | None = None, task: dict | None = None) -> str:
+    """A mergekit-evolve config over the zoo's models, with ``genome`` / ``task`` entries changed."""
+    config = {
+        "genome": {"models": [str(w.zoo / "experts" / "rev"), str(w.zoo / "experts" / "sort")], "merge_method": "ties",
+                   "base_model": str(w.zoo / "base"), "layer_granularity": 4, **(genome or {})},
+        "tasks": [{"name": "arc_easy", **(task or {})}],
+    }
+    (d / "evol.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return "evol.yml"
+
+
+@case("tasks['arc_easy'].weight")
+def import_evolve_task_weight_not_a_number(d, w):
+    return ["import", "mergekit-evolve", _evolve_config(d, w, task={"weight": "abc"}), "--out", "spec.yaml"]
+
+
+@case("genome.normalize")
+def import_evolve_normalize_not_a_flag(d, w):
+    return ["import", "mergekit-evolve", _evolve_config(d, w, genome={"normalize": "maybe"}), "--out", "spec.yaml"]
+
+
+@case("--out")
+def import_evolve_out_under_a_file(d, w):
+    (d / "afile").write_text("x")
+    return ["import", "mergekit-evolve", _evolve_config(d, w), "--out", "afile/spec.yaml"]
 
 
 # --------------------------------------------------------------------------------------- running
