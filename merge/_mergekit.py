@@ -141,9 +141,10 @@ def recipe_to_mergekit(
         parameters["rescale"] = True
     if mk == "linear":
         # mergekit's linear averages models, not task vectors: the base enters with weight 1 exactly
-        # where no rule applies, so those tensors come out as the base.
+        # where no rule applies, so those tensors come out as the base. `base_model` stays although
+        # linear merges no base: it makes the base the donor of config.json and the tokenizer, which
+        # mergekit otherwise takes from the first of an unordered set of the models.
         models.insert(0, {"model": str(base), "parameters": {"weight": conditions(lambda r: 1.0 if r is None else 0.0)}})
-        del config["base_model"]
     if mk == "slerp":
         models.insert(0, {"model": str(base)})
         parameters["t"] = conditions(lambda r: 0.0 if r is None else (r.t if r.t is not None else 0.5))

@@ -74,6 +74,8 @@ def test_linear_and_slerp_keep_base_tensors(engine: MergeEngine) -> None:
     base = next(m for m in config.models if str(m.model) == str(engine.base_path))
     assert evaluate_setting("model.layers.0.mlp.up_proj.weight", base.parameters["weight"], validate=float) == 1.0
     assert evaluate_setting("model.layers.0.self_attn.q_proj.weight", base.parameters["weight"], validate=float) == 0.0
+    # mergekit copies config.json and the tokenizer from base_model, else from the first of an unordered set
+    assert str(config.base_model) == str(engine.base_path)
     slerp = MergeRecipe(rules=[GroupRule(layers=[0], method="slerp", t=0.3, experts={"a": ExpertParams()})])
     config = MergeConfiguration.model_validate(yaml.safe_load(_yaml(engine, slerp)))
     assert evaluate_setting("model.layers.0.mlp.up_proj.weight", config.parameters["t"], validate=float) == 0.3
